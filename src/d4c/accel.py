@@ -1,0 +1,59 @@
+"""Which kernels run: the compiled Cython modules, or the pure-Python references.
+
+The compiled kernels are required (like zstandard requires its C extension);
+`D4C_PUREPYTHON=1` selects the references explicitly, for tests and debugging.
+Python and Cython sides must agree on API_VERSION, or a stale build would run
+with new Python code.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from .errors import ExtensionMismatch
+
+API_VERSION = "1"
+_KERNELS = ("_patch", "_chunker")
+
+backend: str
+import_error: str | None = None
+patch: ModuleType
+chunker: ModuleType
+
+
+def _load() -> None:
+    global backend, import_error, patch, chunker
+    if os.environ.get("D4C_PUREPYTHON"):
+        from . import _chunker_py, _patch_py
+        backend, patch, chunker = "python", _patch_py, _chunker_py
+        return
+    try:
+        from . import _chunker, _patch  # type: ignore[attr-defined]
+    except ImportError as exc:
+        from . import _chunker_py, _patch_py
+        backend, patch, chunker = "missing", _patch_py, _chunker_py
+        import_error = str(exc)
+        return
+    backend, patch, chunker = "compiled", _patch, _chunker
+
+
+def check() -> None:
+    """Raise unless usable compiled kernels (or the explicit pure mode) are loaded."""
+    if backend == "missing":
+        raise ExtensionMismatch(f"cannot import them: {import_error}")
+    for mod in (patch, chunker):
+        version = getattr(mod, "API_VERSION", None)
+        if version != API_VERSION:
+            raise ExtensionMismatch(f"{mod.__name__} has API {version}, expected {API_VERSION}")
+
+
+def describe() -> str:
+    if backend == "compiled":
+        return "compiled (Cython)"
+    if backend == "python":
+        return "pure Python (D4C_PUREPYTHON is set)"
+    return f"missing ({import_error}); run `make deps`"
+
+
+_load()

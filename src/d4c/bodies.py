@@ -1,0 +1,128 @@
+"""Compressing file bodies: one zstd frame per distinct content, spooled to disk.
+
+Workers compress in parallel, each into its own spool file (no lock on the hot
+path; zstd and sha256 release the GIL).  The image writer later copies the
+frames it needs, in canonical path order, so the output does not depend on
+thread count or on the order files were read.  Memory stays bounded by the
+read chunk size times the number of threads, whatever the file sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable
+
+import zstandard
+
+from .errors import BadInput
+from .fsutil import copy_range
+
+DEFAULT_LEVEL = 3
+READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Frame:
+    spool: int      # index of the spool file
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Body:
+    digest: bytes
+    size: int
+    frame: Frame | None  # None for empty content
+
+
+class BodySpool:
+    def __init__(self, tmpdir: str | None = None, level: int = DEFAULT_LEVEL) -> None:
+        if not 1 <= level <= 22:
+            raise BadInput(f"compression level {level} out of range 1..22")
+        self.level = level
+        self._tmpdir = tmpdir
+        self._files: list[BinaryIO] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._frames: dict[bytes, Frame] = {}
+
+    # each thread writes only to its own spool file and uses its own compressor
+    def _mine(self) -> tuple[int, BinaryIO, zstandard.ZstdCompressor]:
+        mine = getattr(self._local, "mine", None)
+        if mine is None:
+            f = tempfile.TemporaryFile(dir=self._tmpdir, prefix="d4c-spool-")
+            with self._lock:
+                self._files.append(f)
+                index = len(self._files) - 1
+            cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True,
+                                            write_content_size=True, threads=0)
+            mine = self._local.mine = (index, f, cctx)
+        return mine
+
+    def add_chunks(self, chunks: Iterable[bytes], size: int, what: str) -> Body:
+        """Compress content given as chunks totalling exactly `size` bytes."""
+        if size == 0:
+            for chunk in chunks:
+                if chunk:
+                    raise BadInput(f"{what}: changed while reading (grew)")
+            return Body(hashlib.sha256(b"").digest(), 0, None)
+        index, f, cctx = self._mine()
+        start = f.seek(0, os.SEEK_END)
+        cobj = cctx.compressobj(size=size)
+        h = hashlib.sha256()
+        seen = 0
+        for chunk in chunks:
+            seen += len(chunk)
+            if seen > size:
+                raise BadInput(f"{what}: changed while reading (grew)")
+            h.update(chunk)
+            out = cobj.compress(chunk)
+            if out:
+                f.write(out)
+        if seen != size:
+            raise BadInput(f"{what}: changed while reading ({seen} of {size} bytes)")
+        f.write(cobj.flush())
+        end = f.tell()
+        digest = h.digest()
+        frame = Frame(index, start, end - start)
+        with self._lock:
+            self._frames.setdefault(digest, frame)
+        return Body(digest, size, frame)
+
+    def add_file(self, f: BinaryIO, size: int, what: str) -> Body:
+        return self.add_chunks(_read_chunks(f), size, what)
+
+    def add_bytes(self, data: bytes, what: str = "data") -> Body:
+        return self.add_chunks([data], len(data), what)
+
+    def frame_lengths(self) -> dict[bytes, int]:
+        return {d: fr.length for d, fr in self._frames.items()}
+
+    def copy_frame(self, digest: bytes, out: BinaryIO) -> None:
+        frame = self._frames[digest]
+        src = self._files[frame.spool]
+        src.flush()
+        copy_range(src.fileno(), frame.offset, frame.length, out)
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "BodySpool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_chunks(f: BinaryIO) -> Iterable[bytes]:
+    while True:
+        chunk = f.read(READ_CHUNK)
+        if not chunk:
+            return
+        yield chunk

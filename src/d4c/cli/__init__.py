@@ -1,0 +1,90 @@
+"""`ctr-cli`: one argparse tree built from one module per command.
+
+`main()` is the single place that turns exceptions into exit codes: a D4CError
+prints one line (`ctr-cli: ...`) and exits with its code; an OSError becomes a
+one-line system error; anything else is a bug and prints a traceback.
+`--debug` shows tracebacks for everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from .. import errors
+from ..progress import set_quiet
+from . import convert_cmd, pack_cmd, show_cmd, unpack_cmd, version_cmd
+from ._common import ArgumentParser, common_parser, finish_args
+
+PROG = "ctr-cli"
+COMMANDS = (version_cmd, convert_cmd, pack_cmd, unpack_cmd, show_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_parser()
+    parser = ArgumentParser(prog=PROG, parents=[common],
+                            description="d4c: delta updates for container images")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    groups = {
+        "dimg": sub.add_parser("dimg", parents=[common], help="work with dimg files"),
+        "cdimg": sub.add_parser("cdimg", parents=[common], help="work with cdimg files"),
+    }
+    group_subs = {}
+    for name, p in groups.items():
+        gs = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=ArgumentParser)
+        gs.required = True
+        group_subs[name] = gs
+    for module in COMMANDS:
+        module.register(sub, group_subs, common)
+    return parser
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    level = logging.DEBUG if debug else (logging.ERROR if quiet else logging.WARNING)
+    logging.basicConfig(level=level, format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr)
+    # the messages of warnings are written for users: no "WARNING:" noise
+    logging.getLogger().handlers[0].setFormatter(_Formatter())
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"{PROG}: " if record.levelno < logging.ERROR else f"{PROG}: error: "
+        if record.levelno == logging.WARNING:
+            prefix = f"{PROG}: warning: "
+        return prefix + record.getMessage()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except errors.UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:  # --help, or argparse's own usage errors
+        return int(exc.code or 0)
+    finish_args(args)
+    set_quiet(args.quiet)
+    _setup_logging(args.debug, args.quiet)
+    try:
+        return int(args.func(args) or 0)
+    except errors.D4CError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+    except OSError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: {errors.from_oserror(exc, 'system error')}", file=sys.stderr)
+        return errors.EXIT_IO
+    except MemoryError:
+        print(f"{PROG}: out of memory", file=sys.stderr)
+        return errors.EXIT_ERROR

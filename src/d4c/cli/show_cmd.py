@@ -1,0 +1,114 @@
+"""ctr-cli dimg show / cdimg show: what an image holds."""
+
+from __future__ import annotations
+
+import argparse
+import stat
+import time
+from collections import Counter
+from typing import Any
+
+from ..dimg import Image, format_id
+from ..errors import UsageError
+from ..progress import human_bytes
+from ..tree import S_IFMT_OF, Entry, EntryType
+from ._common import print_json, print_table
+
+
+def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
+    for kind in ("dimg", "cdimg"):
+        p = groups[kind].add_parser("show", parents=[common], help=f"describe a {kind}")
+        p.add_argument(f"--{kind}", dest="path", required=True, metavar="FILE", help="the image")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--entries", action="store_true", help="also list every entry")
+        p.set_defaults(func=run, kind=kind)
+
+
+def summary(image: Image) -> dict[str, Any]:
+    info = image.info
+    counts = Counter(e.type.name.lower() for e in image.entries)
+    files = [e for e in image.entries if e.type == EntryType.FILE]
+    out: dict[str, Any] = {
+        "path": image.path,
+        "kind": info.kind,
+        "formatVersion": info.version,
+        "id": format_id(info.image_id),
+        "parentId": format_id(info.parent_id) if info.parent_id else None,
+        "entries": dict(sorted(counts.items())),
+        "contentSize": sum(e.size for e in files),
+        "bodySize": info.body_size,
+        "headerSize": info.header_csize,
+        "fileSize": info.dimg_offset + info.dimg_size,
+        "distinctBodies": len({e.digest for e in files if e.size}),
+    }
+    if info.config is not None:
+        c = info.config
+        cc = c.get("config") or {}
+        out["config"] = {
+            "digest": format_id(info.config_digest or b""),
+            "platform": "/".join(x for x in (c.get("os"), c.get("architecture"), c.get("variant")) if x),
+            "entrypoint": cc.get("Entrypoint"),
+            "cmd": cc.get("Cmd"),
+            "env": cc.get("Env"),
+            "workingDir": cc.get("WorkingDir"),
+            "user": cc.get("User"),
+        }
+    return out
+
+
+def entry_json(e: Entry, image: Image) -> dict[str, Any]:
+    d: dict[str, Any] = {"path": e.display(), "type": e.type.name.lower(), "mode": oct(e.mode),
+                         "uid": e.uid, "gid": e.gid, "mtimeNs": e.mtime_ns}
+    if e.xattrs:
+        d["xattrs"] = {k.decode(errors="backslashreplace"): v.hex() for k, v in e.xattrs.items()}
+    if e.type == EntryType.FILE:
+        d.update(size=e.size, digest=format_id(e.digest or b""), storage=e.storage.name.lower(),
+                 storedSize=e.body_length)
+    elif e.type == EntryType.SYMLINK:
+        d["target"] = e.target.decode(errors="backslashreplace")
+    elif e.type == EntryType.HARDLINK:
+        d["linkTo"] = image.entries[e.link].display()
+    elif e.type in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+        d["rdev"] = list(e.rdev)
+    return d
+
+
+def run(args: argparse.Namespace) -> int:
+    with Image(args.path) as image:
+        if args.kind == "cdimg" and image.info.kind != "cdimg":
+            raise UsageError(f"{args.path} is a dimg; use `dimg show`")
+        s = summary(image)
+        if args.json:
+            if args.entries:
+                s["entryList"] = [entry_json(e, image) for e in image.entries]
+            print_json(s)
+            return 0
+        rows = [("kind", s["kind"]), ("format version", str(s["formatVersion"])), ("id", s["id"]),
+                ("parent", s["parentId"] or "-"),
+                ("entries", ", ".join(f"{n} {k}" for k, n in s["entries"].items())),
+                ("content", human_bytes(s["contentSize"])),
+                ("stored bodies", f"{human_bytes(s['bodySize'])} ({s['distinctBodies']} distinct)"),
+                ("header", human_bytes(s["headerSize"])), ("file", human_bytes(s["fileSize"]))]
+        if "config" in s:
+            c = s["config"]
+            rows += [("config", c["digest"]), ("platform", c["platform"] or "-"),
+                     ("entrypoint", str(c["entrypoint"])), ("cmd", str(c["cmd"]))]
+        print_table(rows)
+        if args.entries:
+            print()
+            for e in image.entries:
+                print(_ls_line(e, image))
+    return 0
+
+
+def _ls_line(e: Entry, image: Image) -> str:
+    t = e.type if e.type != EntryType.HARDLINK else image.entries[e.link].type
+    mode = stat.filemode(S_IFMT_OF[t] | e.mode)
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
+    size = str(e.size) if t == EntryType.FILE else (f"{e.rdev[0]},{e.rdev[1]}" if e.rdev != (0, 0) else "0")
+    tail = ""
+    if e.type == EntryType.SYMLINK:
+        tail = " -> " + e.target.decode(errors="backslashreplace")
+    elif e.type == EntryType.HARDLINK:
+        tail = " link to " + image.entries[e.link].display()
+    return f"{mode} {e.uid:>5} {e.gid:>5} {size:>10} {when} {e.display()}{tail}"

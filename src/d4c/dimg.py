@@ -1,0 +1,587 @@
+"""The dimg / cdimg container: preamble, header (tree + storage tables), bodies.
+
+Layout and every field are documented in docs/FORMAT.md; golden tests pin the
+bytes.  This module only reads and writes the container; building entries from
+directories or layers lives in pack.py and oci/, bodies in bodies.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Iterable
+
+import zstandard
+
+from .codec import Cursor, Encoder
+from .errors import CorruptImage, D4CError, NotFound, UnsupportedVersion, from_oserror
+from .tree import (LINKABLE, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
+                   Entry, EntryType, Storage, path_problem, symlink_problem)
+
+DIMG_MAGIC = b"D4C-DIMG"
+CDIMG_MAGIC = b"D4C-CDIM"
+FORMAT_VERSION = 1
+FLAG_HAS_PARENT = 0x1
+KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT
+
+# magic, version, flags, reserved, header_csize, header_usize, body_size,
+# image_id, parent_id, header_digest
+DIMG_PREAMBLE = struct.Struct("<8sHHIQQQ32s32s32s")
+# magic, version, flags, reserved, config_csize, config_usize, dimg_size,
+# config_digest, preamble_digest
+CDIMG_PREAMBLE = struct.Struct("<8sHHIQQQ32s32s")
+
+ID_DOMAIN = b"d4c/tree/v1\n"
+HEADER_LEVEL = 19
+MAX_HEADER_USIZE = 1 << 30     # 1 GiB of tables is ~10 million entries
+MAX_CONFIG_USIZE = 16 << 20
+MAX_FILE_SIZE = (1 << 63) - 1
+ZERO_ID = bytes(32)
+_MAX_ID = (1 << 32) - 1
+
+
+def image_id_of(tree_table: bytes) -> bytes:
+    """The image id: sha256 over the canonical tree table (storage excluded)."""
+    return hashlib.sha256(ID_DOMAIN + tree_table).digest()
+
+
+def format_id(digest: bytes) -> str:
+    return "sha256:" + digest.hex()
+
+
+def parse_id(text: str) -> bytes:
+    hexpart = text[7:] if text.startswith("sha256:") else text
+    try:
+        raw = bytes.fromhex(hexpart)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise D4CError(f"not an image id: {text!r}")
+    return raw
+
+
+# ---------------------------------------------------------------- tables
+
+def encode_tree(entries: list[Entry]) -> bytes:
+    enc = Encoder()
+    enc.uvarint(len(entries))
+    for e in entries:
+        enc.blob(e.path)
+        enc.u8(int(e.type))
+        if e.type == EntryType.HARDLINK:
+            # a hard link is another name of an inode: no metadata of its own
+            enc.uvarint(e.link)
+            continue
+        enc.uvarint(e.mode)
+        enc.uvarint(e.uid)
+        enc.uvarint(e.gid)
+        enc.svarint(e.mtime_ns)
+        enc.uvarint(len(e.xattrs))
+        for name in sorted(e.xattrs):
+            enc.blob(name)
+            enc.blob(e.xattrs[name])
+        t = e.type
+        if t == EntryType.FILE:
+            enc.uvarint(e.size)
+            assert e.digest is not None and len(e.digest) == 32
+            enc.raw(e.digest)
+        elif t == EntryType.SYMLINK:
+            enc.blob(e.target)
+        elif t in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            enc.uvarint(e.rdev[0])
+            enc.uvarint(e.rdev[1])
+    return enc.getvalue()
+
+
+def encode_storage(entries: list[Entry]) -> bytes:
+    enc = Encoder()
+    for e in entries:
+        if e.type != EntryType.FILE:
+            continue
+        enc.u8(int(e.storage))
+        if e.storage == Storage.FRAME:
+            enc.uvarint(e.body_length)
+        elif e.storage == Storage.SHARED:
+            enc.uvarint(e.shared_with)
+    return enc.getvalue()
+
+
+def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry], int]:
+    """Decode and fully validate the tree and storage tables.
+
+    Returns the entries and the length of the tree table.  Raises CorruptImage
+    on anything malformed, unsafe or inconsistent.
+    """
+    def fail(reason: str) -> None:
+        raise CorruptImage(source, reason)
+
+    cur = Cursor(data, fail)
+    # every entry takes at least 3 bytes, so a hostile count cannot make us loop long
+    count = cur.uvarint(cur.remaining() // 3 + 1)
+    entries: list[Entry] = []
+    dirs: set[bytes] = set()
+    prev: bytes | None = None
+    for index in range(count):
+        path = cur.blob(MAX_PATH)
+        problem = path_problem(path)
+        if problem:
+            fail(f"entry {path!r}: {problem}")
+        if prev is not None and path <= prev:
+            fail(f"entry {path!r}: entries out of order or duplicated")
+        prev = path
+        try:
+            etype = EntryType(cur.u8())
+        except ValueError:
+            fail(f"entry {path!r}: unknown entry type")
+        e = Entry(path=path, type=etype)
+        if index == 0 and (path != b"" or etype != EntryType.DIR):
+            fail("the first entry must be the root directory")
+        if index > 0:
+            parent = path.rsplit(b"/", 1)[0] if b"/" in path else b""
+            if parent not in dirs:
+                fail(f"entry {path!r}: parent is not a directory in the image")
+        if etype == EntryType.HARDLINK:
+            e.link = cur.uvarint(max(index - 1, 0))
+            if index == 0 or entries[e.link].type not in LINKABLE:
+                fail(f"entry {path!r}: hard link to a non-linkable or later entry")
+            target = entries[e.link]
+            e.mode, e.uid, e.gid, e.mtime_ns = target.mode, target.uid, target.gid, target.mtime_ns
+            e.xattrs = target.xattrs
+            entries.append(e)
+            continue
+        e.mode = cur.uvarint(0o7777)
+        e.uid = cur.uvarint(_MAX_ID)
+        e.gid = cur.uvarint(_MAX_ID)
+        e.mtime_ns = cur.svarint()
+        nx = cur.uvarint(cur.remaining() // 2)
+        last_name = b""
+        for _ in range(nx):
+            name = cur.blob(MAX_XATTR_NAME)
+            value = cur.blob(MAX_XATTR_VALUE)
+            if not name or b"\0" in name or name <= last_name:
+                fail(f"entry {path!r}: bad or unsorted xattr name")
+            last_name = name
+            e.xattrs[name] = value
+        if etype == EntryType.FILE:
+            e.size = cur.uvarint(MAX_FILE_SIZE)
+            e.digest = cur.raw(32)
+        elif etype == EntryType.DIR:
+            dirs.add(path)
+        elif etype == EntryType.SYMLINK:
+            e.target = cur.blob(MAX_SYMLINK)
+            problem = symlink_problem(path, e.target)
+            if problem:
+                fail(f"entry {path!r}: {problem}")
+        elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            e.rdev = (cur.uvarint(_MAX_ID), cur.uvarint(_MAX_ID))
+        entries.append(e)
+    if count == 0:
+        fail("no root entry")
+    tree_len = cur.pos
+
+    offset = 0
+    for index, e in enumerate(entries):
+        if e.type != EntryType.FILE:
+            continue
+        try:
+            e.storage = Storage(cur.u8())
+        except ValueError:
+            fail(f"entry {e.path!r}: unknown storage kind")
+        if e.storage == Storage.EMPTY:
+            if e.size != 0:
+                fail(f"entry {e.path!r}: non-empty file without a body")
+            if e.digest != EMPTY_DIGEST:
+                fail(f"entry {e.path!r}: empty file with a wrong digest")
+        elif e.size == 0:
+            fail(f"entry {e.path!r}: empty file with a body")
+        elif e.storage == Storage.FRAME:
+            e.body_length = cur.uvarint(body_size)
+            if e.body_length == 0 or offset + e.body_length > body_size:
+                fail(f"entry {e.path!r}: body outside the body section")
+            e.body_offset = offset
+            offset += e.body_length
+        else:
+            e.shared_with = cur.uvarint(max(index - 1, 0))
+            holder = entries[e.shared_with]
+            if (holder.type != EntryType.FILE or holder.storage != Storage.FRAME
+                    or holder.digest != e.digest or holder.size != e.size or e.shared_with >= index):
+                fail(f"entry {e.path!r}: shared body does not match")
+            e.body_offset, e.body_length = holder.body_offset, holder.body_length
+    if cur.remaining():
+        fail("trailing bytes after the storage table")
+    if offset != body_size:
+        fail("body section size does not match the storage table")
+    return entries, tree_len
+
+
+EMPTY_DIGEST = hashlib.sha256(b"").digest()
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclass
+class ImageInfo:
+    kind: str                 # "dimg" or "cdimg"
+    version: int
+    image_id: bytes
+    parent_id: bytes | None
+    header_digest: bytes
+    header_csize: int
+    header_usize: int
+    body_size: int
+    dimg_offset: int          # where the dimg starts in the file (0 for a dimg)
+    dimg_size: int
+    config: dict[str, Any] | None = None
+    config_bytes: bytes | None = None
+    config_digest: bytes | None = None
+
+    @property
+    def body_offset(self) -> int:
+        return self.dimg_offset + DIMG_PREAMBLE.size + self.header_csize
+
+
+class Image:
+    """An open dimg or cdimg file: validated header, entries, body streams."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"no such image file: {path}") from None
+        except OSError as exc:
+            raise from_oserror(exc, "cannot open image") from exc
+        try:
+            self.info, self.entries = _read_image(self._fd, path)
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._by_path: dict[bytes, int] | None = None
+
+    # context manager / lifetime
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "Image":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def lookup(self, path: bytes) -> Entry:
+        if self._by_path is None:
+            self._by_path = {e.path: i for i, e in enumerate(self.entries)}
+        try:
+            return self.entries[self._by_path[path.strip(b"/")]]
+        except KeyError:
+            raise NotFound(f"{path.decode(errors='replace')}: not in image {self.path}") from None
+
+    def open_body(self, entry: Entry) -> "BodyReader":
+        return BodyReader(self._fd, self.info.body_offset + entry.body_offset,
+                          entry.body_length, entry.size, entry.digest or b"", self.path, entry)
+
+    def read_body(self, entry: Entry) -> bytes:
+        if entry.size == 0:
+            return b""
+        with self.open_body(entry) as r:
+            return r.read()
+
+
+def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise CorruptImage(source, "file is truncated")
+    return data
+
+
+def _decompress_bounded(blob: bytes, usize: int, source: str, what: str) -> bytes:
+    try:
+        out = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+    except zstandard.ZstdError as exc:
+        raise CorruptImage(source, f"{what} does not decompress ({exc})") from None
+    if len(out) != usize:
+        raise CorruptImage(source, f"{what} has {len(out)} bytes, expected {usize}")
+    return out
+
+
+def read_info(fd: int, source: str) -> ImageInfo:
+    """Read and check the preamble(s) only (cheap: no tables decoded)."""
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, max(DIMG_PREAMBLE.size, CDIMG_PREAMBLE.size), 0)
+    if len(head) < 8:
+        raise CorruptImage(source, "file too short to be an image")
+    magic = head[:8]
+    config = config_bytes = config_digest = None
+    base = 0
+    kind = "dimg"
+    if magic == CDIMG_MAGIC:
+        kind = "cdimg"
+        if len(head) < CDIMG_PREAMBLE.size:
+            raise CorruptImage(source, "file is truncated")
+        (_, version, flags, reserved, ccsize, cusize, dimg_size,
+         config_digest, pre_digest) = CDIMG_PREAMBLE.unpack_from(head)
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersion(source, version, FORMAT_VERSION)
+        if flags or reserved:
+            raise CorruptImage(source, "unknown cdimg flags")
+        if cusize > MAX_CONFIG_USIZE or ccsize > size:
+            raise CorruptImage(source, "config length out of range")
+        ccomp = _pread_exact(fd, ccsize, CDIMG_PREAMBLE.size, source)
+        if hashlib.sha256(head[:CDIMG_PREAMBLE.size - 32] + ccomp).digest() != pre_digest:
+            raise CorruptImage(source, "cdimg preamble digest mismatch")
+        config_bytes = _decompress_bounded(ccomp, cusize, source, "config")
+        if hashlib.sha256(config_bytes).digest() != config_digest:
+            raise CorruptImage(source, "config digest mismatch")
+        try:
+            config = json.loads(config_bytes)
+        except ValueError:
+            raise CorruptImage(source, "config is not JSON") from None
+        if not isinstance(config, dict):
+            raise CorruptImage(source, "config is not a JSON object")
+        base = CDIMG_PREAMBLE.size + ccsize
+        if base + dimg_size != size:
+            raise CorruptImage(source, "file size does not match the cdimg preamble")
+        head = os.pread(fd, DIMG_PREAMBLE.size, base)
+        if head[:8] != DIMG_MAGIC:
+            raise CorruptImage(source, "cdimg does not contain a dimg")
+    elif magic != DIMG_MAGIC:
+        raise CorruptImage(source, "not a d4c image (bad magic)")
+    if len(head) < DIMG_PREAMBLE.size:
+        raise CorruptImage(source, "file is truncated")
+    (_, version, flags, reserved, hcsize, husize, body_size,
+     image_id, parent_id, header_digest) = DIMG_PREAMBLE.unpack_from(head)
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersion(source, version, FORMAT_VERSION)
+    if flags & ~KNOWN_DIMG_FLAGS or reserved:
+        raise CorruptImage(source, "unknown dimg flags")
+    if husize > MAX_HEADER_USIZE:
+        raise CorruptImage(source, "header too large")
+    dimg_size = DIMG_PREAMBLE.size + hcsize + body_size
+    if base + dimg_size != size:
+        raise CorruptImage(source, "file size does not match the preamble (truncated or extended)")
+    has_parent = bool(flags & FLAG_HAS_PARENT)
+    if not has_parent and parent_id != ZERO_ID:
+        raise CorruptImage(source, "parent id set without the parent flag")
+    return ImageInfo(kind=kind, version=version, image_id=image_id,
+                     parent_id=parent_id if has_parent else None, header_digest=header_digest,
+                     header_csize=hcsize, header_usize=husize, body_size=body_size,
+                     dimg_offset=base, dimg_size=dimg_size, config=config,
+                     config_bytes=config_bytes, config_digest=config_digest)
+
+
+def _read_image(fd: int, source: str) -> tuple[ImageInfo, list[Entry]]:
+    info = read_info(fd, source)
+    base = info.dimg_offset
+    pre = _pread_exact(fd, DIMG_PREAMBLE.size, base, source)
+    hcomp = _pread_exact(fd, info.header_csize, base + DIMG_PREAMBLE.size, source)
+    if hashlib.sha256(pre[:DIMG_PREAMBLE.size - 32] + hcomp).digest() != info.header_digest:
+        raise CorruptImage(source, "header digest mismatch")
+    header = _decompress_bounded(hcomp, info.header_usize, source, "header")
+    entries, tree_len = decode_header(header, source, info.body_size)
+    if info.parent_id is None and image_id_of(header[:tree_len]) != info.image_id:
+        raise CorruptImage(source, "image id does not match its tree")
+    return info, entries
+
+
+class BodyReader:
+    """Streams one file body out of its zstd frame and verifies size and digest.
+
+    Memory use is bounded by zstd's window (at most 128 MiB for hostile frames,
+    8 MiB for ours) whatever the file size.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fd: int, offset: int, length: int, size: int, digest: bytes,
+                 source: str, entry: Entry) -> None:
+        self._section = _Section(fd, offset, length)
+        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+            self._section, read_size=min(max(length, 1), self.CHUNK), read_across_frames=False,
+            closefd=False)
+        self._size = size
+        self._digest = digest
+        self._hash = hashlib.sha256()
+        self._seen = 0
+        self._done = False
+        self._source = source
+        self._entry = entry
+
+    def _fail(self, reason: str) -> None:
+        raise CorruptImage(self._source, f"{self._entry.display()}: {reason}")
+
+    def read(self, n: int = -1) -> bytes:
+        if self._done:
+            return b""
+        want = self._size - self._seen if n is None or n < 0 else n
+        parts = []
+        while want > 0:
+            try:
+                chunk = self._reader.read(min(want, self.CHUNK))
+            except zstandard.ZstdError as exc:
+                self._fail(f"body does not decompress ({exc})")
+            if not chunk:
+                self._finish()
+                break
+            self._seen += len(chunk)
+            if self._seen > self._size:
+                self._fail("body is larger than its recorded size")
+            self._hash.update(chunk)
+            parts.append(chunk)
+            want -= len(chunk)
+        if self._seen == self._size and not self._done:
+            # make sure the frame really ends here
+            try:
+                extra = self._reader.read(1)
+            except zstandard.ZstdError as exc:
+                self._fail(f"body does not decompress ({exc})")
+            if extra:
+                self._fail("body is larger than its recorded size")
+            self._finish()
+        return b"".join(parts)
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._seen != self._size:
+            self._fail(f"body has {self._seen} bytes, expected {self._size}")
+        if self._hash.digest() != self._digest:
+            self._fail("content digest mismatch")
+
+    def chunks(self) -> Iterable[bytes]:
+        while True:
+            chunk = self.read(self.CHUNK)
+            if not chunk:
+                return
+            yield chunk
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "BodyReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Section:
+    """A read-only window of a file descriptor, read with pread (thread-safe)."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd, self.pos, self.end = fd, offset, offset + length
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.end - self.pos
+        n = min(n, self.end - self.pos)
+        if n <= 0:
+            return b""
+        data = os.pread(self.fd, n, self.pos)
+        self.pos += len(data)
+        return data
+
+
+# ---------------------------------------------------------------- writing
+
+def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
+                  image_id: bytes, parent_id: bytes | None) -> bytes:
+    flags = FLAG_HAS_PARENT if parent_id is not None else 0
+    fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, FORMAT_VERSION, flags, 0, len(header_comp),
+                                header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
+    unsigned = fields[:DIMG_PREAMBLE.size - 32]
+    return unsigned + hashlib.sha256(unsigned + header_comp).digest()
+
+
+def canonical_config(config: dict[str, Any]) -> bytes:
+    """Canonical JSON of an OCI config: sorted keys, no spaces, UTF-8."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def cdimg_preamble(config_bytes: bytes, dimg_size: int) -> bytes:
+    ccomp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(config_bytes)
+    fields = CDIMG_PREAMBLE.pack(CDIMG_MAGIC, FORMAT_VERSION, 0, 0, len(ccomp), len(config_bytes),
+                                 dimg_size, hashlib.sha256(config_bytes).digest(), ZERO_ID)
+    unsigned = fields[:CDIMG_PREAMBLE.size - 32]
+    return unsigned + hashlib.sha256(unsigned + ccomp).digest() + ccomp
+
+
+def with_layer_id(config: dict[str, Any], image_id: bytes) -> dict[str, Any]:
+    """The OCI config as stored in a cdimg: one layer whose diff id is the image id."""
+    out = dict(config)
+    out["rootfs"] = {"type": "layers", "diff_ids": [format_id(image_id)]}
+    return out
+
+
+def assign_storage(entries: list[Entry], frame_lengths: dict[bytes, int]) -> list[bytes]:
+    """Give each file its storage record in canonical order; return the digests
+    of the frames in body order.  The first file with a digest holds the frame."""
+    holder: dict[bytes, int] = {}
+    order: list[bytes] = []
+    offset = 0
+    for i, e in enumerate(entries):
+        if e.type != EntryType.FILE:
+            continue
+        if e.size == 0:
+            e.storage = Storage.EMPTY
+            continue
+        assert e.digest is not None
+        first = holder.get(e.digest)
+        if first is None:
+            holder[e.digest] = i
+            e.storage = Storage.FRAME
+            e.body_offset = offset
+            e.body_length = frame_lengths[e.digest]
+            offset += e.body_length
+            order.append(e.digest)
+        else:
+            e.storage = Storage.SHARED
+            e.shared_with = first
+            e.body_offset = entries[first].body_offset
+            e.body_length = entries[first].body_length
+    return order
+
+
+@dataclass
+class EncodedHeader:
+    tree: bytes
+    compressed: bytes
+    usize: int
+    body_size: int
+    image_id: bytes
+    frame_order: list[bytes]
+
+
+def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> EncodedHeader:
+    order = assign_storage(entries, frame_lengths)
+    tree = encode_tree(entries)
+    table = tree + encode_storage(entries)
+    body_size = sum(frame_lengths[d] for d in order)
+    # self-check: never write what we would refuse to read
+    decode_header(table, "<new image>", body_size)
+    comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
+    return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
+                         image_id=image_id_of(tree), frame_order=order)
+
+
+def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frame: Any,
+                  parent_id: bytes | None = None, image_id: bytes | None = None) -> int:
+    """Write a whole dimg at the current position of `out`; returns its size."""
+    pre = dimg_preamble(header.compressed, header.usize, header.body_size,
+                        image_id or header.image_id, parent_id)
+    out.write(pre)
+    out.write(header.compressed)
+    for digest in header.frame_order:
+        copy_frame(digest, out)
+    return len(pre) + len(header.compressed) + header.body_size
+
+
+def dimg_size_of(header: EncodedHeader) -> int:
+    return DIMG_PREAMBLE.size + len(header.compressed) + header.body_size

@@ -1,0 +1,95 @@
+"""The one error tree of d4c.
+
+Every error a user can cause (bad flags, bad input files, missing images) is a
+`D4CError`.  The class docstring is the message template and the class carries
+its exit code, so `d4c.cli.main()` can print one line and exit without knowing
+the details.  Anything that is *not* a D4CError is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1          # generic failure
+EXIT_USAGE = 2          # wrong flags (argparse uses 2 as well)
+EXIT_CORRUPT = 3        # an input file is damaged, hostile or of an unknown version
+EXIT_NOT_FOUND = 4      # a named input (file, image, tag) does not exist
+EXIT_IO = 5             # the system refused (permissions, full disk, ...)
+EXIT_UNSUPPORTED = 6    # valid input we do not handle (yet)
+EXIT_INTERRUPTED = 130  # Ctrl-C
+
+
+class D4CError(Exception):
+    """{}"""
+
+    exit_code = EXIT_ERROR
+
+    def message(self) -> str:
+        doc = type(self).__doc__ or "{}"
+        try:
+            return doc.strip().format(*self.args)
+        except (IndexError, KeyError, ValueError):
+            return " ".join(str(a) for a in self.args)
+
+    def __str__(self) -> str:
+        return self.message()
+
+
+class UsageError(D4CError):
+    """{}"""
+
+    exit_code = EXIT_USAGE
+
+
+class CorruptImage(D4CError):
+    """corrupt image {}: {}"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class UnsupportedVersion(D4CError):
+    """{}: format version {} is not supported by this d4c (it reads version {})"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class BadInput(D4CError):
+    """{}"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class NotFound(D4CError):
+    """{}"""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class OutputExists(D4CError):
+    """output {} already exists and is not empty"""
+
+    exit_code = EXIT_USAGE
+
+
+class SystemFailure(D4CError):
+    """{}"""
+
+    exit_code = EXIT_IO
+
+
+class Unsupported(D4CError):
+    """{}"""
+
+    exit_code = EXIT_UNSUPPORTED
+
+
+class ExtensionMismatch(D4CError):
+    """the compiled kernels do not match this d4c ({}); rebuild with `make deps`"""
+
+    exit_code = EXIT_ERROR
+
+
+def from_oserror(exc: OSError, what: str) -> SystemFailure:
+    """Turn an OSError into a one-line SystemFailure naming what we were doing."""
+    reason = exc.strerror or str(exc)
+    name = exc.filename if exc.filename is not None else what
+    return SystemFailure(f"{what}: {name}: {reason}")

@@ -1,0 +1,82 @@
+"""Small filesystem helpers: atomic outputs and efficient copies."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from typing import BinaryIO, Iterator
+
+from .errors import D4CError, SystemFailure, from_oserror
+
+COPY_CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """Write `path` through a temp file in the same directory; rename on success.
+
+    A failure (or Ctrl-C) removes the temp file, so no half-written output is
+    ever left under the final name.
+    """
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as exc:
+        raise from_oserror(exc, "cannot create output") from exc
+    ok = False
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode & ~_umask())
+        os.replace(tmp, path)
+        ok = True
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SystemFailure(f"no space left on device while writing {path}") from exc
+        raise from_oserror(exc, f"cannot write {path}") from exc
+    finally:
+        if not ok:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def copy_range(src_fd: int, src_offset: int, length: int, dst: BinaryIO) -> None:
+    """Copy `length` bytes from src_fd@src_offset to the current position of dst."""
+    dst.flush()
+    dst_fd = dst.fileno()
+    remaining = length
+    offset = src_offset
+    use_cfr = hasattr(os, "copy_file_range")
+    while remaining > 0:
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, remaining, offset)
+            except OSError as exc:
+                if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    use_cfr = False
+                    continue
+                raise
+        else:
+            data = os.pread(src_fd, min(COPY_CHUNK, remaining), offset)
+            n = len(data)
+            if n:
+                dst.write(data)
+                dst.flush()
+        if n == 0:
+            raise D4CError("unexpected end of data while copying")
+        offset += n
+        remaining -= n
+    # copy_file_range advanced the fd offset; keep the Python file object in step
+    dst.seek(os.lseek(dst_fd, 0, os.SEEK_CUR))

@@ -1,0 +1,377 @@
+"""Flattening OCI layers into one tree, as a container runtime applies them.
+
+Each layer tar is read once, as a stream (gzip, zstd or plain; detected from
+its first bytes), and file bodies go straight into the body spool: no layer is
+held in memory or extracted to disk.  Rules (OCI image spec, "Applying
+Changesets"):
+- `.wh.NAME` deletes NAME from lower layers; `.wh..wh..opq` hides every lower
+  child of its directory; other `.wh..wh.*` entries are ignored.
+- A directory entry over a directory updates its metadata and keeps children;
+  any other entry replaces what was there.
+- Parent components are resolved inside the root, following symlinks the way
+  runtimes do (`lib -> usr/lib` then `lib/x` lands in `usr/lib/x`).
+- Hard links name a path already present; they share its inode, also across
+  layers.
+Bodies of files that a later layer removes were compressed for nothing; the
+image writer simply does not copy them.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import io
+import tarfile
+import threading
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal, InvalidOperation
+from typing import BinaryIO
+
+import zstandard
+
+from ..bodies import BodySpool
+from ..errors import BadInput, D4CError
+from ..progress import Progress
+from ..tree import Entry, EntryType, canonicalize, symlink_problem, xattr_problem
+from .source import HashingReader, Layer
+
+WHITEOUT = ".wh."
+OPAQUE = ".wh..wh..opq"
+MAX_SYMLINK_HOPS = 40
+INLINE_LIMIT = 4 << 20  # bodies up to this size are compressed on worker threads
+
+
+class _Inode:
+    __slots__ = ("type", "mode", "uid", "gid", "mtime_ns", "xattrs", "size", "digest",
+                 "target", "rdev", "pending")
+
+    def __init__(self, etype: EntryType) -> None:
+        self.type = etype
+        self.mode = 0o755
+        self.uid = self.gid = 0
+        self.mtime_ns = 0
+        self.xattrs: dict[bytes, bytes] = {}
+        self.size = 0
+        self.digest: bytes | None = None
+        self.target = b""
+        self.rdev = (0, 0)
+        self.pending: Future | None = None
+
+
+class _Node:
+    __slots__ = ("inode", "layer", "children")
+
+    def __init__(self, inode: _Inode, layer: int) -> None:
+        self.inode = inode
+        self.layer = layer
+        self.children: dict[bytes, _Node] | None = {} if inode.type == EntryType.DIR else None
+
+
+def _split(name: str) -> list[bytes]:
+    parts = []
+    for part in name.encode("utf-8", "surrogateescape").split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            raise BadInput(f"layer entry {name!r} climbs out of the root")
+        if b"\0" in part or len(part) > 255:
+            raise BadInput(f"layer entry {name!r} has a bad name")
+        parts.append(part)
+    return parts
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text) * 1_000_000_000)
+        except (InvalidOperation, ValueError):
+            raise BadInput(f"layer entry {member.name!r}: bad mtime {text!r}") from None
+    return int(member.mtime) * 1_000_000_000
+
+
+def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr."):].encode("utf-8", "surrogateescape")
+            data = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = key[len("LIBARCHIVE.xattr."):].encode("utf-8", "surrogateescape")
+            try:
+                data = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                raise BadInput(f"layer entry {member.name!r}: bad xattr encoding") from None
+        else:
+            continue
+        problem = xattr_problem(name, data)
+        if problem:
+            raise BadInput(f"layer entry {member.name!r}: {problem}")
+        out[name] = data
+    return out
+
+
+def open_layer_stream(raw: BinaryIO) -> BinaryIO:
+    """Wrap a raw layer blob in the right decompressor (by magic bytes)."""
+    head = raw.read(4)
+    rest = _Prefixed(head, raw)
+    if head[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=rest, mode="rb")  # type: ignore[return-value]
+    if head == b"\x28\xb5\x2f\xfd":
+        return zstandard.ZstdDecompressor().stream_reader(rest, read_across_frames=True)  # type: ignore[return-value]
+    return rest  # type: ignore[return-value]
+
+
+class _Prefixed(io.RawIOBase):
+    """Puts back bytes that were peeked from a stream."""
+
+    def __init__(self, head: bytes, raw: BinaryIO) -> None:
+        self.head = head
+        self.raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        if self.head:
+            n = min(len(buf), len(self.head))
+            buf[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.raw.read(len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
+
+class Flattener:
+    def __init__(self, spool: BodySpool, threads: int = 1) -> None:
+        self.spool = spool
+        self.root = _Node(_Inode(EntryType.DIR), -1)
+        self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="d4c")
+        self.inflight = threading.BoundedSemaphore(max(threads, 1) * 2)
+        self.layer = 0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    # -- tree navigation ---------------------------------------------
+    def _resolve_dir(self, parts: list[bytes], name: str, create: bool = True) -> _Node | None:
+        """The directory node for `parts`, following symlinks inside the root."""
+        node = self.root
+        stack = list(reversed(parts))
+        trail: list[_Node] = []
+        hops = 0
+        while stack:
+            part = stack.pop()
+            if part == b"..":  # only from symlink targets: _split rejects '..' in names
+                node = trail.pop() if trail else self.root
+                continue
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None:
+                if not create:
+                    return None
+                child = _Node(_Inode(EntryType.DIR), self.layer)
+                node.children[part] = child
+            if child.inode.type == EntryType.SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise BadInput(f"layer entry {name!r}: too many symlinks in its path")
+                target = child.inode.target
+                if target.startswith(b"/"):
+                    node, trail = self.root, []
+                for tpart in reversed(target.split(b"/")):
+                    if tpart == b"..":
+                        stack.append(b"..")
+                    elif tpart not in (b"", b"."):
+                        stack.append(tpart)
+                continue
+            if child.inode.type != EntryType.DIR:
+                raise BadInput(f"layer entry {name!r}: a parent is not a directory")
+            trail.append(node)
+            node = child
+        return node
+
+    def _apply_member(self, member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        name = member.name
+        parts = _split(name)
+        if not parts:
+            if member.isdir():
+                self._set_meta(self.root.inode, member)
+            return
+        base = parts[-1].decode("utf-8", "surrogateescape")
+        if base.startswith(WHITEOUT):
+            parent = self._resolve_dir(parts[:-1], name, create=False)
+            if parent is None:
+                return
+            if base == OPAQUE:
+                self._prune_lower(parent)
+            elif not base.startswith(WHITEOUT + WHITEOUT[1:]):  # ".wh..wh." internals
+                victim = base[len(WHITEOUT):].encode("utf-8", "surrogateescape")
+                assert parent.children is not None
+                old = parent.children.get(victim)
+                if old is not None and old.layer < self.layer:
+                    del parent.children[victim]
+            return
+        parent = self._resolve_dir(parts[:-1], name)
+        assert parent is not None and parent.children is not None
+        leaf = parts[-1]
+        existing = parent.children.get(leaf)
+        if member.isdir():
+            if existing is not None and existing.inode.type == EntryType.DIR:
+                self._set_meta(existing.inode, member)
+                existing.layer = self.layer
+                return
+            inode = _Inode(EntryType.DIR)
+            self._set_meta(inode, member)
+            parent.children[leaf] = _Node(inode, self.layer)
+            return
+        if member.islnk():
+            tparts = _split(member.linkname)
+            if not tparts:
+                raise BadInput(f"layer entry {name!r}: hard link to the root")
+            tparent = self._resolve_dir(tparts[:-1], member.linkname, create=False)
+            target = tparent.children.get(tparts[-1]) if tparent and tparent.children is not None else None
+            if target is None:
+                raise BadInput(f"layer entry {name!r}: hard link target {member.linkname!r} is missing")
+            if target.inode.type == EntryType.DIR:
+                raise BadInput(f"layer entry {name!r}: hard link to a directory")
+            if target is existing:
+                return
+            parent.children[leaf] = _Node(target.inode, self.layer)
+            return
+        if member.isreg():
+            inode = _Inode(EntryType.FILE)
+            inode.size = member.size
+            self._set_meta(inode, member)
+            self._take_body(inode, member, tf)
+        elif member.issym():
+            inode = _Inode(EntryType.SYMLINK)
+            inode.target = member.linkname.encode("utf-8", "surrogateescape")
+            rel = b"/".join(parts)
+            problem = symlink_problem(rel, inode.target)
+            if problem:
+                raise BadInput(f"layer entry {name!r}: {problem}")
+            self._set_meta(inode, member)
+        elif member.ischr() or member.isblk():
+            inode = _Inode(EntryType.CHARDEV if member.ischr() else EntryType.BLOCKDEV)
+            inode.rdev = (member.devmajor, member.devminor)
+            self._set_meta(inode, member)
+        elif member.isfifo():
+            inode = _Inode(EntryType.FIFO)
+            self._set_meta(inode, member)
+        else:
+            raise BadInput(f"layer entry {name!r}: unsupported tar entry type {member.type!r}")
+        parent.children[leaf] = _Node(inode, self.layer)
+
+    def _prune_lower(self, node: _Node) -> None:
+        assert node.children is not None
+        for key in list(node.children):
+            child = node.children[key]
+            if child.layer < self.layer:
+                del node.children[key]
+            elif child.children is not None:
+                self._prune_lower(child)
+
+    @staticmethod
+    def _set_meta(inode: _Inode, member: tarfile.TarInfo) -> None:
+        inode.mode = member.mode & 0o7777
+        inode.uid, inode.gid = member.uid, member.gid
+        inode.mtime_ns = _mtime_ns(member)
+        inode.xattrs = _xattrs(member)
+
+    def _take_body(self, inode: _Inode, member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        f = tf.extractfile(member)
+        assert f is not None
+        what = f"layer {self.layer + 1}: {member.name}"
+        if member.size <= INLINE_LIMIT:
+            data = f.read()
+            self.inflight.acquire()
+
+            def work() -> bytes:
+                try:
+                    return self.spool.add_bytes(data, what).digest
+                finally:
+                    self.inflight.release()
+            inode.pending = self.pool.submit(work)
+            self.progress.advance(member.size, 1)
+        else:
+            inode.digest = self.spool.add_chunks(_progress_chunks(f, self.progress), member.size, what).digest
+            self.progress.advance(0, 1)
+        inode.size = member.size
+
+    # -- layers --------------------------------------------------------
+    def apply_layer(self, layer: Layer, index: int, label: str) -> None:
+        self.layer = index
+        raw = HashingReader(layer.open(), layer.digest, f"{label} blob")
+        try:
+            stream = HashingReader(open_layer_stream(raw), layer.diff_id, f"{label} content")
+            try:
+                tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
+                for member in tf:
+                    self._apply_member(member, tf)
+                stream.verify()
+                raw.verify()
+            except (tarfile.TarError, EOFError, zstandard.ZstdError, gzip.BadGzipFile, zlib.error) as exc:
+                raise BadInput(f"{label}: damaged layer ({exc})") from None
+        finally:
+            close = getattr(raw.raw, "close", None)
+            if close:
+                close()
+
+    def flatten(self, layers: list[Layer], what: str) -> None:
+        with Progress(f"flattening {what}") as self.progress:
+            for i, layer in enumerate(layers):
+                self.apply_layer(layer, i, f"layer {i + 1}/{len(layers)}")
+            self._settle(self.root)
+
+    def _settle(self, node: _Node) -> None:
+        if node.inode.pending is not None:
+            node.inode.digest = node.inode.pending.result()
+            node.inode.pending = None
+        for child in (node.children or {}).values():
+            self._settle(child)
+
+    def remove(self, path: str) -> bool:
+        parts = _split(path)
+        if not parts:
+            raise D4CError("cannot exclude the root")
+        node: _Node | None = self.root
+        for part in parts[:-1]:
+            node = node.children.get(part) if node and node.children is not None else None
+        if node is None or node.children is None or parts[-1] not in node.children:
+            return False
+        del node.children[parts[-1]]
+        return True
+
+    def entries(self) -> list[Entry]:
+        out: list[Entry] = []
+
+        def walk(node: _Node, path: bytes) -> None:
+            i = node.inode
+            e = Entry(path=path, type=i.type, mode=i.mode, uid=i.uid, gid=i.gid,
+                      mtime_ns=i.mtime_ns, xattrs=dict(i.xattrs))
+            if i.type == EntryType.FILE:
+                e.size, e.digest = i.size, i.digest
+            elif i.type == EntryType.SYMLINK:
+                e.target = i.target
+            elif i.type in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+                e.rdev = i.rdev
+            if i.type != EntryType.DIR:
+                e.inode = i
+            out.append(e)
+            for name, child in (node.children or {}).items():
+                walk(child, path + b"/" + name if path else name)
+
+        walk(self.root, b"")
+        return canonicalize(out)
+
+
+def _progress_chunks(f: BinaryIO, progress: Progress):  # type: ignore[no-untyped-def]
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return
+        progress.advance(len(chunk))
+        yield chunk

@@ -1,0 +1,350 @@
+"""Where OCI images come from: image references and blob sources.
+
+Transports (as skopeo names them):
+  oci:DIR[:TAG]               an OCI image layout directory
+  oci-archive:FILE[:TAG]      a tar of an OCI image layout (also `ctr images export`)
+  docker-archive:FILE[:REF]   a `docker save` tar (legacy or OCI-style)
+A bare path is recognised too: a directory is `oci:`, a file is an archive
+(OCI layout if it holds index.json, docker-archive otherwise).  Plain image
+names (`nginx:1.23.1`, containerd or a registry) arrive with issue [6/8].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tarfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..errors import BadInput, NotFound, Unsupported, UsageError, from_oserror
+
+INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
+               "application/vnd.docker.distribution.manifest.list.v2+json"}
+MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json"}
+LAYER_TYPES = {
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+}
+MAX_JSON = 16 << 20
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str = "linux"
+    architecture: str = ""
+    variant: str = ""
+
+    @staticmethod
+    def default() -> "Platform":
+        machine = platform.machine().lower()
+        arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
+                "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le", "s390x": "s390x",
+                "riscv64": "riscv64"}.get(machine, machine)
+        return Platform("linux", arch, "v7" if machine == "armv7l" else "")
+
+    def matches(self, p: dict[str, Any]) -> bool:
+        if p.get("os") != self.os or p.get("architecture") != self.architecture:
+            return False
+        return not self.variant or p.get("variant", "") == self.variant
+
+    def __str__(self) -> str:
+        return "/".join(x for x in (self.os, self.architecture, self.variant) if x)
+
+
+@dataclass
+class Layer:
+    digest: str | None      # compressed blob digest (None: unknown, legacy docker-archive)
+    media_type: str
+    diff_id: str | None     # uncompressed digest from the config, when known
+    open: Any               # () -> BinaryIO of the raw blob
+
+
+@dataclass
+class ResolvedImage:
+    config: dict[str, Any]
+    config_bytes: bytes
+    layers: list[Layer]
+    description: str
+
+
+class HashingReader:
+    """Hashes everything read through it; `verify` drains and compares."""
+
+    def __init__(self, raw: BinaryIO, expected: str | None, what: str) -> None:
+        self.raw = raw
+        self.expected = expected
+        self.what = what
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.hash.update(data)
+        self.count += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def verify(self) -> None:
+        while self.read(1 << 20):
+            pass
+        if self.expected is None:
+            return
+        algo, _, hexdigest = self.expected.partition(":")
+        if algo != "sha256":
+            raise Unsupported(f"{self.what}: digest algorithm {algo!r} is not supported")
+        if self.hash.hexdigest() != hexdigest:
+            raise BadInput(f"{self.what}: content does not match its digest {self.expected}")
+
+
+def _digest_ok(data: bytes, digest: str) -> bool:
+    algo, _, hexdigest = digest.partition(":")
+    return algo == "sha256" and hashlib.sha256(data).hexdigest() == hexdigest
+
+
+def _load_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise BadInput(f"{what} is not valid JSON") from None
+
+
+class _Store:
+    """A place holding files by name: a directory or a tar archive."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.tar: tarfile.TarFile | None = None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        if not os.path.isdir(path):
+            try:
+                self.tar = tarfile.open(path, "r:")
+            except FileNotFoundError:
+                raise NotFound(f"no such file: {path}") from None
+            except (tarfile.TarError, OSError) as exc:
+                raise BadInput(f"{path}: not a readable tar archive ({exc})") from None
+            for m in self.tar.getmembers():
+                self.members[os.path.normpath(m.name.lstrip("/"))] = m
+
+    def exists(self, name: str) -> bool:
+        if self.tar is None:
+            return os.path.isfile(os.path.join(self.path, name))
+        m = self.members.get(os.path.normpath(name))
+        return m is not None and m.isfile()
+
+    def open(self, name: str) -> BinaryIO:
+        norm = os.path.normpath(name)
+        if norm.startswith("..") or os.path.isabs(norm):
+            raise BadInput(f"{self.path}: refusing path {name!r} outside the image")
+        if self.tar is None:
+            try:
+                return open(os.path.join(self.path, norm), "rb")
+            except FileNotFoundError:
+                raise NotFound(f"{self.path}: missing {name}") from None
+            except OSError as exc:
+                raise from_oserror(exc, "cannot read image") from exc
+        m = self.members.get(norm)
+        if m is None or not m.isfile():
+            raise NotFound(f"{self.path}: missing {name}")
+        f = self.tar.extractfile(m)
+        assert f is not None
+        return f  # type: ignore[return-value]
+
+    def read(self, name: str, limit: int = MAX_JSON) -> bytes:
+        with self.open(name) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise BadInput(f"{self.path}: {name} is too large")
+        return data
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+
+
+def _blob_name(digest: str) -> str:
+    algo, _, hexdigest = digest.partition(":")
+    if algo != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+        raise BadInput(f"bad digest {digest!r}")
+    return f"blobs/{algo}/{hexdigest}"
+
+
+def parse_ref(ref: str) -> tuple[str, str, str]:
+    """Split a reference into (transport, path, tag)."""
+    for transport in ("oci-archive", "docker-archive", "oci"):
+        prefix = transport + ":"
+        if ref.startswith(prefix):
+            rest = ref[len(prefix):]
+            path, tag = rest, ""
+            head, sep, tail = rest.rpartition(":")
+            if sep and head and "/" not in tail:
+                path, tag = head, tail
+            if not path:
+                raise UsageError(f"no path in image reference {ref!r}")
+            return transport, path, tag
+    if os.path.isdir(ref):
+        return "oci", ref, ""
+    if os.path.isfile(ref):
+        return "archive", ref, ""
+    if ref.startswith(("docker://", "containerd:")) or os.path.sep not in ref:
+        raise Unsupported(f"{ref}: images from containerd or a registry are not supported yet; "
+                          "use oci:DIR, oci-archive:FILE or docker-archive:FILE")
+    raise NotFound(f"no such image: {ref}")
+
+
+class ImageSource:
+    """An image in an OCI layout or archive, resolved to config + layers."""
+
+    def __init__(self, ref: str, platform_: Platform | None = None) -> None:
+        self.ref = ref
+        self.platform = platform_ or Platform.default()
+        self.transport, path, self.tag = parse_ref(ref)
+        self.store = _Store(path)
+        if self.transport == "archive":
+            self.transport = "oci-archive" if self.store.exists("index.json") else "docker-archive"
+        if self.transport == "oci" and self.store.tar is not None:
+            raise BadInput(f"{path}: oci: needs a directory (use oci-archive: for a tar)")
+        if self.transport != "oci" and self.store.tar is None:
+            raise BadInput(f"{path}: {self.transport}: needs a tar file")
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "ImageSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def resolve(self) -> ResolvedImage:
+        if self.transport == "docker-archive":
+            return self._resolve_docker()
+        return self._resolve_oci()
+
+    # -- OCI layout ----------------------------------------------------
+    def _read_blob(self, digest: str, what: str, limit: int = MAX_JSON) -> bytes:
+        data = self.store.read(_blob_name(digest), limit)
+        if not _digest_ok(data, digest):
+            raise BadInput(f"{self.ref}: {what} does not match its digest {digest}")
+        return data
+
+    def _resolve_oci(self) -> ResolvedImage:
+        index = _load_json(self.store.read("index.json"), f"{self.ref}: index.json")
+        manifests = index.get("manifests") if isinstance(index, dict) else None
+        if not isinstance(manifests, list) or not manifests:
+            raise BadInput(f"{self.ref}: index.json lists no manifests")
+        if self.tag:
+            chosen = [m for m in manifests if isinstance(m, dict)
+                      and m.get("annotations", {}).get(REF_NAME) == self.tag]
+            if not chosen:
+                tags = sorted({m.get("annotations", {}).get(REF_NAME, "") for m in manifests
+                               if isinstance(m, dict)} - {""})
+                raise NotFound(f"{self.ref}: no tag {self.tag!r} (tags: {', '.join(tags) or 'none'})")
+        else:
+            chosen = manifests
+        if len(chosen) > 1:
+            # several tags or platforms: an index at the top level is resolved by platform
+            return self._pick_platform(chosen, "index.json")
+        return self._follow(chosen[0], depth=0)
+
+    def _follow(self, desc: dict[str, Any], depth: int) -> ResolvedImage:
+        if depth > 4:
+            raise BadInput(f"{self.ref}: nested indexes too deep")
+        media = desc.get("mediaType", "")
+        digest = desc.get("digest", "")
+        data = self._read_blob(digest, "manifest")
+        doc = _load_json(data, f"{self.ref}: manifest {digest}")
+        if not isinstance(doc, dict):
+            raise BadInput(f"{self.ref}: manifest {digest} is not an object")
+        media = doc.get("mediaType") or media
+        if media in INDEX_TYPES or (not media and "manifests" in doc):
+            return self._pick_platform(doc.get("manifests") or [], digest, depth)
+        if media not in MANIFEST_TYPES and not (not media and "layers" in doc):
+            raise Unsupported(f"{self.ref}: unsupported manifest media type {media!r}")
+        return self._from_manifest(doc, digest)
+
+    def _pick_platform(self, manifests: list[Any], where: str, depth: int = 0) -> ResolvedImage:
+        matching = [m for m in manifests if isinstance(m, dict) and self.platform.matches(m.get("platform") or {})]
+        if not matching:
+            with_platform = [m for m in manifests if isinstance(m, dict) and "platform" in m]
+            if not with_platform and len(manifests) > 1:
+                raise UsageError(f"{self.ref}: holds several images; name one with :TAG")
+            if with_platform:
+                have = ", ".join(sorted({str(Platform(m['platform'].get('os', ''),
+                                                      m['platform'].get('architecture', ''),
+                                                      m['platform'].get('variant', '')))
+                                         for m in with_platform}))
+                raise NotFound(f"{self.ref}: no image for platform {self.platform} (has {have})")
+            matching = manifests
+        if len(matching) > 1 and len({m.get("digest") for m in matching}) > 1:
+            raise UsageError(f"{self.ref}: several images match {self.platform} in {where}; name one with :TAG")
+        return self._follow(matching[0], depth + 1)
+
+    def _from_manifest(self, manifest: dict[str, Any], digest: str) -> ResolvedImage:
+        cdesc = manifest.get("config") or {}
+        config_bytes = self._read_blob(cdesc.get("digest", ""), "config")
+        config = _load_json(config_bytes, f"{self.ref}: config")
+        if not isinstance(config, dict):
+            raise BadInput(f"{self.ref}: config is not an object")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        ldescs = manifest.get("layers") or []
+        if len(diff_ids) != len(ldescs):
+            raise BadInput(f"{self.ref}: config lists {len(diff_ids)} layers, manifest {len(ldescs)}")
+        layers = []
+        for ld, diff_id in zip(ldescs, diff_ids):
+            media = ld.get("mediaType", "")
+            if media not in LAYER_TYPES:
+                raise Unsupported(f"{self.ref}: unsupported layer media type {media!r}")
+            name = _blob_name(ld.get("digest", ""))
+            layers.append(Layer(ld["digest"], media, diff_id, lambda n=name: self.store.open(n)))
+        return ResolvedImage(config, config_bytes, layers, f"{self.ref} ({digest})")
+
+    # -- docker save ---------------------------------------------------
+    def _resolve_docker(self) -> ResolvedImage:
+        doc = _load_json(self.store.read("manifest.json"), f"{self.ref}: manifest.json")
+        if not isinstance(doc, list) or not doc:
+            raise BadInput(f"{self.ref}: manifest.json lists no images")
+        chosen = doc
+        if self.tag:
+            chosen = [m for m in doc if isinstance(m, dict) and any(
+                t == self.tag or t.endswith("/" + self.tag) or t.split(":")[-1] == self.tag
+                for t in m.get("RepoTags") or [])]
+            if not chosen:
+                raise NotFound(f"{self.ref}: no image tagged {self.tag!r}")
+        if len(chosen) > 1:
+            raise UsageError(f"{self.ref}: holds several images; name one with :REF")
+        m = chosen[0]
+        if not isinstance(m, dict) or not isinstance(m.get("Config"), str):
+            raise BadInput(f"{self.ref}: manifest.json entry has no Config")
+        config_bytes = self.store.read(m["Config"])
+        base = os.path.basename(m["Config"])
+        hexpart = base[:-5] if base.endswith(".json") else base
+        if len(hexpart) == 64 and not _digest_ok(config_bytes, "sha256:" + hexpart):
+            raise BadInput(f"{self.ref}: config does not match its digest")
+        config = _load_json(config_bytes, f"{self.ref}: config")
+        if not isinstance(config, dict):
+            raise BadInput(f"{self.ref}: config is not an object")
+        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+        names = m.get("Layers") or []
+        if len(diff_ids) != len(names):
+            raise BadInput(f"{self.ref}: config lists {len(diff_ids)} layers, manifest {len(names)}")
+        layers = []
+        for name, diff_id in zip(names, diff_ids):
+            digest = None
+            if name.startswith("blobs/sha256/"):
+                digest = "sha256:" + name.rsplit("/", 1)[-1]
+            layers.append(Layer(digest, "docker-archive", diff_id, lambda n=name: self.store.open(n)))
+        return ResolvedImage(config, config_bytes, layers, self.ref)

@@ -1,0 +1,159 @@
+"""The file-tree model shared by every image: entry types, entries, name rules.
+
+Paths are `bytes`, relative to the image root, '/'-separated, with the root
+itself as b"" (so that the root directory's own metadata is kept).  Entries of
+an image are sorted by path bytes; a parent is a prefix of its children and so
+always comes first, which lets readers and unpackers work in one pass.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat
+from dataclasses import dataclass, field
+
+MAX_PATH = 4096
+MAX_NAME = 255
+MAX_XATTR_NAME = 255
+MAX_XATTR_VALUE = 65536
+MAX_SYMLINK = 4096
+
+
+class EntryType(enum.IntEnum):
+    FILE = 1
+    DIR = 2
+    SYMLINK = 3
+    HARDLINK = 4
+    CHARDEV = 5
+    BLOCKDEV = 6
+    FIFO = 7
+
+
+# Types a hard link may point at (never a directory, never another link).
+LINKABLE = frozenset({EntryType.FILE, EntryType.SYMLINK, EntryType.CHARDEV,
+                      EntryType.BLOCKDEV, EntryType.FIFO})
+
+S_IFMT_OF = {
+    EntryType.FILE: stat.S_IFREG,
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHARDEV: stat.S_IFCHR,
+    EntryType.BLOCKDEV: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+}
+
+
+class Storage(enum.IntEnum):
+    """How a file body is held in an image (the storage table of FORMAT.md)."""
+
+    EMPTY = 0      # size 0, no body
+    FRAME = 1      # a zstd frame in this image's body section
+    SHARED = 2     # the same body as an earlier entry (dedup by digest)
+
+
+@dataclass(slots=True)
+class Entry:
+    path: bytes
+    type: EntryType
+    mode: int = 0o755          # permission bits incl. setuid/setgid/sticky (0o7777)
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    size: int = 0              # FILE: content length
+    digest: bytes | None = None  # FILE: sha256 of content
+    target: bytes = b""        # SYMLINK: link target
+    link: int = -1             # HARDLINK: index of the entry it shares an inode with
+    rdev: tuple[int, int] = (0, 0)  # CHARDEV/BLOCKDEV: (major, minor)
+    # storage (not part of the image id)
+    storage: Storage = Storage.EMPTY
+    body_offset: int = 0       # FRAME: offset in the body section
+    body_length: int = 0       # FRAME: length of the frame
+    shared_with: int = -1      # SHARED: index of the entry holding the frame
+    # producers only: entries with the same inode key become one hard-link group
+    inode: object = None
+
+    @property
+    def name(self) -> bytes:
+        return self.path.rsplit(b"/", 1)[-1]
+
+    @property
+    def parent(self) -> bytes:
+        return self.path.rsplit(b"/", 1)[0] if b"/" in self.path else b""
+
+    def display(self) -> str:
+        return "/" + self.path.decode("utf-8", "backslashreplace")
+
+
+def path_problem(path: bytes) -> str | None:
+    """Why `path` is not a safe entry path, or None.  The root is b""."""
+    if path == b"":
+        return None
+    if len(path) > MAX_PATH:
+        return "path too long"
+    if b"\0" in path:
+        return "NUL in name"
+    if path.startswith(b"/"):
+        return "absolute path"
+    for part in path.split(b"/"):
+        if part in (b"", b".", b".."):
+            return f"bad path component {part!r}"
+        if len(part) > MAX_NAME:
+            return "name too long"
+    return None
+
+
+def symlink_problem(link_path: bytes, target: bytes) -> str | None:
+    """Why a symlink target is unsafe, or None.
+
+    Absolute targets are normal in images (they resolve inside the container
+    root).  A relative target may not climb above the image root.
+    """
+    if not target:
+        return "empty symlink target"
+    if len(target) > MAX_SYMLINK:
+        return "symlink target too long"
+    if b"\0" in target:
+        return "NUL in symlink target"
+    if target.startswith(b"/"):
+        return None
+    depth = link_path.count(b"/")  # components of the directory holding the link
+    for part in target.split(b"/"):
+        if part == b"..":
+            depth -= 1
+            if depth < 0:
+                return "symlink target escapes the image root"
+        elif part not in (b"", b"."):
+            depth += 1
+    return None
+
+
+def xattr_problem(name: bytes, value: bytes) -> str | None:
+    if not name or len(name) > MAX_XATTR_NAME or b"\0" in name:
+        return "bad xattr name"
+    if len(value) > MAX_XATTR_VALUE:
+        return "xattr value too large"
+    return None
+
+
+def canonicalize(entries: list[Entry]) -> list[Entry]:
+    """Sort entries by path and turn hard-link groups into HARDLINK entries.
+
+    Producers (pack, convert) give every path of a hard-link group the full
+    metadata and the same `inode` key; the smallest path of a group becomes its
+    primary so the result does not depend on the order files were found in.
+    """
+    entries = sorted(entries, key=lambda e: e.path)
+    first: dict[object, int] = {}
+    out: list[Entry] = []
+    for e in entries:
+        if e.inode is not None and e.type in LINKABLE:
+            index = first.get(e.inode)
+            if index is not None:
+                out.append(Entry(path=e.path, type=EntryType.HARDLINK, mode=e.mode, uid=e.uid,
+                                 gid=e.gid, mtime_ns=e.mtime_ns, xattrs=dict(e.xattrs), link=index))
+                continue
+            first[e.inode] = len(out)
+        e.inode = None
+        out.append(e)
+    return out
