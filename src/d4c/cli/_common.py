@@ -15,7 +15,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but usage errors are D4CErrors (one line, exit code 2)."""
 
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        words = self.prog.split(" ", 1)
+        where = f"{words[1]}: " if len(words) > 1 else ""
+        raise UsageError(f"{where}{message} (see --help)")
 
 
 def common_parser() -> argparse.ArgumentParser:

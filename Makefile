@@ -1,0 +1,58 @@
+# d4c build, test and benchmark entry points.  `make deps` is idempotent and
+# installs what a fresh Debian/Ubuntu machine lacks (apt packages only as root).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+export PYTHONPATH := $(CURDIR)/src
+
+APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
+                umoci skopeo busybox-static containerd runc docker-registry
+KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx
+BINARIES := ctr-cli snapshotter server
+
+.PHONY: deps apt venv ext test all bench demo clean
+
+deps: apt venv ext
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if ! command -v $(PYTHON) >/dev/null 2>&1; then missing="$$missing python3.11 python3.11-venv python3.11-dev"; fi; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "apt: installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "apt: missing$$missing (run make deps as root to install them)"; fi; \
+	fi
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.stamp
+
+ext: $(VENV)/.stamp $(KERNELS) setup.py
+	$(PY) setup.py -q build_ext --inplace
+
+test: deps all
+	CI=$(CI) D4C_BINARIES=$(CURDIR) $(PY) -m pytest -q tests
+
+all: deps $(BINARIES)
+
+$(BINARIES) &: build/pyinstaller.spec $(shell find src -name '*.py' -o -name '*.pyx') | ext
+	$(VENV)/bin/pyinstaller -y --clean --log-level WARN --workpath build/pyinstaller \
+	  --distpath dist build/pyinstaller.spec
+	cp dist/ctr-cli dist/snapshotter dist/server .
+
+bench: deps
+	$(PY) -m bench
+
+demo: all
+	bash demo/demo.sh
+
+clean:
+	rm -rf build/lib.* build/temp.* build/cython build/pyinstaller dist $(BINARIES)
+	rm -f src/d4c/*.so
+	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +

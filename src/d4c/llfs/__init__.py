@@ -1,0 +1,1 @@
+"""Read-only FUSE filesystem over an image stack (issue [4/8])."""

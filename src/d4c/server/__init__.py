@@ -1,0 +1,1 @@
+"""The delta server (issue [7/8])."""

@@ -1,0 +1,1 @@
+"""The di3fs containerd proxy snapshotter (issue [5/8])."""

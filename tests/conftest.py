@@ -1,0 +1,32 @@
+"""Shared test set-up: capability flags, the CI rule for skips, fixtures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from d4c import accel  # noqa: E402
+
+IN_CI = bool(os.environ.get("CI"))
+IS_ROOT = os.geteuid() == 0
+HAS_UMOCI = shutil.which("umoci") is not None
+HAS_SKOPEO = shutil.which("skopeo") is not None
+HAS_BUSYBOX = os.path.exists("/bin/busybox")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"d4c kernels: {accel.describe()}",
+            f"root: {IS_ROOT}, umoci: {HAS_UMOCI}, skopeo: {HAS_SKOPEO}, busybox: {HAS_BUSYBOX}, CI: {IN_CI}"]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in list(os.environ):
+        if key.startswith("D4C_") and key not in ("D4C_PUREPYTHON", "D4C_BINARIES"):
+            monkeypatch.delenv(key)

@@ -1,0 +1,158 @@
+"""Test helpers: requirements that must hold in CI, trees, tree comparison, CLI runs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import stat
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from conftest import IN_CI, IS_ROOT
+
+from d4c.cli import main
+
+BINARIES = os.environ.get("D4C_BINARIES", "")
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip when a capability is missing -- but in CI a missing capability fails."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"CI must provide this: {reason}")
+    pytest.skip(reason)
+
+
+def need_root() -> None:
+    need(IS_ROOT, "needs root (device nodes, ownership, security.* xattrs)")
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ctr-cli in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_binary(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    path = os.path.join(BINARIES, name)
+    need(bool(BINARIES) and os.access(path, os.X_OK), f"no {name} binary (run `make all`)")
+    return subprocess.run([path, *args], capture_output=True, text=True, env=env if env is not None else {},
+                          timeout=120)
+
+
+def assert_one_line_error(code: int, err: str, expected_code: int | None = None) -> None:
+    assert code != 0
+    if expected_code is not None:
+        assert code == expected_code, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert "Traceback" not in err
+    assert lines[0].startswith("ctr-cli: ")
+
+
+FIXED_NS = 1_600_000_000_123_456_789
+
+
+def make_tree(root: str, *, devices: bool = True) -> None:
+    """A tree with every entry type and the metadata images carry."""
+    os.makedirs(root)
+    j = lambda *p: os.path.join(root, *p)  # noqa: E731
+    os.makedirs(j("dir", "sub"))
+    os.makedirs(j("empty"))
+    with open(j("dir", "file.txt"), "wb") as f:
+        f.write(b"hello world\n" * 100)
+    with open(j("empty-file"), "wb"):
+        pass
+    with open(j("dup-a"), "wb") as f:
+        f.write(b"same content")
+    with open(j("dup-b"), "wb") as f:
+        f.write(b"same content")
+    with open(j("dir", "sub", "big.bin"), "wb") as f:
+        f.write(os.urandom(3 << 20) + bytes(1 << 20))
+    with open(j("setuid"), "wb") as f:
+        f.write(b"#!/bin/sh\n")
+    os.chmod(j("setuid"), 0o4755)
+    os.chmod(j("empty"), 0o1777)
+    with open(j("setgid"), "wb") as f:
+        f.write(b"x")
+    os.chmod(j("setgid"), 0o2711)
+    os.link(j("dir", "file.txt"), j("hardlink"))
+    os.link(j("dir", "file.txt"), j("dir", "sub", "hardlink2"))
+    os.symlink("dir/file.txt", j("symlink"))
+    os.symlink("/etc/passwd", j("dir", "abs-symlink"))
+    os.symlink("../..", j("dir", "sub", "up"))
+    os.mkfifo(j("fifo"), 0o640)
+    os.setxattr(j("dir", "file.txt"), b"user.comment", b"\x00binary\xff")
+    os.chmod(j("dir", "file.txt"), 0o640)
+    if devices and IS_ROOT:
+        os.mknod(j("null"), stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(j("loop9"), stat.S_IFBLK | 0o660, os.makedev(7, 9))
+        os.chown(j("setuid"), 1000, 1001)
+        os.chmod(j("setuid"), 0o4755)
+        os.chown(j("dir", "sub"), 33, 33)
+        # CAP_NET_BIND_SERVICE, version 2 capability blob
+        cap = bytes.fromhex("0000000200040000000000000000000000000000")
+        os.setxattr(j("setgid"), b"security.capability", cap)
+    times = [j(p) for p in ("dir", "dir/sub", "empty", "setuid", "dup-a")]
+    for i, p in enumerate(times):
+        os.utime(p, ns=(FIXED_NS + i, FIXED_NS + i))
+    os.utime(j("symlink"), ns=(FIXED_NS, -5_000_000_123), follow_symlinks=False)
+
+
+def snapshot_tree(root: str, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[str, Any]:
+    """Every attribute of every entry (hardlink groups by first path)."""
+    out: dict[str, Any] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames) + ([""] if dirpath == root else []):
+            full = os.path.join(dirpath, name) if name else dirpath
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            info: dict[str, Any] = {"mode": stat.filemode(st.st_mode) + oct(stat.S_IMODE(st.st_mode)),
+                                    "uid": st.st_uid, "gid": st.st_gid}
+            if mtimes and (dir_mtimes or not stat.S_ISDIR(st.st_mode)):
+                info["mtime"] = st.st_mtime_ns
+            try:
+                info["xattrs"] = {n: os.getxattr(full, n, follow_symlinks=False)
+                                  for n in sorted(os.listxattr(full, follow_symlinks=False))}
+            except OSError:
+                info["xattrs"] = {}
+            if stat.S_ISREG(st.st_mode):
+                with open(full, "rb") as f:
+                    import hashlib
+                    info["sha256"] = hashlib.sha256(f.read()).hexdigest()
+                info["size"] = st.st_size
+                if st.st_nlink > 1:
+                    key = (st.st_dev, st.st_ino)
+                    info["linkgroup"] = inodes.setdefault(key, rel)
+                info["nlink"] = st.st_nlink
+            elif stat.S_ISLNK(st.st_mode):
+                info["target"] = os.readlink(full)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                info["rdev"] = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            out[rel] = info
+    return out
+
+
+def diff_trees(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    problems = []
+    for key in sorted(set(a) | set(b)):
+        if key not in a:
+            problems.append(f"only in second: {key}")
+        elif key not in b:
+            problems.append(f"only in first: {key}")
+        elif a[key] != b[key]:
+            problems.append(f"{key}: {a[key]} != {b[key]}")
+    return problems
+
+
+def python_exe() -> str:
+    return sys.executable
