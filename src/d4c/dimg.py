@@ -304,13 +304,23 @@ def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
 
 
 def _decompress_bounded(blob: bytes, usize: int, source: str, what: str) -> bytes:
+    """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
+    parts: list[bytes] = []
+    got = 0
     try:
-        out = zstandard.ZstdDecompressor().decompressobj().decompress(blob)
+        with zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+                blob, read_across_frames=True) as reader:
+            while got <= usize:
+                chunk = reader.read(min(usize + 1 - got, 1 << 20))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
     except zstandard.ZstdError as exc:
         raise CorruptImage(source, f"{what} does not decompress ({exc})") from None
-    if len(out) != usize:
-        raise CorruptImage(source, f"{what} has {len(out)} bytes, expected {usize}")
-    return out
+    if got != usize:
+        raise CorruptImage(source, f"{what} does not have its recorded size {usize}")
+    return b"".join(parts)
 
 
 def read_info(fd: int, source: str) -> ImageInfo:
