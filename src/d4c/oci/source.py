@@ -212,6 +212,9 @@ class ImageSource:
         self.ref = ref
         self.platform = platform_ or Platform.default()
         self.transport, path, self.tag = parse_ref(ref)
+        if not os.path.exists(path):
+            kind = "OCI layout directory" if self.transport == "oci" else "image archive"
+            raise NotFound(f"no such {kind}: {path}")
         self.store = _Store(path)
         if self.transport == "archive":
             self.transport = "oci-archive" if self.store.exists("index.json") else "docker-archive"
