@@ -1,0 +1,1 @@
+"""d4c benchmarks (`make bench`): results are written as tables under bench/out/."""

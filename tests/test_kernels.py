@@ -1,0 +1,82 @@
+"""The Cython kernels: parity with the pure-Python references, pinned chunk points."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import random
+
+import numpy as np
+import pytest
+
+from d4c import _chunker_py, _patch_py, accel, chunker
+
+
+def compiled(name: str):  # type: ignore[no-untyped-def]
+    if accel.backend == "python":
+        pytest.skip("D4C_PUREPYTHON is set")
+    return importlib.import_module(f"d4c.{name}")
+
+
+def lcg_bytes(n: int, seed: int) -> bytes:
+    """Deterministic pseudo-random data (no dependency on Python's random)."""
+    out = bytearray(n)
+    x = seed
+    for i in range(n):
+        x = (x * 6364136223846793005 + 1442695040888963407) & 0xFFFFFFFFFFFFFFFF
+        out[i] = x >> 56
+    return bytes(out)
+
+
+def test_compiled_kernels_in_use() -> None:
+    accel.check()
+    assert accel.backend in ("compiled", "python")
+
+
+def test_chunker_parity() -> None:
+    fast = compiled("_chunker")
+    data = lcg_bytes(200_000, 7)
+    small, large = chunker._masks(4096)
+    for final in (True, False):
+        a = np.empty(200, dtype=np.uint64)
+        b = np.empty(200, dtype=np.uint64)
+        na = fast.find_cuts(data, chunker.GEAR, 1024, 4096, 16384, small, large, a, final)
+        nb = _chunker_py.find_cuts(data, chunker.GEAR, 1024, 4096, 16384, small, large, b, final)
+        assert na == nb and list(a[:na]) == list(b[:nb])
+
+
+def test_chunk_points_unchanged() -> None:
+    """Future chunker changes must not move cut points: stored deltas depend on them."""
+    data = lcg_bytes(1 << 20, 42)
+    cuts = chunker.cut_points(data, 2048, 8192, 65536)
+    assert int(cuts[-1]) == len(data)
+    sizes = np.diff(np.concatenate([[0], cuts]).astype(np.int64))
+    assert sizes[:-1].min() >= 2048  # only the last chunk may be short
+    assert sizes.max() <= 65536
+    assert 4096 < sizes.mean() < 16384
+    digest = hashlib.sha256(cuts.astype("<u8").tobytes()).hexdigest()
+    assert digest == GOLDEN_CUTS, digest
+
+
+def test_chunks_are_content_defined() -> None:
+    """Inserting bytes early moves only nearby cut points."""
+    data = lcg_bytes(300_000, 3)
+    a = set(int(x) for x in chunker.cut_points(data, 1024, 4096, 16384))
+    b = set(int(x) - 10 for x in chunker.cut_points(b"0123456789" + data, 1024, 4096, 16384))
+    assert len(a & b) >= 0.9 * len(a)
+
+
+def test_add_bytes_parity() -> None:
+    fast = compiled("_patch")
+    rnd = random.Random(5)
+    old = bytes(rnd.getrandbits(8) for _ in range(5000))
+    diff = bytes(rnd.getrandbits(8) for _ in range(4000))
+    out1, out2 = bytearray(4000), bytearray(4000)
+    fast.add_bytes(old, diff, out1)
+    _patch_py.add_bytes(old, diff, out2)
+    assert out1 == out2 == bytearray((o + d) & 0xFF for o, d in zip(old, diff))
+    with pytest.raises(ValueError):
+        fast.add_bytes(old[:10], diff, out1)
+
+
+GOLDEN_CUTS = "70083492c76a45edfe01e7790f895b376985ee9d9146e86967701d12ca3f7815"
