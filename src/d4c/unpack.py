@@ -105,8 +105,12 @@ class _Materialiser:
                 if e.size:
                     with self.image.open_body(e) as body:
                         for chunk in body.chunks():
-                            _write_all(fd, chunk)
+                            if chunk == _zeros(len(chunk)):
+                                os.lseek(fd, len(chunk), os.SEEK_CUR)  # leave a hole: sparse output
+                            else:
+                                _write_all(fd, chunk)
                             progress.advance(len(chunk))
+                    os.ftruncate(fd, e.size)
                 self.apply_meta_fd(fd, e)
             finally:
                 os.close(fd)
@@ -182,6 +186,13 @@ class _Materialiser:
                                f"(first on {e.display()}): {exc.strerror}")
                 return
             raise
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _zeros(n: int) -> bytes | memoryview:
+    return memoryview(_ZERO_CHUNK)[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
 
 
 def _write_all(fd: int, data: bytes) -> None:
