@@ -1,13 +1,434 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Patch kernels: the byte loops of delta application.
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Delta kernels: suffix sorting (SA-IS), the bsdiff-class match scan, patch application.
 
-Thin on purpose (see bsdiff4's core.c): d4c/delta.py owns the format; this
-module only runs loops over buffers the caller has sized and checked.
+Thin on purpose (see bsdiff4's core.c): d4c/delta.py owns the format, the
+stream encodings and every size check that can be made before calling in.
+These functions only run loops over buffers the caller sized, without the GIL,
+and report failure through return codes that delta.py turns into errors.
 """
 
-from libc.stdint cimport uint8_t
+from libc.stdint cimport uint8_t, int32_t, int64_t
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memcmp
 
-API_VERSION = "1"
+API_VERSION = "2"
+
+ctypedef fused idx_t:
+    int32_t
+    int64_t
+
+
+# ---------------------------------------------------------------- SA-IS
+# Nong, Zhang & Chan, "Two Efficient Algorithms for Linear Time Suffix Array
+# Construction" (2011).  Level 0 reads bytes shifted by one with a virtual
+# sentinel 0 at the end; deeper levels read the reduced string (stored in the
+# upper part of SA, as in the paper).  Types are one byte per position.
+
+cdef inline idx_t _chr(const uint8_t* t8, const idx_t* ti, idx_t i, idx_t n) noexcept nogil:
+    if t8 != NULL:
+        return (t8[i] + 1) if i < n - 1 else 0
+    return ti[i]
+
+
+cdef inline bint _is_lms(const uint8_t* typ, idx_t i) noexcept nogil:
+    return i > 0 and typ[i] and not typ[i - 1]
+
+
+cdef void _buckets(const uint8_t* t8, const idx_t* ti, idx_t n, idx_t k, idx_t* bkt,
+                   bint end) noexcept nogil:
+    cdef idx_t i, total = 0
+    for i in range(k + 1):
+        bkt[i] = 0
+    for i in range(n):
+        bkt[_chr(t8, ti, i, n)] += 1
+    for i in range(k + 1):
+        total += bkt[i]
+        bkt[i] = total if end else total - bkt[i]
+
+
+cdef void _induce(const uint8_t* t8, const idx_t* ti, const uint8_t* typ, idx_t* sa, idx_t n,
+                  idx_t k, idx_t* bkt) noexcept nogil:
+    cdef idx_t i, j, c
+    _buckets(t8, ti, n, k, bkt, False)
+    for i in range(n):
+        j = sa[i] - 1
+        if j >= 0 and not typ[j]:
+            c = _chr(t8, ti, j, n)
+            sa[bkt[c]] = j
+            bkt[c] += 1
+    _buckets(t8, ti, n, k, bkt, True)
+    i = n - 1
+    while i >= 0:
+        j = sa[i] - 1
+        if j >= 0 and typ[j]:
+            c = _chr(t8, ti, j, n)
+            bkt[c] -= 1
+            sa[bkt[c]] = j
+        i -= 1
+
+
+cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) noexcept nogil:
+    """Suffix array of a string of n symbols in 0..k whose last symbol is a unique 0."""
+    cdef idx_t i, j, c, n1, name, prev, pos, d
+    cdef bint differ
+    cdef uint8_t* typ
+    cdef idx_t* bkt
+    cdef idx_t* s1
+    if n == 1:
+        sa[0] = 0
+        return 0
+    typ = <uint8_t*>malloc(n)
+    bkt = <idx_t*>malloc((k + 1) * sizeof(idx_t))
+    if typ == NULL or bkt == NULL:
+        free(typ)
+        free(bkt)
+        return -1
+    # S = 1, L = 0
+    typ[n - 1] = 1
+    typ[n - 2] = 0
+    i = n - 3
+    while i >= 0:
+        c = _chr(t8, ti, i, n)
+        j = _chr(t8, ti, i + 1, n)
+        typ[i] = 1 if (c < j or (c == j and typ[i + 1])) else 0
+        i -= 1
+    # stage 1: sort LMS substrings
+    _buckets(t8, ti, n, k, bkt, True)
+    for i in range(n):
+        sa[i] = -1
+    for i in range(1, n):
+        if _is_lms(typ, i):
+            c = _chr(t8, ti, i, n)
+            bkt[c] -= 1
+            sa[bkt[c]] = i
+    _induce(t8, ti, typ, sa, n, k, bkt)
+    n1 = 0
+    for i in range(n):
+        if _is_lms(typ, sa[i]):
+            sa[n1] = sa[i]
+            n1 += 1
+    # name the LMS substrings
+    for i in range(n1, n):
+        sa[i] = -1
+    name = 0
+    prev = -1
+    for i in range(n1):
+        pos = sa[i]
+        differ = False
+        d = 0
+        while True:
+            if prev == -1 or _chr(t8, ti, pos + d, n) != _chr(t8, ti, prev + d, n) \
+                    or typ[pos + d] != typ[prev + d]:
+                differ = True
+                break
+            if d > 0 and (_is_lms(typ, pos + d) or _is_lms(typ, prev + d)):
+                break
+            d += 1
+        if differ:
+            name += 1
+            prev = pos
+        sa[n1 + pos // 2] = name - 1
+    j = n - 1
+    i = n - 1
+    while i >= n1:
+        if sa[i] >= 0:
+            sa[j] = sa[i]
+            j -= 1
+        i -= 1
+    # stage 2: sort the reduced string (recursively if names repeat)
+    s1 = sa + n - n1
+    if name < n1:
+        if _sais(<const uint8_t*>NULL, s1, sa, n1, name - 1) != 0:
+            free(typ)
+            free(bkt)
+            return -1
+    else:
+        for i in range(n1):
+            sa[s1[i]] = i
+    # stage 3: induce the full order from the sorted LMS suffixes
+    _buckets(t8, ti, n, k, bkt, True)
+    j = 0
+    for i in range(1, n):
+        if _is_lms(typ, i):
+            s1[j] = i
+            j += 1
+    for i in range(n1):
+        sa[i] = s1[sa[i]]
+    for i in range(n1, n):
+        sa[i] = -1
+    i = n1 - 1
+    while i >= 0:
+        j = sa[i]
+        sa[i] = -1
+        c = _chr(t8, ti, j, n)
+        bkt[c] -= 1
+        sa[bkt[c]] = j
+        i -= 1
+    _induce(t8, ti, typ, sa, n, k, bkt)
+    free(typ)
+    free(bkt)
+    return 0
+
+
+def suffix_array(const uint8_t[::1] text, idx_t[::1] sa):
+    """Fill sa (len(text) + 1 entries) with the suffix array of text.
+
+    sa[0] is len(text) (the empty suffix); int32 indices suffice below 2 GiB.
+    Returns 0, or -1 when memory ran out.
+    """
+    cdef idx_t n = text.shape[0]
+    cdef int rc
+    cdef const uint8_t* p
+    if sa.shape[0] != n + 1:
+        raise ValueError("sa must have len(text) + 1 entries")
+    if n == 0:
+        sa[0] = 0
+        return 0
+    p = &text[0]
+    with nogil:
+        rc = _sais(p, <const idx_t*>NULL, &sa[0], n + 1, 256)
+    return rc
+
+
+# ---------------------------------------------------------------- match scan
+
+cdef inline int64_t _matchlen(const uint8_t* a, int64_t alen, const uint8_t* b, int64_t blen) noexcept nogil:
+    cdef int64_t i = 0
+    cdef int64_t m = alen if alen < blen else blen
+    while i < m and a[i] == b[i]:
+        i += 1
+    return i
+
+
+cdef int64_t _search(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
+                     int64_t newsize, int64_t* pos) noexcept nogil:
+    """Longest match of new[...] in old: binary search over the suffix array."""
+    cdef int64_t st = 0, en = oldsize, x, y, mid, m
+    cdef int cmp
+    while en - st >= 2:
+        mid = st + (en - st) // 2
+        m = oldsize - sa[mid]
+        if m > newsize:
+            m = newsize
+        cmp = memcmp(old + sa[mid], new, m)
+        if cmp < 0 or (cmp == 0 and m < newsize and oldsize - sa[mid] == m):
+            st = mid
+        else:
+            en = mid
+    x = _matchlen(old + sa[st], oldsize - sa[st], new, newsize)
+    y = _matchlen(old + sa[en], oldsize - sa[en], new, newsize)
+    if x > y:
+        pos[0] = sa[st]
+        return x
+    pos[0] = sa[en]
+    return y
+
+
+cdef struct _Out:
+    int64_t* ctrl      # triples: copy length, insert length, old seek
+    int64_t nctrl
+    int64_t capctrl
+    uint8_t* diff
+    int64_t ndiff
+    uint8_t* extra
+    int64_t nextra
+
+
+cdef int _emit(_Out* o, int64_t a, int64_t b, int64_t c) noexcept nogil:
+    cdef int64_t* grown
+    if o.nctrl + 3 > o.capctrl:
+        grown = <int64_t*>realloc(o.ctrl, (o.capctrl * 2 + 48) * sizeof(int64_t))
+        if grown == NULL:
+            return -1
+        o.ctrl = grown
+        o.capctrl = o.capctrl * 2 + 48
+    o.ctrl[o.nctrl] = a
+    o.ctrl[o.nctrl + 1] = b
+    o.ctrl[o.nctrl + 2] = c
+    o.nctrl += 3
+    return 0
+
+
+cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
+               int64_t newsize, _Out* o) noexcept nogil:
+    """bsdiff's scan: approximate matches (copy + add bytes) and inserted bytes."""
+    cdef int64_t scan = 0, length = 0, pos = 0, lastscan = 0, lastpos = 0, lastoffset = 0
+    cdef int64_t oldscore, scsc, s, sf, lenf, sb, lenb, i, overlap, ss, lens
+    while scan < newsize:
+        oldscore = 0
+        scan += length
+        scsc = scan
+        while scan < newsize:
+            length = _search(sa, old, oldsize, new + scan, newsize - scan, &pos)
+            while scsc < scan + length:
+                if scsc + lastoffset < oldsize and scsc + lastoffset >= 0 \
+                        and old[scsc + lastoffset] == new[scsc]:
+                    oldscore += 1
+                scsc += 1
+            if (length == oldscore and length != 0) or length > oldscore + 8:
+                break
+            if scan + lastoffset < oldsize and scan + lastoffset >= 0 \
+                    and old[scan + lastoffset] == new[scan]:
+                oldscore -= 1
+            scan += 1
+        if length != oldscore or scan == newsize:
+            s = 0
+            sf = 0
+            lenf = 0
+            i = 0
+            while lastscan + i < scan and lastpos + i < oldsize:
+                if old[lastpos + i] == new[lastscan + i]:
+                    s += 1
+                i += 1
+                if s * 2 - i > sf * 2 - lenf:
+                    sf = s
+                    lenf = i
+            lenb = 0
+            if scan < newsize:
+                s = 0
+                sb = 0
+                i = 1
+                while scan >= lastscan + i and pos >= i:
+                    if old[pos - i] == new[scan - i]:
+                        s += 1
+                    if s * 2 - i > sb * 2 - lenb:
+                        sb = s
+                        lenb = i
+                    i += 1
+            if lastscan + lenf > scan - lenb:
+                overlap = (lastscan + lenf) - (scan - lenb)
+                s = 0
+                ss = 0
+                lens = 0
+                for i in range(overlap):
+                    if new[lastscan + lenf - overlap + i] == old[lastpos + lenf - overlap + i]:
+                        s += 1
+                    if new[scan - lenb + i] == old[pos - lenb + i]:
+                        s -= 1
+                    if s > ss:
+                        ss = s
+                        lens = i + 1
+                lenf += lens - overlap
+                lenb -= lens
+            for i in range(lenf):
+                o.diff[o.ndiff + i] = <uint8_t>(new[lastscan + i] - old[lastpos + i])
+            o.ndiff += lenf
+            for i in range((scan - lenb) - (lastscan + lenf)):
+                o.extra[o.nextra + i] = new[lastscan + lenf + i]
+            o.nextra += (scan - lenb) - (lastscan + lenf)
+            if _emit(o, lenf, (scan - lenb) - (lastscan + lenf),
+                     (pos - lenb) - (lastpos + lenf)) != 0:
+                return -1
+            lastscan = scan - lenb
+            lastpos = pos - lenb
+            lastoffset = pos - scan
+    return 0
+
+
+def diff(const uint8_t[::1] old, const uint8_t[::1] new, idx_t[::1] sa,
+         uint8_t[::1] diff_out, uint8_t[::1] extra_out):
+    """Scan new against old (whose suffix array is sa) into copy/add/insert streams.
+
+    diff_out and extra_out must hold len(new) bytes each.  Returns
+    (controls as bytes of int64 triples, diff length, extra length) or None when
+    memory ran out.  Each triple: copy n bytes (old + diff), insert m bytes,
+    then move the old position by k (relative to the end of the copy).
+    """
+    cdef int64_t oldsize = old.shape[0], newsize = new.shape[0]
+    cdef _Out o
+    cdef int rc
+    cdef const uint8_t* po
+    cdef const uint8_t* pn
+    cdef uint8_t dummy = 0
+    if sa.shape[0] != oldsize + 1:
+        raise ValueError("sa does not belong to old")
+    if diff_out.shape[0] < newsize or extra_out.shape[0] < newsize:
+        raise ValueError("output buffers are too small")
+    o.ctrl = NULL
+    o.nctrl = o.capctrl = o.ndiff = o.nextra = 0
+    if newsize == 0:
+        return b"", 0, 0
+    o.diff = &diff_out[0]
+    o.extra = &extra_out[0]
+    po = &old[0] if oldsize > 0 else &dummy
+    pn = &new[0]
+    with nogil:
+        rc = _scan(&sa[0], po, oldsize, pn, newsize, &o)
+    try:
+        if rc != 0:
+            return None
+        return (<char*>o.ctrl)[:o.nctrl * sizeof(int64_t)], o.ndiff, o.nextra
+    finally:
+        free(o.ctrl)
+
+
+# ---------------------------------------------------------------- patch
+
+def apply(const uint8_t[::1] old, const int64_t[::1] ctrl, const uint8_t[::1] diff,
+          const uint8_t[::1] extra, uint8_t[::1] out):
+    """Rebuild new into out (its exact size).  Every control is range-checked.
+
+    Returns 0 on success, or a negative code: -1 a length is negative, -2 the
+    output would overflow, -3 a copy reads outside old, -4 the diff stream is
+    exhausted, -5 the insert stream is exhausted, -6 streams or output were
+    not consumed exactly.
+    """
+    cdef int64_t oldsize = old.shape[0], newsize = out.shape[0]
+    cdef int64_t nctrl = ctrl.shape[0], ndiff = diff.shape[0], nextra = extra.shape[0]
+    cdef int64_t oldpos = 0, newpos = 0, dpos = 0, epos = 0, k, i, a, b, c
+    cdef int rc = 0
+    cdef uint8_t zero = 0
+    cdef const uint8_t* po = &old[0] if oldsize > 0 else &zero
+    cdef const uint8_t* pd = &diff[0] if ndiff > 0 else &zero
+    cdef const uint8_t* pe = &extra[0] if nextra > 0 else &zero
+    cdef const int64_t* pc
+    cdef uint8_t* pout
+    if nctrl % 3:
+        return -6
+    if newsize == 0:
+        return 0 if nctrl == 0 and ndiff == 0 and nextra == 0 else -6
+    if nctrl == 0:
+        return -6
+    pc = &ctrl[0]
+    pout = &out[0]
+    with nogil:
+        k = 0
+        while k < nctrl:
+            a = pc[k]
+            b = pc[k + 1]
+            c = pc[k + 2]
+            k += 3
+            if a < 0 or b < 0:
+                rc = -1
+                break
+            if a > newsize - newpos or b > newsize - newpos - a:
+                rc = -2
+                break
+            if a > 0 and (oldpos < 0 or oldpos > oldsize - a):
+                rc = -3
+                break
+            if a > ndiff - dpos:
+                rc = -4
+                break
+            if b > nextra - epos:
+                rc = -5
+                break
+            for i in range(a):
+                pout[newpos + i] = <uint8_t>(po[oldpos + i] + pd[dpos + i])
+            newpos += a
+            oldpos += a
+            dpos += a
+            for i in range(b):
+                pout[newpos + i] = pe[epos + i]
+            newpos += b
+            epos += b
+            if c > oldsize or c < -oldsize - newsize:
+                rc = -3
+                break
+            oldpos += c
+        if rc == 0 and (newpos != newsize or dpos != ndiff or epos != nextra):
+            rc = -6
+    return rc
 
 
 def add_bytes(const uint8_t[::1] old, const uint8_t[::1] diff, uint8_t[::1] out):

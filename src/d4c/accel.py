@@ -13,8 +13,8 @@ from types import ModuleType
 
 from .errors import ExtensionMismatch
 
-API_VERSION = "1"
-_KERNELS = ("_patch", "_chunker")
+# what the Python side expects of each kernel module
+API_VERSIONS = {"_patch": "2", "_chunker": "1"}
 
 backend: str
 import_error: str | None = None
@@ -42,10 +42,10 @@ def check() -> None:
     """Raise unless usable compiled kernels (or the explicit pure mode) are loaded."""
     if backend == "missing":
         raise ExtensionMismatch(f"cannot import them: {import_error}")
-    for mod in (patch, chunker):
+    for name, mod in (("_patch", patch), ("_chunker", chunker)):
         version = getattr(mod, "API_VERSION", None)
-        if version != API_VERSION:
-            raise ExtensionMismatch(f"{mod.__name__} has API {version}, expected {API_VERSION}")
+        if version != API_VERSIONS[name]:
+            raise ExtensionMismatch(f"{mod.__name__} has API {version}, expected {API_VERSIONS[name]}")
 
 
 def describe() -> str:

@@ -93,3 +93,15 @@ def from_oserror(exc: OSError, what: str) -> SystemFailure:
     reason = exc.strerror or str(exc)
     name = exc.filename if exc.filename is not None else what
     return SystemFailure(f"{what}: {name}: {reason}")
+
+
+class CorruptDelta(D4CError):
+    """corrupt delta {}: {}"""
+
+    exit_code = EXIT_CORRUPT
+
+
+class WrongSource(D4CError):
+    """{}: this delta applies to a different source ({})"""
+
+    exit_code = EXIT_CORRUPT

@@ -15,11 +15,11 @@ import traceback
 
 from .. import errors
 from ..progress import set_quiet
-from . import convert_cmd, pack_cmd, show_cmd, unpack_cmd, version_cmd
+from . import convert_cmd, pack_cmd, show_cmd, unpack_cmd, util_cmd, version_cmd
 from ._common import ArgumentParser, common_parser, finish_args
 
 PROG = "ctr-cli"
-COMMANDS = (version_cmd, convert_cmd, pack_cmd, unpack_cmd, show_cmd)
+COMMANDS = (version_cmd, convert_cmd, pack_cmd, unpack_cmd, show_cmd, util_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = {
         "dimg": sub.add_parser("dimg", parents=[common], help="work with dimg files"),
         "cdimg": sub.add_parser("cdimg", parents=[common], help="work with cdimg files"),
+        "util": sub.add_parser("util", parents=[common], help="single-file delta tools"),
     }
     group_subs = {}
     for name, p in groups.items():

@@ -1,0 +1,570 @@
+"""Single-file binary deltas: the container format and the public API.
+
+Methods (the diff picks; the patch follows what the delta says):
+  SA     suffix-array match scan (bsdiff class): copy+add / insert streams,
+         split into segments, each stream column-coded and zstd-compressed.
+  PREFIX zstd with the old file as a raw-content prefix ("--patch-from"): the
+         fast mode, and a candidate when it happens to be smaller.
+  WHOLE  the new file compressed alone, for when the old one does not help.
+
+Large files are cut into segments at content-defined boundaries; each segment
+is diffed against a window of the old file centred where its chunks occur in
+the old file.  Segment boundaries depend on the sizes and the memory limit only,
+never on the thread count, so any number of threads gives the same bytes.
+Layout: docs/DELTA.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import zstandard
+
+from . import accel
+from .chunker import cut_points
+from .codec import Cursor, Encoder
+from .errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
+from .fsutil import atomic_output
+
+MAGIC = b"D4C-DLTA"
+VERSION = 1
+METHOD_SA, METHOD_PREFIX, METHOD_WHOLE = 1, 2, 3
+METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole"}
+PREAMBLE = struct.Struct("<8sHBBIQQ32s32s")  # 96 bytes
+
+DEFAULT_LEVEL = 19
+FAST_LEVEL = 6
+DEFAULT_MEMORY_LIMIT = 2 << 30     # fixed, so output never depends on the machine
+SEGMENT_TARGET = 8 << 20           # files above this are diffed in segments (parallel)
+MIN_SEGMENT = 256 << 10
+SA_BYTES_PER_OLD = 6               # suffix array (4) + types (1) + the old bytes (1)
+NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
+INT32_LIMIT = (1 << 31) - 2
+DIFF_RAW, DIFF_SPARSE = 0, 1      # how the add stream is coded
+
+
+@dataclass(frozen=True)
+class Segment:
+    old_start: int
+    old_len: int
+    new_len: int
+    hint: int = -1      # where in the old window this segment's content probably starts
+
+
+@dataclass
+class DeltaInfo:
+    method: int
+    old_size: int
+    new_size: int
+    old_digest: bytes
+    new_digest: bytes
+
+    @property
+    def method_name(self) -> str:
+        return METHOD_NAMES.get(self.method, str(self.method))
+
+
+# ---------------------------------------------------------------- diff
+
+def _zstd(level: int, size: int, window_for: int = 0) -> zstandard.ZstdCompressor:
+    window = max(10, min(27, (max(window_for, size, 1) - 1).bit_length()))
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=size, window_log=window, write_content_size=True, write_checksum=False,
+        threads=0)
+    return zstandard.ZstdCompressor(compression_params=params)
+
+
+def _compress(data: bytes | memoryview, level: int) -> bytes:
+    return _zstd(level, len(data)).compress(data)
+
+
+def plan_segments(old: bytes | memoryview, new: bytes | memoryview, memory_limit: int) -> list[Segment]:
+    """Cut new into segments and give each a window of old to diff against."""
+    old_size, new_size = len(old), len(new)
+    whole_cost = SA_BYTES_PER_OLD * old_size + NEW_BYTES_PER_NEW * new_size
+    if new_size <= SEGMENT_TARGET and whole_cost <= memory_limit and old_size <= INT32_LIMIT:
+        return [Segment(0, old_size, new_size, 0)]
+    # segment size: at most SEGMENT_TARGET, and small enough that one segment
+    # with its old window (segment + 2 margins, margin = segment) fits the limit
+    seg = SEGMENT_TARGET
+    while seg > MIN_SEGMENT and SA_BYTES_PER_OLD * 3 * seg + NEW_BYTES_PER_NEW * seg > memory_limit:
+        seg //= 2
+    count = max(1, -(-new_size // seg))
+    bounds = _aligned_bounds(new, count)
+    offsets = _chunk_offsets(old, new, bounds)
+    segments = []
+    start = 0
+    for end, offset in zip(bounds, offsets):
+        length = end - start
+        margin = max(length, 1 << 20)
+        lo = max(0, min(old_size, start + offset - margin))
+        hi = max(lo, min(old_size, end + offset + margin))
+        segments.append(Segment(lo, hi - lo, length, start + offset - lo))
+        start = end
+    return segments
+
+
+def _aligned_bounds(new: bytes | memoryview, count: int) -> list[int]:
+    """Segment ends near equal sizes, moved to the next content-defined cut."""
+    n = len(new)
+    if count <= 1:
+        return [n]
+    bounds = []
+    for k in range(1, count):
+        target = n * k // count
+        window = memoryview(new)[target:min(n, target + (1 << 20))]
+        cuts = cut_points(window, 4096, 16384, 65536, final=False)
+        bounds.append(target + (int(cuts[0]) if len(cuts) else 0))
+    bounds.append(n)
+    return sorted(set(b for b in bounds if 0 < b <= n))
+
+
+def _chunk_offsets(old: bytes | memoryview, new: bytes | memoryview, bounds: list[int]) -> list[int]:
+    """For each segment of new, where its content sits in old (median shift of shared chunks)."""
+    def chunks(data: bytes | memoryview) -> Iterable[tuple[int, bytes]]:
+        start = 0
+        view = memoryview(data)
+        for end in cut_points(view, 2048, 8192, 65536):
+            end = int(end)
+            yield start, hashlib.blake2b(view[start:end], digest_size=16).digest()
+            start = end
+    # only chunks that occur once in old say where things are (runs of zeros do not)
+    where: dict[bytes, int] = {}
+    for pos, digest in chunks(old):
+        where[digest] = -1 if digest in where else pos
+    shifts: list[list[int]] = [[] for _ in bounds]
+    seg = 0
+    for pos, digest in chunks(new):
+        while seg < len(bounds) - 1 and pos >= bounds[seg]:
+            seg += 1
+        if where.get(digest, -1) >= 0:
+            shifts[seg].append(where[digest] - pos)
+    ratio = len(old) / max(len(new), 1)
+    out = []
+    start = 0
+    for end, s in zip(bounds, shifts):
+        out.append(int(np.median(s)) if s else int(start * ratio) - start)
+        start = end
+    return out
+
+
+@dataclass
+class SegmentDiff:
+    ctrl: bytes            # int64 triples
+    nd: int                # length of the add (diff) stream
+    extra: bytes           # inserted bytes
+    starts: np.ndarray     # runs of non-zero diff bytes: starts relative to this segment's diff
+    lengths: np.ndarray
+    values: bytes
+    raw: bytes | None      # the plain diff stream, kept only while it may still win
+
+
+def _diff_segment(old: memoryview, new: memoryview, hint: int, keep_raw: bool) -> SegmentDiff:
+    """One segment: a single copy when it is unchanged at the hinted place, else an SA scan."""
+    if new and 0 <= hint and hint + len(new) <= len(old) and old[hint:hint + len(new)] == new:
+        ctrl = np.array([0, 0, hint, len(new), 0, 0], dtype="<i8").tobytes()
+        empty = np.empty(0, dtype=np.int64)
+        return SegmentDiff(ctrl, len(new), b"", empty, empty, b"", bytes(len(new)) if keep_raw else None)
+    kernels = accel.patch
+    dtype = np.int32 if len(old) <= INT32_LIMIT else np.int64
+    sa = np.empty(len(old) + 1, dtype=dtype)
+    if kernels.suffix_array(old, sa) != 0:
+        raise MemoryError("suffix array")
+    diff_buf = np.empty(len(new), dtype=np.uint8)
+    extra_buf = np.empty(len(new), dtype=np.uint8)
+    result = kernels.diff(old, new, sa, diff_buf, extra_buf)
+    del sa
+    if result is None:
+        raise MemoryError("match scan")
+    ctrl, nd, ne = result
+    d = diff_buf[:nd]
+    starts, lengths = _runs(d)
+    values = d[np.flatnonzero(d)].tobytes()
+    return SegmentDiff(ctrl, nd, extra_buf[:ne].tobytes(), starts, lengths, values,
+                       d.tobytes() if keep_raw else None)
+
+
+def _runs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and lengths of the runs of non-zero bytes."""
+    nz = np.flatnonzero(d)
+    if len(nz) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(nz) != 1) + 1
+    starts = nz[np.concatenate([[0], breaks])].astype(np.int64)
+    ends = nz[np.concatenate([breaks - 1, [len(nz) - 1]])].astype(np.int64) + 1
+    return starts, ends - starts
+
+
+def _planes(values: np.ndarray) -> bytes:
+    """uint64 values as 8 byte planes (all low bytes, then the next, ...):
+    high planes are mostly zero and compress to almost nothing."""
+    return np.ascontiguousarray(values.astype("<u8").view(np.uint8).reshape(-1, 8).T).tobytes()
+
+
+def _unplanes(data: bytes | memoryview, count: int) -> np.ndarray:
+    planes = np.frombuffer(data, dtype=np.uint8, count=8 * count).reshape(8, count)
+    return np.ascontiguousarray(planes.T).view("<u8").reshape(count)
+
+
+def _zigzag(v: np.ndarray) -> np.ndarray:
+    return ((v << 1) ^ (v >> 63)).astype(np.uint64)
+
+
+def _unzigzag(z: np.ndarray) -> np.ndarray:
+    return ((z >> np.uint64(1)).astype(np.int64)) ^ -((z & np.uint64(1)).astype(np.int64))
+
+
+def _encode_controls(triples: np.ndarray) -> bytes:
+    """Column-coded: all copy lengths, all insert lengths, all seeks (zig-zag), as byte planes."""
+    t = triples.reshape(-1, 3)
+    return _planes(t[:, 0]) + _planes(t[:, 1]) + _planes(_zigzag(t[:, 2]))
+
+
+def _decode_controls(data: bytes, ntriples: int, fail) -> np.ndarray:  # type: ignore[no-untyped-def]
+    if len(data) != 24 * ntriples:
+        fail("control stream has the wrong size")
+    view = memoryview(data)
+    n8 = 8 * ntriples
+    out = np.empty((ntriples, 3), dtype=np.int64)
+    out[:, 0] = _unplanes(view[:n8], ntriples).astype(np.int64)
+    out[:, 1] = _unplanes(view[n8:2 * n8], ntriples).astype(np.int64)
+    out[:, 2] = _unzigzag(_unplanes(view[2 * n8:], ntriples))
+    if ntriples and (out[:, :2].min() < 0):
+        fail("negative length in the control stream")
+    return out.reshape(-1)
+
+
+def _encode_runs(starts: np.ndarray, lengths: np.ndarray, values: bytes) -> bytes:
+    """The add stream as runs of non-zero bytes: run count, gaps and lengths
+    (byte planes), then the bytes.  Most diff bytes are zero, so this is much
+    smaller than the stream itself, before and after compression."""
+    ends = starts + lengths
+    gaps = starts - np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return struct.pack("<Q", len(starts)) + _planes(gaps) + _planes(lengths) + values
+
+
+@dataclass
+class Runs:
+    starts: np.ndarray     # absolute, in the whole add stream
+    lengths: np.ndarray
+    first_value: np.ndarray  # index into values of each run's first byte
+    values: np.ndarray
+
+
+def _decode_runs(blob: bytes, size: int, fail) -> Runs:  # type: ignore[no-untyped-def]
+    if len(blob) < 8:
+        fail("sparse diff stream truncated")
+    (count,) = struct.unpack_from("<Q", blob)
+    if count > (len(blob) - 8) // 17:
+        fail("sparse diff stream: bad run count")
+    view = memoryview(blob)[8:]
+    gaps = _unplanes(view[:8 * count], count)
+    lengths = _unplanes(view[8 * count:16 * count], count)
+    values = np.frombuffer(view[16 * count:], dtype=np.uint8)
+    if count and (int(gaps.max()) > size or int(lengths.max()) > size or int(lengths.min()) == 0):
+        fail("sparse diff stream: run outside the stream")
+    lengths64 = lengths.astype(np.int64)
+    first_value = np.cumsum(lengths64) - lengths64
+    if int(lengths64.sum()) != len(values):
+        fail("sparse diff stream: runs do not match the bytes")
+    starts = np.cumsum(gaps.astype(np.int64)) + first_value
+    if count and int(starts[-1]) + int(lengths64[-1]) > size:
+        fail("sparse diff stream: run outside the stream")
+    return Runs(starts, lengths64, first_value, values)
+
+
+def _runs_slice(runs: Runs, begin: int, length: int, fail) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The add stream bytes [begin, begin+length) rebuilt from the runs."""
+    out = np.zeros(length, dtype=np.uint8)
+    lo = int(np.searchsorted(runs.starts, begin, side="left"))
+    hi = int(np.searchsorted(runs.starts, begin + length, side="left"))
+    if hi > lo:
+        starts, lengths = runs.starts[lo:hi], runs.lengths[lo:hi]
+        if int(starts[-1] + lengths[-1]) > begin + length:
+            fail("sparse diff stream: a run crosses a segment")
+        total = int(lengths.sum())
+        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[np.repeat(starts - begin, lengths) + within] = \
+            runs.values[int(runs.first_value[lo]):int(runs.first_value[lo]) + total]
+    return out
+
+
+def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
+         threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> bytes:
+    """A delta that turns old into new.  `fast` uses zstd's prefix mode only."""
+    accel.check()
+    old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
+    if not 1 <= level <= 22:
+        raise D4CError(f"compression level {level} out of range 1..22")
+    head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
+    if fast:
+        return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
+                                                                 if level == DEFAULT_LEVEL else level)
+    candidates = [_preamble(METHOD_SA, *head) + _sa_payload(old, new, level, threads, memory_limit)]
+    # the old file did not help much: the new one alone may be smaller
+    if len(candidates[0]) > len(new) // 4:
+        candidates.append(_preamble(METHOD_WHOLE, *head) + _compress(new, level))
+    return min(candidates, key=len)
+
+
+def _preamble(method: int, old_size: int, new_size: int, old_digest: bytes, new_digest: bytes) -> bytes:
+    return PREAMBLE.pack(MAGIC, VERSION, method, 0, 0, old_size, new_size, old_digest, new_digest)
+
+
+def _prefix_payload(old: memoryview, new: memoryview, level: int) -> bytes:
+    window = max(10, min(30, (len(old) + len(new)).bit_length()))
+    # the default tables of low levels are far too small to index a large
+    # prefix: size them for the old file (measured: 5 MB file, level 6, 4 MB -> 2 KB)
+    tables = max(17, min(25, len(old).bit_length() + 1))
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=len(new), window_log=window, hash_log=tables, chain_log=tables,
+        enable_ldm=True, write_content_size=True, threads=0)
+    prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(compression_params=params, dict_data=prefix).compress(new)
+
+
+RAW_CANDIDATE_LIMIT = 64 << 20  # above this the plain add stream is not kept as a candidate
+
+
+def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int) -> bytes:
+    segments = plan_segments(old, new, memory_limit)
+    per_segment = SA_BYTES_PER_OLD * max(s.old_len for s in segments) + NEW_BYTES_PER_NEW * SEGMENT_TARGET
+    workers = max(1, min(threads, len(segments), memory_limit // max(per_segment, 1)))
+    new_starts = np.cumsum([0] + [s.new_len for s in segments]).tolist()
+    keep_raw = len(new) <= RAW_CANDIDATE_LIMIT
+
+    def one(i: int) -> SegmentDiff:
+        s = segments[i]
+        return _diff_segment(old[s.old_start:s.old_start + s.old_len],
+                             new[new_starts[i]:new_starts[i] + s.new_len], s.hint, keep_raw)
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-diff") as pool:
+            parts = list(pool.map(one, range(len(segments))))
+    else:
+        parts = [one(i) for i in range(len(segments))]
+    enc = Encoder()
+    enc.uvarint(len(segments))
+    for s, part in zip(segments, parts):
+        for v in (s.old_start, s.old_len, s.new_len, len(part.ctrl) // 24, part.nd, len(part.extra)):
+            enc.uvarint(v)
+    dpos = np.cumsum([0] + [p.nd for p in parts]).tolist()
+    starts = np.concatenate([p.starts + dpos[i] for i, p in enumerate(parts)]).astype(np.int64)
+    lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64)
+    sparse = _encode_runs(starts, lengths, b"".join(p.values for p in parts))
+    diff_options = [(DIFF_SPARSE, sparse, _compress(sparse, level))]
+    if keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
+        raw = b"".join(p.raw or b"" for p in parts)
+        diff_options.append((DIFF_RAW, raw, _compress(raw, level)))
+    diff_mode, diff_stream, diff_frame = min(diff_options, key=lambda o: len(o[2]))
+    triples = np.frombuffer(b"".join(p.ctrl for p in parts), dtype="<i8")
+    extra = b"".join(p.extra for p in parts)
+    streams = [_encode_controls(triples), diff_stream, extra]
+    frames = [_compress(streams[0], level), diff_frame, _compress(extra, level)]
+    enc.u8(diff_mode)
+    for stream, frame in zip(streams, frames):
+        enc.uvarint(len(stream))
+        enc.uvarint(len(frame))
+    return enc.getvalue() + b"".join(frames)
+
+
+# ---------------------------------------------------------------- patch
+
+def read_info(delta: bytes | memoryview, source: str = "delta") -> DeltaInfo:
+    if len(delta) < PREAMBLE.size:
+        raise CorruptDelta(source, "too short")
+    magic, version, method, r1, r2, old_size, new_size, od, nd = PREAMBLE.unpack_from(delta)
+    if magic != MAGIC:
+        raise CorruptDelta(source, "not a d4c delta (bad magic)")
+    if version != VERSION:
+        raise CorruptDelta(source, f"format version {version} is not supported (this d4c reads {VERSION})")
+    if method not in METHOD_NAMES or r1 or r2:
+        raise CorruptDelta(source, f"unknown method {method}")
+    return DeltaInfo(method, old_size, new_size, od, nd)
+
+
+def default_max_size(old_size: int, delta_size: int) -> int:
+    """How large a result we accept without being told: generous, but bounded."""
+    return max(1 << 30, 64 * (old_size + delta_size))
+
+
+def _decompress(frame: bytes | memoryview, usize: int, source: str, what: str,
+                prefix: zstandard.ZstdCompressionDict | None = None) -> bytes:
+    """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
+    dctx = zstandard.ZstdDecompressor(dict_data=prefix, max_window_size=1 << 31)
+    parts: list[bytes] = []
+    got = 0
+    try:
+        with dctx.stream_reader(bytes(frame), read_across_frames=False) as reader:
+            while got <= usize:
+                chunk = reader.read(min(usize + 1 - got, 1 << 24))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+    except zstandard.ZstdError as exc:
+        raise CorruptDelta(source, f"{what} does not decompress ({exc})") from None
+    if got != usize:
+        raise CorruptDelta(source, f"{what} has the wrong size")
+    return b"".join(parts)
+
+
+def apply(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int | None = None,
+          source: str = "delta") -> bytes:
+    """Rebuild the new file; checks the old digest first and the new one last."""
+    return bytes(apply_to_buffer(old, delta, max_size=max_size, source=source))
+
+
+def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int | None = None,
+                    source: str = "delta") -> memoryview:
+    """Like apply(), without the final copy: memory stays old + new (+ the delta)."""
+    accel.check()
+    old, delta = memoryview(old).cast("B"), memoryview(delta).cast("B")
+    info = read_info(delta, source)
+    limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
+    if info.new_size > limit:
+        raise CorruptDelta(source, f"declares a result of {info.new_size} bytes (limit {limit})")
+    if info.method != METHOD_WHOLE:
+        if info.old_size != len(old) or hashlib.sha256(old).digest() != info.old_digest:
+            raise WrongSource(source, f"expected {info.old_size} bytes with sha256 {info.old_digest.hex()[:16]}...")
+    payload = delta[PREAMBLE.size:]
+    if info.method == METHOD_WHOLE:
+        new = memoryview(_decompress(payload, info.new_size, source, "body"))
+    elif info.method == METHOD_PREFIX:
+        prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        new = memoryview(_decompress(payload, info.new_size, source, "body", prefix))
+    else:
+        new = memoryview(_apply_sa(old, payload, info, source))
+    if hashlib.sha256(new).digest() != info.new_digest:
+        raise CorruptDelta(source, "result does not match its digest")
+    return new
+
+
+_APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",
+                 -4: "diff stream exhausted", -5: "insert stream exhausted",
+                 -6: "streams not consumed exactly"}
+
+
+def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str) -> np.ndarray:
+    def fail(reason: str) -> None:
+        raise CorruptDelta(source, reason)
+
+    cur = Cursor(payload, fail)
+    nseg = cur.uvarint(max(1, info.new_size))
+    segments = []
+    total_new = total_ctrl = total_d = total_e = 0
+    for _ in range(nseg):
+        s = [cur.uvarint() for _ in range(6)]
+        o_start, o_len, n_len, nctrl, nd, ne = s
+        if o_start + o_len > len(old):
+            fail("segment window outside the old file")
+        if nd + ne != n_len or nctrl > n_len + 1:
+            fail("segment sizes do not add up")
+        segments.append(s)
+        total_new += n_len
+        total_ctrl += nctrl
+        total_d += nd
+        total_e += ne
+    if total_new != info.new_size:
+        fail("segments do not add up to the result size")
+    diff_mode = cur.u8()
+    if diff_mode not in (DIFF_RAW, DIFF_SPARSE):
+        fail("unknown diff stream coding")
+    diff_limit = total_d if diff_mode == DIFF_RAW else 8 + 17 * total_d
+    sizes = [(cur.uvarint(limit), cur.uvarint()) for limit in (24 * total_ctrl, diff_limit, total_e)]
+    if sizes[0][0] != 24 * total_ctrl or sizes[2][0] != total_e or (diff_mode == DIFF_RAW and sizes[1][0] != total_d):
+        fail("stream sizes do not match the segments")
+    pos = cur.pos
+    frames = []
+    for usize, csize in sizes:
+        if csize > len(payload) - pos:
+            fail("truncated")
+        frames.append(payload[pos:pos + csize])
+        pos += csize
+    if pos != len(payload):
+        fail("trailing bytes")
+    ctrl_bytes = _decompress(frames[0], sizes[0][0], source, "control stream")
+    diff_stream = _decompress(frames[1], sizes[1][0], source, "diff stream")
+    extra_bytes = _decompress(frames[2], sizes[2][0], source, "insert stream")
+    triples = _decode_controls(ctrl_bytes, total_ctrl, fail)
+    del ctrl_bytes
+    runs = _decode_runs(diff_stream, total_d, fail) if diff_mode == DIFF_SPARSE else None
+    out = np.empty(info.new_size, dtype=np.uint8)
+    kernels = accel.patch
+    tpos = dpos = epos = npos = 0
+    for o_start, o_len, n_len, nctrl, nd, ne in segments:
+        if runs is not None:
+            seg_diff = _runs_slice(runs, dpos, nd, fail)
+        else:
+            seg_diff = np.frombuffer(diff_stream, dtype=np.uint8, count=nd, offset=dpos)
+        rc = kernels.apply(old[o_start:o_start + o_len], triples[tpos:tpos + 3 * nctrl], seg_diff,
+                           memoryview(extra_bytes)[epos:epos + ne], out[npos:npos + n_len])
+        if rc != 0:
+            fail(_APPLY_ERRORS.get(rc, f"patch error {rc}"))
+        tpos += 3 * nctrl
+        dpos += nd
+        epos += ne
+        npos += n_len
+    return out
+
+
+# ---------------------------------------------------------------- files
+
+def _map(path: str) -> tuple[memoryview, object]:
+    """The file's bytes, memory-mapped (empty files get an empty view)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {path}") from None
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read") from exc
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return memoryview(b""), None
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    return memoryview(m), m
+
+
+def diff_files(old_path: str, new_path: str, out_path: str, **kwargs: object) -> int:
+    old, m1 = _map(old_path)
+    new, m2 = _map(new_path)
+    try:
+        data = diff(old, new, **kwargs)  # type: ignore[arg-type]
+    finally:
+        old.release()
+        new.release()
+        _close_maps(m1, m2)
+    with atomic_output(out_path) as f:
+        f.write(data)
+    return len(data)
+
+
+def apply_files(old_path: str, delta_path: str, out_path: str, *, max_size: int | None = None) -> None:
+    old, m1 = _map(old_path)
+    delta, m2 = _map(delta_path)
+    try:
+        new = apply_to_buffer(old, delta, max_size=max_size, source=delta_path)
+    finally:
+        old.release()
+        delta.release()
+        _close_maps(m1, m2)
+    with atomic_output(out_path) as f:
+        f.write(new)
+
+
+def _close_maps(*maps: object) -> None:
+    for m in maps:
+        if m is not None:
+            try:
+                m.close()  # type: ignore[attr-defined]
+            except BufferError:
+                pass  # a view is still referenced (an exception's frames): the GC unmaps it

@@ -1,0 +1,268 @@
+"""The delta engine: round trips, hostile deltas, determinism, golden bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_one_line_error, run_cli
+from test_kernels import lcg_bytes
+
+from d4c import delta
+from d4c.errors import EXIT_CORRUPT, CorruptDelta, D4CError, WrongSource
+
+SETTINGS = settings(max_examples=int(os.environ.get("D4C_FUZZ_EXAMPLES", "150")), deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+
+def mutate(data: bytes, seed: int, edits: int) -> bytes:
+    out = bytearray(data)
+    x = seed
+    for _ in range(edits):
+        x = (x * 6364136223846793005 + 1442695040888963407) & (2**64 - 1)
+        if not out:
+            out += b"seed"
+        pos = (x >> 20) % len(out)
+        kind = x % 3
+        if kind == 0:
+            out[pos] = (out[pos] + 1 + (x >> 8) % 255) & 0xFF
+        elif kind == 1:
+            out[pos:pos] = lcg_bytes(1 + (x >> 40) % 50, x)
+        else:
+            del out[pos:pos + 1 + (x >> 40) % 50]
+    return bytes(out)
+
+
+def roundtrip(old: bytes, new: bytes, **kw: object) -> bytes:
+    d = delta.diff(old, new, **kw)  # type: ignore[arg-type]
+    assert delta.apply(old, d) == new
+    return d
+
+
+@pytest.mark.parametrize("old,new", [
+    (b"", b""), (b"", b"x"), (b"x", b""), (b"a", b"b"), (b"same" * 100, b"same" * 100),
+    (lcg_bytes(5000, 1), lcg_bytes(5000, 2)), (bytes(10000), bytes(10001)),
+    (b"ab" * 3000, b"ba" * 3000),
+])
+@pytest.mark.parametrize("fast", [False, True])
+def test_edge_cases(old: bytes, new: bytes, fast: bool) -> None:
+    roundtrip(old, new, fast=fast)
+
+
+@SETTINGS
+@given(st.binary(max_size=3000), st.binary(max_size=3000))
+def test_roundtrip_random(old: bytes, new: bytes) -> None:
+    roundtrip(old, new)
+
+
+@SETTINGS
+@given(st.binary(min_size=0, max_size=20000), st.integers(0, 2**32), st.integers(0, 40))
+def test_roundtrip_structured(base: bytes, seed: int, edits: int) -> None:
+    new = mutate(base, seed, edits)
+    d = roundtrip(base, new)
+    if len(base) > 5000 and edits < 5:
+        assert len(d) < len(new) // 4 + 200
+
+
+def test_small_edits_give_small_deltas() -> None:
+    old = lcg_bytes(300_000, 9)
+    new = mutate(old, 3, 20)
+    d = roundtrip(old, new)
+    assert len(d) < 3000, len(d)
+    f = roundtrip(old, new, fast=True)
+    assert len(f) < 6000, len(f)
+    assert delta.read_info(d).method_name == "sa" and delta.read_info(f).method_name == "prefix"
+
+
+def test_unrelated_files_fall_back_to_whole() -> None:
+    old, new = lcg_bytes(20000, 1), lcg_bytes(20000, 2)
+    d = roundtrip(old, new)
+    assert delta.read_info(d).method_name == "whole"
+
+
+def test_threads_give_identical_bytes() -> None:
+    old = lcg_bytes(9 << 20, 5)
+    new = mutate(old, 7, 200)
+    one = delta.diff(old, new, threads=1)
+    two = delta.diff(old, new, threads=2)
+    assert one == two
+    assert delta.apply(old, one) == new
+
+
+def test_memory_limit_windows_still_roundtrip() -> None:
+    old = lcg_bytes(3 << 20, 11)
+    new = old[:1 << 20] + b"inserted" * 500 + mutate(old[1 << 20:], 2, 30)
+    plan = delta.plan_segments(old, new, 16 << 20)
+    assert len(plan) > 1 and max(s.old_len for s in plan) < len(old)
+    d = delta.diff(old, new, memory_limit=16 << 20)
+    assert delta.apply(old, d) == new
+    assert len(d) < 20000
+
+
+def test_wrong_source() -> None:
+    old = lcg_bytes(10000, 1)
+    d = delta.diff(old, mutate(old, 1, 3))
+    with pytest.raises(WrongSource):
+        delta.apply(old[:-1] + b"!", d)
+
+
+def _sa_delta() -> tuple[bytes, bytes, bytes]:
+    old = lcg_bytes(20000, 4)
+    new = mutate(old, 9, 10)
+    d = delta.diff(old, new)
+    assert delta.read_info(d).method_name == "sa"
+    return old, new, d
+
+
+def test_truncated_and_flipped_deltas() -> None:
+    old, new, d = _sa_delta()
+    for cut in range(0, len(d), max(1, len(d) // 97)):
+        with pytest.raises(D4CError):
+            delta.apply(old, d[:cut])
+    for pos in range(len(d)):
+        bad = bytearray(d)
+        bad[pos] ^= 0x10
+        try:
+            assert delta.apply(old, bytes(bad)) == new
+        except D4CError:
+            pass
+
+
+def test_huge_declared_size_is_refused_before_allocating() -> None:
+    old, _, d = _sa_delta()
+    bad = bytearray(d)
+    struct.pack_into("<Q", bad, 24, 1 << 50)
+    with pytest.raises(CorruptDelta, match="declares a result"):
+        delta.apply(old, bytes(bad))
+
+
+def _craft_sa(old: bytes, new: bytes, triples: list[int], diff_bytes: bytes, extra: bytes) -> bytes:
+    """A delta with chosen controls and correct digests (so only the checks stop it)."""
+    from d4c.codec import Encoder
+    enc = Encoder()
+    enc.uvarint(1)
+    for v in (0, len(old), len(new), len(triples) // 3, len(diff_bytes), len(extra)):
+        enc.uvarint(v)
+    ctrl = delta._encode_controls(np.array(triples, dtype=np.int64))
+    enc.u8(delta.DIFF_RAW)
+    frames = [delta._compress(x, 3) for x in (ctrl, diff_bytes, extra)]
+    for x, f in zip((ctrl, diff_bytes, extra), frames):
+        enc.uvarint(len(x))
+        enc.uvarint(len(f))
+    head = delta._preamble(delta.METHOD_SA, len(old), len(new), hashlib.sha256(old).digest(),
+                           hashlib.sha256(new).digest())
+    return head + enc.getvalue() + b"".join(frames)
+
+
+def test_out_of_range_controls() -> None:
+    old, new = b"0123456789", b"abcdefghij"
+    good = _craft_sa(old, new, [0, 10, 0], b"", new)
+    assert delta.apply(old, good) == new
+    cases = {
+        "copy outside the old file": [0, 0, 5, 10, 0, 0],      # seek 5 then copy 10
+        "negative length": [-1, 11, 0],
+        "diff stream exhausted": [5, 5, 0],
+    }
+    for reason, triples in cases.items():
+        nd = sum(triples[0::3]) if reason != "diff stream exhausted" else 2
+        nd = max(nd, 0)
+        extra = new[:max(0, 10 - nd)]
+        with pytest.raises(CorruptDelta):
+            delta.apply(old, _craft_sa(old, new, triples, bytes(nd), extra))
+
+
+@SETTINGS
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
+def test_fuzz_mutated_delta(mutations: list[tuple[int, int]]) -> None:
+    old, new, d = FUZZ_BASE
+    bad = bytearray(d)
+    for pos, value in mutations:
+        bad[pos % len(bad)] = value
+    try:
+        out = delta.apply(old, bytes(bad))
+        assert out == new  # a mutation that survives every check must be harmless
+    except D4CError:
+        pass
+
+
+FUZZ_BASE = (lcg_bytes(4000, 2), mutate(lcg_bytes(4000, 2), 5, 8), b"")
+FUZZ_BASE = (FUZZ_BASE[0], FUZZ_BASE[1], delta.diff(FUZZ_BASE[0], FUZZ_BASE[1]))
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden-v1.delta")
+GOLDEN_SHA256 = "d6756e3775abd3ee6828e5aa50c97065ed017a3cf8be65851b9ba057c74d21a9"
+
+
+def golden_pair() -> tuple[bytes, bytes]:
+    old = lcg_bytes(50_000, 77)
+    return old, mutate(old, 78, 25)
+
+
+def test_golden_delta() -> None:
+    """The delta format is pinned: same inputs, same bytes, and the stored file still applies."""
+    old, new = golden_pair()
+    d = delta.diff(old, new)
+    assert hashlib.sha256(d).hexdigest() == GOLDEN_SHA256
+    with open(GOLDEN, "rb") as f:
+        stored = f.read()
+    assert stored == d
+    assert delta.apply(old, stored) == new
+
+
+def test_util_commands(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old, new = golden_pair()
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    code, out, err = run_cli("util", "diff", "--old", str(tmp_path / "old"), "--new", str(tmp_path / "new"),
+                             "--diff", str(tmp_path / "d"), "--threadNum", "2")
+    assert code == 0, err
+    code, _, err = run_cli("util", "patch", "--old", str(tmp_path / "old"), "--diff", str(tmp_path / "d"),
+                           "--new", str(tmp_path / "new2"))
+    assert code == 0, err
+    assert (tmp_path / "new2").read_bytes() == new
+    # patching the wrong file: one line, nothing written
+    code, _, err = run_cli("util", "patch", "--old", str(tmp_path / "new"), "--diff", str(tmp_path / "d"),
+                           "--new", str(tmp_path / "new3"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert not (tmp_path / "new3").exists()
+    code, _, err = run_cli("util", "diff", "--old", str(tmp_path / "nope"), "--new", str(tmp_path / "new"),
+                           "--diff", str(tmp_path / "d2"))
+    assert_one_line_error(code, err)
+
+
+@pytest.mark.slow
+def test_over_2gib_sparse_input(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """> 2 GiB: 64-bit sizes, windowed segments, streaming files (mostly zeros, some data)."""
+    size = (2 << 30) + (8 << 20)
+    old_path, new_path = tmp_path / "old", tmp_path / "new"
+    with open(old_path, "wb") as f:
+        f.truncate(size)
+        for k in range(5):
+            f.seek(k * (size // 5))
+            f.write(lcg_bytes(1 << 20, k))
+    with open(old_path, "rb") as src, open(new_path, "wb") as dst:
+        dst.truncate(size + 4096)
+        for k in range(5):
+            src.seek(k * (size // 5))
+            block = bytearray(src.read(1 << 20))
+            block[1000:1010] = b"0123456789"
+            dst.seek(k * (size // 5) + (4096 if k >= 3 else 0))
+            dst.write(block)
+    code, _, err = run_cli("util", "diff", "--old", str(old_path), "--new", str(new_path),
+                           "--diff", str(tmp_path / "d"), "--threadNum", "2")
+    assert code == 0, err
+    assert os.path.getsize(tmp_path / "d") < 1 << 20
+    code, _, err = run_cli("util", "patch", "--old", str(old_path), "--diff", str(tmp_path / "d"),
+                           "--new", str(tmp_path / "out"))
+    assert code == 0, err
+    with open(new_path, "rb") as a, open(tmp_path / "out", "rb") as b:
+        while True:
+            x, y = a.read(64 << 20), b.read(64 << 20)
+            assert x == y
+            if not x:
+                break
