@@ -47,7 +47,8 @@ $(BINARIES) &: build/pyinstaller.spec $(shell find src -name '*.py' -o -name '*.
 	cp dist/ctr-cli dist/snapshotter dist/server .
 
 bench: deps
-	$(PY) -m bench
+	$(PIP) install -q -r requirements-bench.txt
+	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench
 
 demo: all
 	bash demo/demo.sh

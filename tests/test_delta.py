@@ -153,6 +153,7 @@ def _craft_sa(old: bytes, new: bytes, triples: list[int], diff_bytes: bytes, ext
     enc.u8(delta.DIFF_RAW)
     frames = [delta._compress(x, 3) for x in (ctrl, diff_bytes, extra)]
     for x, f in zip((ctrl, diff_bytes, extra), frames):
+        enc.u8(delta.CODEC_ZSTD)
         enc.uvarint(len(x))
         enc.uvarint(len(f))
     head = delta._preamble(delta.METHOD_SA, len(old), len(new), hashlib.sha256(old).digest(),
@@ -195,7 +196,7 @@ FUZZ_BASE = (lcg_bytes(4000, 2), mutate(lcg_bytes(4000, 2), 5, 8), b"")
 FUZZ_BASE = (FUZZ_BASE[0], FUZZ_BASE[1], delta.diff(FUZZ_BASE[0], FUZZ_BASE[1]))
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden-v1.delta")
-GOLDEN_SHA256 = "d6756e3775abd3ee6828e5aa50c97065ed017a3cf8be65851b9ba057c74d21a9"
+GOLDEN_SHA256 = "912de89e5aa402c92cf9bd25279934fc842efe746ee373473c2a4bcba4facfc9"
 
 
 def golden_pair() -> tuple[bytes, bytes]:

@@ -34,29 +34,33 @@ cdef inline bint _is_lms(const uint8_t* typ, idx_t i) noexcept nogil:
     return i > 0 and typ[i] and not typ[i - 1]
 
 
-cdef void _buckets(const uint8_t* t8, const idx_t* ti, idx_t n, idx_t k, idx_t* bkt,
-                   bint end) noexcept nogil:
+cdef void _counts(const uint8_t* t8, const idx_t* ti, idx_t n, idx_t k, idx_t* cnt) noexcept nogil:
+    cdef idx_t i
+    for i in range(k + 1):
+        cnt[i] = 0
+    for i in range(n):
+        cnt[_chr(t8, ti, i, n)] += 1
+
+
+cdef void _buckets(const idx_t* cnt, idx_t k, idx_t* bkt, bint end) noexcept nogil:
+    """Bucket starts or ends from the symbol counts (counted once per level)."""
     cdef idx_t i, total = 0
     for i in range(k + 1):
-        bkt[i] = 0
-    for i in range(n):
-        bkt[_chr(t8, ti, i, n)] += 1
-    for i in range(k + 1):
-        total += bkt[i]
-        bkt[i] = total if end else total - bkt[i]
+        total += cnt[i]
+        bkt[i] = total if end else total - cnt[i]
 
 
 cdef void _induce(const uint8_t* t8, const idx_t* ti, const uint8_t* typ, idx_t* sa, idx_t n,
-                  idx_t k, idx_t* bkt) noexcept nogil:
+                  idx_t k, const idx_t* cnt, idx_t* bkt) noexcept nogil:
     cdef idx_t i, j, c
-    _buckets(t8, ti, n, k, bkt, False)
+    _buckets(cnt, k, bkt, False)
     for i in range(n):
         j = sa[i] - 1
         if j >= 0 and not typ[j]:
             c = _chr(t8, ti, j, n)
             sa[bkt[c]] = j
             bkt[c] += 1
-    _buckets(t8, ti, n, k, bkt, True)
+    _buckets(cnt, k, bkt, True)
     i = n - 1
     while i >= 0:
         j = sa[i] - 1
@@ -73,16 +77,19 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
     cdef bint differ
     cdef uint8_t* typ
     cdef idx_t* bkt
+    cdef idx_t* cnt
     cdef idx_t* s1
     if n == 1:
         sa[0] = 0
         return 0
     typ = <uint8_t*>malloc(n)
-    bkt = <idx_t*>malloc((k + 1) * sizeof(idx_t))
+    bkt = <idx_t*>malloc(2 * (k + 1) * sizeof(idx_t))
     if typ == NULL or bkt == NULL:
         free(typ)
         free(bkt)
         return -1
+    cnt = bkt + k + 1
+    _counts(t8, ti, n, k, cnt)
     # S = 1, L = 0
     typ[n - 1] = 1
     typ[n - 2] = 0
@@ -93,7 +100,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         typ[i] = 1 if (c < j or (c == j and typ[i + 1])) else 0
         i -= 1
     # stage 1: sort LMS substrings
-    _buckets(t8, ti, n, k, bkt, True)
+    _buckets(cnt, k, bkt, True)
     for i in range(n):
         sa[i] = -1
     for i in range(1, n):
@@ -101,7 +108,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
             c = _chr(t8, ti, i, n)
             bkt[c] -= 1
             sa[bkt[c]] = i
-    _induce(t8, ti, typ, sa, n, k, bkt)
+    _induce(t8, ti, typ, sa, n, k, cnt, bkt)
     n1 = 0
     for i in range(n):
         if _is_lms(typ, sa[i]):
@@ -146,7 +153,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         for i in range(n1):
             sa[s1[i]] = i
     # stage 3: induce the full order from the sorted LMS suffixes
-    _buckets(t8, ti, n, k, bkt, True)
+    _buckets(cnt, k, bkt, True)
     j = 0
     for i in range(1, n):
         if _is_lms(typ, i):
@@ -164,7 +171,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         bkt[c] -= 1
         sa[bkt[c]] = j
         i -= 1
-    _induce(t8, ti, typ, sa, n, k, bkt)
+    _induce(t8, ti, typ, sa, n, k, cnt, bkt)
     free(typ)
     free(bkt)
     return 0
@@ -202,26 +209,35 @@ cdef inline int64_t _matchlen(const uint8_t* a, int64_t alen, const uint8_t* b, 
 
 cdef int64_t _search(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
                      int64_t newsize, int64_t* pos) noexcept nogil:
-    """Longest match of new[...] in old: binary search over the suffix array."""
-    cdef int64_t st = 0, en = oldsize, x, y, mid, m
-    cdef int cmp
+    """Longest match of new[...] in old: binary search over the suffix array.
+
+    Keeps the match lengths of both bounds: every suffix between them shares at
+    least the smaller one with new, so comparisons start there (Manber & Myers),
+    making a search O(log n + match length) instead of O(log n * match length).
+    """
+    cdef int64_t st = 0, en = oldsize, mid, k, p, avail, l
+    cdef int64_t lst = _matchlen(old + sa[0], oldsize - sa[0], new, newsize)
+    cdef int64_t len_ = _matchlen(old + sa[en], oldsize - sa[en], new, newsize)
     while en - st >= 2:
         mid = st + (en - st) // 2
-        m = oldsize - sa[mid]
-        if m > newsize:
-            m = newsize
-        cmp = memcmp(old + sa[mid], new, m)
-        if cmp < 0 or (cmp == 0 and m < newsize and oldsize - sa[mid] == m):
+        k = lst if lst < len_ else len_
+        p = sa[mid]
+        avail = oldsize - p
+        l = k + _matchlen(old + p + k, avail - k, new + k, newsize - k)
+        if l == newsize:
+            en = mid
+            len_ = l
+        elif l == avail or old[p + l] < new[l]:
             st = mid
+            lst = l
         else:
             en = mid
-    x = _matchlen(old + sa[st], oldsize - sa[st], new, newsize)
-    y = _matchlen(old + sa[en], oldsize - sa[en], new, newsize)
-    if x > y:
+            len_ = l
+    if lst > len_:
         pos[0] = sa[st]
-        return x
+        return lst
     pos[0] = sa[en]
-    return y
+    return len_
 
 
 cdef struct _Out:
