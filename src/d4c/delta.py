@@ -50,6 +50,7 @@ SA_BYTES_PER_OLD = 6               # suffix array (4) + types (1) + the old byte
 NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
 INT32_LIMIT = (1 << 31) - 2
 DIFF_RAW, DIFF_SPARSE = 0, 1      # how the add stream is coded
+ALIGNED_MAX_CHANGE = 1000         # same-size files with < 1/1000 bytes changed skip the scan
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ def _compress(data: bytes | memoryview, level: int) -> bytes:
 # Each stream is compressed by whichever codec makes it smallest.  Measured on
 # Debian binaries: bzip2's BWT beats zstd -19 by ~20% on bsdiff-style add
 # streams (git: 67 KB vs 85 KB), lzma wins on run-coded ones; all are stdlib.
-CODEC_ZSTD, CODEC_BZ2, CODEC_LZMA = 0, 1, 2
-CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_BZ2: "bzip2", CODEC_LZMA: "lzma"}
+CODEC_ZSTD, CODEC_BZ2, CODEC_LZMA, CODEC_STORED = 0, 1, 2, 3
+CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_BZ2: "bzip2", CODEC_LZMA: "lzma", CODEC_STORED: "stored"}
 LZMA_MEMLIMIT = 256 << 20
 
 
@@ -117,6 +118,8 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
                                                            filters=_lzma_filters(len(data)))))
             if kind == "small":
                 jobs.append((CODEC_BZ2, lambda: bz2.compress(data, 9)))
+    if len(data) < 64:
+        jobs.append((CODEC_STORED, lambda: bytes(data)))  # tiny: a frame header costs more
     if threads > 1 and len(data) > (256 << 10):
         with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
             results = list(pool.map(lambda job: (job[0], job[1]()), jobs))  # type: ignore[operator]
@@ -128,6 +131,10 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
 def _unpack_stream(codec: int, frame: bytes | memoryview, usize: int, source: str, what: str) -> bytes:
     if codec == CODEC_ZSTD:
         return _decompress(frame, usize, source, what)
+    if codec == CODEC_STORED:
+        if len(frame) != usize:
+            raise CorruptDelta(source, f"{what} has the wrong size")
+        return bytes(frame)
     try:
         if codec == CODEC_BZ2:
             dec: bz2.BZ2Decompressor | lzma.LZMADecompressor = bz2.BZ2Decompressor()
@@ -230,6 +237,15 @@ def _diff_segment(old: memoryview, new: memoryview, hint: int, keep_raw: bool) -
         ctrl = np.array([0, 0, hint, len(new), 0, 0], dtype="<i8").tobytes()
         empty = np.empty(0, dtype=np.int64)
         return SegmentDiff(ctrl, len(new), b"", empty, empty, b"", bytes(len(new)) if keep_raw else None)
+    if len(old) == len(new) and new:
+        # same size: often the same layout with a few bytes changed (a rebuilt
+        # binary with a new version string); then one copy says it all, no suffix sort
+        d = (np.frombuffer(new, dtype=np.uint8) - np.frombuffer(old, dtype=np.uint8)).astype(np.uint8)
+        if np.count_nonzero(d) * ALIGNED_MAX_CHANGE < len(d):
+            starts, lengths = _runs(d)
+            ctrl = np.array([len(new), 0, 0], dtype="<i8").tobytes()
+            return SegmentDiff(ctrl, len(new), b"", starts, lengths, d[np.flatnonzero(d)].tobytes(),
+                               d.tobytes() if keep_raw else None)
     kernels = accel.patch
     dtype = np.int32 if len(old) <= INT32_LIMIT else np.int64
     sa = np.empty(len(old) + 1, dtype=dtype)
@@ -367,9 +383,12 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
         return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
                                                                  if level == DEFAULT_LEVEL else level)
     candidates = [_preamble(METHOD_SA, *head) + _sa_payload(old, new, level, threads, memory_limit)]
-    # the old file did not help much: the new one alone may be smaller
+    # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
+    # the old file as prefix, or the new file alone, may be smaller
     if len(candidates[0]) > len(new) // 4:
         candidates.append(_preamble(METHOD_WHOLE, *head) + _compress(new, level))
+        if len(old) and 6 * len(old) + 3 * len(new) <= memory_limit:
+            candidates.append(_preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, level))
     return min(candidates, key=len)
 
 
