@@ -41,7 +41,7 @@ METHOD_SA, METHOD_PREFIX, METHOD_WHOLE = 1, 2, 3
 METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole"}
 PREAMBLE = struct.Struct("<8sHBBIQQ32s32s")  # 96 bytes
 
-DEFAULT_LEVEL = 19
+DEFAULT_LEVEL = 15
 FAST_LEVEL = 6
 DEFAULT_MEMORY_LIMIT = 2 << 30     # fixed, so output never depends on the machine
 SEGMENT_TARGET = 8 << 20           # files above this are diffed in segments (parallel)
@@ -98,7 +98,7 @@ LZMA_MEMLIMIT = 256 << 20
 
 def _lzma_filters(size: int) -> list[dict[str, int]]:
     dict_size = max(1 << 12, min(1 << 26, 1 << max(size - 1, 1).bit_length()))
-    return [{"id": lzma.FILTER_LZMA1, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": dict_size}]
+    return [{"id": lzma.FILTER_LZMA1, "preset": 6, "dict_size": dict_size}]
 
 
 def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1) -> tuple[int, bytes]:
@@ -512,17 +512,27 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
     limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
     if info.new_size > limit:
         raise CorruptDelta(source, f"declares a result of {info.new_size} bytes (limit {limit})")
-    if info.method != METHOD_WHOLE:
-        if info.old_size != len(old) or hashlib.sha256(old).digest() != info.old_digest:
-            raise WrongSource(source, f"expected {info.old_size} bytes with sha256 {info.old_digest.hex()[:16]}...")
-    payload = delta[PREAMBLE.size:]
-    if info.method == METHOD_WHOLE:
-        new = memoryview(_decompress(payload, info.new_size, source, "body"))
-    elif info.method == METHOD_PREFIX:
-        prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        new = memoryview(_decompress(payload, info.new_size, source, "body", prefix))
-    else:
-        new = memoryview(_apply_sa(old, payload, info, source))
+    wrong_source = WrongSource(source, f"expected {info.old_size} bytes with sha256 {info.old_digest.hex()[:16]}...")
+    if info.method != METHOD_WHOLE and info.old_size != len(old):
+        raise wrong_source
+    # hash the old file on another core while the streams decompress (both release the GIL)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        old_ok = pool.submit(lambda: info.method == METHOD_WHOLE or hashlib.sha256(old).digest() == info.old_digest)
+        try:
+            payload = delta[PREAMBLE.size:]
+            if info.method == METHOD_WHOLE:
+                new = memoryview(_decompress(payload, info.new_size, source, "body"))
+            elif info.method == METHOD_PREFIX:
+                prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                new = memoryview(_decompress(payload, info.new_size, source, "body", prefix))
+            else:
+                new = memoryview(_apply_sa(old, payload, info, source))
+        except CorruptDelta:
+            if not old_ok.result():
+                raise wrong_source from None  # the better explanation
+            raise
+        if not old_ok.result():
+            raise wrong_source
     if hashlib.sha256(new).digest() != info.new_digest:
         raise CorruptDelta(source, "result does not match its digest")
     return new
