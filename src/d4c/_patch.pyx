@@ -22,24 +22,32 @@ ctypedef fused idx_t:
 # Nong, Zhang & Chan, "Two Efficient Algorithms for Linear Time Suffix Array
 # Construction" (2011).  Level 0 reads bytes shifted by one with a virtual
 # sentinel 0 at the end; deeper levels read the reduced string (stored in the
-# upper part of SA, as in the paper).  Types are one byte per position.
+# upper part of SA, as in the paper).  Types are one byte per position.  The
+# symbol type is fused so each level's loops are compiled without branching on it.
 
-cdef inline idx_t _chr(const uint8_t* t8, const idx_t* ti, idx_t i, idx_t n) noexcept nogil:
-    if t8 != NULL:
-        return (t8[i] + 1) if i < n - 1 else 0
-    return ti[i]
+ctypedef fused sym_t:
+    uint8_t
+    int32_t
+    int64_t
+
+
+cdef inline idx_t _chr(const sym_t* t, idx_t i, idx_t n) noexcept nogil:
+    if sym_t is uint8_t:
+        return (t[i] + 1) if i < n - 1 else 0
+    else:
+        return <idx_t>t[i]
 
 
 cdef inline bint _is_lms(const uint8_t* typ, idx_t i) noexcept nogil:
     return i > 0 and typ[i] and not typ[i - 1]
 
 
-cdef void _counts(const uint8_t* t8, const idx_t* ti, idx_t n, idx_t k, idx_t* cnt) noexcept nogil:
+cdef void _counts(const sym_t* t, idx_t n, idx_t k, idx_t* cnt) noexcept nogil:
     cdef idx_t i
     for i in range(k + 1):
         cnt[i] = 0
     for i in range(n):
-        cnt[_chr(t8, ti, i, n)] += 1
+        cnt[_chr(t, i, n)] += 1
 
 
 cdef void _buckets(const idx_t* cnt, idx_t k, idx_t* bkt, bint end) noexcept nogil:
@@ -50,14 +58,14 @@ cdef void _buckets(const idx_t* cnt, idx_t k, idx_t* bkt, bint end) noexcept nog
         bkt[i] = total if end else total - cnt[i]
 
 
-cdef void _induce(const uint8_t* t8, const idx_t* ti, const uint8_t* typ, idx_t* sa, idx_t n,
+cdef void _induce(const sym_t* t, const uint8_t* typ, idx_t* sa, idx_t n,
                   idx_t k, const idx_t* cnt, idx_t* bkt) noexcept nogil:
     cdef idx_t i, j, c
     _buckets(cnt, k, bkt, False)
     for i in range(n):
         j = sa[i] - 1
         if j >= 0 and not typ[j]:
-            c = _chr(t8, ti, j, n)
+            c = _chr(t, j, n)
             sa[bkt[c]] = j
             bkt[c] += 1
     _buckets(cnt, k, bkt, True)
@@ -65,13 +73,13 @@ cdef void _induce(const uint8_t* t8, const idx_t* ti, const uint8_t* typ, idx_t*
     while i >= 0:
         j = sa[i] - 1
         if j >= 0 and typ[j]:
-            c = _chr(t8, ti, j, n)
+            c = _chr(t, j, n)
             bkt[c] -= 1
             sa[bkt[c]] = j
         i -= 1
 
 
-cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) noexcept nogil:
+cdef int _sais(const sym_t* t, idx_t* sa, idx_t n, idx_t k) noexcept nogil:
     """Suffix array of a string of n symbols in 0..k whose last symbol is a unique 0."""
     cdef idx_t i, j, c, n1, name, prev, pos, d
     cdef bint differ
@@ -89,14 +97,14 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         free(bkt)
         return -1
     cnt = bkt + k + 1
-    _counts(t8, ti, n, k, cnt)
+    _counts(t, n, k, cnt)
     # S = 1, L = 0
     typ[n - 1] = 1
     typ[n - 2] = 0
     i = n - 3
     while i >= 0:
-        c = _chr(t8, ti, i, n)
-        j = _chr(t8, ti, i + 1, n)
+        c = _chr(t, i, n)
+        j = _chr(t, i + 1, n)
         typ[i] = 1 if (c < j or (c == j and typ[i + 1])) else 0
         i -= 1
     # stage 1: sort LMS substrings
@@ -105,10 +113,10 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         sa[i] = -1
     for i in range(1, n):
         if _is_lms(typ, i):
-            c = _chr(t8, ti, i, n)
+            c = _chr(t, i, n)
             bkt[c] -= 1
             sa[bkt[c]] = i
-    _induce(t8, ti, typ, sa, n, k, cnt, bkt)
+    _induce(t, typ, sa, n, k, cnt, bkt)
     n1 = 0
     for i in range(n):
         if _is_lms(typ, sa[i]):
@@ -124,7 +132,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
         differ = False
         d = 0
         while True:
-            if prev == -1 or _chr(t8, ti, pos + d, n) != _chr(t8, ti, prev + d, n) \
+            if prev == -1 or _chr(t, pos + d, n) != _chr(t, prev + d, n) \
                     or typ[pos + d] != typ[prev + d]:
                 differ = True
                 break
@@ -145,7 +153,7 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
     # stage 2: sort the reduced string (recursively if names repeat)
     s1 = sa + n - n1
     if name < n1:
-        if _sais(<const uint8_t*>NULL, s1, sa, n1, name - 1) != 0:
+        if _sais_reduced(s1, sa, n1, name - 1) != 0:
             free(typ)
             free(bkt)
             return -1
@@ -167,14 +175,19 @@ cdef int _sais(const uint8_t* t8, const idx_t* ti, idx_t* sa, idx_t n, idx_t k) 
     while i >= 0:
         j = sa[i]
         sa[i] = -1
-        c = _chr(t8, ti, j, n)
+        c = _chr(t, j, n)
         bkt[c] -= 1
         sa[bkt[c]] = j
         i -= 1
-    _induce(t8, ti, typ, sa, n, k, cnt, bkt)
+    _induce(t, typ, sa, n, k, cnt, bkt)
     free(typ)
     free(bkt)
     return 0
+
+
+cdef int _sais_reduced(const idx_t* s1, idx_t* sa, idx_t n, idx_t k) noexcept nogil:
+    # the reduced string's symbols have the index type
+    return _sais(s1, sa, n, k)
 
 
 def suffix_array(const uint8_t[::1] text, idx_t[::1] sa):
@@ -193,7 +206,7 @@ def suffix_array(const uint8_t[::1] text, idx_t[::1] sa):
         return 0
     p = &text[0]
     with nogil:
-        rc = _sais(p, <const idx_t*>NULL, &sa[0], n + 1, 256)
+        rc = _sais(p, &sa[0], n + 1, 256)
     return rc
 
 
