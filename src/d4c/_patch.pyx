@@ -279,7 +279,7 @@ cdef int _emit(_Out* o, int64_t a, int64_t b, int64_t c) noexcept nogil:
 
 
 cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
-               int64_t newsize, _Out* o) noexcept nogil:
+               int64_t newsize, _Out* o, int64_t slack) noexcept nogil:
     """bsdiff's scan: approximate matches (copy + add bytes) and inserted bytes."""
     cdef int64_t scan = 0, length = 0, pos = 0, lastscan = 0, lastpos = 0, lastoffset = 0
     cdef int64_t oldscore, scsc, s, sf, lenf, sb, lenb, i, overlap, ss, lens
@@ -294,7 +294,7 @@ cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8
                         and old[scsc + lastoffset] == new[scsc]:
                     oldscore += 1
                 scsc += 1
-            if (length == oldscore and length != 0) or length > oldscore + 8:
+            if (length == oldscore and length != 0) or length > oldscore + slack:
                 break
             if scan + lastoffset < oldsize and scan + lastoffset >= 0 \
                     and old[scan + lastoffset] == new[scan]:
@@ -355,7 +355,7 @@ cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8
 
 
 def diff(const uint8_t[::1] old, const uint8_t[::1] new, idx_t[::1] sa,
-         uint8_t[::1] diff_out, uint8_t[::1] extra_out):
+         uint8_t[::1] diff_out, uint8_t[::1] extra_out, int64_t slack=8):
     """Scan new against old (whose suffix array is sa) into copy/add/insert streams.
 
     diff_out and extra_out must hold len(new) bytes each.  Returns
@@ -382,7 +382,7 @@ def diff(const uint8_t[::1] old, const uint8_t[::1] new, idx_t[::1] sa,
     po = &old[0] if oldsize > 0 else &dummy
     pn = &new[0]
     with nogil:
-        rc = _scan(&sa[0], po, oldsize, pn, newsize, &o)
+        rc = _scan(&sa[0], po, oldsize, pn, newsize, &o, slack)
     try:
         if rc != 0:
             return None

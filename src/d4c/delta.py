@@ -34,6 +34,7 @@ from .chunker import cut_points
 from .codec import Cursor, Encoder
 from .errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
 from .fsutil import atomic_output
+from .progress import Progress
 
 MAGIC = b"D4C-DLTA"
 VERSION = 1
@@ -418,16 +419,25 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     new_starts = np.cumsum([0] + [s.new_len for s in segments]).tolist()
     keep_raw = len(new) <= RAW_CANDIDATE_LIMIT
 
+    progress = Progress("diffing", total_bytes=len(new)) if len(segments) > 1 else None
+
     def one(i: int) -> SegmentDiff:
         s = segments[i]
-        return _diff_segment(old[s.old_start:s.old_start + s.old_len],
+        part = _diff_segment(old[s.old_start:s.old_start + s.old_len],
                              new[new_starts[i]:new_starts[i] + s.new_len], s.hint, keep_raw)
+        if progress:
+            progress.advance(s.new_len, 1)
+        return part
 
-    if workers > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-diff") as pool:
-            parts = list(pool.map(one, range(len(segments))))
-    else:
-        parts = [one(i) for i in range(len(segments))]
+    try:
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-diff") as pool:
+                parts = list(pool.map(one, range(len(segments))))
+        else:
+            parts = [one(i) for i in range(len(segments))]
+    finally:
+        if progress:
+            progress.done()
     enc = Encoder()
     enc.uvarint(len(segments))
     for s, part in zip(segments, parts):
