@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import bz2
 import hashlib
+import lzma
 import os
 import struct
 
@@ -142,7 +144,8 @@ def test_huge_declared_size_is_refused_before_allocating() -> None:
         delta.apply(old, bytes(bad))
 
 
-def _craft_sa(old: bytes, new: bytes, triples: list[int], diff_bytes: bytes, extra: bytes) -> bytes:
+def _craft_sa(old: bytes, new: bytes, triples: list[int], diff_bytes: bytes, extra: bytes,
+              codec: int = 0) -> bytes:
     """A delta with chosen controls and correct digests (so only the checks stop it)."""
     from d4c.codec import Encoder
     enc = Encoder()
@@ -151,14 +154,29 @@ def _craft_sa(old: bytes, new: bytes, triples: list[int], diff_bytes: bytes, ext
         enc.uvarint(v)
     ctrl = delta._encode_controls(np.array(triples, dtype=np.int64))
     enc.u8(delta.DIFF_RAW)
-    frames = [delta._compress(x, 3) for x in (ctrl, diff_bytes, extra)]
+    pack = {delta.CODEC_ZSTD: lambda x: delta._compress(x, 3), delta.CODEC_BZ2: lambda x: bz2.compress(x),
+            delta.CODEC_LZMA: lambda x: lzma.compress(x, format=lzma.FORMAT_ALONE),
+            delta.CODEC_STORED: bytes}[codec]
+    frames = [pack(x) for x in (ctrl, diff_bytes, extra)]
     for x, f in zip((ctrl, diff_bytes, extra), frames):
-        enc.u8(delta.CODEC_ZSTD)
+        enc.u8(codec)
         enc.uvarint(len(x))
         enc.uvarint(len(f))
     head = delta._preamble(delta.METHOD_SA, len(old), len(new), hashlib.sha256(old).digest(),
                            hashlib.sha256(new).digest())
     return head + enc.getvalue() + b"".join(frames)
+
+
+@pytest.mark.parametrize("codec", [0, 1, 2, 3])
+def test_every_codec_on_the_raw_add_stream(codec: int) -> None:
+    old = lcg_bytes(3000, 1)
+    new = bytes((b + (1 if i % 97 == 0 else 0)) & 0xFF for i, b in enumerate(old)) + b"tail"
+    diff_bytes = bytes((n - o) & 0xFF for n, o in zip(new, old))
+    good = _craft_sa(old, new, [3000, 4, 0], diff_bytes, b"tail", codec)
+    assert delta.apply(old, good) == new
+    # one byte short in the add stream: caught, whatever the codec
+    with pytest.raises(CorruptDelta):
+        delta.apply(old, _craft_sa(old, new, [3000, 4, 0], diff_bytes[:-1], b"tail", codec))
 
 
 def test_out_of_range_controls() -> None:

@@ -486,6 +486,73 @@ def default_max_size(old_size: int, delta_size: int) -> int:
     return max(1 << 30, 64 * (old_size + delta_size))
 
 
+class _StreamReader:
+    """Reads a compressed stream piecewise, so a raw add stream as large as the new
+    file is never held whole: patch memory stays old + new + one segment."""
+
+    def __init__(self, codec: int, frame: bytes | memoryview, usize: int, source: str, what: str) -> None:
+        self.codec, self.usize, self.source, self.what = codec, usize, source, what
+        self.frame = bytes(frame)
+        self.got = 0
+        self.pending = b""
+        self.fed = False
+        if codec == CODEC_ZSTD:
+            self.reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+                self.frame, read_across_frames=False)
+        elif codec == CODEC_BZ2:
+            self.dec: bz2.BZ2Decompressor | lzma.LZMADecompressor = bz2.BZ2Decompressor()
+        elif codec == CODEC_LZMA:
+            self.dec = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=LZMA_MEMLIMIT)
+        elif codec != CODEC_STORED:
+            raise CorruptDelta(source, f"{what}: unknown codec {codec}")
+
+    def _fail(self, reason: str = "has the wrong size") -> None:
+        raise CorruptDelta(self.source, f"{self.what} {reason}")
+
+    def read(self, n: int) -> bytes:
+        if n > self.usize - self.got:
+            self._fail()
+        parts: list[bytes] = []
+        want = n
+        try:
+            while want:
+                if self.codec == CODEC_STORED:
+                    chunk = self.frame[self.got:self.got + want]
+                elif self.codec == CODEC_ZSTD:
+                    chunk = self.reader.read(want)
+                else:
+                    if self.dec.eof:
+                        chunk = b""
+                    else:
+                        chunk = self.dec.decompress(b"" if self.fed else self.frame, max_length=want)
+                        self.fed = True
+                if not chunk:
+                    self._fail()
+                parts.append(chunk)
+                self.got += len(chunk)
+                want -= len(chunk)
+        except (zstandard.ZstdError, OSError, ValueError, EOFError, lzma.LZMAError) as exc:
+            self._fail(f"does not decompress ({exc})")
+        return b"".join(parts)
+
+    def finish(self) -> None:
+        if self.got != self.usize:
+            self._fail()
+        if self.codec in (CODEC_BZ2, CODEC_LZMA):
+            try:
+                extra = b"" if self.dec.eof else self.dec.decompress(b"" if self.fed else self.frame, max_length=1)
+            except (OSError, ValueError, EOFError, lzma.LZMAError) as exc:
+                self._fail(f"does not decompress ({exc})")
+            if extra or not self.dec.eof or self.dec.unused_data:
+                self._fail()
+        elif self.codec == CODEC_ZSTD:
+            try:
+                if self.reader.read(1):
+                    self._fail()
+            except zstandard.ZstdError as exc:
+                self._fail(f"does not decompress ({exc})")
+
+
 def _decompress(frame: bytes | memoryview, usize: int, source: str, what: str,
                 prefix: zstandard.ZstdCompressionDict | None = None) -> bytes:
     """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
@@ -594,11 +661,16 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     if pos != len(payload):
         fail("trailing bytes")
     ctrl_bytes = _unpack_stream(codecs[0], frames[0], sizes[0][0], source, "control stream")
-    diff_stream = _unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream")
+    if diff_mode == DIFF_SPARSE:
+        runs = _decode_runs(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"),
+                            total_d, fail)
+        raw_reader = None
+    else:
+        runs = None
+        raw_reader = _StreamReader(codecs[1], frames[1], sizes[1][0], source, "diff stream")
     extra_bytes = _unpack_stream(codecs[2], frames[2], sizes[2][0], source, "insert stream")
     triples = _decode_controls(ctrl_bytes, total_ctrl, fail)
     del ctrl_bytes
-    runs = _decode_runs(diff_stream, total_d, fail) if diff_mode == DIFF_SPARSE else None
     out = np.empty(info.new_size, dtype=np.uint8)
     kernels = accel.patch
     tpos = dpos = epos = npos = 0
@@ -606,7 +678,8 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         if runs is not None:
             seg_diff = _runs_slice(runs, dpos, nd, fail)
         else:
-            seg_diff = np.frombuffer(diff_stream, dtype=np.uint8, count=nd, offset=dpos)
+            assert raw_reader is not None
+            seg_diff = np.frombuffer(raw_reader.read(nd), dtype=np.uint8)
         rc = kernels.apply(old[o_start:o_start + o_len], triples[tpos:tpos + 3 * nctrl], seg_diff,
                            memoryview(extra_bytes)[epos:epos + ne], out[npos:npos + n_len])
         if rc != 0:
@@ -615,6 +688,8 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         dpos += nd
         epos += ne
         npos += n_len
+    if raw_reader is not None:
+        raw_reader.finish()
     return out
 
 
