@@ -82,6 +82,37 @@ def test_small_edits_give_small_deltas() -> None:
     assert delta.read_info(d).method_name == "sa" and delta.read_info(f).method_name == "prefix"
 
 
+def pointer_table(n: int, seed: int, shift: int) -> bytes:
+    """Executable-like data: code with 4-byte displacements after 0xE8, which a
+    rebuild shifts; the add-stream coder learns that from the old bytes."""
+    out = bytearray()
+    x = seed
+    while len(out) < n:
+        x = (x * 6364136223846793005 + 1442695040888963407) & (2**64 - 1)
+        if x % 5 == 0:
+            target = (x >> 20) % 100000 + (shift if (x >> 40) % 3 else 0)
+            out += b"\xe8" + target.to_bytes(4, "little")
+        else:
+            out += bytes([(x >> 32) % 0xE0])
+    return bytes(out[:n])
+
+
+def test_context_mixing_add_stream() -> None:
+    old, new = pointer_table(200_000, 1, 0), pointer_table(200_000, 1, 7)
+    d = roundtrip(old, new)
+    payload = memoryview(d)[delta.PREAMBLE.size:]
+    from d4c.codec import Cursor
+    cur = Cursor(payload, lambda r: None)
+    for _ in range(6 * cur.uvarint()):
+        cur.uvarint()
+    assert cur.u8() == delta.DIFF_CM
+    # a damaged coded stream fails the digest check, nothing worse
+    bad = bytearray(d)
+    bad[-40] ^= 0x55
+    with pytest.raises(CorruptDelta):
+        delta.apply(old, bytes(bad))
+
+
 def test_unrelated_files_fall_back_to_whole() -> None:
     old, new = lcg_bytes(20000, 1), lcg_bytes(20000, 2)
     d = roundtrip(old, new)
@@ -222,12 +253,20 @@ def golden_pair() -> tuple[bytes, bytes]:
     return old, mutate(old, 78, 25)
 
 
-def test_golden_delta() -> None:
+GOLDEN_CM = os.path.join(os.path.dirname(__file__), "data", "golden-v1-cm.delta")
+GOLDEN_CM_SHA256 = "8b4abe385981f6cc1c01f63a0e79d21e55c2f5973ff68bcd1bb5ca9a562ad081"
+
+
+@pytest.mark.parametrize("path,digest,pair", [
+    (GOLDEN, GOLDEN_SHA256, golden_pair),
+    (GOLDEN_CM, GOLDEN_CM_SHA256, lambda: (pointer_table(60_000, 5, 0), pointer_table(60_000, 5, 7))),
+])
+def test_golden_delta(path: str, digest: str, pair) -> None:  # type: ignore[no-untyped-def]
     """The delta format is pinned: same inputs, same bytes, and the stored file still applies."""
-    old, new = golden_pair()
+    old, new = pair()
     d = delta.diff(old, new)
-    assert hashlib.sha256(d).hexdigest() == GOLDEN_SHA256
-    with open(GOLDEN, "rb") as f:
+    assert hashlib.sha256(d).hexdigest() == digest
+    with open(path, "rb") as f:
         stored = f.read()
     assert stored == d
     assert delta.apply(old, stored) == new

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-API_VERSION = "2"
+API_VERSION = "3"
 
 
 def suffix_array(text, sa):  # type: ignore[no-untyped-def]
@@ -146,3 +146,177 @@ def add_bytes(old, diff, out):  # type: ignore[no-untyped-def]
         raise ValueError("buffers shorter than the diff")
     for i in range(n):
         out[i] = (old[i] + diff[i]) & 0xFF
+
+
+# ---------------------------------------------------------------- add-stream coder
+# Bit-exact port of AddCoder in _patch.pyx (see there for the design).
+
+import math
+
+_STRETCH = []
+_SQUASH = []
+for _i in range(4096):
+    _x = (_i - 2048) / 256.0
+    _SQUASH.append(min(4095, max(1, int(4096.0 / (1.0 + math.exp(-_x))))))
+    _x = (_i + 0.5) / 4096.0
+    _STRETCH.append(int(math.log(_x / (1.0 - _x)) * 256.0))
+_NM = 4
+_T1, _T2, _T3, _T4, _TV = 1 << 17, 1 << 16, 1 << 20, 1 << 14, 1 << 16
+_M32 = 0xFFFFFFFF
+
+
+def _squash(d: int) -> int:
+    return _SQUASH[max(-2047, min(2047, d)) + 2048]
+
+
+class _Mixer:
+    def __init__(self) -> None:
+        self.w = [16384] * (64 * _NM)
+        self.st = [0] * _NM
+        self.pr = 0
+        self.sel = 0
+
+    def mix(self, sel: int) -> int:
+        self.sel = sel
+        base = sel * _NM
+        dot = sum(self.st[i] * self.w[base + i] for i in range(_NM))
+        self.pr = _squash(dot >> 16)
+        return self.pr
+
+    def update(self, y: int) -> None:
+        err = ((y << 12) - self.pr) * 6
+        base = self.sel * _NM
+        for i in range(_NM):
+            self.w[base + i] = max(-4194304, min(4194304, self.w[base + i] + ((self.st[i] * err) >> 10)))
+
+
+def _upd(table: list, idx: int, y: int, rate: int) -> None:
+    p = table[idx]
+    table[idx] = p + ((65535 - p) >> rate) if y else p - (p >> rate)
+
+
+class AddCoder:
+    def __init__(self, encoding: bool, data: bytes | None = None) -> None:
+        self.encoding = encoding
+        self.t1, self.t2, self.t3, self.t4 = [1024] * _T1, [1024] * _T2, [1024] * _T3, [1024] * _T4
+        self.v = [[32768] * _TV for _ in range(4)]
+        self.mf, self.mv = _Mixer(), _Mixer()
+        self.hist = self.run = self.prevv = self.prevd = 0
+        self.x1, self.x2, self.x = 0, _M32, 0
+        self.out = bytearray()
+        self.src = bytes(data or b"")
+        self.pos = 0
+        if not encoding:
+            for _ in range(4):
+                self.x = ((self.x << 8) | self._next_in()) & _M32
+
+    def _next_in(self) -> int:
+        b = self.src[self.pos] if self.pos < len(self.src) else 0
+        self.pos += 1
+        return b
+
+    def _bit(self, y: int, p: int) -> int:
+        p = max(1, min(4095, p))
+        xmid = (self.x1 + (((self.x2 - self.x1) * p) >> 12)) & _M32
+        if not self.encoding:
+            y = int(self.x <= xmid)
+        if y:
+            self.x2 = xmid
+        else:
+            self.x1 = (xmid + 1) & _M32
+        while ((self.x1 ^ self.x2) >> 24) == 0:
+            if self.encoding:
+                self.out.append(self.x2 >> 24)
+            else:
+                self.x = ((self.x << 8) | self._next_in()) & _M32
+            self.x1 = (self.x1 << 8) & _M32
+            self.x2 = ((self.x2 << 8) | 255) & _M32
+        return y
+
+    def _code(self, o, d, n: int) -> None:  # type: ignore[no-untyped-def]
+        for i in range(n):
+            oi = o[i]
+            om1 = o[i - 1] if i >= 1 else 0
+            om2 = o[i - 2] if i >= 2 else 0
+            om3 = o[i - 3] if i >= 3 else 0
+            om4 = o[i - 4] if i >= 4 else 0
+            rb = 0
+            while rb < 15 and (self.run >> rb) > 0:
+                rb += 1
+            i1 = ((oi << 9) | (om1 << 1) | (self.hist & 1)) & (_T1 - 1)
+            i2 = ((oi << 8) | (self.hist & 0xFF)) & (_T2 - 1)
+            h3 = (((oi * 2654435761) & _M32) ^ ((om1 * 2246822507) & _M32) ^ ((om2 * 3266489909) & _M32)
+                  ^ ((om3 * 668265263) & _M32) ^ ((om4 * 374761393) & _M32)) >> 12
+            i3 = h3 & (_T3 - 1)
+            i4 = ((rb << 9) | (oi << 1) | (self.hist & 1)) & (_T4 - 1)
+            tables = ((self.t1, i1), (self.t2, i2), (self.t3, i3), (self.t4, i4))
+            for k, (t, idx) in enumerate(tables):
+                self.mf.st[k] = _STRETCH[t[idx] >> 4]
+            pr = self.mf.mix((self.hist & 3) | (rb << 2))
+            y = self._bit(int(d[i] != 0) if self.encoding else 0, pr)
+            self.mf.update(y)
+            for k, (t, idx) in enumerate(tables):
+                _upd(t, idx, y, 5 if k == 3 else 4)
+            self.hist = ((self.hist << 1) | y) & _M32
+            if not y:
+                self.run += 1
+                if not self.encoding:
+                    d[i] = 0
+                self.prevd = 0
+                continue
+            self.run = 0
+            node = 1
+            for b in range(7, -1, -1):
+                idxs = (((self.prevv << 8) | node) & (_TV - 1), ((oi << 8) | node) & (_TV - 1),
+                        ((self.prevd << 8) | node) & (_TV - 1), ((om1 << 8) | node) & (_TV - 1))
+                for k in range(4):
+                    self.mv.st[k] = _STRETCH[self.v[k][idxs[k]] >> 4]
+                pr = self.mv.mix(7 - b)
+                y = self._bit((d[i] >> b) & 1 if self.encoding else 0, pr)
+                self.mv.update(y)
+                for k in range(4):
+                    _upd(self.v[k], idxs[k], y, 4)
+                node = (node << 1) | y
+            if not self.encoding:
+                d[i] = node & 0xFF
+            self.prevv = self.prevd = node & 0xFF
+
+    def encode(self, diff, old_ctx) -> None:  # type: ignore[no-untyped-def]
+        if not self.encoding or len(old_ctx) != len(diff):
+            raise ValueError("encode needs an encoder and one old byte per add byte")
+        self._code(old_ctx, diff, len(diff))
+
+    def decode(self, old_ctx, out) -> None:  # type: ignore[no-untyped-def]
+        if self.encoding or len(old_ctx) != len(out):
+            raise ValueError("decode needs a decoder and one old byte per add byte")
+        self._code(old_ctx, out, len(out))
+
+    def finish(self) -> bytes:
+        for _ in range(4):
+            self.out.append(self.x1 >> 24)
+            self.x1 = (self.x1 << 8) & _M32
+        return bytes(self.out)
+
+
+def gather_old(old, ctrl, out):  # type: ignore[no-untyped-def]
+    oldsize, nout, nctrl = len(old), len(out), len(ctrl)
+    if nctrl % 3:
+        return -6
+    if nout == 0:
+        return 0
+    oldpos = pos = 0
+    for k in range(0, nctrl, 3):
+        a, c = int(ctrl[k]), int(ctrl[k + 2])
+        if a < 0:
+            return -1
+        if a > nout - pos:
+            return -4
+        if a > 0 and (oldpos < 0 or oldpos > oldsize - a):
+            return -3
+        out[pos:pos + a] = bytes(old[oldpos:oldpos + a])
+        pos += a
+        oldpos += a
+        if c > oldsize or c < -oldsize - nout:
+            return -3
+        oldpos += c
+    return 0 if pos == nout else -6

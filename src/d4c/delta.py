@@ -50,7 +50,8 @@ MIN_SEGMENT = 256 << 10
 SA_BYTES_PER_OLD = 6               # suffix array (4) + types (1) + the old bytes (1)
 NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
 INT32_LIMIT = (1 << 31) - 2
-DIFF_RAW, DIFF_SPARSE = 0, 1      # how the add stream is coded
+DIFF_RAW, DIFF_SPARSE, DIFF_CM = 0, 1, 2  # how the add stream is coded
+CM_MIN_CHANGES = 1024             # fewer changed bytes: the context-mixing coder is not worth its time
 ALIGNED_MAX_CHANGE = 1000         # same-size files with < 1/1000 bytes changed skip the scan
 
 
@@ -409,6 +410,20 @@ def _prefix_payload(old: memoryview, new: memoryview, level: int) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params, dict_data=prefix).compress(new)
 
 
+def _cm_encode(old: memoryview, segments: list[Segment], parts: list[SegmentDiff]) -> bytes:
+    """The add stream through the context-mixing coder, segment by segment."""
+    kernels = accel.patch
+    coder = kernels.AddCoder(True)
+    for s, part in zip(segments, parts):
+        if not part.nd:
+            continue
+        ctx = np.empty(part.nd, dtype=np.uint8)
+        rc = kernels.gather_old(old[s.old_start:s.old_start + s.old_len], np.frombuffer(part.ctrl, dtype="<i8"), ctx)
+        assert rc == 0, rc  # our own controls
+        coder.encode(np.frombuffer(part.raw or b"", dtype=np.uint8), ctx)
+    return bytes(coder.finish())
+
+
 RAW_CANDIDATE_LIMIT = 64 << 20  # above this the plain add stream is not kept as a candidate
 
 
@@ -451,6 +466,9 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     if keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
         raw = b"".join(p.raw or b"" for p in parts)
         diff_options.append((DIFF_RAW, raw, _pack_stream(raw, level, "raw", threads)))
+    if keep_raw and len(lengths) and int(lengths.sum()) >= CM_MIN_CHANGES:
+        blob = _cm_encode(old, segments, parts)
+        diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob)))
     diff_mode, diff_stream, diff_packed = min(diff_options, key=lambda o: len(o[2][1]))
     triples = np.frombuffer(b"".join(p.ctrl for p in parts), dtype="<i8")
     extra = b"".join(p.extra for p in parts)
@@ -643,9 +661,9 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     if total_new != info.new_size:
         fail("segments do not add up to the result size")
     diff_mode = cur.u8()
-    if diff_mode not in (DIFF_RAW, DIFF_SPARSE):
+    if diff_mode not in (DIFF_RAW, DIFF_SPARSE, DIFF_CM):
         fail("unknown diff stream coding")
-    diff_limit = total_d if diff_mode == DIFF_RAW else 8 + 17 * total_d
+    diff_limit = {DIFF_RAW: total_d, DIFF_SPARSE: 8 + 17 * total_d, DIFF_CM: 2 * total_d + 1024}[diff_mode]
     sizes = [(cur.u8(), cur.uvarint(limit), cur.uvarint()) for limit in (24 * total_ctrl, diff_limit, total_e)]
     codecs = [c for c, _, _ in sizes]
     sizes = [(u, c) for _, u, c in sizes]
@@ -661,12 +679,14 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     if pos != len(payload):
         fail("trailing bytes")
     ctrl_bytes = _unpack_stream(codecs[0], frames[0], sizes[0][0], source, "control stream")
+    runs = raw_reader = cm_decoder = None
     if diff_mode == DIFF_SPARSE:
         runs = _decode_runs(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"),
                             total_d, fail)
-        raw_reader = None
+    elif diff_mode == DIFF_CM:
+        cm_decoder = accel.patch.AddCoder(False, _unpack_stream(codecs[1], frames[1], sizes[1][0], source,
+                                                                "diff stream"))
     else:
-        runs = None
         raw_reader = _StreamReader(codecs[1], frames[1], sizes[1][0], source, "diff stream")
     extra_bytes = _unpack_stream(codecs[2], frames[2], sizes[2][0], source, "insert stream")
     triples = _decode_controls(ctrl_bytes, total_ctrl, fail)
@@ -675,12 +695,20 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     kernels = accel.patch
     tpos = dpos = epos = npos = 0
     for o_start, o_len, n_len, nctrl, nd, ne in segments:
+        seg_ctrl = triples[tpos:tpos + 3 * nctrl]
         if runs is not None:
             seg_diff = _runs_slice(runs, dpos, nd, fail)
+        elif cm_decoder is not None:
+            ctx = np.empty(nd, dtype=np.uint8)
+            rc = kernels.gather_old(old[o_start:o_start + o_len], seg_ctrl, ctx)
+            if rc != 0:
+                fail(_APPLY_ERRORS.get(rc, f"patch error {rc}"))
+            seg_diff = np.empty(nd, dtype=np.uint8)
+            cm_decoder.decode(ctx, seg_diff)
         else:
             assert raw_reader is not None
             seg_diff = np.frombuffer(raw_reader.read(nd), dtype=np.uint8)
-        rc = kernels.apply(old[o_start:o_start + o_len], triples[tpos:tpos + 3 * nctrl], seg_diff,
+        rc = kernels.apply(old[o_start:o_start + o_len], seg_ctrl, seg_diff,
                            memoryview(extra_bytes)[epos:epos + ne], out[npos:npos + n_len])
         if rc != 0:
             fail(_APPLY_ERRORS.get(rc, f"patch error {rc}"))
