@@ -224,3 +224,22 @@ def test_full_disk(tmp_path) -> None:  # type: ignore[no-untyped-def]
         assert sorted(os.listdir(mnt)) == ["out"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_hostile_config_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A validly signed cdimg whose config is absurdly nested, or of the wrong shape."""
+    from d4c.bodies import BodySpool
+    from d4c.dimg import cdimg_preamble, encode_header, write_dimg_to
+    from d4c.tree import Entry, EntryType
+    with BodySpool(str(tmp_path), 3) as spool:
+        header = encode_header([Entry(b"", EntryType.DIR)], spool.frame_lengths())
+        for name, config in (("deep", b"[" * 100000 + b"]" * 100000), ("shape", b'{"config": "x", "os": 5}')):
+            path = tmp_path / f"{name}.cdimg"
+            with open(path, "wb") as f:
+                f.write(cdimg_preamble(config, len(header.compressed) + 136))
+                write_dimg_to(f, header, spool.copy_frame)
+            code, out, err = run_cli("cdimg", "show", "--cdimg", str(path))
+            if name == "deep":
+                assert_one_line_error(code, err, EXIT_CORRUPT)
+            else:
+                assert code == 0, err

@@ -226,3 +226,40 @@ def test_unsupported_media_type(tmp_path) -> None:  # type: ignore[no-untyped-de
 @pytest.mark.parametrize("ref", ["nginx:1.23.1", "docker://nginx:1.23.1"])
 def test_registry_refs_not_yet(tmp_path, ref: str) -> None:  # type: ignore[no-untyped-def]
     _fails(tmp_path, ref, "not supported yet")
+
+
+def test_review_regressions(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Cases a review found: each gives one line and the right result."""
+    # a whiteout of a name that itself starts with "wh."
+    lay = Layout(str(tmp_path / "wh"))
+    lay.tag(lay.image([([M("wh.foo", data=b"x"), M("keep", data=b"k")], "none"),
+                       ([M(".wh.wh.foo")], "none")]), "t")
+    lay.save()
+    convert(f"oci:{lay.path}:t", str(tmp_path / "o1"))
+    with Image(str(tmp_path / "o1" / "image.cdimg")) as image:
+        assert {e.path for e in image.entries} == {b"", b"keep"}
+    # symlink targets are judged where the link lands, through symlinked parents
+    lay = Layout(str(tmp_path / "sym"))
+    lay.tag(lay.image([([M("usr/", "dir"), M("usr/lib/", "dir"), M("bin/", "dir"),
+                         M("lib", "symlink", link="usr/lib"),
+                         M("lib/foo", "symlink", link="../../bin/x")], "none")]), "t")
+    lay.save()
+    convert(f"oci:{lay.path}:t", str(tmp_path / "o2"))
+    lay = Layout(str(tmp_path / "sym2"))
+    lay.tag(lay.image([([M("s", "symlink", link="."), M("s/s/s/x", "symlink", link="../../../etc")],
+                        "none")]), "t")
+    lay.save()
+    _fails(tmp_path, f"oci:{lay.path}:t", "escapes the image root")
+    # out-of-range metadata and absurd mtimes
+    for i, member in enumerate([M("f", data=b"x", pax={"mtime": "inf"}), M("f", data=b"x", uid=-1)]):
+        lay = Layout(str(tmp_path / f"meta{i}"))
+        lay.tag(lay.image([([member], "none")]), "t")
+        lay.save()
+        _fails(tmp_path, f"oci:{lay.path}:t", "layer entry 'f'")
+    # JSON of the wrong shape or depth
+    for i, index in enumerate(['{"manifests": ["x"]}', "[" * 100000 + "]" * 100000,
+                               '{"manifests": [{"digest": 5}]}']):
+        d = tmp_path / f"json{i}"
+        d.mkdir()
+        (d / "index.json").write_text(index)
+        _fails(tmp_path, f"oci:{d}", "ctr-cli")

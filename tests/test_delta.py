@@ -324,3 +324,17 @@ def test_over_2gib_sparse_input(tmp_path) -> None:  # type: ignore[no-untyped-de
             assert x == y
             if not x:
                 break
+
+
+def test_control_bomb_is_refused_cheaply() -> None:
+    """A tiny delta declaring millions of controls fails on the declared sizes."""
+    old, new = b"0123456789", b"abcdefghij"
+    bomb = _craft_sa(old, new, [0, 0, 0] * 1000 + [0, 10, 0], b"", new)
+    with pytest.raises(CorruptDelta, match="out of range"):
+        delta.apply(old, bomb)
+
+
+@pytest.mark.parametrize("size", ["infk", "1e400k", "-5", "0"])
+def test_bad_sizes_are_usage_errors(tmp_path, size: str) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("util", "patch", "--old", "a", "--diff", "b", "--new", "c", "--max-size", size)
+    assert_one_line_error(code, err, 2)

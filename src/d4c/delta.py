@@ -47,6 +47,13 @@ FAST_LEVEL = 6
 DEFAULT_MEMORY_LIMIT = 2 << 30     # fixed, so output never depends on the machine
 SEGMENT_TARGET = 8 << 20           # files above this are diffed in segments (parallel)
 MIN_SEGMENT = 256 << 10
+MAX_SEGMENT = SEGMENT_TARGET + (1 << 20)  # what plan_segments can produce, with slack
+
+
+def max_triples(new_len: int) -> int:
+    """At most this many controls per segment: bounds patch memory, and the
+    diff falls back to another method rather than exceed it."""
+    return new_len // 4 + 16
 SA_BYTES_PER_OLD = 6               # suffix array (4) + types (1) + the old bytes (1)
 NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
 INT32_LIMIT = (1 << 31) - 2
@@ -384,10 +391,11 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
     if fast:
         return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
                                                                  if level == DEFAULT_LEVEL else level)
-    candidates = [_preamble(METHOD_SA, *head) + _sa_payload(old, new, level, threads, memory_limit)]
+    sa_payload = _sa_payload(old, new, level, threads, memory_limit)
+    candidates = [_preamble(METHOD_SA, *head) + sa_payload] if sa_payload is not None else []
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
     # the old file as prefix, or the new file alone, may be smaller
-    if len(candidates[0]) > len(new) // 4:
+    if not candidates or len(candidates[0]) > len(new) // 4:
         candidates.append(_preamble(METHOD_WHOLE, *head) + _compress(new, level))
         if len(old) and 6 * len(old) + 3 * len(new) <= memory_limit:
             candidates.append(_preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, level))
@@ -427,7 +435,7 @@ def _cm_encode(old: memoryview, segments: list[Segment], parts: list[SegmentDiff
 RAW_CANDIDATE_LIMIT = 64 << 20  # above this the plain add stream is not kept as a candidate
 
 
-def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int) -> bytes:
+def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int) -> bytes | None:
     segments = plan_segments(old, new, memory_limit)
     per_segment = SA_BYTES_PER_OLD * max(s.old_len for s in segments) + NEW_BYTES_PER_NEW * SEGMENT_TARGET
     workers = max(1, min(threads, len(segments), memory_limit // max(per_segment, 1)))
@@ -453,6 +461,9 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     finally:
         if progress:
             progress.done()
+    for s, part in zip(segments, parts):
+        if len(part.ctrl) // 24 > max_triples(s.new_len):
+            return None  # pathological input: let another method win
     enc = Encoder()
     enc.uvarint(len(segments))
     for s, part in zip(segments, parts):
@@ -470,9 +481,9 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
         blob = _cm_encode(old, segments, parts)
         diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob)))
     diff_mode, diff_stream, diff_packed = min(diff_options, key=lambda o: len(o[2][1]))
-    triples = np.frombuffer(b"".join(p.ctrl for p in parts), dtype="<i8")
     extra = b"".join(p.extra for p in parts)
-    ctrl = _encode_controls(triples)
+    # column-coded per segment, so the patcher can stream the controls segment by segment
+    ctrl = b"".join(_encode_controls(np.frombuffer(p.ctrl, dtype="<i8")) for p in parts)
     streams = [ctrl, diff_stream, extra]
     packed = [_pack_stream(ctrl, level), diff_packed, _pack_stream(extra, level, "small", threads)]
     enc.u8(diff_mode)
@@ -515,7 +526,7 @@ class _StreamReader:
         self.pending = b""
         self.fed = False
         if codec == CODEC_ZSTD:
-            self.reader = zstandard.ZstdDecompressor(max_window_size=1 << 31).stream_reader(
+            self.reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
                 self.frame, read_across_frames=False)
         elif codec == CODEC_BZ2:
             self.dec: bz2.BZ2Decompressor | lzma.LZMADecompressor = bz2.BZ2Decompressor()
@@ -574,7 +585,8 @@ class _StreamReader:
 def _decompress(frame: bytes | memoryview, usize: int, source: str, what: str,
                 prefix: zstandard.ZstdCompressionDict | None = None) -> bytes:
     """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
-    dctx = zstandard.ZstdDecompressor(dict_data=prefix, max_window_size=1 << 31)
+    # our frames use windows up to 2^27 (2^30 with the old file as prefix): refuse more
+    dctx = zstandard.ZstdDecompressor(dict_data=prefix, max_window_size=1 << (30 if prefix else 27))
     parts: list[bytes] = []
     got = 0
     try:
@@ -651,8 +663,8 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         o_start, o_len, n_len, nctrl, nd, ne = s
         if o_start + o_len > len(old):
             fail("segment window outside the old file")
-        if nd + ne != n_len or nctrl > n_len + 1:
-            fail("segment sizes do not add up")
+        if nd + ne != n_len or nctrl > max_triples(n_len) or n_len > MAX_SEGMENT:
+            fail("segment sizes out of range")
         segments.append(s)
         total_new += n_len
         total_ctrl += nctrl
@@ -678,7 +690,7 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         pos += csize
     if pos != len(payload):
         fail("trailing bytes")
-    ctrl_bytes = _unpack_stream(codecs[0], frames[0], sizes[0][0], source, "control stream")
+    ctrl_reader = _StreamReader(codecs[0], frames[0], sizes[0][0], source, "control stream")
     runs = raw_reader = cm_decoder = None
     if diff_mode == DIFF_SPARSE:
         runs = _decode_runs(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"),
@@ -688,14 +700,12 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
                                                                 "diff stream"))
     else:
         raw_reader = _StreamReader(codecs[1], frames[1], sizes[1][0], source, "diff stream")
-    extra_bytes = _unpack_stream(codecs[2], frames[2], sizes[2][0], source, "insert stream")
-    triples = _decode_controls(ctrl_bytes, total_ctrl, fail)
-    del ctrl_bytes
+    extra_reader = _StreamReader(codecs[2], frames[2], sizes[2][0], source, "insert stream")
     out = np.empty(info.new_size, dtype=np.uint8)
     kernels = accel.patch
-    tpos = dpos = epos = npos = 0
+    dpos = epos = npos = 0
     for o_start, o_len, n_len, nctrl, nd, ne in segments:
-        seg_ctrl = triples[tpos:tpos + 3 * nctrl]
+        seg_ctrl = _decode_controls(ctrl_reader.read(24 * nctrl), nctrl, fail)
         if runs is not None:
             seg_diff = _runs_slice(runs, dpos, nd, fail)
         elif cm_decoder is not None:
@@ -708,16 +718,16 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         else:
             assert raw_reader is not None
             seg_diff = np.frombuffer(raw_reader.read(nd), dtype=np.uint8)
-        rc = kernels.apply(old[o_start:o_start + o_len], seg_ctrl, seg_diff,
-                           memoryview(extra_bytes)[epos:epos + ne], out[npos:npos + n_len])
+        rc = kernels.apply(old[o_start:o_start + o_len], seg_ctrl, seg_diff, extra_reader.read(ne),
+                           out[npos:npos + n_len])
         if rc != 0:
             fail(_APPLY_ERRORS.get(rc, f"patch error {rc}"))
-        tpos += 3 * nctrl
         dpos += nd
         epos += ne
         npos += n_len
-    if raw_reader is not None:
-        raw_reader.finish()
+    for reader in (ctrl_reader, extra_reader, raw_reader):
+        if reader is not None:
+            reader.finish()
     return out
 
 

@@ -36,7 +36,8 @@ CDIMG_PREAMBLE = struct.Struct("<8sHHIQQQ32s32s")
 
 ID_DOMAIN = b"d4c/tree/v1\n"
 HEADER_LEVEL = 19
-MAX_HEADER_USIZE = 1 << 30     # 1 GiB of tables is ~10 million entries
+MAX_HEADER_USIZE = 256 << 20   # hostile entries take ~10 bytes each: bound the work too
+MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
 ZERO_ID = bytes(32)
@@ -120,7 +121,7 @@ def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry]
 
     cur = Cursor(data, fail)
     # every entry takes at least 3 bytes, so a hostile count cannot make us loop long
-    count = cur.uvarint(cur.remaining() // 3 + 1)
+    count = cur.uvarint(min(cur.remaining() // 3 + 1, MAX_ENTRIES))
     entries: list[Entry] = []
     dirs: set[bytes] = set()
     prev: bytes | None = None
@@ -353,7 +354,7 @@ def read_info(fd: int, source: str) -> ImageInfo:
             raise CorruptImage(source, "config digest mismatch")
         try:
             config = json.loads(config_bytes)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CorruptImage(source, "config is not JSON") from None
         if not isinstance(config, dict):
             raise CorruptImage(source, "config is not a JSON object")

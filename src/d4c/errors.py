@@ -16,6 +16,7 @@ EXIT_NOT_FOUND = 4      # a named input (file, image, tag) does not exist
 EXIT_IO = 5             # the system refused (permissions, full disk, ...)
 EXIT_UNSUPPORTED = 6    # valid input we do not handle (yet)
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE)
 
 
 class D4CError(Exception):
@@ -91,7 +92,11 @@ class ExtensionMismatch(D4CError):
 def from_oserror(exc: OSError, what: str) -> SystemFailure:
     """Turn an OSError into a one-line SystemFailure naming what we were doing."""
     reason = exc.strerror or str(exc)
-    name = exc.filename if exc.filename is not None else what
+    name = exc.filename
+    if name is None or isinstance(name, int):  # an fd number says nothing to a user
+        return SystemFailure(f"{what}: {reason}")
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
     return SystemFailure(f"{what}: {name}: {reason}")
 
 

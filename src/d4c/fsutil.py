@@ -45,10 +45,17 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
                 os.unlink(tmp)
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask() is process-wide, not thread-safe
+
+
+def _umask() -> int:
+    return _UMASK
 
 
 def copy_range(src_fd: int, src_offset: int, length: int, dst: BinaryIO) -> None:
@@ -66,6 +73,8 @@ def copy_range(src_fd: int, src_offset: int, length: int, dst: BinaryIO) -> None
             except OSError as exc:
                 if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
                     use_cfr = False
+                    # the kernel may have moved the fd: put the file object there
+                    dst.seek(os.lseek(dst_fd, 0, os.SEEK_CUR))
                     continue
                 raise
         else:

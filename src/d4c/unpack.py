@@ -62,7 +62,24 @@ def unpack(image: Image, out: str, *, same_owner: bool | None = None) -> None:
         raise from_oserror(exc, "cannot unpack") from exc
     finally:
         if not ok:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a half-built tree, even where it already has its final (e.g. 0o000) modes."""
+    try:
+        os.chmod(path, 0o700)
+    except OSError:
+        pass
+    for dirpath, dirnames, _ in os.walk(path):
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if not os.path.islink(child):
+                try:
+                    os.chmod(child, 0o700)
+                except OSError:
+                    pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 class _Materialiser:
@@ -180,7 +197,7 @@ class _Materialiser:
             else:
                 os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
                 self.warn_once("xattr:" + name.decode(errors="replace"),
                                f"cannot set xattr {name.decode(errors='replace')} "
                                f"(first on {e.display()}): {exc.strerror}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -81,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return errors.EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `ctr-cli ... | head`: the reader left; say nothing, like other tools
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return errors.EXIT_BROKEN_PIPE
     except OSError as exc:
         if debug:
             traceback.print_exc()

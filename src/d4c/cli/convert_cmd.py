@@ -52,6 +52,17 @@ def run(args: argparse.Namespace) -> int:
     excludes = [x for item in args.excludes for x in item.split(",") if x.strip()]
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"--output {args.output} exists and is not a directory")
+    created = not os.path.exists(args.output)
+    try:
+        return _convert(args, plat, excludes)
+    except BaseException:
+        if created and os.path.isdir(args.output) and not os.listdir(args.output):
+            os.rmdir(args.output)
+        raise
+
+
+def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> int:
+    want_cdimg = args.cdimg or not args.dimg
     with ImageSource(args.image, plat) as source:
         resolved = source.resolve()
         os.makedirs(args.output, exist_ok=True)

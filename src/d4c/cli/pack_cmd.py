@@ -39,7 +39,7 @@ def load_config(path: str) -> dict:  # type: ignore[type-arg]
         raise NotFound(f"no such config file: {path}") from None
     try:
         config = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadInput(f"{path}: not a JSON document") from None
     if not isinstance(config, dict):
         raise BadInput(f"{path}: not a JSON object")

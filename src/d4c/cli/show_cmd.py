@@ -43,10 +43,10 @@ def summary(image: Image) -> dict[str, Any]:
     }
     if info.config is not None:
         c = info.config
-        cc = c.get("config") or {}
+        cc = c.get("config") if isinstance(c.get("config"), dict) else {}
         out["config"] = {
             "digest": format_id(info.config_digest or b""),
-            "platform": "/".join(x for x in (c.get("os"), c.get("architecture"), c.get("variant")) if x),
+            "platform": "/".join(str(x) for x in (c.get("os"), c.get("architecture"), c.get("variant")) if x),
             "entrypoint": cc.get("Entrypoint"),
             "cmd": cc.get("Cmd"),
             "env": cc.get("Env"),

@@ -15,10 +15,14 @@ def parse_size(text: str) -> int:
     t = text.strip().lower().rstrip("ib").rstrip("b")
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+            value = int(float(t[:-1]) * units[t[-1]])
+        else:
+            value = int(t)
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    if not 0 < value < (1 << 62):
+        raise argparse.ArgumentTypeError(f"size out of range: {text!r}")
+    return value
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

@@ -33,12 +33,13 @@ import zstandard
 from ..bodies import BodySpool
 from ..errors import BadInput, D4CError
 from ..progress import Progress
-from ..tree import Entry, EntryType, canonicalize, symlink_problem, xattr_problem
+from ..tree import MAX_PATH, Entry, EntryType, canonicalize, symlink_problem, xattr_problem
 from .source import HashingReader, Layer
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40
+MAX_ID = (1 << 32) - 1
 INLINE_LIMIT = 4 << 20  # bodies up to this size are compressed on worker threads
 
 
@@ -69,6 +70,8 @@ class _Node:
 
 
 def _split(name: str) -> list[bytes]:
+    if len(name) > MAX_PATH:
+        raise BadInput(f"layer entry {name[:64]!r}...: path too long")
     parts = []
     for part in name.encode("utf-8", "surrogateescape").split(b"/"):
         if part in (b"", b"."):
@@ -83,12 +86,13 @@ def _split(name: str) -> list[bytes]:
 
 def _mtime_ns(member: tarfile.TarInfo) -> int:
     text = member.pax_headers.get("mtime")
-    if text is not None:
-        try:
-            return int(Decimal(text) * 1_000_000_000)
-        except (InvalidOperation, ValueError):
-            raise BadInput(f"layer entry {member.name!r}: bad mtime {text!r}") from None
-    return int(member.mtime) * 1_000_000_000
+    try:
+        ns = int(Decimal(text) * 1_000_000_000) if text is not None else int(member.mtime) * 1_000_000_000
+    except (ArithmeticError, ValueError, TypeError):
+        raise BadInput(f"layer entry {member.name!r}: bad mtime {text!r}") from None
+    if not -(1 << 63) <= ns < (1 << 63):
+        raise BadInput(f"layer entry {member.name!r}: mtime out of range")
+    return ns
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
@@ -161,11 +165,15 @@ class Flattener:
         node = self.root
         stack = list(reversed(parts))
         trail: list[_Node] = []
+        names: list[bytes] = []   # the resolved path of `node`, for callers that need it
+        self.resolved_path = b""
         hops = 0
         while stack:
             part = stack.pop()
             if part == b"..":  # only from symlink targets: _split rejects '..' in names
                 node = trail.pop() if trail else self.root
+                if names:
+                    names.pop()
                 continue
             assert node.children is not None
             child = node.children.get(part)
@@ -180,7 +188,7 @@ class Flattener:
                     raise BadInput(f"layer entry {name!r}: too many symlinks in its path")
                 target = child.inode.target
                 if target.startswith(b"/"):
-                    node, trail = self.root, []
+                    node, trail, names = self.root, [], []
                 for tpart in reversed(target.split(b"/")):
                     if tpart == b"..":
                         stack.append(b"..")
@@ -190,7 +198,9 @@ class Flattener:
             if child.inode.type != EntryType.DIR:
                 raise BadInput(f"layer entry {name!r}: a parent is not a directory")
             trail.append(node)
+            names.append(part)
             node = child
+        self.resolved_path = b"/".join(names)
         return node
 
     def _apply_member(self, member: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
@@ -207,7 +217,7 @@ class Flattener:
                 return
             if base == OPAQUE:
                 self._prune_lower(parent)
-            elif not base.startswith(WHITEOUT + WHITEOUT[1:]):  # ".wh..wh." internals
+            elif not base.startswith(WHITEOUT + "." + WHITEOUT[1:]):  # ".wh..wh." internals
                 victim = base[len(WHITEOUT):].encode("utf-8", "surrogateescape")
                 assert parent.children is not None
                 old = parent.children.get(victim)
@@ -242,6 +252,8 @@ class Flattener:
             parent.children[leaf] = _Node(target.inode, self.layer)
             return
         if member.isreg():
+            if not 0 <= member.size < (1 << 63):
+                raise BadInput(f"layer entry {name!r}: size out of range")
             inode = _Inode(EntryType.FILE)
             inode.size = member.size
             self._set_meta(inode, member)
@@ -249,12 +261,15 @@ class Flattener:
         elif member.issym():
             inode = _Inode(EntryType.SYMLINK)
             inode.target = member.linkname.encode("utf-8", "surrogateescape")
-            rel = b"/".join(parts)
+            # judge the target from where the link really lands (parents may be symlinks)
+            rel = (self.resolved_path + b"/" if self.resolved_path else b"") + parts[-1]
             problem = symlink_problem(rel, inode.target)
             if problem:
                 raise BadInput(f"layer entry {name!r}: {problem}")
             self._set_meta(inode, member)
         elif member.ischr() or member.isblk():
+            if not (0 <= member.devmajor <= MAX_ID and 0 <= member.devminor <= MAX_ID):
+                raise BadInput(f"layer entry {name!r}: device number out of range")
             inode = _Inode(EntryType.CHARDEV if member.ischr() else EntryType.BLOCKDEV)
             inode.rdev = (member.devmajor, member.devminor)
             self._set_meta(inode, member)
@@ -266,16 +281,22 @@ class Flattener:
         parent.children[leaf] = _Node(inode, self.layer)
 
     def _prune_lower(self, node: _Node) -> None:
-        assert node.children is not None
-        for key in list(node.children):
-            child = node.children[key]
-            if child.layer < self.layer:
-                del node.children[key]
-            elif child.children is not None:
-                self._prune_lower(child)
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            assert current.children is not None
+            for key in list(current.children):
+                child = current.children[key]
+                if child.layer < self.layer:
+                    del current.children[key]
+                elif child.children is not None:
+                    stack.append(child)
 
     @staticmethod
     def _set_meta(inode: _Inode, member: tarfile.TarInfo) -> None:
+        for value, what in ((member.uid, "uid"), (member.gid, "gid")):
+            if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+                raise BadInput(f"layer entry {member.name!r}: {what} {value!r} out of range")
         inode.mode = member.mode & 0o7777
         inode.uid, inode.gid = member.uid, member.gid
         inode.mtime_ns = _mtime_ns(member)
@@ -327,11 +348,13 @@ class Flattener:
             self._settle(self.root)
 
     def _settle(self, node: _Node) -> None:
-        if node.inode.pending is not None:
-            node.inode.digest = node.inode.pending.result()
-            node.inode.pending = None
-        for child in (node.children or {}).values():
-            self._settle(child)
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            if current.inode.pending is not None:
+                current.inode.digest = current.inode.pending.result()
+                current.inode.pending = None
+            stack.extend((current.children or {}).values())
 
     def remove(self, path: str) -> bool:
         parts = _split(path)
@@ -348,7 +371,9 @@ class Flattener:
     def entries(self) -> list[Entry]:
         out: list[Entry] = []
 
-        def walk(node: _Node, path: bytes) -> None:
+        stack: list[tuple[_Node, bytes]] = [(self.root, b"")]
+        while stack:
+            node, path = stack.pop()
             i = node.inode
             e = Entry(path=path, type=i.type, mode=i.mode, uid=i.uid, gid=i.gid,
                       mtime_ns=i.mtime_ns, xattrs=dict(i.xattrs))
@@ -360,11 +385,11 @@ class Flattener:
                 e.rdev = i.rdev
             if i.type != EntryType.DIR:
                 e.inode = i
+            if len(path) > MAX_PATH:
+                raise BadInput(f"{path[:64]!r}...: path too long (through symlinked directories)")
             out.append(e)
             for name, child in (node.children or {}).items():
-                walk(child, path + b"/" + name if path else name)
-
-        walk(self.root, b"")
+                stack.append((child, path + b"/" + name if path else name))
         return canonicalize(out)
 
 

@@ -118,8 +118,40 @@ def _digest_ok(data: bytes, digest: str) -> bool:
 def _load_json(data: bytes, what: str) -> Any:
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadInput(f"{what} is not valid JSON") from None
+
+
+# Typed access to untrusted JSON: a wrong type is bad input, never an AttributeError.
+def _obj(x: Any, what: str) -> dict[str, Any]:
+    if not isinstance(x, dict):
+        raise BadInput(f"{what} is not a JSON object")
+    return x
+
+
+def _text(x: Any, what: str) -> str:
+    if not isinstance(x, str):
+        raise BadInput(f"{what} is not a string")
+    return x
+
+
+def _items(x: Any, what: str) -> list[Any]:
+    if x is None:
+        return []
+    if not isinstance(x, list):
+        raise BadInput(f"{what} is not a list")
+    return x
+
+
+def _annotation(desc: Any, key: str) -> str:
+    ann = desc.get("annotations") if isinstance(desc, dict) else None
+    value = ann.get(key) if isinstance(ann, dict) else None
+    return value if isinstance(value, str) else ""
+
+
+def _platform_of(desc: Any) -> dict[str, Any] | None:
+    plat = desc.get("platform") if isinstance(desc, dict) else None
+    return plat if isinstance(plat, dict) else None
 
 
 class _Store:
@@ -132,11 +164,14 @@ class _Store:
         if not os.path.isdir(path):
             try:
                 self.tar = tarfile.open(path, "r:")
+                members = self.tar.getmembers()
             except FileNotFoundError:
                 raise NotFound(f"no such file: {path}") from None
-            except (tarfile.TarError, OSError) as exc:
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                if self.tar is not None:
+                    self.tar.close()
                 raise BadInput(f"{path}: not a readable tar archive ({exc})") from None
-            for m in self.tar.getmembers():
+            for m in members:
                 self.members[os.path.normpath(m.name.lstrip("/"))] = m
 
     def exists(self, name: str) -> bool:
@@ -218,10 +253,14 @@ class ImageSource:
         self.store = _Store(path)
         if self.transport == "archive":
             self.transport = "oci-archive" if self.store.exists("index.json") else "docker-archive"
+        problem = None
         if self.transport == "oci" and self.store.tar is not None:
-            raise BadInput(f"{path}: oci: needs a directory (use oci-archive: for a tar)")
+            problem = f"{path}: oci: needs a directory (use oci-archive: for a tar)"
         if self.transport != "oci" and self.store.tar is None:
-            raise BadInput(f"{path}: {self.transport}: needs a tar file")
+            problem = f"{path}: {self.transport}: needs a tar file"
+        if problem:
+            self.store.close()
+            raise BadInput(problem)
 
     def close(self) -> None:
         self.store.close()
@@ -245,16 +284,17 @@ class ImageSource:
         return data
 
     def _resolve_oci(self) -> ResolvedImage:
-        index = _load_json(self.store.read("index.json"), f"{self.ref}: index.json")
-        manifests = index.get("manifests") if isinstance(index, dict) else None
-        if not isinstance(manifests, list) or not manifests:
+        index = _obj(_load_json(self.store.read("index.json"), f"{self.ref}: index.json"),
+                     f"{self.ref}: index.json")
+        manifests = [m for m in _items(index.get("manifests"), f"{self.ref}: index.json manifests")]
+        if not manifests:
             raise BadInput(f"{self.ref}: index.json lists no manifests")
+        for m in manifests:
+            _obj(m, f"{self.ref}: index.json entry")
         if self.tag:
-            chosen = [m for m in manifests if isinstance(m, dict)
-                      and m.get("annotations", {}).get(REF_NAME) == self.tag]
+            chosen = [m for m in manifests if _annotation(m, REF_NAME) == self.tag]
             if not chosen:
-                tags = sorted({m.get("annotations", {}).get(REF_NAME, "") for m in manifests
-                               if isinstance(m, dict)} - {""})
+                tags = sorted({_annotation(m, REF_NAME) for m in manifests} - {""})
                 raise NotFound(f"{self.ref}: no tag {self.tag!r} (tags: {', '.join(tags) or 'none'})")
         else:
             chosen = manifests
@@ -263,47 +303,48 @@ class ImageSource:
             return self._pick_platform(chosen, "index.json")
         return self._follow(chosen[0], depth=0)
 
-    def _follow(self, desc: dict[str, Any], depth: int) -> ResolvedImage:
+    def _follow(self, desc: Any, depth: int) -> ResolvedImage:
         if depth > 4:
             raise BadInput(f"{self.ref}: nested indexes too deep")
+        desc = _obj(desc, f"{self.ref}: descriptor")
         media = desc.get("mediaType", "")
-        digest = desc.get("digest", "")
+        digest = _text(desc.get("digest"), f"{self.ref}: descriptor digest")
         data = self._read_blob(digest, "manifest")
-        doc = _load_json(data, f"{self.ref}: manifest {digest}")
-        if not isinstance(doc, dict):
-            raise BadInput(f"{self.ref}: manifest {digest} is not an object")
+        doc = _obj(_load_json(data, f"{self.ref}: manifest {digest}"), f"{self.ref}: manifest {digest}")
         media = doc.get("mediaType") or media
+        if not isinstance(media, str):
+            raise BadInput(f"{self.ref}: manifest {digest} has a bad media type")
         if media in INDEX_TYPES or (not media and "manifests" in doc):
-            return self._pick_platform(doc.get("manifests") or [], digest, depth)
+            return self._pick_platform(_items(doc.get("manifests"), f"{self.ref}: index {digest}"), digest, depth)
         if media not in MANIFEST_TYPES and not (not media and "layers" in doc):
             raise Unsupported(f"{self.ref}: unsupported manifest media type {media!r}")
         return self._from_manifest(doc, digest)
 
     def _pick_platform(self, manifests: list[Any], where: str, depth: int = 0) -> ResolvedImage:
-        matching = [m for m in manifests if isinstance(m, dict) and self.platform.matches(m.get("platform") or {})]
+        manifests = [_obj(m, f"{self.ref}: {where} entry") for m in manifests]
+        if not manifests:
+            raise BadInput(f"{self.ref}: {where} lists no manifests")
+        matching = [m for m in manifests if self.platform.matches(_platform_of(m) or {})]
         if not matching:
-            with_platform = [m for m in manifests if isinstance(m, dict) and "platform" in m]
+            with_platform = [_platform_of(m) for m in manifests if _platform_of(m) is not None]
             if not with_platform and len(manifests) > 1:
                 raise UsageError(f"{self.ref}: holds several images; name one with :TAG")
             if with_platform:
-                have = ", ".join(sorted({str(Platform(m['platform'].get('os', ''),
-                                                      m['platform'].get('architecture', ''),
-                                                      m['platform'].get('variant', '')))
-                                         for m in with_platform}))
+                have = ", ".join(sorted({str(Platform(str(p.get("os", "")), str(p.get("architecture", "")),
+                                                      str(p.get("variant", ""))))
+                                         for p in with_platform if p is not None}))
                 raise NotFound(f"{self.ref}: no image for platform {self.platform} (has {have})")
             matching = manifests
-        if len(matching) > 1 and len({m.get("digest") for m in matching}) > 1:
+        if len(matching) > 1 and len({str(m.get("digest")) for m in matching}) > 1:
             raise UsageError(f"{self.ref}: several images match {self.platform} in {where}; name one with :TAG")
         return self._follow(matching[0], depth + 1)
 
     def _from_manifest(self, manifest: dict[str, Any], digest: str) -> ResolvedImage:
-        cdesc = manifest.get("config") or {}
-        config_bytes = self._read_blob(cdesc.get("digest", ""), "config")
-        config = _load_json(config_bytes, f"{self.ref}: config")
-        if not isinstance(config, dict):
-            raise BadInput(f"{self.ref}: config is not an object")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        ldescs = manifest.get("layers") or []
+        cdesc = _obj(manifest.get("config"), f"{self.ref}: manifest config")
+        config_bytes = self._read_blob(_text(cdesc.get("digest"), f"{self.ref}: config digest"), "config")
+        config = _obj(_load_json(config_bytes, f"{self.ref}: config"), f"{self.ref}: config")
+        diff_ids = self._diff_ids(config)
+        ldescs = [_obj(x, f"{self.ref}: layer") for x in _items(manifest.get("layers"), f"{self.ref}: layers")]
         if len(diff_ids) != len(ldescs):
             raise BadInput(f"{self.ref}: config lists {len(diff_ids)} layers, manifest {len(ldescs)}")
         layers = []
@@ -311,37 +352,43 @@ class ImageSource:
             media = ld.get("mediaType", "")
             if media not in LAYER_TYPES:
                 raise Unsupported(f"{self.ref}: unsupported layer media type {media!r}")
-            name = _blob_name(ld.get("digest", ""))
-            layers.append(Layer(ld["digest"], media, diff_id, lambda n=name: self.store.open(n)))
+            layer_digest = _text(ld.get("digest"), f"{self.ref}: layer digest")
+            name = _blob_name(layer_digest)
+            layers.append(Layer(layer_digest, media, diff_id, lambda n=name: self.store.open(n)))
         return ResolvedImage(config, config_bytes, layers, f"{self.ref} ({digest})")
+
+    def _diff_ids(self, config: dict[str, Any]) -> list[str]:
+        rootfs = _obj(config.get("rootfs") or {}, f"{self.ref}: config rootfs")
+        return [_text(d, f"{self.ref}: diff id") for d in _items(rootfs.get("diff_ids"), f"{self.ref}: diff ids")]
 
     # -- docker save ---------------------------------------------------
     def _resolve_docker(self) -> ResolvedImage:
-        doc = _load_json(self.store.read("manifest.json"), f"{self.ref}: manifest.json")
-        if not isinstance(doc, list) or not doc:
+        doc = _items(_load_json(self.store.read("manifest.json"), f"{self.ref}: manifest.json"),
+                     f"{self.ref}: manifest.json")
+        entries = [_obj(m, f"{self.ref}: manifest.json entry") for m in doc]
+        if not entries:
             raise BadInput(f"{self.ref}: manifest.json lists no images")
-        chosen = doc
+        chosen = entries
         if self.tag:
-            chosen = [m for m in doc if isinstance(m, dict) and any(
-                t == self.tag or t.endswith("/" + self.tag) or t.split(":")[-1] == self.tag
-                for t in m.get("RepoTags") or [])]
+            def tagged(m: dict[str, Any]) -> bool:
+                tags = [t for t in _items(m.get("RepoTags"), f"{self.ref}: RepoTags") if isinstance(t, str)]
+                return any(t == self.tag or t.endswith("/" + self.tag) or t.split(":")[-1] == self.tag
+                           for t in tags)
+            chosen = [m for m in entries if tagged(m)]
             if not chosen:
                 raise NotFound(f"{self.ref}: no image tagged {self.tag!r}")
         if len(chosen) > 1:
             raise UsageError(f"{self.ref}: holds several images; name one with :REF")
         m = chosen[0]
-        if not isinstance(m, dict) or not isinstance(m.get("Config"), str):
-            raise BadInput(f"{self.ref}: manifest.json entry has no Config")
-        config_bytes = self.store.read(m["Config"])
-        base = os.path.basename(m["Config"])
+        config_name = _text(m.get("Config"), f"{self.ref}: manifest.json Config")
+        config_bytes = self.store.read(config_name)
+        base = os.path.basename(config_name)
         hexpart = base[:-5] if base.endswith(".json") else base
         if len(hexpart) == 64 and not _digest_ok(config_bytes, "sha256:" + hexpart):
             raise BadInput(f"{self.ref}: config does not match its digest")
-        config = _load_json(config_bytes, f"{self.ref}: config")
-        if not isinstance(config, dict):
-            raise BadInput(f"{self.ref}: config is not an object")
-        diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
-        names = m.get("Layers") or []
+        config = _obj(_load_json(config_bytes, f"{self.ref}: config"), f"{self.ref}: config")
+        diff_ids = self._diff_ids(config)
+        names = [_text(n, f"{self.ref}: layer name") for n in _items(m.get("Layers"), f"{self.ref}: Layers")]
         if len(diff_ids) != len(names):
             raise BadInput(f"{self.ref}: config lists {len(diff_ids)} layers, manifest {len(names)}")
         layers = []
