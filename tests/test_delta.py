@@ -254,7 +254,7 @@ def golden_pair() -> tuple[bytes, bytes]:
 
 
 GOLDEN_CM = os.path.join(os.path.dirname(__file__), "data", "golden-v1-cm.delta")
-GOLDEN_CM_SHA256 = "8b4abe385981f6cc1c01f63a0e79d21e55c2f5973ff68bcd1bb5ca9a562ad081"
+GOLDEN_CM_SHA256 = "765003657183234d14e2fe603e9946609e68fe05d74df6e8d4487db4d5208cf1"
 
 
 @pytest.mark.parametrize("path,digest,pair", [

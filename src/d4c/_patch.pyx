@@ -11,7 +11,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcmp
 
-API_VERSION = "3"
+API_VERSION = "4"
 
 ctypedef fused idx_t:
     int32_t
@@ -514,6 +514,9 @@ DEF _T2 = 1 << 16
 DEF _T3 = 1 << 20
 DEF _T4 = 1 << 14
 DEF _TV = 1 << 16
+DEF _BLOCK = 32
+DEF _TB1 = 1 << 11
+DEF _TB2 = 1 << 17
 
 
 cdef inline int32_t _squash(int32_t d) noexcept nogil:
@@ -572,8 +575,13 @@ cdef class AddCoder:
     cdef uint16_t* t3
     cdef uint16_t* t4
     cdef uint16_t* v[4]
+    cdef uint16_t* b1
+    cdef uint16_t* b2
     cdef _Mixer mf
     cdef _Mixer mv
+    cdef _Mixer mb
+    cdef uint32_t bhist
+    cdef int bcount
     cdef uint32_t hist
     cdef int64_t run
     cdef uint8_t prevv, prevd
@@ -595,10 +603,12 @@ cdef class AddCoder:
         self.t4 = <uint16_t*>malloc(_T4 * sizeof(uint16_t))
         for k in range(4):
             self.v[k] = <uint16_t*>malloc(_TV * sizeof(uint16_t))
+        self.b1 = <uint16_t*>malloc(_TB1 * sizeof(uint16_t))
+        self.b2 = <uint16_t*>malloc(_TB2 * sizeof(uint16_t))
         self.cap = 1 << 16
         self.buf = <uint8_t*>malloc(self.cap) if encoding else NULL
         if not (self.t1 and self.t2 and self.t3 and self.t4 and self.v[0] and self.v[1]
-                and self.v[2] and self.v[3]) or (encoding and self.buf == NULL):
+                and self.v[2] and self.v[3] and self.b1 and self.b2) or (encoding and self.buf == NULL):
             raise MemoryError("add-stream coder")
         for i in range(_T1):
             self.t1[i] = 1024
@@ -611,9 +621,16 @@ cdef class AddCoder:
         for k in range(4):
             for i in range(_TV):
                 self.v[k][i] = 32768
+        for i in range(_TB1):
+            self.b1[i] = 32768
+        for i in range(_TB2):
+            self.b2[i] = 32768
         for i in range(64 * _NM):
             self.mf.w[i] = 16384
             self.mv.w[i] = 16384
+            self.mb.w[i] = 16384
+        self.bhist = 0
+        self.bcount = 0
         self.x1 = 0
         self.x2 = 0xFFFFFFFF
         self.x = 0
@@ -633,6 +650,8 @@ cdef class AddCoder:
         free(self.t4)
         for k in range(4):
             free(self.v[k])
+        free(self.b1)
+        free(self.b2)
         free(self.buf)
 
     cdef inline uint32_t _next_in(self) noexcept nogil:
@@ -676,67 +695,115 @@ cdef class AddCoder:
             self.x2 = (self.x2 << 8) | 255
         return y
 
-    cdef int _code(self, const uint8_t* o, uint8_t* d, int64_t n) noexcept nogil:
-        cdef int64_t i
+    cdef int _code_one(self, const uint8_t* o, uint8_t* d, int64_t i) noexcept nogil:
+        """One add byte: its changed bit, and its value if changed. Returns the bit, or -1."""
         cdef uint32_t h3
         cdef int y, node, b, rb, k
         cdef uint8_t oi, om1, om2, om3, om4
         cdef uint16_t* p[4]
         cdef int32_t pr
-        for i in range(n):
-            oi = o[i]
-            om1 = o[i - 1] if i >= 1 else 0
-            om2 = o[i - 2] if i >= 2 else 0
-            om3 = o[i - 3] if i >= 3 else 0
-            om4 = o[i - 4] if i >= 4 else 0
-            rb = 0
-            while rb < 15 and (self.run >> rb) > 0:
-                rb += 1
-            p[0] = &self.t1[((<uint32_t>oi << 9) | (<uint32_t>om1 << 1) | (self.hist & 1)) & (_T1 - 1)]
-            p[1] = &self.t2[((<uint32_t>oi << 8) | (self.hist & 0xFF)) & (_T2 - 1)]
-            h3 = ((<uint32_t>oi * 2654435761U) ^ (<uint32_t>om1 * 2246822507U) ^ (<uint32_t>om2 * 3266489909U)
-                  ^ (<uint32_t>om3 * 668265263U) ^ (<uint32_t>om4 * 374761393U)) >> 12
-            p[2] = &self.t3[h3 & (_T3 - 1)]
-            p[3] = &self.t4[((<uint32_t>rb << 9) | (<uint32_t>oi << 1) | (self.hist & 1)) & (_T4 - 1)]
+        oi = o[i]
+        om1 = o[i - 1] if i >= 1 else 0
+        om2 = o[i - 2] if i >= 2 else 0
+        om3 = o[i - 3] if i >= 3 else 0
+        om4 = o[i - 4] if i >= 4 else 0
+        rb = 0
+        while rb < 15 and (self.run >> rb) > 0:
+            rb += 1
+        p[0] = &self.t1[((<uint32_t>oi << 9) | (<uint32_t>om1 << 1) | (self.hist & 1)) & (_T1 - 1)]
+        p[1] = &self.t2[((<uint32_t>oi << 8) | (self.hist & 0xFF)) & (_T2 - 1)]
+        h3 = ((<uint32_t>oi * 2654435761U) ^ (<uint32_t>om1 * 2246822507U) ^ (<uint32_t>om2 * 3266489909U)
+              ^ (<uint32_t>om3 * 668265263U) ^ (<uint32_t>om4 * 374761393U)) >> 12
+        p[2] = &self.t3[h3 & (_T3 - 1)]
+        p[3] = &self.t4[((<uint32_t>rb << 9) | (<uint32_t>oi << 1) | (self.hist & 1)) & (_T4 - 1)]
+        for k in range(4):
+            self.mf.st[k] = _STRETCH[p[k][0] >> 4]
+        pr = _mix(&self.mf, <int>(self.hist & 3) | (rb << 2))
+        y = self._bit(d[i] != 0 if self.encoding else 0, pr)
+        if y < 0:
+            return -1
+        _mix_update(&self.mf, y)
+        _upd(p[0], y, 4)
+        _upd(p[1], y, 4)
+        _upd(p[2], y, 4)
+        _upd(p[3], y, 5)
+        self.hist = (self.hist << 1) | y
+        if not y:
+            self.run += 1
+            if not self.encoding:
+                d[i] = 0
+            self.prevd = 0
+            return 0
+        self.run = 0
+        node = 1
+        for b in range(7, -1, -1):
+            p[0] = &self.v[0][((<uint32_t>self.prevv << 8) | node) & (_TV - 1)]
+            p[1] = &self.v[1][((<uint32_t>oi << 8) | node) & (_TV - 1)]
+            p[2] = &self.v[2][((<uint32_t>self.prevd << 8) | node) & (_TV - 1)]
+            p[3] = &self.v[3][((<uint32_t>om1 << 8) | node) & (_TV - 1)]
             for k in range(4):
-                self.mf.st[k] = _STRETCH[p[k][0] >> 4]
-            pr = _mix(&self.mf, <int>(self.hist & 3) | (rb << 2))
-            y = self._bit(d[i] != 0 if self.encoding else 0, pr)
+                self.mv.st[k] = _STRETCH[p[k][0] >> 4]
+            pr = _mix(&self.mv, 7 - b)
+            y = self._bit((d[i] >> b) & 1 if self.encoding else 0, pr)
             if y < 0:
                 return -1
-            _mix_update(&self.mf, y)
-            _upd(p[0], y, 4)
-            _upd(p[1], y, 4)
-            _upd(p[2], y, 4)
-            _upd(p[3], y, 5)
-            self.hist = (self.hist << 1) | y
-            if not y:
-                self.run += 1
+            _mix_update(&self.mv, y)
+            for k in range(4):
+                _upd(p[k], y, 4)
+            node = (node << 1) | y
+        if not self.encoding:
+            d[i] = <uint8_t>(node & 0xFF)
+        self.prevv = <uint8_t>(node & 0xFF)
+        self.prevd = self.prevv
+        return 1
+
+    cdef int _code(self, const uint8_t* o, uint8_t* d, int64_t n) noexcept nogil:
+        """Blocks of 32 add bytes: one bit says whether a block has any change
+        (most have none); only changed blocks are coded byte by byte."""
+        cdef int64_t i = 0, j, end
+        cdef int z, y, k, changed
+        cdef uint16_t* p[2]
+        cdef int32_t pr
+        while i < n:
+            end = i + _BLOCK if i + _BLOCK < n else n
+            z = 0
+            if self.encoding:
+                for j in range(i, end):
+                    if d[j]:
+                        z = 1
+                        break
+            p[0] = &self.b1[((self.bhist & 0xFF) << 3 | self.bcount) & (_TB1 - 1)]
+            p[1] = &self.b2[(((self.bhist & 1) << 16) | (<uint32_t>o[i] << 8)
+                             | (<uint32_t>(o[i + 1] if i + 1 < n else 0))) & (_TB2 - 1)]
+            self.mb.st[0] = _STRETCH[p[0][0] >> 4]
+            self.mb.st[1] = _STRETCH[p[1][0] >> 4]
+            self.mb.st[2] = 256
+            self.mb.st[3] = 0
+            pr = _mix(&self.mb, <int>(self.bhist & 3))
+            z = self._bit(z, pr)
+            if z < 0:
+                return -1
+            _mix_update(&self.mb, z)
+            _upd(p[0], z, 4)
+            _upd(p[1], z, 4)
+            self.bhist = (self.bhist << 1) | z
+            changed = 0
+            if not z:
                 if not self.encoding:
-                    d[i] = 0
+                    for j in range(i, end):
+                        d[j] = 0
+                self.hist = (self.hist << (end - i)) if end - i < 32 else 0
+                self.run += end - i
                 self.prevd = 0
-                continue
-            self.run = 0
-            node = 1
-            for b in range(7, -1, -1):
-                p[0] = &self.v[0][((<uint32_t>self.prevv << 8) | node) & (_TV - 1)]
-                p[1] = &self.v[1][((<uint32_t>oi << 8) | node) & (_TV - 1)]
-                p[2] = &self.v[2][((<uint32_t>self.prevd << 8) | node) & (_TV - 1)]
-                p[3] = &self.v[3][((<uint32_t>om1 << 8) | node) & (_TV - 1)]
-                for k in range(4):
-                    self.mv.st[k] = _STRETCH[p[k][0] >> 4]
-                pr = _mix(&self.mv, 7 - b)
-                y = self._bit((d[i] >> b) & 1 if self.encoding else 0, pr)
-                if y < 0:
-                    return -1
-                _mix_update(&self.mv, y)
-                for k in range(4):
-                    _upd(p[k], y, 4)
-                node = (node << 1) | y
-            if not self.encoding:
-                d[i] = <uint8_t>(node & 0xFF)
-            self.prevv = <uint8_t>(node & 0xFF)
-            self.prevd = self.prevv
+            else:
+                for j in range(i, end):
+                    y = self._code_one(o, d, j)
+                    if y < 0:
+                        return -1
+                    changed += y
+            self.bcount = 0 if changed == 0 else (1 if changed == 1 else (2 if changed < 4 else
+                                                                          (3 if changed < 8 else 4)))
+            i = end
         return 0
 
     def encode(self, const uint8_t[::1] diff, const uint8_t[::1] old_ctx):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-API_VERSION = "3"
+API_VERSION = "4"
 
 
 def suffix_array(text, sa):  # type: ignore[no-untyped-def]
@@ -162,6 +162,7 @@ for _i in range(4096):
     _STRETCH.append(int(math.log(_x / (1.0 - _x)) * 256.0))
 _NM = 4
 _T1, _T2, _T3, _T4, _TV = 1 << 17, 1 << 16, 1 << 20, 1 << 14, 1 << 16
+_BLOCK, _TB1, _TB2 = 32, 1 << 11, 1 << 17
 _M32 = 0xFFFFFFFF
 
 
@@ -200,7 +201,9 @@ class AddCoder:
         self.encoding = encoding
         self.t1, self.t2, self.t3, self.t4 = [1024] * _T1, [1024] * _T2, [1024] * _T3, [1024] * _T4
         self.v = [[32768] * _TV for _ in range(4)]
-        self.mf, self.mv = _Mixer(), _Mixer()
+        self.mf, self.mv, self.mb = _Mixer(), _Mixer(), _Mixer()
+        self.b1, self.b2 = [32768] * _TB1, [32768] * _TB2
+        self.bhist = self.bcount = 0
         self.hist = self.run = self.prevv = self.prevd = 0
         self.x1, self.x2, self.x = 0, _M32, 0
         self.out = bytearray()
@@ -233,53 +236,84 @@ class AddCoder:
             self.x2 = ((self.x2 << 8) | 255) & _M32
         return y
 
-    def _code(self, o, d, n: int) -> None:  # type: ignore[no-untyped-def]
-        for i in range(n):
-            oi = o[i]
-            om1 = o[i - 1] if i >= 1 else 0
-            om2 = o[i - 2] if i >= 2 else 0
-            om3 = o[i - 3] if i >= 3 else 0
-            om4 = o[i - 4] if i >= 4 else 0
-            rb = 0
-            while rb < 15 and (self.run >> rb) > 0:
-                rb += 1
-            i1 = ((oi << 9) | (om1 << 1) | (self.hist & 1)) & (_T1 - 1)
-            i2 = ((oi << 8) | (self.hist & 0xFF)) & (_T2 - 1)
-            h3 = (((oi * 2654435761) & _M32) ^ ((om1 * 2246822507) & _M32) ^ ((om2 * 3266489909) & _M32)
-                  ^ ((om3 * 668265263) & _M32) ^ ((om4 * 374761393) & _M32)) >> 12
-            i3 = h3 & (_T3 - 1)
-            i4 = ((rb << 9) | (oi << 1) | (self.hist & 1)) & (_T4 - 1)
-            tables = ((self.t1, i1), (self.t2, i2), (self.t3, i3), (self.t4, i4))
-            for k, (t, idx) in enumerate(tables):
-                self.mf.st[k] = _STRETCH[t[idx] >> 4]
-            pr = self.mf.mix((self.hist & 3) | (rb << 2))
-            y = self._bit(int(d[i] != 0) if self.encoding else 0, pr)
-            self.mf.update(y)
-            for k, (t, idx) in enumerate(tables):
-                _upd(t, idx, y, 5 if k == 3 else 4)
-            self.hist = ((self.hist << 1) | y) & _M32
-            if not y:
-                self.run += 1
-                if not self.encoding:
-                    d[i] = 0
-                self.prevd = 0
-                continue
-            self.run = 0
-            node = 1
-            for b in range(7, -1, -1):
-                idxs = (((self.prevv << 8) | node) & (_TV - 1), ((oi << 8) | node) & (_TV - 1),
-                        ((self.prevd << 8) | node) & (_TV - 1), ((om1 << 8) | node) & (_TV - 1))
-                for k in range(4):
-                    self.mv.st[k] = _STRETCH[self.v[k][idxs[k]] >> 4]
-                pr = self.mv.mix(7 - b)
-                y = self._bit((d[i] >> b) & 1 if self.encoding else 0, pr)
-                self.mv.update(y)
-                for k in range(4):
-                    _upd(self.v[k], idxs[k], y, 4)
-                node = (node << 1) | y
+    def _code_one(self, o, d, i: int) -> int:  # type: ignore[no-untyped-def]
+        oi = o[i]
+        om1 = o[i - 1] if i >= 1 else 0
+        om2 = o[i - 2] if i >= 2 else 0
+        om3 = o[i - 3] if i >= 3 else 0
+        om4 = o[i - 4] if i >= 4 else 0
+        rb = 0
+        while rb < 15 and (self.run >> rb) > 0:
+            rb += 1
+        i1 = ((oi << 9) | (om1 << 1) | (self.hist & 1)) & (_T1 - 1)
+        i2 = ((oi << 8) | (self.hist & 0xFF)) & (_T2 - 1)
+        h3 = (((oi * 2654435761) & _M32) ^ ((om1 * 2246822507) & _M32) ^ ((om2 * 3266489909) & _M32)
+              ^ ((om3 * 668265263) & _M32) ^ ((om4 * 374761393) & _M32)) >> 12
+        i3 = h3 & (_T3 - 1)
+        i4 = ((rb << 9) | (oi << 1) | (self.hist & 1)) & (_T4 - 1)
+        tables = ((self.t1, i1), (self.t2, i2), (self.t3, i3), (self.t4, i4))
+        for k, (t, idx) in enumerate(tables):
+            self.mf.st[k] = _STRETCH[t[idx] >> 4]
+        pr = self.mf.mix((self.hist & 3) | (rb << 2))
+        y = self._bit(int(d[i] != 0) if self.encoding else 0, pr)
+        self.mf.update(y)
+        for k, (t, idx) in enumerate(tables):
+            _upd(t, idx, y, 5 if k == 3 else 4)
+        self.hist = ((self.hist << 1) | y) & _M32
+        if not y:
+            self.run += 1
             if not self.encoding:
-                d[i] = node & 0xFF
-            self.prevv = self.prevd = node & 0xFF
+                d[i] = 0
+            self.prevd = 0
+            return 0
+        self.run = 0
+        node = 1
+        for b in range(7, -1, -1):
+            idxs = (((self.prevv << 8) | node) & (_TV - 1), ((oi << 8) | node) & (_TV - 1),
+                    ((self.prevd << 8) | node) & (_TV - 1), ((om1 << 8) | node) & (_TV - 1))
+            for k in range(4):
+                self.mv.st[k] = _STRETCH[self.v[k][idxs[k]] >> 4]
+            pr = self.mv.mix(7 - b)
+            y = self._bit((d[i] >> b) & 1 if self.encoding else 0, pr)
+            self.mv.update(y)
+            for k in range(4):
+                _upd(self.v[k], idxs[k], y, 4)
+            node = (node << 1) | y
+        if not self.encoding:
+            d[i] = node & 0xFF
+        self.prevv = self.prevd = node & 0xFF
+        return 1
+
+    def _code(self, o, d, n: int) -> None:  # type: ignore[no-untyped-def]
+        i = 0
+        while i < n:
+            end = min(i + _BLOCK, n)
+            z = int(any(d[j] for j in range(i, end))) if self.encoding else 0
+            i1 = (((self.bhist & 0xFF) << 3) | self.bcount) & (_TB1 - 1)
+            i2 = (((self.bhist & 1) << 16) | (o[i] << 8) | (o[i + 1] if i + 1 < n else 0)) & (_TB2 - 1)
+            self.mb.st[0] = _STRETCH[self.b1[i1] >> 4]
+            self.mb.st[1] = _STRETCH[self.b2[i2] >> 4]
+            self.mb.st[2] = 256
+            self.mb.st[3] = 0
+            pr = self.mb.mix(self.bhist & 3)
+            z = self._bit(z, pr)
+            self.mb.update(z)
+            _upd(self.b1, i1, z, 4)
+            _upd(self.b2, i2, z, 4)
+            self.bhist = ((self.bhist << 1) | z) & _M32
+            changed = 0
+            if not z:
+                if not self.encoding:
+                    for j in range(i, end):
+                        d[j] = 0
+                self.hist = ((self.hist << (end - i)) & _M32) if end - i < 32 else 0
+                self.run += end - i
+                self.prevd = 0
+            else:
+                for j in range(i, end):
+                    changed += self._code_one(o, d, j)
+            self.bcount = 0 if changed == 0 else 1 if changed == 1 else 2 if changed < 4 else 3 if changed < 8 else 4
+            i = end
 
     def encode(self, diff, old_ctx) -> None:  # type: ignore[no-untyped-def]
         if not self.encoding or len(old_ctx) != len(diff):

@@ -14,7 +14,7 @@ from types import ModuleType
 from .errors import ExtensionMismatch
 
 # what the Python side expects of each kernel module
-API_VERSIONS = {"_patch": "3", "_chunker": "1"}
+API_VERSIONS = {"_patch": "4", "_chunker": "1"}
 
 backend: str
 import_error: str | None = None
