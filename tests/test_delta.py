@@ -254,7 +254,7 @@ def golden_pair() -> tuple[bytes, bytes]:
 
 
 GOLDEN_CM = os.path.join(os.path.dirname(__file__), "data", "golden-v1-cm.delta")
-GOLDEN_CM_SHA256 = "765003657183234d14e2fe603e9946609e68fe05d74df6e8d4487db4d5208cf1"
+GOLDEN_CM_SHA256 = "158886fd031a9d83018fd0330dfb8c56892c35cd9073316039c53041f9aa1c72"
 
 
 @pytest.mark.parametrize("path,digest,pair", [

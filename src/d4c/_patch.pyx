@@ -511,7 +511,7 @@ _cm_tables()
 DEF _NM = 4
 DEF _T1 = 1 << 17
 DEF _T2 = 1 << 16
-DEF _T3 = 1 << 20
+DEF _T3 = 1 << 16
 DEF _T4 = 1 << 14
 DEF _TV = 1 << 16
 DEF _BLOCK = 32
@@ -567,7 +567,7 @@ cdef inline void _upd(uint16_t* p, int y, int rate) noexcept nogil:
 
 cdef class AddCoder:
     """Codes the add stream segment by segment (state carries over), so memory
-    stays one segment plus ~10 MiB of model tables.  Decoding arbitrary bytes
+    stays one segment plus ~1.5 MiB of model tables.  Decoding arbitrary bytes
     only yields arbitrary add bytes (the result digest catches them)."""
 
     cdef uint16_t* t1
