@@ -7,7 +7,6 @@ import io
 import os
 import stat
 import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -153,6 +152,3 @@ def diff_trees(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: {a[key]} != {b[key]}")
     return problems
 
-
-def python_exe() -> str:
-    return sys.executable

@@ -66,19 +66,6 @@ def test_chunks_are_content_defined() -> None:
     assert len(a & b) >= 0.9 * len(a)
 
 
-def test_add_bytes_parity() -> None:
-    fast = compiled("_patch")
-    rnd = random.Random(5)
-    old = bytes(rnd.getrandbits(8) for _ in range(5000))
-    diff = bytes(rnd.getrandbits(8) for _ in range(4000))
-    out1, out2 = bytearray(4000), bytearray(4000)
-    fast.add_bytes(old, diff, out1)
-    _patch_py.add_bytes(old, diff, out2)
-    assert out1 == out2 == bytearray((o + d) & 0xFF for o, d in zip(old, diff))
-    with pytest.raises(ValueError):
-        fast.add_bytes(old[:10], diff, out1)
-
-
 GOLDEN_CUTS = "70083492c76a45edfe01e7790f895b376985ee9d9146e86967701d12ca3f7815"
 
 

@@ -460,22 +460,6 @@ def apply(const uint8_t[::1] old, const int64_t[::1] ctrl, const uint8_t[::1] di
     return rc
 
 
-def add_bytes(const uint8_t[::1] old, const uint8_t[::1] diff, uint8_t[::1] out):
-    """out[i] = old[i] + diff[i] (mod 256): the 'add' step of bsdiff-style patches."""
-    cdef Py_ssize_t n = diff.shape[0]
-    cdef Py_ssize_t i
-    if old.shape[0] < n or out.shape[0] < n:
-        raise ValueError("buffers shorter than the diff")
-    if n == 0:
-        return
-    cdef const uint8_t* a = &old[0]
-    cdef const uint8_t* d = &diff[0]
-    cdef uint8_t* o = &out[0]
-    with nogil:
-        for i in range(n):
-            o[i] = <uint8_t>(a[i] + d[i])
-
-
 # ---------------------------------------------------------------- add-stream coder
 # A context-mixing binary arithmetic coder for the add (diff) stream.  The
 # patcher knows the old bytes under every add byte before it decodes them, so

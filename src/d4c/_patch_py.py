@@ -140,14 +140,6 @@ def apply(old, ctrl, diff, extra, out):  # type: ignore[no-untyped-def]
     return 0 if (newpos, dpos, epos) == (newsize, ndiff, nextra) else -6
 
 
-def add_bytes(old, diff, out):  # type: ignore[no-untyped-def]
-    n = len(diff)
-    if len(old) < n or len(out) < n:
-        raise ValueError("buffers shorter than the diff")
-    for i in range(n):
-        out[i] = (old[i] + diff[i]) & 0xFF
-
-
 # ---------------------------------------------------------------- add-stream coder
 # Bit-exact port of AddCoder in _patch.pyx (see there for the design).
 
