@@ -35,6 +35,7 @@ from .codec import Cursor, Encoder
 from .errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
 from .fsutil import atomic_output
 from .progress import Progress
+from .zstdframes import read_bounded
 
 MAGIC = b"D4C-DLTA"
 VERSION = 1
@@ -608,24 +609,14 @@ class _StreamReader:
 
 def _decompress(frame: bytes | memoryview, usize: int, source: str, what: str,
                 prefix: zstandard.ZstdCompressionDict | None = None) -> bytes:
-    """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
     # our frames use windows up to 2^27 (2^30 with the old file as prefix): refuse more
-    dctx = zstandard.ZstdDecompressor(dict_data=prefix, max_window_size=1 << (30 if prefix else 27))
-    parts: list[bytes] = []
-    got = 0
     try:
-        with dctx.stream_reader(bytes(frame), read_across_frames=False) as reader:
-            while got <= usize:
-                chunk = reader.read(min(usize + 1 - got, 1 << 24))
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
+        out = read_bounded(frame, usize, max_window_log=30 if prefix else 27, prefix=prefix)
     except zstandard.ZstdError as exc:
         raise CorruptDelta(source, f"{what} does not decompress ({exc})") from None
-    if got != usize:
+    if len(out) != usize:
         raise CorruptDelta(source, f"{what} has the wrong size")
-    return b"".join(parts)
+    return out
 
 
 def apply(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int | None = None,

@@ -20,6 +20,7 @@ from .codec import Cursor, Encoder
 from .errors import CorruptImage, D4CError, NotFound, UnsupportedVersion, from_oserror
 from .tree import (LINKABLE, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    Entry, EntryType, Storage, path_problem, symlink_problem)
+from .zstdframes import read_bounded
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -305,23 +306,13 @@ def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
 
 
 def _decompress_bounded(blob: bytes, usize: int, source: str, what: str) -> bytes:
-    """Decompress at most usize+1 bytes: a bomb is detected, never expanded."""
-    parts: list[bytes] = []
-    got = 0
     try:
-        with zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
-                blob, read_across_frames=True) as reader:
-            while got <= usize:
-                chunk = reader.read(min(usize + 1 - got, 1 << 20))
-                if not chunk:
-                    break
-                parts.append(chunk)
-                got += len(chunk)
+        out = read_bounded(blob, usize, across_frames=True)
     except zstandard.ZstdError as exc:
         raise CorruptImage(source, f"{what} does not decompress ({exc})") from None
-    if got != usize:
+    if len(out) != usize:
         raise CorruptImage(source, f"{what} does not have its recorded size {usize}")
-    return b"".join(parts)
+    return out
 
 
 def read_info(fd: int, source: str) -> ImageInfo:
