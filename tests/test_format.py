@@ -13,7 +13,6 @@ from helpers import make_tree, run_cli
 from d4c.bodies import BodySpool
 from d4c.dimg import (DIMG_MAGIC, DIMG_PREAMBLE, Image, encode_storage, encode_tree, format_id,
                       image_id_of)
-from d4c.pack import pack_dir
 from d4c.tree import Entry, EntryType, canonicalize
 from d4c.writer import save_image
 

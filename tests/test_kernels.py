@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import random
 
 import numpy as np
@@ -29,8 +30,9 @@ def lcg_bytes(n: int, seed: int) -> bytes:
 
 
 def test_compiled_kernels_in_use() -> None:
+    """A build that silently fell back to the references would be 100x slower."""
     accel.check()
-    assert accel.backend in ("compiled", "python")
+    assert accel.backend == ("python" if os.environ.get("D4C_PUREPYTHON") else "compiled")
 
 
 def test_chunker_parity() -> None:

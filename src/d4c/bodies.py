@@ -36,7 +36,6 @@ class Frame:
 class Body:
     digest: bytes
     size: int
-    frame: Frame | None  # None for empty content
 
 
 class BodySpool:
@@ -69,7 +68,7 @@ class BodySpool:
             for chunk in chunks:
                 if chunk:
                     raise BadInput(f"{what}: changed while reading (grew)")
-            return Body(hashlib.sha256(b"").digest(), 0, None)
+            return Body(hashlib.sha256(b"").digest(), 0)
         index, f, cctx = self._mine()
         start = f.seek(0, os.SEEK_END)
         cobj = cctx.compressobj(size=size)
@@ -91,7 +90,7 @@ class BodySpool:
         frame = Frame(index, start, end - start)
         with self._lock:
             self._frames.setdefault(digest, frame)
-        return Body(digest, size, frame)
+        return Body(digest, size)
 
     def add_file(self, f: BinaryIO, size: int, what: str) -> Body:
         return self.add_chunks(_read_chunks(f), size, what)

@@ -86,8 +86,8 @@ class DeltaInfo:
 
 # ---------------------------------------------------------------- diff
 
-def _zstd(level: int, size: int, window_for: int = 0) -> zstandard.ZstdCompressor:
-    window = max(10, min(27, (max(window_for, size, 1) - 1).bit_length()))
+def _zstd(level: int, size: int) -> zstandard.ZstdCompressor:
+    window = max(10, min(27, (max(size, 1) - 1).bit_length()))
     params = zstandard.ZstdCompressionParameters.from_level(
         level, source_size=size, window_log=window, write_content_size=True, write_checksum=False,
         threads=0)
@@ -102,7 +102,6 @@ def _compress(data: bytes | memoryview, level: int) -> bytes:
 # Debian binaries: bzip2's BWT beats zstd -19 by ~20% on bsdiff-style add
 # streams (git: 67 KB vs 85 KB), lzma wins on run-coded ones; all are stdlib.
 CODEC_ZSTD, CODEC_BZ2, CODEC_LZMA, CODEC_STORED = 0, 1, 2, 3
-CODEC_NAMES = {CODEC_ZSTD: "zstd", CODEC_BZ2: "bzip2", CODEC_LZMA: "lzma", CODEC_STORED: "stored"}
 LZMA_MEMLIMIT = 256 << 20
 
 
@@ -141,25 +140,11 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
 
 
 def _unpack_stream(codec: int, frame: bytes | memoryview, usize: int, source: str, what: str) -> bytes:
-    if codec == CODEC_ZSTD:
-        return _decompress(frame, usize, source, what)
-    if codec == CODEC_STORED:
-        if len(frame) != usize:
-            raise CorruptDelta(source, f"{what} has the wrong size")
-        return bytes(frame)
-    try:
-        if codec == CODEC_BZ2:
-            dec: bz2.BZ2Decompressor | lzma.LZMADecompressor = bz2.BZ2Decompressor()
-        elif codec == CODEC_LZMA:
-            dec = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE, memlimit=LZMA_MEMLIMIT)
-        else:
-            raise CorruptDelta(source, f"{what}: unknown codec {codec}")
-        out = dec.decompress(bytes(frame), max_length=usize + 1)
-    except (OSError, ValueError, EOFError, lzma.LZMAError) as exc:
-        raise CorruptDelta(source, f"{what} does not decompress ({exc})") from None
-    if len(out) != usize or not dec.eof or dec.unused_data:
-        raise CorruptDelta(source, f"{what} has the wrong size")
-    return out
+    """A whole stream at once (the small ones); _StreamReader does the checks."""
+    reader = _StreamReader(codec, frame, usize, source, what)
+    data = reader.read(usize)
+    reader.finish()
+    return data
 
 
 def plan_segments(old: bytes | memoryview, new: bytes | memoryview, memory_limit: int) -> list[Segment]:

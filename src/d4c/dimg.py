@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterable
 import zstandard
 
 from .codec import Cursor, Encoder
-from .errors import CorruptImage, D4CError, NotFound, UnsupportedVersion, from_oserror
+from .errors import CorruptImage, NotFound, UnsupportedVersion, from_oserror
 from .tree import (LINKABLE, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    Entry, EntryType, Storage, path_problem, symlink_problem)
 from .zstdframes import read_bounded
@@ -52,17 +52,6 @@ def image_id_of(tree_table: bytes) -> bytes:
 
 def format_id(digest: bytes) -> str:
     return "sha256:" + digest.hex()
-
-
-def parse_id(text: str) -> bytes:
-    hexpart = text[7:] if text.startswith("sha256:") else text
-    try:
-        raw = bytes.fromhex(hexpart)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise D4CError(f"not an image id: {text!r}")
-    return raw
 
 
 # ---------------------------------------------------------------- tables

@@ -32,7 +32,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode & ~_umask())
+        os.chmod(tmp, mode & ~_UMASK)
         os.replace(tmp, path)
         ok = True
     except OSError as exc:
@@ -53,9 +53,6 @@ def _read_umask() -> int:
 
 _UMASK = _read_umask()  # read once at import: os.umask() is process-wide, not thread-safe
 
-
-def _umask() -> int:
-    return _UMASK
 
 
 def copy_range(src_fd: int, src_offset: int, length: int, dst: BinaryIO) -> None:

@@ -45,7 +45,6 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    want_cdimg = args.cdimg or not args.dimg
     default = Platform.default()
     plat = Platform(args.os or default.os, args.arch or default.architecture,
                     args.variant if args.variant is not None else (default.variant if not args.arch else ""))

@@ -25,7 +25,7 @@ import tarfile
 import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import BinaryIO
 
 import zstandard
