@@ -103,3 +103,26 @@ def test_gather_old_checks_ranges() -> None:
     assert fast.gather_old(old, np.array([3, 0, 8, 3, 0, 0], dtype=np.int64), out) == -3
     assert fast.gather_old(old, np.array([-1, 0, 0], dtype=np.int64), out) == -1
     assert _patch_py.gather_old(old, [3, 0, 2, 3, 0, 0], bytearray(6)) == 0
+
+
+def _sa_inputs() -> list[bytes]:
+    """Inputs that reach every SA-IS path: recursion (repeats), one-symbol runs,
+    the extreme byte values, and plain noise."""
+    return [b"", b"\x00", b"\xff", b"ab", b"ba", b"aaaa", b"\x00" * 50, b"\xff" * 33,
+            b"mississippi", b"abracadabra" * 9, b"ab" * 40 + b"a", b"\x00\xff" * 20 + b"\x00",
+            bytes(range(256)) * 3, bytes(range(255, -1, -1)) * 2,
+            b"".join(bytes([i % 3]) * (i % 7 + 1) for i in range(300)),
+            lcg_bytes(3000, 7), bytes(b % 4 for b in lcg_bytes(2000, 11)),
+            (lcg_bytes(97, 3) * 20)[:1500] + lcg_bytes(50, 5)]
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_suffix_array_parity(dtype) -> None:  # type: ignore[no-untyped-def]
+    """The SA-IS kernel against a plain sort of the suffixes (the order is unique)."""
+    kernels = compiled("_patch")
+    for text in _sa_inputs():
+        want = np.empty(len(text) + 1, dtype=dtype)
+        _patch_py.suffix_array(text, want)
+        got = np.full(len(text) + 1, -7, dtype=dtype)
+        assert kernels.suffix_array(text, got) == 0
+        assert np.array_equal(got, want), text[:40]

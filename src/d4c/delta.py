@@ -147,7 +147,8 @@ def _unpack_stream(codec: int, frame: bytes | memoryview, usize: int, source: st
     return data
 
 
-def plan_segments(old: bytes | memoryview, new: bytes | memoryview, memory_limit: int) -> list[Segment]:
+def plan_segments(old: bytes | memoryview, new: bytes | memoryview, memory_limit: int,
+                  threads: int = 1) -> list[Segment]:
     """Cut new into segments and give each a window of old to diff against."""
     old_size, new_size = len(old), len(new)
     whole_cost = SA_BYTES_PER_OLD * old_size + NEW_BYTES_PER_NEW * new_size
@@ -160,7 +161,7 @@ def plan_segments(old: bytes | memoryview, new: bytes | memoryview, memory_limit
         seg //= 2
     count = max(1, -(-new_size // seg))
     bounds = _aligned_bounds(new, count)
-    offsets = _chunk_offsets(old, new, bounds)
+    offsets = _chunk_offsets(old, new, bounds, threads)
     segments = []
     start = 0
     for end, offset in zip(bounds, offsets):
@@ -201,22 +202,30 @@ def _aligned_bounds(new: bytes | memoryview, count: int) -> list[int]:
     return sorted(set(b for b in bounds if 0 < b <= n))
 
 
-def _chunk_offsets(old: bytes | memoryview, new: bytes | memoryview, bounds: list[int]) -> list[int]:
+def _chunk_offsets(old: bytes | memoryview, new: bytes | memoryview, bounds: list[int],
+                   threads: int = 1) -> list[int]:
     """For each segment of new, where its content sits in old (median shift of shared chunks)."""
-    def chunks(data: bytes | memoryview) -> Iterable[tuple[int, bytes]]:
+    def chunks(data: bytes | memoryview) -> list[tuple[int, bytes]]:
+        out = []
         start = 0
         view = memoryview(data)
         for end in cut_points(view, 2048, 8192, 65536):
             end = int(end)
-            yield start, hashlib.blake2b(view[start:end], digest_size=16).digest()
+            out.append((start, hashlib.blake2b(view[start:end], digest_size=16).digest()))
             start = end
+        return out
+    if threads > 1:  # both the chunker and blake2b release the GIL
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            old_chunks, new_chunks = pool.map(chunks, (old, new))
+    else:
+        old_chunks, new_chunks = chunks(old), chunks(new)
     # only chunks that occur once in old say where things are (runs of zeros do not)
     where: dict[bytes, int] = {}
-    for pos, digest in chunks(old):
+    for pos, digest in old_chunks:
         where[digest] = -1 if digest in where else pos
     shifts: list[list[int]] = [[] for _ in bounds]
     seg = 0
-    for pos, digest in chunks(new):
+    for pos, digest in new_chunks:
         while seg < len(bounds) - 1 and pos >= bounds[seg]:
             seg += 1
         if where.get(digest, -1) >= 0:
@@ -388,11 +397,19 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
     if not 1 <= level <= 22:
         raise D4CError(f"compression level {level} out of range 1..22")
-    head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
     if fast:
+        head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
         return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
                                                                  if level == DEFAULT_LEVEL else level)
-    sa_payload = _sa_payload(old, new, level, threads, memory_limit)
+    if threads > 1 and len(old) + len(new) >= SEGMENT_TARGET:
+        # the digests are serial work: hash on the side while the segments are scanned
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digests = pool.submit(lambda: (hashlib.sha256(old).digest(), hashlib.sha256(new).digest()))
+            sa_payload = _sa_payload(old, new, level, threads, memory_limit)
+            head = (len(old), len(new), *digests.result())
+    else:
+        head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
+        sa_payload = _sa_payload(old, new, level, threads, memory_limit)
     candidates = [_preamble(METHOD_SA, *head) + sa_payload] if sa_payload is not None else []
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
     # the old file as prefix, or the new file alone, may be smaller
@@ -419,8 +436,9 @@ def _prefix_payload(old: memoryview, new: memoryview, level: int) -> bytes:
     return zstandard.ZstdCompressor(compression_params=params, dict_data=prefix).compress(new)
 
 
-def _cm_encode(old: memoryview, segments: list[Segment], parts: list[SegmentDiff]) -> bytes:
-    """The add stream through the context-mixing coder, segment by segment."""
+def _cm_encode(old: memoryview, segments: list[Segment], parts: Iterable[SegmentDiff]) -> bytes:
+    """The add stream through the context-mixing coder, segment by segment
+    (parts may be a lazy sequence: the coder takes each as soon as it exists)."""
     kernels = accel.patch
     coder = kernels.AddCoder(True)
     for s, part in zip(segments, parts):
@@ -437,7 +455,7 @@ RAW_CANDIDATE_LIMIT = 64 << 20  # above this the plain add stream is not kept as
 
 
 def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int) -> bytes | None:
-    segments = plan_segments(old, new, memory_limit)
+    segments = plan_segments(old, new, memory_limit, threads)
     per_segment = SA_BYTES_PER_OLD * max(s.old_len for s in segments) + NEW_BYTES_PER_NEW * SEGMENT_TARGET
     workers = max(1, min(threads, len(segments), memory_limit // max(per_segment, 1)))
     new_starts = np.cumsum([0] + [s.new_len for s in segments]).tolist()
@@ -453,10 +471,20 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
             progress.advance(s.new_len, 1)
         return part
 
+    early_cm = None
     try:
         if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-diff") as pool:
-                parts = list(pool.map(one, range(len(segments))))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-diff") as pool, \
+                    ThreadPoolExecutor(max_workers=1, thread_name_prefix="d4c-cm") as coder:
+                scans = [pool.submit(one, i) for i in range(len(segments))]
+                if keep_raw:
+                    # the coder's state runs through the segments in order: code each as
+                    # soon as it and those before it are scanned, while later ones still are
+                    # (wasted only when too little changed for the coder to be used)
+                    early_cm = coder.submit(_cm_encode, old, segments, (f.result() for f in scans))
+                parts = [f.result() for f in scans]
+                if early_cm is not None:
+                    early_cm.result()  # raises here, inside the pools, if it failed
         else:
             parts = [one(i) for i in range(len(segments))]
     finally:
@@ -477,7 +505,7 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     use_cm = keep_raw and len(lengths) and int(lengths.sum()) >= CM_MIN_CHANGES
     diff_options = []
     if use_cm:
-        blob = _cm_encode(old, segments, parts)
+        blob = early_cm.result() if early_cm is not None else _cm_encode(old, segments, parts)
         diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob)))
     # when the context-mixing coder clearly wins (binaries: the fast setting of the
     # general codecs is 1.5x larger or more), skip their slow settings: measured on
