@@ -47,7 +47,7 @@ class BodySpool:
         self._files: list[BinaryIO] = []
         self._lock = threading.Lock()
         self._local = threading.local()
-        self._frames: dict[bytes, Frame] = {}
+        self._frames: dict[object, Frame] = {}
 
     # each thread writes only to its own spool file and uses its own compressor
     def _mine(self) -> tuple[int, BinaryIO, zstandard.ZstdCompressor]:
@@ -92,16 +92,25 @@ class BodySpool:
             self._frames.setdefault(digest, frame)
         return Body(digest, size)
 
+    def add_raw(self, key: object, data: bytes) -> None:
+        """Keep an already encoded blob (a delta payload, a frame made
+        elsewhere) under `key`, for copy_frame."""
+        index, f, _ = self._mine()
+        start = f.seek(0, os.SEEK_END)
+        f.write(data)
+        with self._lock:
+            self._frames.setdefault(key, Frame(index, start, len(data)))  # type: ignore[arg-type]
+
     def add_file(self, f: BinaryIO, size: int, what: str) -> Body:
         return self.add_chunks(_read_chunks(f), size, what)
 
     def add_bytes(self, data: bytes, what: str = "data") -> Body:
         return self.add_chunks([data], len(data), what)
 
-    def frame_lengths(self) -> dict[bytes, int]:
+    def frame_lengths(self) -> dict[object, int]:
         return {d: fr.length for d, fr in self._frames.items()}
 
-    def copy_frame(self, digest: bytes, out: BinaryIO) -> None:
+    def copy_frame(self, digest: object, out: BinaryIO) -> None:
         frame = self._frames[digest]
         src = self._files[frame.spool]
         src.flush()

@@ -673,6 +673,19 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
     return new
 
 
+def apply_payload(old: bytes | memoryview, method: int, payload: bytes | memoryview, old_size: int,
+                  old_digest: bytes, new_size: int, new_digest: bytes, *, source: str = "delta") -> bytes:
+    """Apply a delta stored without its preamble (images keep the sizes and
+    digests in their trees); the same checks as apply()."""
+    return apply(old, _preamble(method, old_size, new_size, old_digest, new_digest) + bytes(payload),
+                 max_size=new_size, source=source)
+
+
+def payload_of(delta_bytes: bytes) -> tuple[int, bytes]:
+    """(method, payload) of a delta made by diff(): what an image stores."""
+    return read_info(delta_bytes).method, delta_bytes[PREAMBLE.size:]
+
+
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",
                  -4: "diff stream exhausted", -5: "insert stream exhausted",
                  -6: "streams not consumed exactly"}

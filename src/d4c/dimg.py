@@ -17,15 +17,19 @@ from typing import Any, BinaryIO, Iterable
 import zstandard
 
 from .codec import Cursor, Encoder
-from .errors import CorruptImage, NotFound, UnsupportedVersion, from_oserror
+from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, WrongBase, from_oserror
 from .tree import (LINKABLE, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
-                   Entry, EntryType, Storage, path_problem, symlink_problem)
+                   DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
 from .zstdframes import read_bounded
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1              # base images (and the cdimg wrapper)
+DELTA_FORMAT_VERSION = 2        # delta images: version 1 + parent storage kinds + parent-coded header
+CDIMG_VERSION = 1
 FLAG_HAS_PARENT = 0x1
+DELTA_METHODS = (1, 2)          # d4c.delta METHOD_SA, METHOD_PREFIX
+MAX_DELTA_STEPS = 16
 KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT
 
 # magic, version, flags, reserved, header_csize, header_usize, body_size,
@@ -97,14 +101,26 @@ def encode_storage(entries: list[Entry]) -> bytes:
             enc.uvarint(e.body_length)
         elif e.storage == Storage.SHARED:
             enc.uvarint(e.shared_with)
+        elif e.storage == Storage.DELTA:
+            enc.uvarint(e.delta_source)
+            enc.uvarint(len(e.delta_steps))
+            for k, step in enumerate(e.delta_steps):
+                enc.u8(step.method)
+                enc.uvarint(step.length)
+                if k < len(e.delta_steps) - 1:
+                    enc.uvarint(step.size)
+                    enc.raw(step.digest)
     return enc.getvalue()
 
 
-def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry], int]:
+def decode_header(data: bytes, source: str, body_size: int,
+                  parent_entries: list[Entry] | None = None) -> tuple[list[Entry], int]:
     """Decode and fully validate the tree and storage tables.
 
-    Returns the entries and the length of the tree table.  Raises CorruptImage
-    on anything malformed, unsafe or inconsistent.
+    `parent_entries` (delta images only) is the parent image's tree: storage
+    that refers to it is checked against it.  Returns the entries and the
+    length of the tree table.  Raises CorruptImage on anything malformed,
+    unsafe or inconsistent.
     """
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
@@ -174,6 +190,8 @@ def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry]
     tree_len = cur.pos
 
     offset = 0
+    parent_files = ({p.digest: p.size for p in parent_entries if p.type == EntryType.FILE}
+                    if parent_entries is not None else {})
     for index, e in enumerate(entries):
         if e.type != EntryType.FILE:
             continue
@@ -181,6 +199,8 @@ def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry]
             e.storage = Storage(cur.u8())
         except ValueError:
             fail(f"entry {e.path!r}: unknown storage kind")
+        if e.storage in (Storage.PARENT, Storage.DELTA) and parent_entries is None:
+            fail(f"entry {e.path!r}: refers to a parent image, but this is a base image")
         if e.storage == Storage.EMPTY:
             if e.size != 0:
                 fail(f"entry {e.path!r}: non-empty file without a body")
@@ -194,13 +214,37 @@ def decode_header(data: bytes, source: str, body_size: int) -> tuple[list[Entry]
                 fail(f"entry {e.path!r}: body outside the body section")
             e.body_offset = offset
             offset += e.body_length
-        else:
+        elif e.storage == Storage.SHARED:
             e.shared_with = cur.uvarint(max(index - 1, 0))
             holder = entries[e.shared_with]
-            if (holder.type != EntryType.FILE or holder.storage != Storage.FRAME
+            if (holder.type != EntryType.FILE or holder.storage not in (Storage.FRAME, Storage.DELTA)
                     or holder.digest != e.digest or holder.size != e.size or e.shared_with >= index):
                 fail(f"entry {e.path!r}: shared body does not match")
             e.body_offset, e.body_length = holder.body_offset, holder.body_length
+        elif e.storage == Storage.PARENT:
+            if parent_files.get(e.digest) != e.size:
+                fail(f"entry {e.path!r}: its content is not in the parent image")
+        else:
+            assert parent_entries is not None
+            e.delta_source = cur.uvarint(max(len(parent_entries) - 1, 0))
+            if not parent_entries or parent_entries[e.delta_source].type != EntryType.FILE:
+                fail(f"entry {e.path!r}: delta source is not a file of the parent image")
+            nsteps = cur.uvarint(MAX_DELTA_STEPS)
+            if nsteps == 0:
+                fail(f"entry {e.path!r}: delta without steps")
+            for k in range(nsteps):
+                method = cur.u8()
+                length = cur.uvarint(body_size)
+                if method not in DELTA_METHODS:
+                    fail(f"entry {e.path!r}: unknown delta method {method}")
+                if length == 0 or offset + length > body_size:
+                    fail(f"entry {e.path!r}: delta outside the body section")
+                if k < nsteps - 1:
+                    step = DeltaStep(method, length, cur.uvarint(MAX_FILE_SIZE), cur.raw(32), offset)
+                else:
+                    step = DeltaStep(method, length, e.size, e.digest or b"", offset)
+                e.delta_steps.append(step)
+                offset += length
     if cur.remaining():
         fail("trailing bytes after the storage table")
     if offset != body_size:
@@ -235,22 +279,52 @@ class ImageInfo:
 
 
 class Image:
-    """An open dimg or cdimg file: validated header, entries, body streams."""
+    """An open dimg or cdimg file: validated header, entries, body streams.
 
-    def __init__(self, path: str) -> None:
+    A delta image's header is coded against its parent's tree, so reading its
+    entries needs the parent (an open Image whose id is the delta's parent id);
+    without it only `info` is available.
+    """
+
+    def __init__(self, path: str, parent: "Image | None" = None) -> None:
         self.path = path
+        self.parent = parent
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"no such image file: {path}") from None
+        except IsADirectoryError:
+            raise NotFound(f"not an image file but a directory: {path}") from None
         except OSError as exc:
             raise from_oserror(exc, "cannot open image") from exc
         try:
-            self.info, self.entries = _read_image(self._fd, path)
+            self.info = read_info(self._fd, path)
+            self._entries: list[Entry] | None = None
+            self.tree_table = b""
+            if self.info.parent_id is not None and parent is not None \
+                    and parent.info.image_id != self.info.parent_id:
+                raise WrongBase(path, format_id(self.info.parent_id), parent.path,
+                                format_id(parent.info.image_id))
+            if parent is not None and self.info.parent_id is not None:
+                parent.entries  # a parent that cannot be read itself: say which base is missing
+            if self.info.parent_id is None or parent is not None:
+                self._entries, self.tree_table = _read_tables(self._fd, path, self.info, parent)
         except BaseException:
             os.close(self._fd)
             raise
         self._by_path: dict[bytes, int] | None = None
+        self._by_digest: dict[bytes, int] | None = None
+
+    @property
+    def is_delta(self) -> bool:
+        return self.info.parent_id is not None
+
+    @property
+    def entries(self) -> list[Entry]:
+        if self._entries is None:
+            assert self.info.parent_id is not None
+            raise MissingBase(self.path, format_id(self.info.parent_id))
+        return self._entries
 
     # context manager / lifetime
     def close(self) -> None:
@@ -276,15 +350,66 @@ class Image:
         except KeyError:
             raise NotFound(f"{path.decode(errors='replace')}: not in image {self.path}") from None
 
+    def index_of_digest(self, digest: bytes) -> int:
+        """Index of the first file with this content, or -1."""
+        if self._by_digest is None:
+            self._by_digest = {}
+            for i, e in enumerate(self.entries):
+                if e.type == EntryType.FILE and e.digest is not None:
+                    self._by_digest.setdefault(e.digest, i)
+        return self._by_digest.get(digest, -1)
+
+    def holder(self, entry: Entry) -> Entry:
+        """The entry whose storage holds `entry`'s content in this image."""
+        return self.entries[entry.shared_with] if entry.storage == Storage.SHARED else entry
+
+    def frame_of(self, entry: Entry) -> tuple[int, int] | None:
+        """(offset in the file, length) of the zstd frame holding the content,
+        here or in an ancestor; None if content must be rebuilt from a delta."""
+        image, e = self.resolve(entry)
+        e = image.holder(e)
+        if e.storage == Storage.FRAME:
+            return image.info.body_offset + e.body_offset, e.body_length
+        return None
+
+    def resolve(self, entry: Entry) -> tuple["Image", Entry]:
+        """Follow PARENT storage down the stack to the image that stores the content."""
+        image, e = self, entry
+        while e.storage == Storage.PARENT:
+            assert image.parent is not None
+            image, e = image.parent, image.parent.entries[image.parent.index_of_digest(e.digest or b"")]
+        return image, e
+
     def open_body(self, entry: Entry) -> "BodyReader":
         return BodyReader(self._fd, self.info.body_offset + entry.body_offset,
                           entry.body_length, entry.size, entry.digest or b"", self.path, entry)
 
     def read_body(self, entry: Entry) -> bytes:
+        """The content of a file entry, whatever its storage (delta images
+        rebuild it from the parent stack; the digest is checked either way)."""
         if entry.size == 0:
             return b""
-        with self.open_body(entry) as r:
-            return r.read()
+        image, e = self.resolve(entry)
+        e = image.holder(e)
+        if e.storage == Storage.FRAME:
+            with image.open_body(e) as r:
+                return r.read()
+        return image._rebuild(e)
+
+    def read_delta_payload(self, step: DeltaStep) -> bytes:
+        return _pread_exact(self._fd, step.length, self.info.body_offset + step.offset, self.path)
+
+    def _rebuild(self, entry: Entry) -> bytes:
+        from . import delta  # the engine is only needed for delta images
+        assert self.parent is not None and entry.storage == Storage.DELTA
+        source = self.parent.entries[entry.delta_source]
+        data = self.parent.read_body(source)
+        size, digest = source.size, source.digest or b""
+        for step in entry.delta_steps:
+            data = delta.apply_payload(data, step.method, self.read_delta_payload(step), size, digest,
+                                       step.size, step.digest, source=f"{self.path}: {entry.display()}")
+            size, digest = step.size, step.digest
+        return data
 
 
 def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
@@ -294,9 +419,19 @@ def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
     return data
 
 
-def _decompress_bounded(blob: bytes, usize: int, source: str, what: str) -> bytes:
+def header_dictionary(parent_tree: bytes | None) -> zstandard.ZstdCompressionDict | None:
+    """Delta images compress their header against the parent's tree table: the
+    unchanged entries (most of them, each with a 32-byte digest) cost almost
+    nothing on a thin link."""
+    if parent_tree is None:
+        return None
+    return zstandard.ZstdCompressionDict(parent_tree, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def _decompress_bounded(blob: bytes, usize: int, source: str, what: str,
+                        dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
     try:
-        out = read_bounded(blob, usize, across_frames=True)
+        out = read_bounded(blob, usize, across_frames=True, prefix=dictionary)
     except zstandard.ZstdError as exc:
         raise CorruptImage(source, f"{what} does not decompress ({exc})") from None
     if len(out) != usize:
@@ -320,8 +455,8 @@ def read_info(fd: int, source: str) -> ImageInfo:
             raise CorruptImage(source, "file is truncated")
         (_, version, flags, reserved, ccsize, cusize, dimg_size,
          config_digest, pre_digest) = CDIMG_PREAMBLE.unpack_from(head)
-        if version != FORMAT_VERSION:
-            raise UnsupportedVersion(source, version, FORMAT_VERSION)
+        if version != CDIMG_VERSION:
+            raise UnsupportedVersion(source, version, CDIMG_VERSION)
         if flags or reserved:
             raise CorruptImage(source, "unknown cdimg flags")
         if cusize > MAX_CONFIG_USIZE or ccsize > size:
@@ -350,10 +485,12 @@ def read_info(fd: int, source: str) -> ImageInfo:
         raise CorruptImage(source, "file is truncated")
     (_, version, flags, reserved, hcsize, husize, body_size,
      image_id, parent_id, header_digest) = DIMG_PREAMBLE.unpack_from(head)
-    if version != FORMAT_VERSION:
-        raise UnsupportedVersion(source, version, FORMAT_VERSION)
+    if version not in (FORMAT_VERSION, DELTA_FORMAT_VERSION):
+        raise UnsupportedVersion(source, version, DELTA_FORMAT_VERSION)
     if flags & ~KNOWN_DIMG_FLAGS or reserved:
         raise CorruptImage(source, "unknown dimg flags")
+    if bool(flags & FLAG_HAS_PARENT) != (version == DELTA_FORMAT_VERSION):
+        raise CorruptImage(source, f"version {version} does not match the delta flag")
     if husize > MAX_HEADER_USIZE:
         raise CorruptImage(source, "header too large")
     dimg_size = DIMG_PREAMBLE.size + hcsize + body_size
@@ -369,18 +506,21 @@ def read_info(fd: int, source: str) -> ImageInfo:
                      config_bytes=config_bytes, config_digest=config_digest)
 
 
-def _read_image(fd: int, source: str) -> tuple[ImageInfo, list[Entry]]:
-    info = read_info(fd, source)
+def _read_tables(fd: int, source: str, info: ImageInfo,
+                 parent: "Image | None") -> tuple[list[Entry], bytes]:
     base = info.dimg_offset
     pre = _pread_exact(fd, DIMG_PREAMBLE.size, base, source)
     hcomp = _pread_exact(fd, info.header_csize, base + DIMG_PREAMBLE.size, source)
     if hashlib.sha256(pre[:DIMG_PREAMBLE.size - 32] + hcomp).digest() != info.header_digest:
         raise CorruptImage(source, "header digest mismatch")
-    header = _decompress_bounded(hcomp, info.header_usize, source, "header")
-    entries, tree_len = decode_header(header, source, info.body_size)
-    if info.parent_id is None and image_id_of(header[:tree_len]) != info.image_id:
+    header = _decompress_bounded(hcomp, info.header_usize, source, "header",
+                                 header_dictionary(parent.tree_table if parent is not None else None))
+    entries, tree_len = decode_header(header, source, info.body_size,
+                                      parent.entries if parent is not None else None)
+    tree = header[:tree_len]
+    if image_id_of(tree) != info.image_id:
         raise CorruptImage(source, "image id does not match its tree")
-    return info, entries
+    return entries, tree
 
 
 class BodyReader:
@@ -485,7 +625,8 @@ class _Section:
 def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
                   image_id: bytes, parent_id: bytes | None) -> bytes:
     flags = FLAG_HAS_PARENT if parent_id is not None else 0
-    fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, FORMAT_VERSION, flags, 0, len(header_comp),
+    version = DELTA_FORMAT_VERSION if parent_id is not None else FORMAT_VERSION
+    fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
     unsigned = fields[:DIMG_PREAMBLE.size - 32]
     return unsigned + hashlib.sha256(unsigned + header_comp).digest()
@@ -498,7 +639,7 @@ def canonical_config(config: dict[str, Any]) -> bytes:
 
 def cdimg_preamble(config_bytes: bytes, dimg_size: int) -> bytes:
     ccomp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(config_bytes)
-    fields = CDIMG_PREAMBLE.pack(CDIMG_MAGIC, FORMAT_VERSION, 0, 0, len(ccomp), len(config_bytes),
+    fields = CDIMG_PREAMBLE.pack(CDIMG_MAGIC, CDIMG_VERSION, 0, 0, len(ccomp), len(config_bytes),
                                  dimg_size, hashlib.sha256(config_bytes).digest(), ZERO_ID)
     unsigned = fields[:CDIMG_PREAMBLE.size - 32]
     return unsigned + hashlib.sha256(unsigned + ccomp).digest() + ccomp
@@ -547,7 +688,7 @@ class EncodedHeader:
     usize: int
     body_size: int
     image_id: bytes
-    frame_order: list[bytes]
+    frame_order: list[Any]     # keys of the body blobs, in body order
 
 
 def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> EncodedHeader:
@@ -559,6 +700,38 @@ def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> Enco
     decode_header(table, "<new image>", body_size)
     comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
+                         image_id=image_id_of(tree), frame_order=order)
+
+
+def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int]) -> EncodedHeader:
+    """The header of a delta image whose storage the caller decided: FRAME
+    entries' blobs are keyed by content digest, DELTA steps by `step.key`.
+    Bodies are laid out in entry order; the table is compressed against the
+    parent's tree table."""
+    order: list[Any] = []
+    offset = 0
+    for e in entries:
+        if e.type != EntryType.FILE:
+            continue
+        if e.storage == Storage.FRAME:
+            e.body_offset, e.body_length = offset, blob_lengths[e.digest]
+            offset += e.body_length
+            order.append(e.digest)
+        elif e.storage == Storage.DELTA:
+            for step in e.delta_steps:
+                step.offset, step.length = offset, blob_lengths[step.key]
+                offset += step.length
+                order.append(step.key)
+    for e in entries:
+        if e.storage == Storage.SHARED:
+            holder = entries[e.shared_with]
+            e.body_offset, e.body_length = holder.body_offset, holder.body_length
+    tree = encode_tree(entries)
+    table = tree + encode_storage(entries)
+    decode_header(table, "<new delta image>", offset, parent.entries)  # never write what we would refuse
+    comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True,
+                                    dict_data=header_dictionary(parent.tree_table)).compress(table)
+    return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=offset,
                          image_id=image_id_of(tree), frame_order=order)
 
 

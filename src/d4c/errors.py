@@ -106,6 +106,18 @@ class CorruptDelta(D4CError):
     exit_code = EXIT_CORRUPT
 
 
+class MissingBase(D4CError):
+    """{} is a delta of image {}: give that image too (--baseCdimg or --baseDimg)"""
+
+    exit_code = EXIT_NOT_FOUND
+
+
+class WrongBase(D4CError):
+    """{} is a delta of image {}, but {} is image {}"""
+
+    exit_code = EXIT_CORRUPT
+
+
 class WrongSource(D4CError):
     """{}: this delta applies to a different source ({})"""
 

@@ -49,6 +49,20 @@ class Storage(enum.IntEnum):
     EMPTY = 0      # size 0, no body
     FRAME = 1      # a zstd frame in this image's body section
     SHARED = 2     # the same body as an earlier entry (dedup by digest)
+    PARENT = 3     # delta images: a file of the parent image has this content
+    DELTA = 4      # delta images: binary delta(s) against a file of the parent image
+
+
+@dataclass(slots=True)
+class DeltaStep:
+    """One binary delta of a DELTA entry's chain (a merge of deltas chains them)."""
+
+    method: int                # d4c.delta METHOD_* (the payload is a delta file minus its preamble)
+    length: int                # payload bytes in the body section
+    size: int = 0              # size and sha256 of the content this step produces
+    digest: bytes = b""
+    offset: int = 0            # in the body section (implied by the layout)
+    key: object = None         # writers only: which spooled blob holds the payload
 
 
 @dataclass(slots=True)
@@ -70,6 +84,8 @@ class Entry:
     body_offset: int = 0       # FRAME: offset in the body section
     body_length: int = 0       # FRAME: length of the frame
     shared_with: int = -1      # SHARED: index of the entry holding the frame
+    delta_source: int = -1     # DELTA: index of the source file in the parent image
+    delta_steps: list[DeltaStep] = field(default_factory=list)  # DELTA: applied in order
     # producers only: entries with the same inode key become one hard-link group
     inode: object = None
 

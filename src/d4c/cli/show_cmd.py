@@ -9,9 +9,10 @@ from collections import Counter
 from typing import Any
 
 from ..dimg import Image, format_id
+from ..imagedelta import close_all, decisions, open_stack
 from ..errors import UsageError
 from ..progress import human_bytes
-from ..tree import S_IFMT_OF, Entry, EntryType
+from ..tree import S_IFMT_OF, Entry, EntryType, Storage
 from ._common import print_json, print_table
 
 
@@ -21,26 +22,38 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument(f"--{kind}", dest="path", required=True, metavar="FILE", help="the image")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--entries", action="store_true", help="also list every entry")
+        p.add_argument(f"--base{kind[0].upper() + kind[1:]}", dest="bases", action="append", metavar="FILE",
+                       help="for a delta: the image it applies to (repeat, lowest first, for a chain); "
+                       "without it only the delta's ids and sizes are shown")
         p.set_defaults(func=run, kind=kind)
 
 
 def summary(image: Image) -> dict[str, Any]:
     info = image.info
-    counts = Counter(e.type.name.lower() for e in image.entries)
-    files = [e for e in image.entries if e.type == EntryType.FILE]
     out: dict[str, Any] = {
         "path": image.path,
         "kind": info.kind,
         "formatVersion": info.version,
         "id": format_id(info.image_id),
         "parentId": format_id(info.parent_id) if info.parent_id else None,
-        "entries": dict(sorted(counts.items())),
-        "contentSize": sum(e.size for e in files),
         "bodySize": info.body_size,
         "headerSize": info.header_csize,
         "fileSize": info.dimg_offset + info.dimg_size,
-        "distinctBodies": len({e.digest for e in files if e.size}),
     }
+    readable = not image.is_delta or image.parent is not None
+    if readable:
+        counts = Counter(e.type.name.lower() for e in image.entries)
+        files = [e for e in image.entries if e.type == EntryType.FILE]
+        out.update(entries=dict(sorted(counts.items())), contentSize=sum(e.size for e in files),
+                   distinctBodies=len({e.digest for e in files if e.size}))
+    if image.is_delta and readable:
+        kinds: dict[str, dict[str, int]] = {}
+        for d in decisions(image.entries, image.parent):
+            k = kinds.setdefault(d.kind, {"files": 0, "contentSize": 0, "storedSize": 0})
+            k["files"] += 1
+            k["contentSize"] += d.size
+            k["storedSize"] += d.stored
+        out["decisions"] = kinds
     if info.config is not None:
         c = info.config
         cc = c.get("config") if isinstance(c.get("config"), dict) else {}
@@ -63,7 +76,9 @@ def entry_json(e: Entry, image: Image) -> dict[str, Any]:
         d["xattrs"] = {k.decode(errors="backslashreplace"): v.hex() for k, v in e.xattrs.items()}
     if e.type == EntryType.FILE:
         d.update(size=e.size, digest=format_id(e.digest or b""), storage=e.storage.name.lower(),
-                 storedSize=e.body_length)
+                 storedSize=e.body_length if e.storage == Storage.FRAME else sum(s.length for s in e.delta_steps))
+        if e.storage == Storage.DELTA and image.parent is not None:
+            d.update(deltaSource=image.parent.entries[e.delta_source].display(), deltaSteps=len(e.delta_steps))
     elif e.type == EntryType.SYMLINK:
         d["target"] = e.target.decode(errors="backslashreplace")
     elif e.type == EntryType.HARDLINK:
@@ -74,30 +89,48 @@ def entry_json(e: Entry, image: Image) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Image(args.path) as image:
+    bases = args.bases or []
+    stack = open_stack(bases[1:] + [args.path], bases[0] if bases else None)
+    try:
+        image = stack[-1]
         if args.kind == "cdimg" and image.info.kind != "cdimg":
             raise UsageError(f"{args.path} is a dimg; use `dimg show`")
+        readable = not image.is_delta or image.parent is not None
+        if args.entries and not readable:
+            image.entries  # raises: which base is needed
         s = summary(image)
         if args.json:
             if args.entries:
                 s["entryList"] = [entry_json(e, image) for e in image.entries]
             print_json(s)
             return 0
-        rows = [("kind", s["kind"]), ("format version", str(s["formatVersion"])), ("id", s["id"]),
-                ("parent", s["parentId"] or "-"),
-                ("entries", ", ".join(f"{n} {k}" for k, n in s["entries"].items())),
-                ("content", human_bytes(s["contentSize"])),
-                ("stored bodies", f"{human_bytes(s['bodySize'])} ({s['distinctBodies']} distinct)"),
-                ("header", human_bytes(s["headerSize"])), ("file", human_bytes(s["fileSize"]))]
+        rows = [("kind", s["kind"] + (" (delta)" if image.is_delta else "")),
+                ("format version", str(s["formatVersion"])), ("id", s["id"]),
+                ("parent", s["parentId"] or "-")]
+        if readable:
+            rows += [("entries", ", ".join(f"{n} {k}" for k, n in s["entries"].items())),
+                     ("content", human_bytes(s["contentSize"]))]
+        rows += [("stored bodies", human_bytes(s["bodySize"]) +
+                  (f" ({s['distinctBodies']} distinct)" if readable and not image.is_delta else "")),
+                 ("header", human_bytes(s["headerSize"])), ("file", human_bytes(s["fileSize"]))]
         if "config" in s:
             c = s["config"]
             rows += [("config", c["digest"]), ("platform", c["platform"] or "-"),
                      ("entrypoint", str(c["entrypoint"])), ("cmd", str(c["cmd"]))]
         print_table(rows)
+        if "decisions" in s:
+            print()
+            print_table([(k, str(v["files"]), human_bytes(v["contentSize"]), human_bytes(v["storedSize"]))
+                         for k, v in s["decisions"].items()], ("files", "count", "content", "stored"))
+        elif image.is_delta:
+            print(f"(a delta: give its base with --base{args.kind[0].upper() + args.kind[1:]} "
+                  "to list its files and decisions)")
         if args.entries:
             print()
             for e in image.entries:
                 print(_ls_line(e, image))
+    finally:
+        close_all(stack)
     return 0
 
 
@@ -107,6 +140,11 @@ def _ls_line(e: Entry, image: Image) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.mtime_ns // 1_000_000_000))
     size = str(e.size) if t == EntryType.FILE else (f"{e.rdev[0]},{e.rdev[1]}" if e.rdev != (0, 0) else "0")
     tail = ""
+    if e.type == EntryType.FILE and image.is_delta:
+        tail = f"  [{e.storage.name.lower()}"
+        if e.storage == Storage.DELTA and image.parent is not None:
+            tail += f" from {image.parent.entries[e.delta_source].display()}"
+        tail += "]"
     if e.type == EntryType.SYMLINK:
         tail = " -> " + e.target.decode(errors="backslashreplace")
     elif e.type == EntryType.HARDLINK:

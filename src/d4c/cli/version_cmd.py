@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__, accel
-from ..dimg import FORMAT_VERSION
+from ..dimg import DELTA_FORMAT_VERSION, FORMAT_VERSION
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -16,7 +16,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 def run(args: argparse.Namespace) -> int:
     print(f"ctr-cli {__version__}")
-    print(f"image format: {FORMAT_VERSION}")
+    print(f"image format: {FORMAT_VERSION} (base images), {DELTA_FORMAT_VERSION} (delta images)")
     print(f"kernels: {accel.describe()}")
     print(f"python: {sys.version.split()[0]}{' (frozen)' if getattr(sys, 'frozen', False) else ''}")
     return 0

@@ -1,0 +1,340 @@
+"""Image deltas: cdimg diff / patch / merge over built images with every change kind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+
+import pytest
+
+from helpers import assert_one_line_error, diff_trees, run_cli, snapshot_tree
+from ocibuild import M, Layout
+
+from d4c.dimg import Image
+from d4c.imagedelta import close_all, open_stack
+from d4c.tree import EntryType, Storage
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+GOLDEN_DELTA = os.path.join(DATA, "golden-v2-delta.cdimg")
+
+
+def noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def edit(data: bytes, seed: int, changes: int = 6) -> bytes:
+    """A few byte changes and one insertion: what a rebuilt binary looks like."""
+    rnd = random.Random(seed)
+    b = bytearray(data)
+    for _ in range(changes):
+        b[rnd.randrange(len(b))] ^= 0x5A
+    at = rnd.randrange(len(b))
+    return bytes(b[:at]) + b"inserted-" + bytes(b[at:])
+
+
+TOOL = noise(96_000, 1)
+LIBFOO = noise(80_000, 2)
+MOVED = noise(40_000, 3)
+DUP = noise(20_000, 4)
+NEWFILE = noise(12_000, 5)
+STATUS = "".join(f"Package: pkg{i}\nStatus: install ok installed\nVersion: 1.{i}\n\n"
+                 for i in range(600)).encode()
+
+BASE = [
+    M("./", "dir", mtime=1000),
+    M("etc/", "dir"), M("etc/status", data=STATUS), M("etc/conf", data=b"conf=1\n"),
+    M("bin/", "dir"), M("bin/tool", data=TOOL, mode=0o755), M("bin/hl", "hardlink", link="bin/tool"),
+    M("lib/", "dir"), M("lib/libfoo.so.1.2", data=LIBFOO),
+    M("data/", "dir"), M("data/moved", data=MOVED),
+    M("share/", "dir"), M("share/dup", data=DUP),
+    M("typechg_file", data=b"a file that becomes a directory"),
+    M("typechg_dir/", "dir"), M("typechg_dir/child", data=b"child"),
+    M("meta", data=b"same content, new metadata", mode=0o644, mtime=1000),
+    M("removed", data=b"removed by a whiteout"),
+    M("gone_dir/", "dir"), M("gone_dir/x", data=b"x"),
+    M("opq/", "dir"), M("opq/a", data=b"a"), M("opq/b", data=b"b"),
+    M("link", "symlink", link="bin/tool"),
+    M("empty", data=b""),
+]
+UPDATE2 = [
+    M("etc/status", data=STATUS.replace(b"Version: 1.17\n", b"Version: 1.17+deb12u1\n")
+      + b"Package: added\nStatus: install ok installed\n\n"),
+    M("bin/tool", data=edit(TOOL, 10), mode=0o755),
+    M("share/dup2", data=DUP),  # content already in the base
+    M("bin/.wh.hl"), M("bin/hl", "hardlink", link="share/dup2"),  # hard-link group changed
+    M("lib/.wh.libfoo.so.1.2"), M("lib/libfoo.so.1.3", data=edit(LIBFOO, 11)),  # renamed + changed
+    M("data/.wh.moved"), M("newdir/", "dir"), M("newdir/moved", data=MOVED),  # moved
+    M(".wh.typechg_file"), M("typechg_file/", "dir"), M("typechg_file/inner", data=b"inner"),
+    M(".wh.typechg_dir"), M("typechg_dir", "symlink", link="etc"),
+    M("meta", data=b"same content, new metadata", mode=0o600, mtime=2000),  # metadata only
+    M(".wh.removed"), M(".wh.gone_dir"),
+    M("opq/", "dir"), M("opq/.wh..wh..opq"), M("opq/c", data=b"c"),
+    M("newfile", data=NEWFILE),
+]
+UPDATE3 = [
+    M("bin/tool", data=edit(edit(TOOL, 10), 20), mode=0o755),
+    M("etc/status", data=STATUS.replace(b"Version: 1.300\n", b"Version: 1.300+b1\n")),
+    M("newfile", data=edit(NEWFILE, 21)),  # a file the base never had, changed again
+    M(".wh.newdir"),
+]
+UPDATE4 = [
+    M("bin/tool", data=edit(edit(edit(TOOL, 10), 20), 30), mode=0o755),
+    M("lib/libfoo.so.1.3", data=edit(edit(LIBFOO, 11), 31)),
+    M("data/", "dir"), M("data/moved", data=MOVED),  # back where it was
+]
+VERSIONS = [[BASE], [BASE, UPDATE2], [BASE, UPDATE2, UPDATE3], [BASE, UPDATE2, UPDATE3, UPDATE4]]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
+    """cdimgs of versions 1..4 (index 0..3), converted from OCI layouts."""
+    tmp = tmp_path_factory.mktemp("versions")
+    lay = Layout(str(tmp / "layout"))
+    for n, layers in enumerate(VERSIONS, 1):
+        lay.tag(lay.image([(members, "gzip") for members in layers]), f"v{n}")
+    lay.save()
+    out = []
+    for n in range(1, len(VERSIONS) + 1):
+        code, _, err = run_cli("convert", "--image", f"oci:{lay.path}:v{n}", "--output", str(tmp / f"v{n}"),
+                               "--cdimg", "-q")
+        assert code == 0, err
+        out.append(str(tmp / f"v{n}" / "image.cdimg"))
+    return out
+
+
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def diff(old: str, new: str, out: str, *extra: str) -> None:
+    code, _, err = run_cli("cdimg", "diff", "--oldCdimg", old, "--newCdimg", new, "--outCdimg", out, "-q", *extra)
+    assert code == 0, err
+
+
+def patch(base: str, d: str, out: str) -> None:
+    code, _, err = run_cli("cdimg", "patch", "--diffCdimg", d, "--baseCdimg", base, "--outCdimg", out, "-q")
+    assert code == 0, err
+
+
+def storage_of(delta_path: str, base_path: str) -> dict[str, tuple[Storage, str | None]]:
+    stack = open_stack([delta_path], base_path)
+    try:
+        top, base = stack[-1], stack[0]
+        return {e.path.decode(): (e.storage, base.entries[e.delta_source].path.decode()
+                                  if e.storage == Storage.DELTA else None)
+                for e in top.entries if e.type == EntryType.FILE}
+    finally:
+        close_all(stack)
+
+
+def test_every_change_kind(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = str(tmp_path / "d12.cdimg")
+    diff(images[0], images[1], d)
+    kinds = storage_of(d, images[0])
+    assert kinds["newdir/moved"] == (Storage.PARENT, None)          # moved
+    assert kinds["bin/hl"] == (Storage.PARENT, None)                # content elsewhere in the base
+    assert "share/dup2" not in kinds                                # now a hard link to bin/hl
+    assert kinds["meta"] == (Storage.PARENT, None)                  # metadata only: no body
+    assert kinds["etc/conf"] == (Storage.PARENT, None)              # unchanged
+    assert kinds["bin/tool"] == (Storage.DELTA, "bin/hl")           # modified (bin/hl: its inode's primary)
+    assert kinds["etc/status"] == (Storage.DELTA, "etc/status")     # text diffs too
+    assert kinds["lib/libfoo.so.1.3"] == (Storage.DELTA, "lib/libfoo.so.1.2")  # renamed + modified
+    assert kinds["newfile"][0] == Storage.FRAME                     # added
+    assert kinds["empty"][0] == Storage.EMPTY
+    assert "removed" not in kinds and "gone_dir/x" not in kinds and "opq/a" not in kinds
+    # only the changed bytes travel: far below the new image's size
+    assert os.path.getsize(d) < 0.2 * os.path.getsize(images[1])
+    # patch gives exactly what convert gives: same bytes, same id
+    out = str(tmp_path / "v2.cdimg")
+    patch(images[0], d, out)
+    assert read(out) == read(images[1])
+    with Image(out) as a, Image(images[1]) as b:
+        assert a.info.image_id == b.info.image_id
+        e = {x.path: x for x in a.entries}
+        assert e[b"typechg_file"].type == EntryType.DIR and e[b"typechg_dir"].type == EntryType.SYMLINK
+        assert e[b"meta"].mode == 0o600
+        assert e[b"share/dup2"].type == EntryType.HARDLINK and a.entries[e[b"share/dup2"].link].path == b"bin/hl"
+
+
+def test_patch_to_directory(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = str(tmp_path / "d12.cdimg")
+    diff(images[0], images[1], d)
+    code, _, err = run_cli("cdimg", "patch", "--diffCdimg", d, "--baseCdimg", images[0],
+                           "--outDir", str(tmp_path / "tree"), "-q", "--no-same-owner")
+    assert code == 0, err
+    code, _, err = run_cli("unpack", "--cdimg", images[1], "--out", str(tmp_path / "want"), "--no-same-owner")
+    assert code == 0, err
+    assert diff_trees(snapshot_tree(str(tmp_path / "tree")), snapshot_tree(str(tmp_path / "want"))) == []
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".d4c")]
+
+
+def test_threads_and_modes(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    one, two = str(tmp_path / "t1.cdimg"), str(tmp_path / "t2.cdimg")
+    diff(images[0], images[1], one, "--threadNum", "1")
+    diff(images[0], images[1], two, "--threadNum", "2")
+    assert read(one) == read(two)
+    files = str(tmp_path / "files.cdimg")
+    diff(images[0], images[1], files, "--mode", "file-diff")
+    kinds = storage_of(files, images[0])
+    assert not [k for k, (s, _) in kinds.items() if s == Storage.DELTA]
+    assert kinds["bin/tool"][0] == Storage.FRAME
+    assert os.path.getsize(files) > os.path.getsize(one)
+    fast = str(tmp_path / "fast.cdimg")
+    diff(images[0], images[1], fast, "--deltaEncoding", "fast")
+    for d in (files, fast):
+        out = d + ".patched"
+        patch(images[0], d, out)
+        assert read(out) == read(images[1])
+
+
+@pytest.mark.parametrize("mode", ["linear", "bisect"])
+def test_chain_merge(images, tmp_path, mode) -> None:  # type: ignore[no-untyped-def]
+    deltas = []
+    for i in range(3):
+        deltas.append(str(tmp_path / f"d{i + 1}{i + 2}.cdimg"))
+        diff(images[i], images[i + 1], deltas[-1])
+    merged = str(tmp_path / "merged.cdimg")
+    code, _, err = run_cli("cdimg", "merge", "--cdimgs", ",".join(deltas), "--baseCdimg", images[0],
+                           "--outCdimg", merged, "--mergeMode", mode, "-q")
+    assert code == 0, err
+    out = str(tmp_path / "v4.cdimg")
+    patch(images[0], merged, out)
+    assert read(out) == read(images[3])
+    kinds = storage_of(merged, images[0])
+    assert kinds["data/moved"] == (Storage.PARENT, None)   # back to the base's content: no body
+    assert kinds["newfile"][0] == Storage.FRAME            # never in the base: stored whole
+    assert kinds["bin/tool"][0] == Storage.DELTA
+    # smaller than the three deltas it replaces
+    assert os.path.getsize(merged) < sum(os.path.getsize(d) for d in deltas)
+
+
+def test_merge_forms(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d12, d23 = str(tmp_path / "d12.cdimg"), str(tmp_path / "d23.cdimg")
+    diff(images[0], images[1], d12)
+    diff(images[1], images[2], d23)
+    pair = str(tmp_path / "pair.cdimg")
+    code, _, err = run_cli("cdimg", "merge", "--lowerCdimg", d12, "--upperCdimg", d23, "--baseCdimg", images[0],
+                           "--outCdimg", pair, "-q")
+    assert code == 0, err
+    rediff = str(tmp_path / "rediff.cdimg")
+    code, _, err = run_cli("cdimg", "merge", "--lowerCdimg", d12, "--upperCdimg", d23, "--baseCdimg", images[0],
+                           "--outCdimg", rediff, "--rediff", "-q")
+    assert code == 0, err
+    assert os.path.getsize(rediff) <= os.path.getsize(pair)
+    for merged in (pair, rediff):
+        patch(images[0], merged, merged + ".v3")
+        assert read(merged + ".v3") == read(images[2])
+    # a full image as the lowest input: the result is the full top image
+    full = str(tmp_path / "full.cdimg")
+    code, _, err = run_cli("cdimg", "merge", "--cdimgs", f"{images[0]},{d12},{d23}", "--outCdimg", full, "-q")
+    assert code == 0, err
+    assert read(full) == read(images[2])
+    # the dimg twin (inputs may be cdimgs: their dimg is read) lists the upper first, as the original did
+    d12d, d23d, merged_d, v3d = (str(tmp_path / n) for n in ("d12.dimg", "d23.dimg", "m.dimg", "v3.dimg"))
+    for old, new, out in ((images[0], images[1], d12d), (images[1], images[2], d23d)):
+        code, _, err = run_cli("dimg", "diff", "--oldDimg", old, "--newDimg", new, "--outDimg", out, "-q")
+        assert code == 0, err
+    code, _, err = run_cli("dimg", "merge", "--dimgs", f"{d23d},{d12d}", "--baseDimg", images[0],
+                           "--outDimg", merged_d, "-q")
+    assert code == 0, err
+    code, _, err = run_cli("dimg", "patch", "--diffDimg", merged_d, "--baseDimg", images[0], "--outDimg", v3d, "-q")
+    assert code == 0, err
+    with Image(v3d) as a, Image(images[2]) as b:
+        assert a.info.kind == "dimg" and a.info.image_id == b.info.image_id
+
+
+def test_show(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = str(tmp_path / "d12.cdimg")
+    diff(images[0], images[1], d)
+    code, out, err = run_cli("cdimg", "show", "--cdimg", d)
+    assert code == 0, err
+    assert "(delta)" in out and "--baseCdimg" in out
+    code, out, err = run_cli("cdimg", "show", "--cdimg", d, "--baseCdimg", images[0], "--json", "--entries")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["decisions"]["delta"]["files"] == 3 and doc["decisions"]["frame"]["files"] >= 1
+    tool = next(e for e in doc["entryList"] if e["path"] == "/bin/tool")
+    assert tool["storage"] == "delta" and tool["deltaSource"] == "/bin/hl" and tool["storedSize"] > 0
+
+
+def test_bad_inputs(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    d = str(tmp_path / "d12.cdimg")
+    diff(images[0], images[1], d)
+    out = str(tmp_path / "out.cdimg")
+
+    def fails(code_expected: int, *args: str) -> str:
+        code, _, err = run_cli(*args)
+        assert_one_line_error(code, err, code_expected)
+        assert not os.path.exists(out)
+        assert not [n for n in os.listdir(tmp_path) if n.startswith(".")], os.listdir(tmp_path)
+        return err
+
+    # a delta for another base
+    err = fails(3, "cdimg", "patch", "--diffCdimg", d, "--baseCdimg", images[2], "--outCdimg", out)
+    assert "is a delta of image" in err
+    # missing base
+    err = fails(4, "cdimg", "patch", "--diffCdimg", d, "--outCdimg", out)
+    assert "--baseCdimg" in err
+    fails(4, "cdimg", "patch", "--diffCdimg", d, "--baseCdimg", str(tmp_path / "nope"), "--outCdimg", out)
+    # corrupted delta body: the rebuilt file fails its digest or its delta checks
+    data = bytearray(read(d))
+    for where in (len(data) - 40, len(data) // 2):
+        bad = bytearray(data)
+        bad[where] ^= 0xFF
+        path = str(tmp_path / "bad.cdimg")
+        with open(path, "wb") as f:
+            f.write(bad)
+        fails(3, "cdimg", "patch", "--diffCdimg", path, "--baseCdimg", images[0], "--outCdimg", out)
+    # truncated
+    with open(str(tmp_path / "bad.cdimg"), "wb") as f:
+        f.write(data[:-100])
+    fails(3, "cdimg", "patch", "--diffCdimg", str(tmp_path / "bad.cdimg"), "--baseCdimg", images[0],
+          "--outCdimg", out)
+    # merge needs the base to read the deltas' trees
+    d23 = str(tmp_path / "d23.cdimg")
+    diff(images[1], images[2], d23)
+    fails(4, "cdimg", "merge", "--lowerCdimg", d, "--upperCdimg", d23, "--outCdimg", out)
+    # deltas that do not follow each other
+    fails(3, "cdimg", "merge", "--lowerCdimg", d, "--upperCdimg", d, "--baseCdimg", images[0], "--outCdimg", out)
+    # diff of a delta
+    fails(2, "cdimg", "diff", "--oldCdimg", d, "--newCdimg", images[1], "--outCdimg", out)
+    # wrong flags
+    fails(2, "cdimg", "diff", "--oldCdimg", images[0], "--newCdimg", images[1], "--outCdimg", out,
+          "--mode", "both")
+    fails(2, "cdimg", "patch", "--diffCdimg", d, "--baseCdimg", images[0])
+
+
+def _golden_pair(tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    lay = Layout(str(tmp_path / "golden-layout"))
+    lay.tag(lay.image([([M("./", "dir"), M("a", data=b"hello " * 50), M("b", data=b"same"),
+                         M("c", data=b"gone")], "none")]), "old")
+    lay.tag(lay.image([([M("./", "dir"), M("a", data=b"hello " * 49 + b"world "), M("b", data=b"same"),
+                         M("d", data=b"new file")], "none")]), "new")
+    lay.save()
+    paths = []
+    for tag in ("old", "new"):
+        code, _, err = run_cli("convert", "--image", f"oci:{lay.path}:{tag}", "--output", str(tmp_path / tag),
+                               "--cdimg", "-q")
+        assert code == 0, err
+        paths.append(str(tmp_path / tag / "image.cdimg"))
+    return paths[0], paths[1]
+
+
+def test_golden_delta(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Pins the delta format (version 2): same inputs, same bytes, and the stored
+    golden file still patches."""
+    old, new = _golden_pair(tmp_path)
+    out = str(tmp_path / "delta.cdimg")
+    diff(old, new, out, "--threadNum", "1")
+    assert read(out) == read(GOLDEN_DELTA), "tests/data/golden-v2-delta.cdimg differs from what this d4c writes"
+    assert hashlib.sha256(read(GOLDEN_DELTA)).hexdigest() == GOLDEN_DELTA_SHA256
+    patch(old, GOLDEN_DELTA, str(tmp_path / "new.cdimg"))
+    assert read(str(tmp_path / "new.cdimg")) == read(new)
+
+
+# Changing this means the delta format changed: bump DELTA_FORMAT_VERSION, document it in
+# docs/FORMAT.md and regenerate tests/data/golden-v2-delta.cdimg from _golden_pair().
+GOLDEN_DELTA_SHA256 = "b2de88020662b28a4e68dfc9251915a0499ae6eac821890d63ef75bc28a49084"
