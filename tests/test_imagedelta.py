@@ -338,3 +338,83 @@ def test_golden_delta(tmp_path) -> None:  # type: ignore[no-untyped-def]
 # Changing this means the delta format changed: bump DELTA_FORMAT_VERSION, document it in
 # docs/FORMAT.md and regenerate tests/data/golden-v2-delta.cdimg from _golden_pair().
 GOLDEN_DELTA_SHA256 = "b2de88020662b28a4e68dfc9251915a0499ae6eac821890d63ef75bc28a49084"
+
+
+def _rewrite_storage(delta_path: str, base_path: str, out_path: str, storage: bytes) -> None:
+    """The golden delta with its storage table replaced (header re-signed), so only
+    the delta-specific checks can reject it."""
+    import zstandard
+
+    from d4c.dimg import (DIMG_PREAMBLE, HEADER_LEVEL, cdimg_preamble, dimg_preamble, header_dictionary)
+    with Image(base_path) as base, Image(delta_path, parent=base) as d:
+        info, tree, config = d.info, d.tree_table, d.info.config_bytes
+        raw = read(delta_path)
+        body = raw[info.body_offset:]
+        table = tree + storage
+        comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True,
+                                        dict_data=header_dictionary(base.tree_table)).compress(table)
+        pre = dimg_preamble(comp, len(table), len(body), info.image_id, info.parent_id)
+        dimg_bytes = pre + comp + body
+        assert len(pre) == DIMG_PREAMBLE.size
+        with open(out_path, "wb") as f:
+            f.write(cdimg_preamble(config, len(dimg_bytes)) + dimg_bytes)
+
+
+def test_hostile_delta_storage(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Storage records that point outside the parent or the body are refused up
+    front, with a one-line error, and nothing is written."""
+    from crafted import uv
+    old, _ = _golden_pair(tmp_path)
+    with Image(old) as base, Image(GOLDEN_DELTA, parent=base) as d:
+        files = [e for e in d.entries if e.type == EntryType.FILE]
+        assert [e.storage for e in files] == [Storage.DELTA, Storage.PARENT, Storage.FRAME]
+        step = files[0].delta_steps[0]
+        frame_len = files[2].body_length
+        src = files[0].delta_source
+
+    def record(source: int = src, steps: int = 1, method: int = step.method, length: int = step.length,
+               b: bytes = bytes([3]), dfile: bytes | None = None) -> bytes:
+        head = bytes([4]) + uv(source) + uv(steps)
+        head += (bytes([method]) + uv(length)) if steps else b""
+        return head + b + (dfile if dfile is not None else bytes([1]) + uv(frame_len))
+
+    out = str(tmp_path / "out.cdimg")
+    cases = {
+        "delta source is not a file": record(source=0),
+        "out of range": record(source=50),
+        "delta without steps": record(steps=0),
+        "unknown delta method": record(method=7),
+        "value 10000 out of range": record(length=10_000),
+        "body outside the body section": record(length=step.length + frame_len),
+        "its content is not in the parent image": record(dfile=bytes([3])),
+    }
+    _rewrite_storage(GOLDEN_DELTA, old, str(tmp_path / "same.cdimg"), record())
+    patch(old, str(tmp_path / "same.cdimg"), out)  # the rewrite itself is faithful
+    os.unlink(out)
+    for reason, storage in cases.items():
+        bad = str(tmp_path / "bad.cdimg")
+        _rewrite_storage(GOLDEN_DELTA, old, bad, storage)
+        code, _, err = run_cli("cdimg", "patch", "--diffCdimg", bad, "--baseCdimg", old, "--outCdimg", out)
+        assert_one_line_error(code, err, 3)
+        assert reason in err, (reason, err)
+        assert not os.path.exists(out)
+
+
+def test_flipped_bytes_never_escape(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every single-byte flip of a delta is caught (header digest, tree id, body
+    digests) as a clean error: a bounded fuzz run."""
+    old, _ = _golden_pair(tmp_path)
+    data = read(GOLDEN_DELTA)
+    rnd = random.Random(7)
+    positions = sorted(set(range(0, len(data), max(1, len(data) // 150))) | {rnd.randrange(len(data)) for _ in range(50)})
+    out = str(tmp_path / "out.cdimg")
+    for pos in positions:
+        bad = bytearray(data)
+        bad[pos] ^= 1 << rnd.randrange(8)
+        path = str(tmp_path / "flip.cdimg")
+        with open(path, "wb") as f:
+            f.write(bad)
+        code, _, err = run_cli("cdimg", "patch", "--diffCdimg", path, "--baseCdimg", old, "--outCdimg", out)
+        assert_one_line_error(code, err)
+        assert code in (3, 4), err
+        assert not os.path.exists(out)
