@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sys
 
-from . import delta_bench, pack_bench
+from . import delta_bench, image_bench, pack_bench
 
 
 def main() -> int:
     rc = pack_bench.main()
     rc |= delta_bench.main()
+    rc |= image_bench.main()
     return rc
 
 

@@ -146,7 +146,7 @@ def test_wrong_source() -> None:
 
 
 def _sa_delta() -> tuple[bytes, bytes, bytes]:
-    old = lcg_bytes(20000, 4)
+    old = lcg_bytes(delta.SMALL_FILE + 20000, 4)  # above SMALL_FILE: no zstd prefix candidate
     new = mutate(old, 9, 10)
     d = delta.diff(old, new)
     assert delta.read_info(d).method_name == "sa"
@@ -245,21 +245,21 @@ FUZZ_BASE = (lcg_bytes(4000, 2), mutate(lcg_bytes(4000, 2), 5, 8), b"")
 FUZZ_BASE = (FUZZ_BASE[0], FUZZ_BASE[1], delta.diff(FUZZ_BASE[0], FUZZ_BASE[1]))
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden-v1.delta")
-GOLDEN_SHA256 = "912de89e5aa402c92cf9bd25279934fc842efe746ee373473c2a4bcba4facfc9"
+GOLDEN_SHA256 = "80fba9419eefb813d02c97829007aca172b8c1bfe2562ecebb388c656dd386cb"
 
 
 def golden_pair() -> tuple[bytes, bytes]:
-    old = lcg_bytes(50_000, 77)
+    old = lcg_bytes(delta.SMALL_FILE + 50_000, 77)  # above SMALL_FILE: pins the suffix-array method
     return old, mutate(old, 78, 25)
 
 
 GOLDEN_CM = os.path.join(os.path.dirname(__file__), "data", "golden-v1-cm.delta")
-GOLDEN_CM_SHA256 = "158886fd031a9d83018fd0330dfb8c56892c35cd9073316039c53041f9aa1c72"
+GOLDEN_CM_SHA256 = "b5198efc227507a0821aa867b53c1a1a47ae25ace9442f34e3c4d183e360f4f5"
 
 
 @pytest.mark.parametrize("path,digest,pair", [
     (GOLDEN, GOLDEN_SHA256, golden_pair),
-    (GOLDEN_CM, GOLDEN_CM_SHA256, lambda: (pointer_table(60_000, 5, 0), pointer_table(60_000, 5, 7))),
+    (GOLDEN_CM, GOLDEN_CM_SHA256, lambda: (pointer_table(delta.SMALL_FILE + 60_000, 5, 0), pointer_table(delta.SMALL_FILE + 60_000, 5, 7))),
 ])
 def test_golden_delta(path: str, digest: str, pair) -> None:  # type: ignore[no-untyped-def]
     """The delta format is pinned: same inputs, same bytes, and the stored file still applies."""

@@ -60,6 +60,8 @@ NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
 INT32_LIMIT = (1 << 31) - 2
 DIFF_RAW, DIFF_SPARSE, DIFF_CM = 0, 1, 2  # how the add stream is coded
 CM_MIN_CHANGES = 1024             # fewer changed bytes: the context-mixing coder is not worth its time
+SMALL_FILE = 256 << 10            # at most this size the zstd prefix delta is tried too
+SMALL_FILE_LEVEL = 19
 ALIGNED_MAX_CHANGE = 1000         # same-size files with < 1/1000 bytes changed skip the scan
 
 
@@ -413,10 +415,15 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
     candidates = [_preamble(METHOD_SA, *head) + sa_payload] if sa_payload is not None else []
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
     # the old file as prefix, or the new file alone, may be smaller
-    if not candidates or len(candidates[0]) > len(new) // 4:
+    poor = not candidates or len(candidates[0]) > len(new) // 4
+    if poor:
         candidates.append(_preamble(METHOD_WHOLE, *head) + _compress(new, level))
-        if len(old) and 6 * len(old) + 3 * len(new) <= memory_limit:
-            candidates.append(_preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, level))
+    if len(old) and (poor or len(new) <= SMALL_FILE) and 6 * len(old) + 3 * len(new) <= memory_limit:
+        # small files: the suffix-array delta's fixed cost (segment table, three
+        # streams) is most of its size, one zstd frame against the old file is
+        # often smaller (measured: dpkg status 126 -> 62 bytes); cheap at this size
+        prefix_level = max(level, SMALL_FILE_LEVEL) if len(new) <= SMALL_FILE else level
+        candidates.append(_preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, prefix_level))
     return min(candidates, key=len)
 
 

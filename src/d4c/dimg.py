@@ -18,7 +18,7 @@ import zstandard
 
 from .codec import Cursor, Encoder
 from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, WrongBase, from_oserror
-from .tree import (LINKABLE, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
+from .tree import (LINKABLE, MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
 from .zstdframes import read_bounded
 
@@ -131,27 +131,43 @@ def decode_header(data: bytes, source: str, body_size: int,
     entries: list[Entry] = []
     dirs: set[bytes] = set()
     prev: bytes | None = None
+    # the loop below runs once per entry of images with 10^4..10^6 entries: it reads
+    # one-byte varints inline and leaves the rest to the cursor (same checks)
+    buf = bytes(data)
+    end = len(buf)
+    uvarint = cur.uvarint
     for index in range(count):
-        path = cur.blob(MAX_PATH)
-        problem = path_problem(path)
-        if problem:
-            fail(f"entry {path!r}: {problem}")
+        pos = cur.pos
+        n = buf[pos] if pos < end else 0x80
+        if n < 0x80 and pos + 1 + n <= end:
+            path = buf[pos + 1:pos + 1 + n]
+            pos += 1 + n
+            if n > MAX_PATH:
+                fail(f"length {n} exceeds limit {MAX_PATH}")
+        else:
+            path = cur.blob(MAX_PATH)
+            pos = cur.pos
+        if not _plain_path(path):
+            problem = path_problem(path)
+            if problem:
+                fail(f"entry {path!r}: {problem}")
         if prev is not None and path <= prev:
             fail(f"entry {path!r}: entries out of order or duplicated")
         prev = path
-        try:
-            etype = EntryType(cur.u8())
-        except ValueError:
-            fail(f"entry {path!r}: unknown entry type")
-        e = Entry(path=path, type=etype)
-        if index == 0 and (path != b"" or etype != EntryType.DIR):
-            fail("the first entry must be the root directory")
-        if index > 0:
-            parent = path.rsplit(b"/", 1)[0] if b"/" in path else b""
-            if parent not in dirs:
+        etype = _ENTRY_TYPES.get(buf[pos]) if pos < end else None
+        if etype is None:
+            fail(f"entry {path!r}: unknown entry type" if pos < end else "truncated")
+        cur.pos = pos + 1
+        e = Entry(path, etype)
+        if index == 0:
+            if path != b"" or etype != EntryType.DIR:
+                fail("the first entry must be the root directory")
+        else:
+            cut = path.rfind(b"/")
+            if (path[:cut] if cut >= 0 else b"") not in dirs:
                 fail(f"entry {path!r}: parent is not a directory in the image")
         if etype == EntryType.HARDLINK:
-            e.link = cur.uvarint(max(index - 1, 0))
+            e.link = uvarint(max(index - 1, 0))
             if index == 0 or entries[e.link].type not in LINKABLE:
                 fail(f"entry {path!r}: hard link to a non-linkable or later entry")
             target = entries[e.link]
@@ -159,22 +175,29 @@ def decode_header(data: bytes, source: str, body_size: int,
             e.xattrs = target.xattrs
             entries.append(e)
             continue
-        e.mode = cur.uvarint(0o7777)
-        e.uid = cur.uvarint(_MAX_ID)
-        e.gid = cur.uvarint(_MAX_ID)
-        e.mtime_ns = cur.svarint()
-        nx = cur.uvarint(cur.remaining() // 2)
-        last_name = b""
-        for _ in range(nx):
-            name = cur.blob(MAX_XATTR_NAME)
-            value = cur.blob(MAX_XATTR_VALUE)
-            if not name or b"\0" in name or name <= last_name:
-                fail(f"entry {path!r}: bad or unsorted xattr name")
-            last_name = name
-            e.xattrs[name] = value
+        e.mode = uvarint(0o7777)
+        e.uid = uvarint(_MAX_ID)
+        e.gid = uvarint(_MAX_ID)
+        z = uvarint((1 << 64) - 1)
+        e.mtime_ns = (z >> 1) if not z & 1 else -((z + 1) >> 1)
+        nx = uvarint(cur.remaining() // 2)
+        if nx:
+            last_name = b""
+            xattrs = e.xattrs
+            for _ in range(nx):
+                name = cur.blob(MAX_XATTR_NAME)
+                value = cur.blob(MAX_XATTR_VALUE)
+                if not name or b"\0" in name or name <= last_name:
+                    fail(f"entry {path!r}: bad or unsorted xattr name")
+                last_name = name
+                xattrs[name] = value
         if etype == EntryType.FILE:
-            e.size = cur.uvarint(MAX_FILE_SIZE)
-            e.digest = cur.raw(32)
+            e.size = uvarint(MAX_FILE_SIZE)
+            pos = cur.pos
+            if pos + 32 > end:
+                fail("truncated")
+            e.digest = buf[pos:pos + 32]
+            cur.pos = pos + 32
         elif etype == EntryType.DIR:
             dirs.add(path)
         elif etype == EntryType.SYMLINK:
@@ -183,7 +206,7 @@ def decode_header(data: bytes, source: str, body_size: int,
             if problem:
                 fail(f"entry {path!r}: {problem}")
         elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
-            e.rdev = (cur.uvarint(_MAX_ID), cur.uvarint(_MAX_ID))
+            e.rdev = (uvarint(_MAX_ID), uvarint(_MAX_ID))
         entries.append(e)
     if count == 0:
         fail("no root entry")
@@ -195,10 +218,10 @@ def decode_header(data: bytes, source: str, body_size: int,
     for index, e in enumerate(entries):
         if e.type != EntryType.FILE:
             continue
-        try:
-            e.storage = Storage(cur.u8())
-        except ValueError:
+        kind = _STORAGE_KINDS.get(cur.u8())
+        if kind is None:
             fail(f"entry {e.path!r}: unknown storage kind")
+        e.storage = kind
         if e.storage in (Storage.PARENT, Storage.DELTA) and parent_entries is None:
             fail(f"entry {e.path!r}: refers to a parent image, but this is a base image")
         if e.storage == Storage.EMPTY:
@@ -253,6 +276,15 @@ def decode_header(data: bytes, source: str, body_size: int,
 
 
 EMPTY_DIGEST = hashlib.sha256(b"").digest()
+_ENTRY_TYPES = {int(t): t for t in EntryType}
+_STORAGE_KINDS = {int(k): k for k in Storage}
+
+
+def _plain_path(path: bytes) -> bool:
+    """A quick yes for the usual safe path; anything else gets path_problem's verdict."""
+    return (0 < len(path) <= MAX_NAME and b"\0" not in path and b"//" not in path
+            and not path.startswith((b"/", b"./", b"../")) and not path.endswith((b"/", b"/.", b"/.."))
+            and b"/./" not in path and b"/../" not in path and path not in (b".", b".."))
 
 
 # ---------------------------------------------------------------- reading
