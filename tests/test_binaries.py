@@ -6,6 +6,9 @@ import os
 
 from helpers import run_binary
 from test_format import GOLDEN, GOLDEN_ID
+from test_llfs import fuse_ok
+
+from d4c.dimg import Image
 
 
 def test_ctr_cli_version_without_python() -> None:
@@ -39,3 +42,29 @@ def test_daemon_binaries_exist_and_answer() -> None:
     for name in ("snapshotter", "server"):
         p = run_binary(name, "--version")
         assert p.returncode == 0 and name in p.stdout, p.stderr
+
+
+def test_binary_diffs_patches_and_mounts(stack, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The frozen ctr-cli makes and applies image deltas, and its FUSE server
+    process (the binary re-executing itself) serves a delta stack."""
+    d = str(tmp_path / "d34.cdimg")
+    p = run_binary("ctr-cli", "-q", "cdimg", "diff", "--oldCdimg", images[2], "--newCdimg", images[3],
+                   "--outCdimg", d)
+    assert p.returncode == 0, p.stderr
+    out = str(tmp_path / "v4.cdimg")
+    p = run_binary("ctr-cli", "-q", "cdimg", "patch", "--diffCdimg", d, "--baseCdimg", images[2], "--outCdimg", out)
+    assert p.returncode == 0, p.stderr
+    with open(out, "rb") as f1, open(images[3], "rb") as f2:
+        assert f1.read() == f2.read()
+    fuse_ok()
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    p = run_binary("ctr-cli", "mount", "--background", "--cdimg", stack[-1], mnt)
+    assert p.returncode == 0, p.stderr
+    try:
+        with open(os.path.join(mnt, "bin", "tool"), "rb") as f, Image(images[3]) as want:
+            assert f.read() == want.read_body(want.lookup(b"bin/tool"))
+    finally:
+        p = run_binary("ctr-cli", "umount", mnt)
+        assert p.returncode == 0, p.stderr
+    assert not os.path.ismount(mnt)

@@ -1,0 +1,134 @@
+"""ctr-cli mount / umount: serve an image stack read-only through FUSE."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from ..errors import D4CError, SystemFailure, UsageError
+from .util_cmd import parse_size
+
+READY, FAILED = b"\0", b"\1"
+
+
+def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
+    p = sub.add_parser(
+        "mount", parents=[common], help="mount an image (and the stack below it) read-only",
+        description="Mounts TOP (a base or a delta image) with every image below it as one read-only "
+        "tree. The images below are found by id in TOP's directory (or --cdimg-dir), or given with "
+        "--base and --delta (lowest first). Unchanged files are read from the image that stores them; "
+        "files that need deltas are rebuilt on first read, checked, and kept in an on-disk cache.")
+    p.add_argument("--cdimg", "--dimg", dest="top", required=True, metavar="FILE", help="the top image")
+    p.add_argument("--cdimg-dir", metavar="DIR", help="where to look for the images below TOP")
+    p.add_argument("--base", metavar="FILE", help="the base image of the stack")
+    p.add_argument("--delta", action="append", default=[], metavar="FILE",
+                   help="a delta between the base and TOP (repeat, lowest first)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="keep rebuilt files here, also across mounts (default: a private directory "
+                   "under /var/tmp, removed at unmount)")
+    p.add_argument("--cache-size", type=parse_size, default=2 << 30, metavar="SIZE",
+                   help="upper bound of the cache (default 2G); least recently used files go first")
+    p.add_argument("--background", action="store_true",
+                   help="return once mounted; a server process keeps the mount (one per mount)")
+    p.add_argument("--workers", type=int, default=None, metavar="N", help="FUSE worker threads")
+    p.add_argument("--log", metavar="FILE", help="--background: append the server's log lines (e.g. "
+                   "files that failed their digest) to FILE")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=run_mount)
+
+    p = sub.add_parser("umount", parents=[common], help="unmount an image mounted with `mount`")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", action="store_true", help="detach now even if busy")
+    p.set_defaults(func=run_umount)
+
+
+def own_command() -> list[str]:
+    """How to start this program again (the frozen binary, or python -m d4c)."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable]
+    return [sys.executable, "-m", "d4c"]
+
+
+def run_mount(args: argparse.Namespace) -> int:
+    from ..llfs.model import Options, resolve_stack
+    from ..llfs.serve import check_mountpoint, fuse_problem, serve
+    if args.base is None and args.delta:
+        raise UsageError("mount: --delta needs --base")
+    chain = ([args.base] + args.delta) if args.base else None
+    paths = resolve_stack(args.top, image_dir=args.cdimg_dir, chain=chain)  # errors before mounting
+    check_mountpoint(args.mountpoint)
+    problem = fuse_problem()
+    if problem:
+        raise UsageError(f"mount: {problem}")
+    if args.background:
+        return _spawn(args, paths)
+    private = args.cache_dir is None
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, READY)
+            os.close(ready_fd)
+
+    try:
+        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size), ready=ready, workers=args.workers)
+    except D4CError as exc:
+        if ready_fd is not None:
+            os.write(ready_fd, FAILED + str(exc).encode(errors="replace")[:4000])
+        raise
+    finally:
+        if private:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    return 0
+
+
+def _spawn(args: argparse.Namespace, paths: list[str]) -> int:
+    """Start the FUSE server process and wait until it has mounted (or failed)."""
+    read_end, write_end = os.pipe()
+    cmd = own_command() + ["-q", "mount", "--cdimg", os.path.abspath(args.top), "--base", os.path.abspath(paths[0])]
+    for p in paths[1:-1]:
+        cmd += ["--delta", os.path.abspath(p)]
+    if args.cache_dir:
+        cmd += ["--cache-dir", os.path.abspath(args.cache_dir)]
+    cmd += ["--cache-size", str(args.cache_size), "--ready-fd", str(write_end)]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
+    cmd.append(os.path.abspath(args.mountpoint))
+    if args.log:
+        cmd[len(own_command())] = "--debug" if args.debug else "-q"
+    with open(os.devnull, "rb") as null_in:
+        log = open(args.log or os.devnull, "ab")
+        child = subprocess.Popen(cmd, stdin=null_in, stdout=log, stderr=log, pass_fds=(write_end,),
+                                 start_new_session=True, cwd="/")
+        log.close()
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read()
+    if answer[:1] == READY:
+        return 0
+    child.wait(timeout=30)
+    reason = answer[1:].decode(errors="replace") if answer[:1] == FAILED else f"exit status {child.returncode}"
+    raise SystemFailure(f"mount of {args.top} failed: {reason}")
+
+
+def run_umount(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool:
+        cmd = [tool, "-u"] + (["-z"] if args.lazy else []) + [mountpoint]
+    else:
+        cmd = ["umount"] + (["-l"] if args.lazy else []) + [mountpoint]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        raise SystemFailure(f"cannot unmount {mountpoint}: {p.stderr.strip() or 'exit ' + str(p.returncode)}")
+    return 0
+
+

@@ -1,0 +1,419 @@
+"""What an image stack looks like as a read-only file system, without FUSE.
+
+The tree is the top image's (a delta image carries its complete tree).  Inode
+numbers are entry indices + 1, so they are stable across mounts of the same
+image; the root is 1 and a hard link shares its primary's inode.  Contents are
+resolved lazily: a body stored as a zstd frame anywhere in the stack is
+streamed from it; a body that needs deltas is rebuilt once, checked against its
+digest, and kept in a bounded on-disk cache (never in RAM).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import zstandard
+
+from ..dimg import Image, format_id, read_info
+from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
+from ..tree import S_IFMT_OF, Entry, EntryType, Storage
+
+ROOT_INO = 1
+BLOCK = 4096
+
+
+class Attrs(NamedTuple):
+    ino: int
+    mode: int          # S_IFMT | permission bits
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+
+
+class FsError(Exception):
+    """An errno for the adapter to report (ENOENT, ENOTDIR, EIO...)."""
+
+    def __init__(self, code: int, why: str = "") -> None:
+        super().__init__(why or os.strerror(code))
+        self.errno = code
+
+
+# ---------------------------------------------------------------- the stack
+
+def resolve_stack(top: str, *, image_dir: str | None = None, chain: list[str] | None = None) -> list[str]:
+    """Paths of the images from the base up to `top`.  `chain` lists them
+    explicitly (base first, without top); else parents are looked up by id among
+    the images in `image_dir` (default: top's directory).  Links are checked
+    before anything is mounted."""
+    info = _info(top)
+    if chain is not None:
+        paths = chain + [top]
+    else:
+        by_id: dict[bytes, str] = {}
+        folder = image_dir or os.path.dirname(os.path.abspath(top))
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError as exc:
+            raise NotFound(f"cannot list image directory {folder}: {exc.strerror}") from None
+        for name in names:
+            path = os.path.join(folder, name)
+            if not name.endswith((".cdimg", ".dimg")) or not os.path.isfile(path):
+                continue
+            try:
+                by_id.setdefault(_info(path).image_id, path)
+            except D4CError:
+                continue  # not an image we can use: ignore it here
+        paths = [top]
+        while info.parent_id is not None:
+            parent = by_id.get(info.parent_id)
+            if parent is None:
+                raise MissingBase(paths[-1], format_id(info.parent_id))
+            if len(paths) > 4096:
+                raise CorruptImage(top, "parent chain does not end")
+            paths.append(parent)
+            info = _info(parent)
+        paths.reverse()
+    # every link must match: checked again, cheaply, whichever way the chain came
+    for lower, upper in zip(paths, paths[1:]):
+        up, low = _info(upper), _info(lower)
+        if up.parent_id != low.image_id:
+            raise WrongBase(upper, format_id(up.parent_id) if up.parent_id else "(none: a base image)",
+                            lower, format_id(low.image_id))
+    if _info(paths[0]).parent_id is not None:
+        raise MissingBase(paths[0], format_id(_info(paths[0]).parent_id or b""))
+    return paths
+
+
+def _info(path: str):  # type: ignore[no-untyped-def]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no such image file: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        return read_info(fd, path)
+    finally:
+        os.close(fd)
+
+
+def open_images(paths: list[str]) -> list[Image]:
+    images: list[Image] = []
+    try:
+        for path in paths:
+            images.append(Image(path, parent=images[-1] if images else None))
+    except BaseException:
+        for image in images:
+            image.close()
+        raise
+    return images
+
+
+# ---------------------------------------------------------------- cache
+
+class BodyCache:
+    """Rebuilt file bodies on disk, by content digest, evicted least recently
+    used beyond `limit` bytes.  A body being served stays on disk until closed
+    (an unlinked file stays readable through its open descriptor)."""
+
+    def __init__(self, directory: str, limit: int) -> None:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self.dir = directory
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._sizes: OrderedDict[bytes, int] = OrderedDict()
+        self._building: dict[bytes, threading.Lock] = {}
+        for name in os.listdir(directory):  # a previous mount's bodies are reused
+            path = os.path.join(directory, name)
+            if len(name) == 64 and os.path.isfile(path):
+                try:
+                    self._sizes[bytes.fromhex(name)] = os.path.getsize(path)
+                except ValueError:
+                    pass
+            elif name.startswith(".tmp-"):
+                os.unlink(path)
+        self._evict()
+
+    def path(self, digest: bytes) -> str:
+        return os.path.join(self.dir, digest.hex())
+
+    def open(self, digest: bytes, size: int, build) -> int:  # type: ignore[no-untyped-def]
+        """An fd of the cached body; `build()` makes it (bytes) on a miss.
+        Concurrent first reads of one body build it once."""
+        with self._lock:
+            lock = self._building.setdefault(digest, threading.Lock())
+        with lock:
+            fd = self._open_cached(digest, size)
+            if fd >= 0:
+                return fd
+            data = build()
+            if len(data) != size or hashlib.sha256(data).digest() != digest:
+                raise CorruptImage("stack", "rebuilt body does not match its digest")
+            tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
+            try:
+                with tmp:
+                    tmp.write(data)
+                os.rename(tmp.name, self.path(digest))
+            except BaseException:
+                os.unlink(tmp.name)
+                raise
+            with self._lock:
+                self._sizes[digest] = size
+                self._sizes.move_to_end(digest)
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+            self._evict(keep=digest)
+            return fd
+
+    def _open_cached(self, digest: bytes, size: int) -> int:
+        with self._lock:
+            if digest not in self._sizes:
+                return -1
+            self._sizes.move_to_end(digest)
+        try:
+            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with self._lock:
+                self._sizes.pop(digest, None)
+            return -1
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            return -1
+        return fd
+
+    def _evict(self, keep: bytes | None = None) -> None:
+        with self._lock:
+            total = sum(self._sizes.values())
+            for digest in list(self._sizes):
+                if total <= self.limit:
+                    break
+                if digest == keep:
+                    continue
+                total -= self._sizes.pop(digest)
+                try:
+                    os.unlink(self.path(digest))
+                except FileNotFoundError:
+                    pass
+
+    @property
+    def used(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+
+# ---------------------------------------------------------------- open files
+
+class Handle:
+    """An open file: a cached body (pread) or a zstd frame streamed forward."""
+
+    def __init__(self, fs: "ImageFS", node: Entry, image: Image, stored: Entry | None, fd: int) -> None:
+        self.fs, self.node, self.image, self.stored, self.fd = fs, node, image, stored, fd
+        self.pos = 0
+        self.reader = None
+        self.lock = threading.Lock()
+
+    def read(self, offset: int, size: int) -> bytes:
+        with self.lock:
+            if self.fd >= 0:
+                return os.pread(self.fd, size, offset)
+            if self.reader is None:
+                assert self.stored is not None
+                self.reader = self.image.open_body(self.stored)
+                self.pos = 0
+            if offset < self.pos or offset - self.pos > MAX_SKIP:
+                return self._switch_to_cache(offset, size)  # random access
+            self._skip(offset - self.pos)
+            return self._take(min(size, self.node.size - self.pos))
+
+    def _skip(self, n: int) -> None:
+        while n > 0:
+            got = self._take(min(n, 1 << 20))
+            if not got:
+                break
+            n -= len(got)
+
+    def _take(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        data = self.reader.read(n)  # type: ignore[union-attr]
+        self.pos += len(data)
+        return data
+
+    def _switch_to_cache(self, offset: int, size: int) -> bytes:
+        """Random access into a large frame: keep the decompressed body in the cache."""
+        assert self.stored is not None
+        self.fd = self.fs.cache.open(self.node.digest or b"", self.node.size,
+                                     lambda: self.image.read_body(self.stored))
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+MAX_SKIP = 4 << 20  # reads further ahead than this (or backwards) switch a stream to the cache
+
+
+# ---------------------------------------------------------------- the file system
+
+@dataclass
+class Options:
+    cache_dir: str
+    cache_limit: int = 2 << 30
+
+
+class ImageFS:
+    """The protocol-free file system over an open image stack (base first)."""
+
+    def __init__(self, images: list[Image], options: Options) -> None:
+        self.images = images
+        self.top = images[-1]
+        self.entries = self.top.entries
+        self.cache = BodyCache(options.cache_dir, options.cache_limit)
+        n = len(self.entries)
+        self.children: dict[int, list[tuple[bytes, int]]] = {}
+        self._child_index: dict[tuple[int, bytes], int] = {}
+        self.nlink = [1] * (n + 1)
+        self.parent_of: dict[int, int] = {ROOT_INO: ROOT_INO}
+        index_of_dir: dict[bytes, int] = {}
+        for i, e in enumerate(self.entries):
+            ino = self.ino_of(i)
+            if e.type == EntryType.DIR:
+                index_of_dir[e.path] = ino
+                self.children[ino] = []
+                self.nlink[ino] = 2
+            if i == 0:
+                continue
+            parent = index_of_dir[e.parent]
+            self.children[parent].append((e.name, ino))
+            self._child_index[(parent, e.name)] = ino
+            if e.type == EntryType.DIR:
+                self.nlink[parent] += 1
+                self.parent_of[ino] = parent
+            elif e.type == EntryType.HARDLINK:
+                self.nlink[ino] += 1
+        for kids in self.children.values():
+            kids.sort()
+        self._handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()
+
+    # inodes
+    def ino_of(self, index: int) -> int:
+        e = self.entries[index]
+        return (e.link if e.type == EntryType.HARDLINK else index) + 1
+
+    def entry(self, ino: int) -> Entry:
+        if not 1 <= ino <= len(self.entries):
+            raise FsError(errno.ENOENT)
+        return self.entries[ino - 1]
+
+    def lookup(self, parent: int, name: bytes) -> Attrs:
+        if name == b".":
+            return self.getattr(parent)
+        self._require_dir(parent)
+        if name == b"..":
+            return self.getattr(self.parent_of[parent])
+        ino = self._child_index.get((parent, name))
+        if ino is None:
+            raise FsError(errno.ENOENT)
+        return self.getattr(ino)
+
+    def _require_dir(self, ino: int) -> None:
+        if self.entry(ino).type != EntryType.DIR:
+            raise FsError(errno.ENOTDIR)
+
+    def getattr(self, ino: int) -> Attrs:
+        e = self.entry(ino)
+        t = e.type
+        size = e.size if t == EntryType.FILE else (len(e.target) if t == EntryType.SYMLINK else 0)
+        if t == EntryType.DIR:
+            size = BLOCK
+        rdev = os.makedev(*e.rdev) if t in (EntryType.CHARDEV, EntryType.BLOCKDEV) else 0
+        mode = e.mode if t != EntryType.SYMLINK else 0o777  # what Linux shows for every symlink
+        return Attrs(ino, S_IFMT_OF[t] | mode, self.nlink[ino], e.uid, e.gid, size, e.mtime_ns, rdev)
+
+    def readlink(self, ino: int) -> bytes:
+        e = self.entry(ino)
+        if e.type != EntryType.SYMLINK:
+            raise FsError(errno.EINVAL)
+        return e.target
+
+    def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attrs, int]]:
+        """Entries after position `start` (offsets are positions + 1: stable)."""
+        self._require_dir(ino)
+        kids = self.children[ino]
+        return [(name, self.getattr(child), pos + 1) for pos, (name, child) in enumerate(kids) if pos >= start]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self.entry(ino).xattrs.get(name)
+        if value is None:
+            raise FsError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self.entry(ino).xattrs)
+
+    # contents
+    def open(self, ino: int) -> int:
+        e = self.entry(ino)
+        if e.type != EntryType.FILE:
+            raise FsError(errno.EISDIR if e.type == EntryType.DIR else errno.EINVAL)
+        fd = -1
+        image, stored = self.top, None
+        if e.size:
+            image, stored = self.top.resolve(e)
+            stored = image.holder(stored)
+            if stored.storage != Storage.FRAME:  # rebuilt from deltas, once, into the cache
+                fd = self.cache.open(e.digest or b"", e.size, lambda: image.read_body(stored))
+                stored = None
+        handle = Handle(self, e, image, stored, fd)
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        return fh
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            raise FsError(errno.EBADF)
+        if offset >= handle.node.size or size <= 0:
+            return b""
+        try:
+            return handle.read(offset, size)
+        except zstandard.ZstdError as exc:
+            raise CorruptImage(handle.image.path, f"{handle.node.display()}: {exc}") from None
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    def statfs(self) -> tuple[int, int]:
+        """(total bytes, files) for statfs."""
+        return sum(e.size for e in self.entries if e.type == EntryType.FILE), len(self.entries)
+
+    def close(self) -> None:
+        for fh in list(self._handles):
+            self.release(fh)
+        for image in self.images:
+            image.close()
+

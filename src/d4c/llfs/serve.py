@@ -1,0 +1,62 @@
+"""Serving one mount in this process (llfuse allows one mount per process)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+from ..errors import Unsupported, UsageError
+from ._impl import IMPORT_ERROR, llfuse
+from .model import ImageFS, Options, open_images
+
+log = logging.getLogger("d4c.llfs")
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UsageError(f"{mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise UsageError(f"mount point {mountpoint} is not empty")
+
+
+def fuse_problem() -> str | None:
+    """Why FUSE cannot be used here, or None."""
+    if llfuse is None:
+        return f"llfuse is not available ({IMPORT_ERROR})"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing (is the fuse kernel module loaded?)"
+    return None
+
+
+def serve(paths: list[str], mountpoint: str, options: Options, *,
+          ready: Callable[[], None] = lambda: None, workers: int | None = None) -> None:
+    """Mount the stack `paths` (base first) read-only and serve until unmounted."""
+    problem = fuse_problem()
+    if problem:
+        raise Unsupported(f"cannot mount: {problem}")
+    from .ops import Operations  # subclasses llfuse's class: only importable with llfuse
+    images = open_images(paths)
+    fs = ImageFS(images, options)
+    fuse_options = set(llfuse.default_options) | {"fsname=d4c", "subtype=d4c", "ro"}
+    if os.geteuid() == 0:
+        fuse_options.add("allow_other")  # containerd and the container's users read it
+    try:
+        llfuse.init(Operations(fs), mountpoint, sorted(fuse_options))
+    except BaseException:
+        fs.close()
+        raise
+    ready()
+    try:
+        llfuse.main(workers=workers)
+    except BaseException:
+        # never unmount after an internal failure: an empty directory in place of an
+        # image is worse for a running container than an error on every access
+        log.exception("FUSE main loop failed; the mount is left in place")
+        llfuse.close(unmount=False)
+        fs.close()
+        raise
+    llfuse.close()
+    fs.close()

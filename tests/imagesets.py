@@ -1,0 +1,75 @@
+"""Four versions of one image with every change kind between them (for the
+image-delta, llfs and binary tests; conftest builds them once per session)."""
+
+from __future__ import annotations
+
+import random
+
+from ocibuild import M
+
+
+def noise(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def edit(data: bytes, seed: int, changes: int = 6) -> bytes:
+    """A few byte changes and one insertion: what a rebuilt binary looks like."""
+    rnd = random.Random(seed)
+    b = bytearray(data)
+    for _ in range(changes):
+        b[rnd.randrange(len(b))] ^= 0x5A
+    at = rnd.randrange(len(b))
+    return bytes(b[:at]) + b"inserted-" + bytes(b[at:])
+
+
+TOOL = noise(96_000, 1)
+LIBFOO = noise(80_000, 2)
+MOVED = noise(40_000, 3)
+DUP = noise(20_000, 4)
+NEWFILE = noise(12_000, 5)
+STATUS = "".join(f"Package: pkg{i}\nStatus: install ok installed\nVersion: 1.{i}\n\n"
+                 for i in range(600)).encode()
+
+BASE = [
+    M("./", "dir", mtime=1000),
+    M("etc/", "dir"), M("etc/status", data=STATUS), M("etc/conf", data=b"conf=1\n"),
+    M("bin/", "dir"), M("bin/tool", data=TOOL, mode=0o755), M("bin/hl", "hardlink", link="bin/tool"),
+    M("lib/", "dir"), M("lib/libfoo.so.1.2", data=LIBFOO),
+    M("data/", "dir"), M("data/moved", data=MOVED),
+    M("share/", "dir"), M("share/dup", data=DUP),
+    M("typechg_file", data=b"a file that becomes a directory"),
+    M("typechg_dir/", "dir"), M("typechg_dir/child", data=b"child"),
+    M("meta", data=b"same content, new metadata", mode=0o644, mtime=1000),
+    M("removed", data=b"removed by a whiteout"),
+    M("gone_dir/", "dir"), M("gone_dir/x", data=b"x"),
+    M("opq/", "dir"), M("opq/a", data=b"a"), M("opq/b", data=b"b"),
+    M("link", "symlink", link="bin/tool"),
+    M("empty", data=b""),
+]
+UPDATE2 = [
+    M("etc/status", data=STATUS.replace(b"Version: 1.17\n", b"Version: 1.17+deb12u1\n")
+      + b"Package: added\nStatus: install ok installed\n\n"),
+    M("bin/tool", data=edit(TOOL, 10), mode=0o755),
+    M("share/dup2", data=DUP),  # content already in the base
+    M("bin/.wh.hl"), M("bin/hl", "hardlink", link="share/dup2"),  # hard-link group changed
+    M("lib/.wh.libfoo.so.1.2"), M("lib/libfoo.so.1.3", data=edit(LIBFOO, 11)),  # renamed + changed
+    M("data/.wh.moved"), M("newdir/", "dir"), M("newdir/moved", data=MOVED),  # moved
+    M(".wh.typechg_file"), M("typechg_file/", "dir"), M("typechg_file/inner", data=b"inner"),
+    M(".wh.typechg_dir"), M("typechg_dir", "symlink", link="etc"),
+    M("meta", data=b"same content, new metadata", mode=0o600, mtime=2000),  # metadata only
+    M(".wh.removed"), M(".wh.gone_dir"),
+    M("opq/", "dir"), M("opq/.wh..wh..opq"), M("opq/c", data=b"c"),
+    M("newfile", data=NEWFILE),
+]
+UPDATE3 = [
+    M("bin/tool", data=edit(edit(TOOL, 10), 20), mode=0o755),
+    M("etc/status", data=STATUS.replace(b"Version: 1.300\n", b"Version: 1.300+b1\n")),
+    M("newfile", data=edit(NEWFILE, 21)),  # a file the base never had, changed again
+    M(".wh.newdir"),
+]
+UPDATE4 = [
+    M("bin/tool", data=edit(edit(edit(TOOL, 10), 20), 30), mode=0o755),
+    M("lib/libfoo.so.1.3", data=edit(edit(LIBFOO, 11), 31)),
+    M("data/", "dir"), M("data/moved", data=MOVED),  # back where it was
+]
+VERSIONS = [[BASE], [BASE, UPDATE2], [BASE, UPDATE2, UPDATE3], [BASE, UPDATE2, UPDATE3, UPDATE4]]

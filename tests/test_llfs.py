@@ -1,0 +1,224 @@
+"""llfs: the image-stack file system, as a model and through a real FUSE mount."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import IS_ROOT
+from helpers import assert_one_line_error, diff_trees, need, run_cli, snapshot_tree
+
+from d4c.dimg import Image
+from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
+from d4c.tree import EntryType, Storage
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+
+
+def test_resolve_stack(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    assert resolve_stack(stack[-1]) == stack
+    assert resolve_stack(stack[-1], chain=stack[:-1]) == stack
+    code, _, err = run_cli("mount", "--cdimg", stack[-1], "--cdimg-dir", str(tmp_path), str(tmp_path))
+    assert_one_line_error(code, err, 4)  # no images below it there
+    assert "is a delta of image" in err
+    code, _, err = run_cli("mount", "--cdimg", stack[-1], "--base", stack[0], "--delta", stack[2], str(tmp_path))
+    assert_one_line_error(code, err, 3)  # a link that does not match
+
+
+def model(stack: list[str], tmp_path, limit: int = 1 << 30) -> ImageFS:  # type: ignore[no-untyped-def]
+    return ImageFS(open_images(stack), Options(str(tmp_path / "cache"), limit))
+
+
+def walk(fs: ImageFS, ino: int = 1, prefix: bytes = b"") -> dict[bytes, int]:
+    out = {}
+    for name, attrs, _ in fs.readdir(ino, 0):
+        path = prefix + name
+        out[path] = attrs.ino
+        if EntryType.DIR == fs.entry(attrs.ino).type:
+            out.update(walk(fs, attrs.ino, path + b"/"))
+    return out
+
+
+def test_model_equals_the_top_image(stack, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fs = model(stack, tmp_path)
+    try:
+        with Image(images[3]) as want:
+            paths = walk(fs)
+            assert sorted(paths) == sorted(e.path for e in want.entries[1:])
+            for e in want.entries[1:]:
+                ino = paths[e.path]
+                a = fs.getattr(ino)
+                mode = 0o777 if e.type == EntryType.SYMLINK else e.mode
+                assert (a.uid, a.gid, a.mtime_ns, a.mode & 0o7777) == (e.uid, e.gid, e.mtime_ns, mode)
+                if e.type == EntryType.FILE:
+                    fh = fs.open(ino)
+                    data = b"".join(fs.read(fh, off, 7000) for off in range(0, max(e.size, 1), 7000))
+                    fs.release(fh)
+                    assert data == want.read_body(e), e.path
+                elif e.type == EntryType.SYMLINK:
+                    assert fs.readlink(ino) == e.target
+            # hard links share an inode and count their names
+            hl = [e for e in want.entries if e.type == EntryType.HARDLINK]
+            for e in hl:
+                assert paths[e.path] == paths[want.entries[e.link].path]
+                assert fs.getattr(paths[e.path]).nlink >= 2
+        # stable: a second mount numbers the same
+        assert walk(model(stack, tmp_path / "again")) == paths
+        with pytest.raises(FsError) as info:
+            fs.lookup(1, b"no-such-file")
+        assert info.value.errno == errno.ENOENT
+        with pytest.raises(FsError) as info:
+            fs.readdir(paths[b"etc/conf"], 0)
+        assert info.value.errno == errno.ENOTDIR
+    finally:
+        fs.close()
+
+
+def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fs = model(stack, tmp_path, limit=150_000)
+    try:
+        tool = fs.lookup(fs.lookup(1, b"bin").ino, b"tool")
+        e = fs.entry(tool.ino)
+        image, stored = fs.top.resolve(e)
+        assert image.holder(stored).storage == Storage.DELTA  # needs the delta chain
+        builds = []
+        real = image.read_body
+
+        def counting(entry):  # type: ignore[no-untyped-def]
+            builds.append(1)
+            time.sleep(0.05)
+            return real(entry)
+        image.read_body = counting  # type: ignore[method-assign]
+        handles: list[int] = []
+        threads = [threading.Thread(target=lambda: handles.append(fs.open(tool.ino))) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(builds) == 1 and len(handles) == 6
+        for fh in handles:
+            fs.release(fh)
+        assert fs.cache.used <= 150_000
+        # a second rebuilt file pushes the first out (limit ~1.5 files of this size)
+        lib = fs.lookup(fs.lookup(1, b"lib").ino, b"libfoo.so.1.3")
+        fs.release(fs.open(lib.ino))
+        assert fs.cache.used <= 150_000
+        assert not os.path.exists(fs.cache.path(e.digest or b""))
+    finally:
+        fs.close()
+
+
+def test_cache_refuses_wrong_bodies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cache = BodyCache(str(tmp_path / "c"), 1 << 20)
+    from d4c.errors import CorruptImage
+    with pytest.raises(CorruptImage):
+        cache.open(b"\1" * 32, 5, lambda: b"hello")
+    assert os.listdir(tmp_path / "c") == []
+
+
+# ---------------------------------------------------------------- real mounts
+
+def fuse_ok() -> None:
+    need(IS_ROOT, "mounting needs root (allow_other, device nodes)")
+    need(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
+
+
+def mount(top: str, mnt: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=SRC)
+    return subprocess.run([sys.executable, "-m", "d4c", "mount", "--background", "--cdimg", top, *extra, mnt],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+class Mounted:
+    def __init__(self, top: str, mnt: str, *extra: str) -> None:
+        self.mnt = mnt
+        os.makedirs(mnt, exist_ok=True)
+        p = mount(top, mnt, *extra)
+        assert p.returncode == 0, p.stderr
+        assert os.path.ismount(mnt)
+
+    def __enter__(self) -> str:
+        return self.mnt
+
+    def __exit__(self, *exc: object) -> None:
+        if os.path.ismount(self.mnt):
+            code, _, err = run_cli("umount", self.mnt)
+            if code:
+                subprocess.run(["fusermount3", "-u", "-z", self.mnt])
+        for _ in range(50):
+            if not os.path.ismount(self.mnt):
+                break
+            time.sleep(0.1)
+        assert not os.path.ismount(self.mnt)
+
+
+def test_mounted_tree_equals_unpack(stack, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fuse_ok()
+    code, _, err = run_cli("unpack", "--cdimg", images[3], "--out", str(tmp_path / "want"))
+    assert code == 0, err
+    with Mounted(stack[-1], str(tmp_path / "mnt")) as mnt:
+        got = snapshot_tree(mnt)
+        assert diff_trees(got, snapshot_tree(str(tmp_path / "want"))) == []
+        st = os.stat(os.path.join(mnt, "bin/tool"))
+        assert st.st_nlink == 1 and os.stat(mnt).st_ino == 1
+        with pytest.raises(OSError) as info:
+            open(os.path.join(mnt, "bin/tool"), "wb")
+        assert info.value.errno in (errno.EROFS, errno.EACCES)
+        # the mount is a usable overlay lower layer
+        upper, work, merged = (str(tmp_path / n) for n in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
+            os.makedirs(d)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mnt},upperdir={upper},workdir={work}", merged], check=True)
+        try:
+            with open(os.path.join(merged, "etc/conf"), "rb") as f:
+                assert f.read() == b"conf=1\n"
+            with open(os.path.join(merged, "written"), "w") as f:
+                f.write("container writes go to the upper dir")
+            assert os.path.exists(os.path.join(upper, "written"))
+        finally:
+            subprocess.run(["umount", merged], check=True)
+
+
+def test_corrupt_body_is_eio_and_mount_survives(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fuse_ok()
+    # damage the payload of bin/tool's delta in the top image (header intact)
+    imgs = open_images(stack)
+    try:
+        top = imgs[-1]
+        e = next(x for x in top.entries if x.path == b"bin/tool")
+        assert e.storage == Storage.DELTA
+        where = top.info.body_offset + e.delta_steps[0].offset + e.delta_steps[0].length // 2
+    finally:
+        for i in imgs:
+            i.close()
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in stack:
+        with open(p, "rb") as f:
+            data = bytearray(f.read())
+        if p == stack[-1]:
+            data[where] ^= 0xFF
+        (folder / os.path.basename(p)).write_bytes(bytes(data))
+    log = str(tmp_path / "fs.log")
+    with Mounted(str(folder / os.path.basename(stack[-1])), str(tmp_path / "mnt"), "--log", log) as mnt:
+        with pytest.raises(OSError) as info:
+            with open(os.path.join(mnt, "bin/tool"), "rb") as f:
+                f.read()
+        assert info.value.errno == errno.EIO
+        with open(os.path.join(mnt, "etc/conf"), "rb") as f:  # the rest is still served
+            assert f.read() == b"conf=1\n"
+        assert os.path.ismount(mnt)
+    with open(log) as f:
+        assert "bin/tool" in f.read()
+
+
+def test_umount_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("umount", str(tmp_path))
+    assert_one_line_error(code, err, 2)
