@@ -45,6 +45,10 @@ BASE = [
     M("opq/", "dir"), M("opq/a", data=b"a"), M("opq/b", data=b"b"),
     M("link", "symlink", link="bin/tool"),
     M("empty", data=b""),
+    M("bin/hello", data=b"#!/bin/sh\necho hello from the image\n", mode=0o755),
+    M("bin/su-tool", data=b"setuid", mode=0o4755),
+    M("dev/", "dir"), M("dev/null", "char", mode=0o666, dev=(1, 3)), M("fifo", "fifo"),
+    M("noted", data=b"with an xattr", pax={"SCHILY.xattr.user.note": "hi"}),
 ]
 UPDATE2 = [
     M("etc/status", data=STATUS.replace(b"Version: 1.17\n", b"Version: 1.17+deb12u1\n")

@@ -222,3 +222,82 @@ def test_corrupt_body_is_eio_and_mount_survives(stack, tmp_path) -> None:  # typ
 def test_umount_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("umount", str(tmp_path))
     assert_one_line_error(code, err, 2)
+
+
+def test_overlay_on_the_mount(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The mount as an overlay lower layer: writes and copy-ups land in the upper
+    dir, the lower never changes, programs run and setuid bits are kept."""
+    fuse_ok()
+    with Mounted(stack[-1], str(tmp_path / "mnt")) as mnt:
+        before = snapshot_tree(mnt)
+        upper, work, merged = (str(tmp_path / n) for n in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
+            os.makedirs(d)
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={mnt},upperdir={upper},workdir={work}", merged], check=True)
+        try:
+            with open(os.path.join(merged, "etc/conf"), "rb") as f:
+                assert f.read() == b"conf=1\n"
+            with open(os.path.join(merged, "written"), "w") as f:
+                f.write("a new file")
+            with open(os.path.join(merged, "etc/conf"), "ab") as f:  # copy-up of a lower file
+                f.write(b"more=2\n")
+            os.unlink(os.path.join(merged, "empty"))  # a whiteout in the upper dir
+            assert os.path.exists(os.path.join(upper, "written"))
+            with open(os.path.join(upper, "etc/conf"), "rb") as f:
+                assert f.read() == b"conf=1\nmore=2\n"
+            out = subprocess.run([os.path.join(merged, "bin/hello")], capture_output=True, text=True, check=True)
+            assert out.stdout == "hello from the image\n"
+            assert os.stat(os.path.join(merged, "bin/su-tool")).st_mode & 0o7777 == 0o4755
+            assert os.stat(os.path.join(merged, "dev/null")).st_rdev == os.makedev(1, 3)
+            assert os.getxattr(os.path.join(merged, "noted"), "user.note") == b"hi"
+        finally:
+            subprocess.run(["umount", merged], check=True)
+        assert snapshot_tree(mnt) == before  # the lower never changed
+        with open("/proc/self/mountinfo") as f:
+            line = next(x for x in f if f" {os.path.abspath(mnt)} " in x)
+        assert "nosuid" not in line.split(" - ")[0] and "nodev" not in line.split(" - ")[0]
+
+
+def _server_pid(mnt: str) -> int:
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"mount" in args and os.fsencode(os.path.abspath(mnt)) in args and b"--ready-fd" in args:
+                return int(pid)
+    raise AssertionError("no FUSE server process for " + mnt)
+
+
+def test_stale_mount_is_cleaned(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fuse_ok()
+    from d4c.llfs.mounts import fstype_at
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    for cleaner in ("umount", "mount"):
+        p = mount(stack[-1], mnt)
+        assert p.returncode == 0, p.stderr
+        os.kill(_server_pid(mnt), 9)
+        for _ in range(50):
+            try:
+                os.stat(mnt)
+            except OSError as exc:
+                assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+                break
+            time.sleep(0.1)
+        assert fstype_at(mnt) == "fuse.d4c"  # stale: still in the mount table
+        if cleaner == "umount":
+            code, _, err = run_cli("umount", mnt)
+            assert code == 0, err
+            assert fstype_at(mnt) is None
+        else:
+            p = mount(stack[-1], mnt)  # the next mount clears it first
+            assert p.returncode == 0, p.stderr
+            with open(os.path.join(mnt, "etc/conf"), "rb") as f:
+                assert f.read() == b"conf=1\n"
+            code, _, err = run_cli("umount", mnt)
+            assert code == 0, err
+    assert fstype_at(mnt) is None

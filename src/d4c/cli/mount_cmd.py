@@ -118,17 +118,12 @@ def _spawn(args: argparse.Namespace, paths: list[str]) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
+    from ..llfs.mounts import fstype_at, is_stale, unmount
     mountpoint = os.path.abspath(args.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if fstype_at(mountpoint) is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if tool:
-        cmd = [tool, "-u"] + (["-z"] if args.lazy else []) + [mountpoint]
-    else:
-        cmd = ["umount"] + (["-l"] if args.lazy else []) + [mountpoint]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    # a dead server leaves a stale mount that only a lazy detach removes
+    p = unmount(mountpoint, lazy=args.lazy or is_stale(mountpoint))
     if p.returncode:
         raise SystemFailure(f"cannot unmount {mountpoint}: {p.stderr.strip() or 'exit ' + str(p.returncode)}")
     return 0
-
-

@@ -9,11 +9,14 @@ from typing import Callable
 from ..errors import Unsupported, UsageError
 from ._impl import IMPORT_ERROR, llfuse
 from .model import ImageFS, Options, open_images
+from .mounts import clear_stale
 
 log = logging.getLogger("d4c.llfs")
 
 
 def check_mountpoint(mountpoint: str) -> None:
+    if clear_stale(mountpoint):
+        log.warning("%s: cleared a stale mount (its server had died)", mountpoint)
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -42,7 +45,9 @@ def serve(paths: list[str], mountpoint: str, options: Options, *,
     fs = ImageFS(images, options)
     fuse_options = set(llfuse.default_options) | {"fsname=d4c", "subtype=d4c", "ro"}
     if os.geteuid() == 0:
-        fuse_options.add("allow_other")  # containerd and the container's users read it
+        # containerd and the container's users read it; an image's setuid programs and
+        # device nodes must work as they would from an unpacked layer
+        fuse_options |= {"allow_other", "suid", "dev"}
     try:
         llfuse.init(Operations(fs), mountpoint, sorted(fuse_options))
     except BaseException:
