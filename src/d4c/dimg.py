@@ -131,83 +131,124 @@ def decode_header(data: bytes, source: str, body_size: int,
     entries: list[Entry] = []
     dirs: set[bytes] = set()
     prev: bytes | None = None
-    # the loop below runs once per entry of images with 10^4..10^6 entries: it reads
-    # one-byte varints inline and leaves the rest to the cursor (same checks)
+    # the loop below runs once per entry of images with 10^4..10^6 entries: fields
+    # are read with a local position (one-byte varints inline, longer ones by
+    # _uv_at); the cursor does the rare parts (xattrs, symlink targets)
     buf = bytes(data)
     end = len(buf)
-    uvarint = cur.uvarint
-    for index in range(count):
-        pos = cur.pos
-        n = buf[pos] if pos < end else 0x80
-        if n < 0x80 and pos + 1 + n <= end:
-            path = buf[pos + 1:pos + 1 + n]
-            pos += 1 + n
-            if n > MAX_PATH:
-                fail(f"length {n} exceeds limit {MAX_PATH}")
-        else:
-            path = cur.blob(MAX_PATH)
-            pos = cur.pos
-        if not _plain_path(path):
-            problem = path_problem(path)
-            if problem:
-                fail(f"entry {path!r}: {problem}")
-        if prev is not None and path <= prev:
-            fail(f"entry {path!r}: entries out of order or duplicated")
-        prev = path
-        etype = _ENTRY_TYPES.get(buf[pos]) if pos < end else None
-        if etype is None:
-            fail(f"entry {path!r}: unknown entry type" if pos < end else "truncated")
-        cur.pos = pos + 1
-        e = Entry(path, etype)
-        if index == 0:
-            if path != b"" or etype != EntryType.DIR:
-                fail("the first entry must be the root directory")
-        else:
-            cut = path.rfind(b"/")
-            if (path[:cut] if cut >= 0 else b"") not in dirs:
-                fail(f"entry {path!r}: parent is not a directory in the image")
-        if etype == EntryType.HARDLINK:
-            e.link = uvarint(max(index - 1, 0))
-            if index == 0 or entries[e.link].type not in LINKABLE:
-                fail(f"entry {path!r}: hard link to a non-linkable or later entry")
-            target = entries[e.link]
-            e.mode, e.uid, e.gid, e.mtime_ns = target.mode, target.uid, target.gid, target.mtime_ns
-            e.xattrs = target.xattrs
-            entries.append(e)
-            continue
-        e.mode = uvarint(0o7777)
-        e.uid = uvarint(_MAX_ID)
-        e.gid = uvarint(_MAX_ID)
-        z = uvarint((1 << 64) - 1)
-        e.mtime_ns = (z >> 1) if not z & 1 else -((z + 1) >> 1)
-        nx = uvarint(cur.remaining() // 2)
-        if nx:
-            last_name = b""
-            xattrs = e.xattrs
-            for _ in range(nx):
-                name = cur.blob(MAX_XATTR_NAME)
-                value = cur.blob(MAX_XATTR_VALUE)
-                if not name or b"\0" in name or name <= last_name:
-                    fail(f"entry {path!r}: bad or unsorted xattr name")
-                last_name = name
-                xattrs[name] = value
-        if etype == EntryType.FILE:
-            e.size = uvarint(MAX_FILE_SIZE)
-            pos = cur.pos
-            if pos + 32 > end:
+    uv_at = _uv_at
+    pos = cur.pos
+    try:
+        for index in range(count):
+            n = buf[pos]
+            if n < 0x80:
+                pos += 1
+            else:
+                n, pos = uv_at(buf, pos, fail)
+                if n > MAX_PATH:
+                    fail(f"length {n} exceeds limit {MAX_PATH}")
+            if pos + n > end:
                 fail("truncated")
-            e.digest = buf[pos:pos + 32]
-            cur.pos = pos + 32
-        elif etype == EntryType.DIR:
-            dirs.add(path)
-        elif etype == EntryType.SYMLINK:
-            e.target = cur.blob(MAX_SYMLINK)
-            problem = symlink_problem(path, e.target)
-            if problem:
-                fail(f"entry {path!r}: {problem}")
-        elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
-            e.rdev = (uvarint(_MAX_ID), uvarint(_MAX_ID))
-        entries.append(e)
+            path = buf[pos:pos + n]
+            pos += n
+            if not _plain_path(path):
+                problem = path_problem(path)
+                if problem:
+                    fail(f"entry {path!r}: {problem}")
+            if prev is not None and path <= prev:
+                fail(f"entry {path!r}: entries out of order or duplicated")
+            prev = path
+            etype = _ENTRY_TYPES.get(buf[pos])
+            pos += 1
+            if etype is None:
+                fail(f"entry {path!r}: unknown entry type")
+            e = Entry(path, etype)
+            if index == 0:
+                if path != b"" or etype != EntryType.DIR:
+                    fail("the first entry must be the root directory")
+            else:
+                cut = path.rfind(b"/")
+                if (path[:cut] if cut >= 0 else b"") not in dirs:
+                    fail(f"entry {path!r}: parent is not a directory in the image")
+            if etype == EntryType.HARDLINK:
+                link = buf[pos]
+                if link < 0x80:
+                    pos += 1
+                else:
+                    link, pos = uv_at(buf, pos, fail)
+                if index == 0 or link >= index or entries[link].type not in LINKABLE:
+                    fail(f"entry {path!r}: hard link to a non-linkable or later entry")
+                e.link = link
+                target = entries[link]
+                e.mode, e.uid, e.gid, e.mtime_ns = target.mode, target.uid, target.gid, target.mtime_ns
+                e.xattrs = target.xattrs
+                entries.append(e)
+                continue
+            mode, pos = uv_at(buf, pos, fail)
+            uid = buf[pos]
+            if uid < 0x80:
+                pos += 1
+            else:
+                uid, pos = uv_at(buf, pos, fail)
+            gid = buf[pos]
+            if gid < 0x80:
+                pos += 1
+            else:
+                gid, pos = uv_at(buf, pos, fail)
+            if mode > 0o7777 or uid > _MAX_ID or gid > _MAX_ID:
+                fail(f"entry {path!r}: mode or owner out of range")
+            e.mode, e.uid, e.gid = mode, uid, gid
+            z, pos = uv_at(buf, pos, fail)
+            e.mtime_ns = (z >> 1) if not z & 1 else -((z + 1) >> 1)
+            nx = buf[pos]
+            if nx < 0x80:
+                pos += 1
+            else:
+                nx, pos = uv_at(buf, pos, fail)
+            if nx:
+                if nx > (end - pos) // 2:
+                    fail(f"value {nx} out of range")
+                cur.pos = pos
+                last_name = b""
+                xattrs = e.xattrs
+                for _ in range(nx):
+                    name = cur.blob(MAX_XATTR_NAME)
+                    value = cur.blob(MAX_XATTR_VALUE)
+                    if not name or b"\0" in name or name <= last_name:
+                        fail(f"entry {path!r}: bad or unsorted xattr name")
+                    last_name = name
+                    xattrs[name] = value
+                pos = cur.pos
+            if etype == EntryType.FILE:
+                size = buf[pos]
+                if size < 0x80:
+                    pos += 1
+                else:
+                    size, pos = uv_at(buf, pos, fail)
+                if pos + 32 > end:
+                    fail("truncated")
+                e.size = size
+                e.digest = buf[pos:pos + 32]
+                pos += 32
+            elif etype == EntryType.DIR:
+                dirs.add(path)
+            elif etype == EntryType.SYMLINK:
+                cur.pos = pos
+                e.target = cur.blob(MAX_SYMLINK)
+                pos = cur.pos
+                problem = symlink_problem(path, e.target)
+                if problem:
+                    fail(f"entry {path!r}: {problem}")
+            elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+                major, pos = uv_at(buf, pos, fail)
+                minor, pos = uv_at(buf, pos, fail)
+                if major > _MAX_ID or minor > _MAX_ID:
+                    fail(f"entry {path!r}: device number out of range")
+                e.rdev = (major, minor)
+            entries.append(e)
+    except IndexError:
+        fail("truncated")
+    cur.pos = pos
     if count == 0:
         fail("no root entry")
     tree_len = cur.pos
@@ -278,6 +319,24 @@ def decode_header(data: bytes, source: str, body_size: int,
 EMPTY_DIGEST = hashlib.sha256(b"").digest()
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 _STORAGE_KINDS = {int(k): k for k in Storage}
+
+
+def _uv_at(buf: bytes, pos: int, fail: Any) -> tuple[int, int]:
+    """A canonical LEB128 varint at buf[pos] (at most 64 bits): (value, next pos).
+    IndexError at the end of buf is the caller's "truncated"."""
+    result = 0
+    shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            if b == 0 and shift:
+                fail("non-canonical varint")
+            return result, pos
+        shift += 7
+        if shift >= 70:
+            fail("varint too long")
 
 
 def _plain_path(path: bytes) -> bool:
