@@ -287,3 +287,47 @@ def test_stale_mount_is_cleaned(stack, tmp_path) -> None:  # type: ignore[no-unt
             code, _, err = run_cli("umount", mnt)
             assert code == 0, err
     assert fstype_at(mnt) is None
+
+
+class _FakeBody:
+    def __init__(self, data: bytes, fail_at: int = -1) -> None:
+        self.data, self.pos, self.fail_at, self.closed = data, 0, fail_at, False
+
+    def read(self, n: int) -> bytes:
+        if 0 <= self.fail_at <= self.pos:
+            from d4c.errors import CorruptImage
+            raise CorruptImage("fake", "content digest mismatch")
+        chunk = self.data[self.pos:self.pos + n]
+        self.pos += len(chunk)
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_prefetcher() -> None:
+    from d4c.llfs.model import _Prefetcher
+    data = os.urandom(5 * _Prefetcher.CHUNK + 123)
+    p = _Prefetcher(_FakeBody(data))
+    got, sizes = [], [1, 7, 131072, 3 << 20, 999_999, 1 << 22]
+    while True:
+        chunk = p.read(sizes[len(got) % len(sizes)])
+        if not chunk:
+            break
+        got.append(chunk)
+    p.close()
+    assert b"".join(got) == data
+    # a failing body: the error reaches the reader
+    p = _Prefetcher(_FakeBody(data, fail_at=2 * _Prefetcher.CHUNK))
+    from d4c.errors import CorruptImage
+    with pytest.raises(CorruptImage):
+        while p.read(1 << 20):
+            pass
+    p.close()
+    # closing while the thread waits on a full queue returns promptly
+    body = _FakeBody(data * 4)
+    p = _Prefetcher(body)
+    time.sleep(0.1)
+    start = time.monotonic()
+    p.close()
+    assert time.monotonic() - start < 2 and body.closed

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import queue
 import tempfile
 import threading
 from collections import OrderedDict
@@ -227,7 +228,8 @@ class Handle:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
                 assert self.stored is not None
-                self.reader = self.image.open_body(self.stored)
+                body = self.image.open_body(self.stored)
+                self.reader = _Prefetcher(body) if self.node.size >= PREFETCH_MIN else body
                 self.pos = 0
             if offset < self.pos or offset - self.pos > MAX_SKIP:
                 return self._switch_to_cache(offset, size)  # random access
@@ -268,6 +270,67 @@ class Handle:
 
 
 MAX_SKIP = 4 << 20  # reads further ahead than this (or backwards) switch a stream to the cache
+PREFETCH_MIN = 1 << 20  # streams of larger files are decompressed ahead on another thread
+
+
+class _Prefetcher:
+    """Decompresses a frame ahead of its reader on another thread (zstd and
+    sha256 release the GIL), so FUSE round trips and decompression overlap.
+    Same read/close interface as the body reader it wraps; its errors (a bad
+    frame, a digest mismatch) surface in read()."""
+
+    CHUNK = 1 << 20
+    DEPTH = 4
+
+    def __init__(self, body) -> None:  # type: ignore[no-untyped-def]
+        self._body = body
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+        self._stop = threading.Event()
+        self._buf = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="d4c-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._body.read(self.CHUNK)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as exc:  # handed to the reader
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, n: int) -> bytes:
+        parts = []
+        while n > 0 and not self._done:
+            if not len(self._buf):
+                item = self._queue.get()
+                if isinstance(item, BaseException):
+                    self._done = True
+                    raise item
+                if not item:
+                    self._done = True
+                    break
+                self._buf = memoryview(item)
+            take = self._buf[:n]
+            self._buf = self._buf[len(take):]
+            parts.append(take)
+            n -= len(take)
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._body.close()
 
 
 # ---------------------------------------------------------------- the file system
