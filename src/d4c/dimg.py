@@ -253,6 +253,21 @@ def decode_header(data: bytes, source: str, body_size: int,
         fail("no root entry")
     tree_len = cur.pos
 
+    _decode_storage(cur, entries, body_size, parent_entries, fail)
+    return entries, tree_len
+
+
+def check_storage(table: bytes, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
+                  source: str) -> None:
+    """Decode and validate a storage table against a tree already in hand (it sets
+    the entries' storage fields)."""
+    def fail(reason: str) -> None:
+        raise CorruptImage(source, reason)
+    _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail)
+
+
+def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
+                    fail: Any) -> None:
     offset = 0
     parent_files = ({p.digest: p.size for p in parent_entries if p.type == EntryType.FILE}
                     if parent_entries is not None else {})
@@ -294,6 +309,7 @@ def decode_header(data: bytes, source: str, body_size: int,
             if not parent_entries or parent_entries[e.delta_source].type != EntryType.FILE:
                 fail(f"entry {e.path!r}: delta source is not a file of the parent image")
             nsteps = cur.uvarint(MAX_DELTA_STEPS)
+            e.delta_steps = []
             if nsteps == 0:
                 fail(f"entry {e.path!r}: delta without steps")
             for k in range(nsteps):
@@ -313,7 +329,6 @@ def decode_header(data: bytes, source: str, body_size: int,
         fail("trailing bytes after the storage table")
     if offset != body_size:
         fail("body section size does not match the storage table")
-    return entries, tree_len
 
 
 EMPTY_DIGEST = hashlib.sha256(b"").digest()
@@ -794,11 +809,13 @@ def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> Enco
                          image_id=image_id_of(tree), frame_order=order)
 
 
-def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int]) -> EncodedHeader:
+def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int],
+                        tree: bytes | None = None) -> EncodedHeader:
     """The header of a delta image whose storage the caller decided: FRAME
     entries' blobs are keyed by content digest, DELTA steps by `step.key`.
     Bodies are laid out in entry order; the table is compressed against the
-    parent's tree table."""
+    parent's tree table.  `tree`: the entries' tree table when it is already at
+    hand, read and checked (merge: the top image's), so only storage is checked."""
     order: list[Any] = []
     offset = 0
     for e in entries:
@@ -817,10 +834,18 @@ def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dic
         if e.storage == Storage.SHARED:
             holder = entries[e.shared_with]
             e.body_offset, e.body_length = holder.body_offset, holder.body_length
-    tree = encode_tree(entries)
-    table = tree + encode_storage(entries)
-    decode_header(table, "<new delta image>", offset, parent.entries)  # never write what we would refuse
-    comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True,
+    storage = encode_storage(entries)
+    if tree is None:
+        tree = encode_tree(entries)
+        decode_header(tree + storage, "<new delta image>", offset, parent.entries)  # never write what we would refuse
+    else:
+        check_storage(storage, entries, offset, parent.entries, "<new delta image>")
+    table = tree + storage
+    # level 19 with a short search: measured on Debian image deltas, the same size
+    # (1,715 -> 1,710 and 37,931 -> 37,964 bytes) in about half the time
+    params = zstandard.ZstdCompressionParameters.from_level(HEADER_LEVEL, source_size=len(table), search_log=3,
+                                                            write_content_size=True)
+    comp = zstandard.ZstdCompressor(compression_params=params,
                                     dict_data=header_dictionary(parent.tree_table)).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=offset,
                          image_id=image_id_of(tree), frame_order=order)

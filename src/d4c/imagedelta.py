@@ -10,7 +10,6 @@ steps applied in order.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tempfile
@@ -103,13 +102,13 @@ class SourceFinder:
 
 def _copy_entries(entries: Iterable[Entry]) -> list[Entry]:
     """Fresh entries with the tree fields only (storage is decided anew)."""
-    return [dataclasses.replace(e, storage=Storage.EMPTY, body_offset=0, body_length=0, shared_with=-1,
-                                delta_source=-1, delta_steps=[]) for e in entries]
+    return [Entry(e.path, e.type, e.mode, e.uid, e.gid, e.mtime_ns, e.xattrs, e.size, e.digest, e.target,
+                  e.link, e.rdev) for e in entries]
 
 
 def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, image_id: bytes,
-                 out_path: str, config_bytes: bytes | None) -> int:
-    header = encode_delta_header(entries, parent, spool.frame_lengths())
+                 out_path: str, config_bytes: bytes | None, tree: bytes | None = None) -> int:
+    header = encode_delta_header(entries, parent, spool.frame_lengths(), tree)
     if header.image_id != image_id:
         raise CorruptImage(out_path, "the delta's tree does not give the expected image id")
     with atomic_output(out_path) as out:
@@ -336,7 +335,7 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             progress.advance(0, 1)
 
         run_parallel(one, todo, threads)
-        _write_delta(entries, base, spool, top.info.image_id, out_path, config_bytes)
+        _write_delta(entries, base, spool, top.info.image_id, out_path, config_bytes, top.tree_table)
     return decisions(entries, base)
 
 
