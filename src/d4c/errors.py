@@ -65,6 +65,24 @@ class NotFound(D4CError):
     exit_code = EXIT_NOT_FOUND
 
 
+class AlreadyExists(D4CError):
+    """{}"""
+
+    exit_code = EXIT_ERROR
+
+
+class Conflict(D4CError):
+    """{}"""
+
+    exit_code = EXIT_ERROR
+
+
+class Unavailable(D4CError):
+    """{}"""
+
+    exit_code = EXIT_IO
+
+
 class OutputExists(D4CError):
     """output {} already exists and is not empty"""
 

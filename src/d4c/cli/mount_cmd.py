@@ -5,14 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 from ..errors import D4CError, SystemFailure, UsageError
 from .util_cmd import parse_size
-
-READY, FAILED = b"\0", b"\1"
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -47,13 +43,6 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.set_defaults(func=run_umount)
 
 
-def own_command() -> list[str]:
-    """How to start this program again (the frozen binary, or python -m d4c)."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable]
-    return [sys.executable, "-m", "d4c"]
-
-
 def run_mount(args: argparse.Namespace) -> int:
     from ..llfs.model import Options, resolve_stack
     from ..llfs.serve import check_mountpoint, fuse_problem, serve
@@ -66,10 +55,15 @@ def run_mount(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(f"mount: {problem}")
     if args.background:
-        return _spawn(args, paths)
+        from ..llfs.process import reexec_command, spawn_mount
+        spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
+                    cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug)
+        return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
     ready_fd = args.ready_fd
+
+    from ..llfs.process import FAILED, READY
 
     def ready() -> None:
         if ready_fd is not None:
@@ -86,35 +80,6 @@ def run_mount(args: argparse.Namespace) -> int:
         if private:
             shutil.rmtree(cache_dir, ignore_errors=True)
     return 0
-
-
-def _spawn(args: argparse.Namespace, paths: list[str]) -> int:
-    """Start the FUSE server process and wait until it has mounted (or failed)."""
-    read_end, write_end = os.pipe()
-    cmd = own_command() + ["-q", "mount", "--cdimg", os.path.abspath(args.top), "--base", os.path.abspath(paths[0])]
-    for p in paths[1:-1]:
-        cmd += ["--delta", os.path.abspath(p)]
-    if args.cache_dir:
-        cmd += ["--cache-dir", os.path.abspath(args.cache_dir)]
-    cmd += ["--cache-size", str(args.cache_size), "--ready-fd", str(write_end)]
-    if args.workers:
-        cmd += ["--workers", str(args.workers)]
-    cmd.append(os.path.abspath(args.mountpoint))
-    if args.log:
-        cmd[len(own_command())] = "--debug" if args.debug else "-q"
-    with open(os.devnull, "rb") as null_in:
-        log = open(args.log or os.devnull, "ab")
-        child = subprocess.Popen(cmd, stdin=null_in, stdout=log, stderr=log, pass_fds=(write_end,),
-                                 start_new_session=True, cwd="/")
-        log.close()
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        answer = pipe.read()
-    if answer[:1] == READY:
-        return 0
-    child.wait(timeout=30)
-    reason = answer[1:].decode(errors="replace") if answer[:1] == FAILED else f"exit status {child.returncode}"
-    raise SystemFailure(f"mount of {args.top} failed: {reason}")
 
 
 def run_umount(args: argparse.Namespace) -> int:

@@ -1,0 +1,379 @@
+"""The di3fs snapshotter core: containerd's snapshot model, without gRPC.
+
+Ordinary snapshots behave like containerd's overlay snapshotter (a directory
+per snapshot; active ones get an overlay of their parents).  A snapshot
+prepared with the image label (`ctr-cli load` does it through containerd) is
+backed by a read-only llfs mount of the image stack instead: its `fs`
+directory *is* the mount, so containers get overlay(upper = their own dir,
+lower = the mount), and every container of that image shares the one mount.
+
+State lives in sqlite; each mount runs in its own process (FileSystem), which
+outlives a restart of the snapshotter, so running containers keep reading.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..dimg import Image, format_id, read_info
+from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
+from ..llfs import mounts
+from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
+
+log = logging.getLogger("d4c.snap")
+
+IMAGE_LABEL = "containerd.io/snapshot/di3fs.image"     # "sha256:<id>": mount this image here
+MOUNT_LABEL = "containerd.io/snapshot/di3fs.mount"     # set by us: where the image is mounted
+
+
+@dataclass
+class Mount:
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+class FileSystem(Protocol):
+    """Mounts image stacks (one server process per mount)."""
+
+    def mount(self, paths: list[str], mountpoint: str, cache_dir: str, log_path: str) -> None: ...
+    def unmount(self, mountpoint: str) -> None: ...
+    def alive(self, mountpoint: str) -> bool: ...
+    def mounted(self, mountpoint: str) -> bool: ...  # alive or stale
+
+
+def parse_image_label(value: str) -> str:
+    hexid = value[len("sha256:"):] if value.startswith("sha256:") else ""
+    if len(hexid) != 64 or any(c not in "0123456789abcdef" for c in hexid):
+        raise UsageError(f"bad {IMAGE_LABEL} label {value!r}: expected sha256:<64 hex digits>")
+    return hexid
+
+
+class Snapshotter:
+    def __init__(self, root: str, fs: FileSystem) -> None:
+        self.root = os.path.abspath(root)
+        self.fs = fs
+        for sub in ("snapshots", "images", "incoming", "cache", "logs"):
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+        os.chmod(self.root, 0o711)  # overlay and FUSE paths below must be reachable
+        self.meta = Metadata(os.path.join(self.root, "metadata.db"))
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------ paths
+    def _dir(self, snap: Snapshot) -> str:
+        return os.path.join(self.root, "snapshots", str(snap.id))
+
+    def fs_dir(self, snap: Snapshot) -> str:
+        return os.path.join(self._dir(snap), "fs")
+
+    def image_path(self, hexid: str) -> str:
+        return os.path.join(self.root, "images", hexid + ".cdimg")
+
+    def incoming_path(self, hexid: str) -> str:
+        """Where `load` puts an image for the next Prepare that names it."""
+        return os.path.join(self.root, "incoming", hexid + ".cdimg")
+
+    # ------------------------------------------------------------ queries
+    def stat(self, key: str) -> Snapshot:
+        snap = self.meta.get(key)
+        if snap is None:
+            raise NotFound(f"snapshot {key} does not exist")
+        return snap
+
+    def list(self) -> list[Snapshot]:
+        return self.meta.all()
+
+    def mounts(self, key: str) -> list[Mount]:
+        return self._mounts(self.stat(key))
+
+    def usage(self, key: str) -> tuple[int, int]:
+        snap = self.stat(key)
+        if snap.image:
+            stored = self.meta.image(snap.image)
+            return (stored.size if stored else 0), 1
+        size = inodes = 0
+        for dirpath, dirnames, filenames in os.walk(self.fs_dir(snap)):
+            for name in dirnames + filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                inodes += 1
+                size += st.st_blocks * 512
+        return size, inodes
+
+    # ------------------------------------------------------------ changes
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(key, parent, labels, KIND_ACTIVE)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(key, parent, labels, KIND_VIEW)
+
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Mount]:
+        with self._lock:
+            if self.meta.get(key) is not None:
+                raise AlreadyExists(f"snapshot {key} already exists")
+            if parent:
+                p = self.stat(parent)
+                if p.kind != KIND_COMMITTED:
+                    raise UsageError(f"parent {parent} is not a committed snapshot")
+            image = ""
+            if IMAGE_LABEL in labels:
+                if parent or kind != KIND_ACTIVE:
+                    raise UsageError("an image snapshot is prepared without a parent")
+                image = parse_image_label(labels[IMAGE_LABEL])
+                paths = self._take_image(image)
+            with self.meta.transaction() as db:
+                snap = self.meta.insert(db, key, parent, kind, dict(labels), image)
+                base = self._dir(snap)
+                tmp = os.path.join(self.root, "snapshots", f"new-{snap.id}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.join(tmp, "fs"))
+                os.makedirs(os.path.join(tmp, "work"))
+                if parent:
+                    st = os.stat(self.fs_dir(self.stat(parent)))
+                    os.chown(os.path.join(tmp, "fs"), st.st_uid, st.st_gid)
+                try:
+                    os.rename(tmp, base)
+                    if image:
+                        self.fs.mount(paths, self.fs_dir(snap), self._cache_dir(snap), self._log(snap))
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    self._remove_dir(snap)
+                    raise
+            if image:
+                self._gc_images()  # the incoming copy is in the store now
+            return self._mounts(snap)
+
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        with self._lock:
+            snap = self.stat(key)
+            if snap.kind != KIND_ACTIVE:
+                raise UsageError(f"snapshot {key} is not active")
+            if self.meta.get(name) is not None:
+                raise AlreadyExists(f"snapshot {name} already exists")
+            labels = dict(labels or snap.labels)
+            if snap.image:
+                labels[MOUNT_LABEL] = self.fs_dir(snap)
+            with self.meta.transaction() as db:
+                self.meta.commit(db, snap, name, labels)
+
+    def update(self, key: str, labels: dict[str, str], paths: list[str]) -> Snapshot:
+        with self._lock:
+            snap = self.stat(key)
+            new = dict(snap.labels)
+            if not paths:
+                new = dict(labels)
+            for path in paths:
+                if path == "labels":
+                    new = dict(labels)
+                elif path.startswith("labels."):
+                    name = path[len("labels."):]
+                    if name in labels:
+                        new[name] = labels[name]
+                    else:
+                        new.pop(name, None)
+                else:
+                    raise UsageError(f"cannot update field {path!r}")
+            with self.meta.transaction() as db:
+                snap.updated_ns = self.meta.set_labels(db, snap, new)
+            snap.labels = new
+            return snap
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            snap = self.stat(key)
+            if self.meta.children(key):
+                raise Conflict(f"snapshot {key} has children")
+            with self.meta.transaction() as db:
+                self.meta.delete(db, snap)
+            self._remove_dir(snap)
+            if snap.image:
+                self._gc_images()
+
+    def cleanup(self) -> None:
+        """Remove what no snapshot owns (a crash between steps can leave it)."""
+        with self._lock:
+            known = {str(s.id) for s in self.meta.all()}
+            folder = os.path.join(self.root, "snapshots")
+            for name in os.listdir(folder):
+                if name not in known:
+                    path = os.path.join(folder, name)
+                    self._unmount_if_mounted(os.path.join(path, "fs"))
+                    shutil.rmtree(path, ignore_errors=True)
+            for name in os.listdir(os.path.join(self.root, "cache")):
+                if name not in known:
+                    shutil.rmtree(os.path.join(self.root, "cache", name), ignore_errors=True)
+            self._gc_images()
+
+    def restore(self) -> None:
+        """At start: clear stale mounts and mount every image snapshot that is not
+        served, before containerd is answered."""
+        with self._lock:
+            for snap in self.meta.all():
+                if not snap.image:
+                    continue
+                target = self.fs_dir(snap)
+                if self.fs.alive(target):
+                    continue
+                self._unmount_if_mounted(target)
+                try:
+                    self.fs.mount(self._stack(snap.image), target, self._cache_dir(snap), self._log(snap))
+                except D4CError as exc:
+                    log.error("cannot restore the mount of snapshot %s: %s", snap.key, exc)
+            self.cleanup()
+
+    # ------------------------------------------------------------ images
+    def _take_image(self, hexid: str) -> list[str]:
+        """Move an incoming image into the store (checked first) and return its
+        stack, base first.  A delta needs its parent in the store."""
+        final = self.image_path(hexid)
+        if not os.path.exists(final):
+            incoming = self.incoming_path(hexid)
+            if not os.path.exists(incoming):
+                raise NotFound(f"image sha256:{hexid} was not handed to the snapshotter (use ctr-cli load)")
+            fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                info = read_info(fd, incoming)
+            finally:
+                os.close(fd)
+            if info.image_id.hex() != hexid:
+                os.unlink(incoming)
+                raise CorruptImage(incoming, f"is image {format_id(info.image_id)}, not sha256:{hexid}")
+            parent = info.parent_id.hex() if info.parent_id else ""
+            if parent and self.meta.image(parent) is None:
+                raise Conflict(f"image sha256:{hexid} is a delta of sha256:{parent}, which is not loaded: "
+                               "load that image first")
+            self._verify(incoming, parent)
+            os.rename(incoming, final)
+            with self.meta.transaction() as db:
+                self.meta.add_image(db, StoredImage(hexid, parent, os.path.getsize(final)))
+        elif self.meta.image(hexid) is None:
+            raise CorruptImage(final, "is in the image store but not in its index")
+        return self._stack(hexid)
+
+    def _verify(self, path: str, parent: str) -> None:
+        """Read the whole header (ids, digests, the tree against its parent)."""
+        stack = [self.image_path(h) for h in self._chain(parent)] if parent else []
+        images: list[Image] = []
+        try:
+            for p in stack + [path]:
+                images.append(Image(p, parent=images[-1] if images else None))
+            images[-1].entries
+        finally:
+            for image in images:
+                image.close()
+
+    def _chain(self, hexid: str) -> list[str]:
+        chain = []
+        while hexid:
+            stored = self.meta.image(hexid)
+            if stored is None:
+                raise Conflict(f"image sha256:{hexid} is missing from the store")
+            chain.append(hexid)
+            hexid = stored.parent
+            if len(chain) > 4096:
+                raise CorruptImage("store", "parent chain does not end")
+        chain.reverse()
+        return chain
+
+    def _stack(self, hexid: str) -> list[str]:
+        return [self.image_path(h) for h in self._chain(hexid)]
+
+    def _gc_images(self) -> None:
+        """Delete stored images no snapshot's stack needs, and stale incoming files."""
+        needed: set[str] = set()
+        for snap in self.meta.all():
+            if snap.image:
+                needed.update(self._chain(snap.image))
+        for stored in self.meta.images():
+            if stored.id not in needed:
+                with self.meta.transaction() as db:
+                    self.meta.delete_image(db, stored.id)
+                try:
+                    os.unlink(self.image_path(stored.id))
+                except FileNotFoundError:
+                    pass
+        folder = os.path.join(self.root, "incoming")
+        for name in os.listdir(folder):
+            path = os.path.join(folder, name)
+            try:
+                if time.time() - os.path.getmtime(path) > 3600:  # a load that never came back
+                    os.unlink(path)
+            except OSError:
+                pass
+
+    # ------------------------------------------------------------ internals
+    def _cache_dir(self, snap: Snapshot) -> str:
+        return os.path.join(self.root, "cache", str(snap.id))
+
+    def _log(self, snap: Snapshot) -> str:
+        return os.path.join(self.root, "logs", f"{snap.id}.log")
+
+    def _unmount_if_mounted(self, path: str) -> None:
+        if self.fs.mounted(path):
+            self.fs.unmount(path)
+
+    def _remove_dir(self, snap: Snapshot) -> None:
+        self._unmount_if_mounted(self.fs_dir(snap))
+        shutil.rmtree(self._dir(snap), ignore_errors=True)
+        shutil.rmtree(self._cache_dir(snap), ignore_errors=True)
+        try:
+            os.unlink(self._log(snap))
+        except FileNotFoundError:
+            pass
+
+    def _parents(self, snap: Snapshot) -> list[Snapshot]:
+        out = []
+        key = snap.parent
+        while key:
+            p = self.stat(key)
+            out.append(p)
+            key = p.parent
+        return out
+
+    def _mounts(self, snap: Snapshot) -> list[Mount]:
+        parents = self._parents(snap)
+        if snap.kind == KIND_ACTIVE and snap.image:
+            return [Mount("bind", self.fs_dir(snap), ["ro", "rbind"])]
+        if not parents:
+            mode = "rw" if snap.kind == KIND_ACTIVE else "ro"
+            return [Mount("bind", self.fs_dir(snap), [mode, "rbind"])]
+        lower = ":".join(self.fs_dir(p) for p in parents)
+        if snap.kind == KIND_ACTIVE:
+            work = os.path.join(self._dir(snap), "work")
+            return [Mount("overlay", "overlay", [f"workdir={work}", f"upperdir={self.fs_dir(snap)}",
+                                                 f"lowerdir={lower}"])]
+        if len(parents) == 1:
+            return [Mount("bind", self.fs_dir(parents[0]), ["ro", "rbind"])]
+        return [Mount("overlay", "overlay", [f"lowerdir={lower}"])]
+
+
+class LlfsFileSystem:
+    """FileSystem through llfs server processes (this program, re-executed)."""
+
+    def __init__(self, command: list[str], cache_size: int = 2 << 30) -> None:
+        self.command = command
+        self.cache_size = cache_size
+
+    def mount(self, paths: list[str], mountpoint: str, cache_dir: str, log_path: str) -> None:
+        from ..llfs.process import spawn_mount
+        spawn_mount(self.command, paths, mountpoint, cache_dir=cache_dir, cache_size=self.cache_size,
+                    log=log_path)
+
+    def unmount(self, mountpoint: str) -> None:
+        p = mounts.unmount(mountpoint, lazy=mounts.is_stale(mountpoint))
+        if p.returncode and mounts.fstype_at(mountpoint) is not None:
+            mounts.unmount(mountpoint, lazy=True)
+
+    def alive(self, mountpoint: str) -> bool:
+        return mounts.fstype_at(mountpoint) == mounts.FSTYPE and not mounts.is_stale(mountpoint)
+
+    def mounted(self, mountpoint: str) -> bool:
+        return mounts.fstype_at(mountpoint) is not None
