@@ -1,0 +1,106 @@
+"""`snapshotter`: the di3fs proxy snapshotter daemon.
+
+    snapshotter [--address SOCK] [--root DIR] [--cache-size SIZE] [--debug]
+
+On start it restores every image mount before it answers containerd, and on
+SIGTERM/SIGINT it stops serving and leaves the mounts to running containers
+(the next start adopts them).  `snapshotter mount ...` is the FUSE server
+process of one mount (the daemon starts it; it is ctr-cli's `mount`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+from .. import __version__, errors, paths
+
+DEFAULT_ADDRESS = paths.SNAPSHOTTER_ADDRESS
+DEFAULT_ROOT = paths.SNAPSHOTTER_ROOT
+PROG = "snapshotter"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..cli._common import ArgumentParser
+    from ..cli.util_cmd import parse_size
+    p = ArgumentParser(prog=PROG, description="The di3fs containerd proxy snapshotter: containers on "
+                       "base + delta images, mounted read-only through FUSE.")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"unix socket to serve (default {DEFAULT_ADDRESS})")
+    p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
+    p.add_argument("--cache-size", type=parse_size, default=2 << 30, metavar="SIZE",
+                   help="per mount: upper bound of the cache of files rebuilt from deltas (default 2G)")
+    p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "mount" in argv[:2] and argv[0] in ("mount", "-q", "--debug"):
+        from ..cli import main as cli_main  # the FUSE server process of one mount
+        return cli_main(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except errors.UsageError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return serve(args)
+    except errors.D4CError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except OSError as exc:
+        if args.debug:
+            raise
+        print(f"{PROG}: {errors.from_oserror(exc, 'system error')}", file=sys.stderr)
+        return errors.EXIT_IO
+
+
+def serve(args: argparse.Namespace) -> int:
+    import grpc
+
+    from ..llfs.process import reexec_command
+    from .api import snapshots_pb2_grpc
+    from .service import SnapshotsService
+    from .snapshotter import LlfsFileSystem, Snapshotter
+
+    if os.geteuid() != 0:
+        raise errors.Unsupported("the snapshotter needs root (FUSE and overlay mounts)")
+    address = os.path.abspath(args.address)
+    os.makedirs(os.path.dirname(address), mode=0o700, exist_ok=True)
+    os.chmod(os.path.dirname(address), 0o700)
+    if os.path.exists(address):
+        os.unlink(address)  # a previous run's socket: nobody listens on it
+    core = Snapshotter(args.root, LlfsFileSystem(reexec_command("d4c.snap"), args.cache_size))
+    core.restore()  # before containerd gets an answer
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="snap"))
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
+    if not server.add_insecure_port(f"unix://{address}"):
+        raise errors.SystemFailure(f"cannot listen on {address}")
+    if os.path.exists(address):
+        os.chmod(address, 0o600)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    logging.getLogger("d4c.snap").info("serving on %s (root %s)", address, os.path.abspath(args.root))
+    stop.wait()
+    server.stop(grace=5).wait()
+    core.meta.close()
+    try:
+        os.unlink(address)
+    except FileNotFoundError:
+        pass
+    logging.getLogger("d4c.snap").info("stopped; image mounts stay for running containers")
+    return 0
