@@ -11,7 +11,7 @@ APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
 KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx
 BINARIES := ctr-cli snapshotter server
 
-.PHONY: deps apt venv ext test all bench demo clean
+.PHONY: deps apt venv ext proto test all bench demo clean
 
 deps: apt venv ext
 
@@ -33,8 +33,17 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt
 
 venv: $(VENV)/.stamp
 
-ext: $(VENV)/.stamp $(KERNELS) setup.py
+ext: $(VENV)/.stamp $(KERNELS) setup.py proto
 	$(PY) setup.py -q build_ext --inplace
+
+# containerd API stubs: generated from our .proto files (and committed, so a
+# plain checkout imports); regenerated when a .proto changes
+PROTOS := $(wildcard src/d4c/snap/api/*.proto src/d4c/snap/api/types/*.proto)
+PROTO_STAMP := src/d4c/snap/api/.generated
+proto: $(PROTO_STAMP)
+$(PROTO_STAMP): $(PROTOS) | $(VENV)/.stamp
+	$(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src $(PROTOS)
+	touch $@
 
 test: deps all
 	CI=$(CI) D4C_BINARIES=$(CURDIR) $(PY) -m pytest -q tests

@@ -115,6 +115,7 @@ class Containerd:
             err = self.error(exc, f"write blob {digest}")
             if not isinstance(err, AlreadyExists):
                 raise err from None
+        if labels:  # an existing blob, or a containerd that ignores commit labels
             self.label_blob(digest, labels)
         return digest
 

@@ -31,10 +31,11 @@ def spawn_mount(prefix: list[str], paths: list[str], mountpoint: str, *, cache_d
     """Mount the stack `paths` (base first) at `mountpoint` in a new process started
     with `prefix` + mount arguments; returns its pid once the mount serves."""
     read_end, write_end = os.pipe()
-    cmd = prefix + ["--debug" if debug else "-q", "mount", "--cdimg", os.path.abspath(paths[-1]),
-                    "--base", os.path.abspath(paths[0])]
-    for p in paths[1:-1]:
-        cmd += ["--delta", os.path.abspath(p)]
+    cmd = prefix + ["--debug" if debug else "-q", "mount", "--cdimg", os.path.abspath(paths[-1])]
+    if len(paths) > 1:  # the images below the top, named: no directory search
+        cmd += ["--base", os.path.abspath(paths[0])]
+        for p in paths[1:-1]:
+            cmd += ["--delta", os.path.abspath(p)]
     if cache_dir:
         cmd += ["--cache-dir", os.path.abspath(cache_dir)]
     if cache_size:

@@ -24,6 +24,7 @@ from typing import Protocol
 from ..dimg import Image, format_id, read_info
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
+from ..tree import Storage
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 
 log = logging.getLogger("d4c.snap")
@@ -259,13 +260,23 @@ class Snapshotter:
         return self._stack(hexid)
 
     def _verify(self, path: str, parent: str) -> None:
-        """Read the whole header (ids, digests, the tree against its parent)."""
+        """Check a whole image before it is stored: the header (ids, the tree
+        against its parent) and every body it stores, rebuilt from its deltas
+        where it has them and checked against its digest.  A corrupt image is
+        refused at load time, not discovered by a container later."""
         stack = [self.image_path(h) for h in self._chain(parent)] if parent else []
         images: list[Image] = []
         try:
             for p in stack + [path]:
                 images.append(Image(p, parent=images[-1] if images else None))
-            images[-1].entries
+            top = images[-1]
+            for e in top.entries:
+                if e.storage == Storage.FRAME:
+                    with top.open_body(e) as body:
+                        for _ in body.chunks():
+                            pass
+                elif e.storage == Storage.DELTA:
+                    top.read_body(e)
         finally:
             for image in images:
                 image.close()

@@ -1,0 +1,1 @@
+"""containerd.types messages (Mount, Descriptor)."""

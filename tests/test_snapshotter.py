@@ -1,0 +1,237 @@
+"""The di3fs snapshotter and `ctr-cli load` with a real containerd and runc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from conftest import IS_ROOT
+from daemons import Containerd, Snapshotterd, have_containerd, unmount_below
+from helpers import assert_one_line_error, need, run_cli
+from ocibuild import M, Layout
+
+BUSYBOX = "/bin/busybox"
+
+
+def busybox_versions() -> list[list[list[M]]]:
+    """Four versions of a busybox image: /etc/version says which; v3 adds a file,
+    v4 removes it again and changes a 'library'."""
+    with open(BUSYBOX, "rb") as f:
+        bb = f.read()
+    base = [M("./", "dir"), M("bin/", "dir"), M("bin/busybox", data=bb, mode=0o755),
+            M("bin/sh", "symlink", link="busybox"), M("bin/cat", "symlink", link="busybox"),
+            M("bin/ls", "symlink", link="busybox"), M("bin/sleep", "symlink", link="busybox"),
+            M("etc/", "dir"), M("etc/version", data=b"v1\n"), M("lib/", "dir"),
+            M("lib/libdata.so", data=bytes(range(256)) * 400), M("tmp/", "dir", mode=0o1777)]
+    return [
+        [base],
+        [base, [M("etc/version", data=b"v2\n")]],
+        [base, [M("etc/version", data=b"v3\n"), M("etc/added", data=b"added in v3\n")]],
+        [base, [M("etc/version", data=b"v4\n"), M("lib/libdata.so", data=bytes(range(256)) * 399 + b"x" * 256)]],
+    ]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
+    """base cdimg of v1, then deltas 1->2, 2->3, 3->4 (the README's four-image chain)."""
+    need(os.path.exists(BUSYBOX), "busybox-static is not installed")
+    tmp = tmp_path_factory.mktemp("busybox")
+    lay = Layout(str(tmp / "layout"))
+    for n, layers in enumerate(busybox_versions(), 1):
+        lay.tag(lay.image([(m, "gzip") for m in layers], config_extra={
+            "config": {"Cmd": ["/bin/cat", "/etc/version"], "Env": ["PATH=/bin"]}}), f"v{n}")
+    lay.save()
+    full = []
+    for n in range(1, 5):
+        code, _, err = run_cli("convert", "--image", f"oci:{lay.path}:v{n}", "--output", str(tmp / f"v{n}"),
+                               "--cdimg", "-q")
+        assert code == 0, err
+        full.append(str(tmp / f"v{n}" / "image.cdimg"))
+    out = [full[0]]
+    for i in range(3):
+        out.append(str(tmp / f"diff_{i + 1}-{i + 2}.cdimg"))
+        code, _, err = run_cli("cdimg", "diff", "--oldCdimg", full[i], "--newCdimg", full[i + 1],
+                               "--outCdimg", out[-1], "-q")
+        assert code == 0, err
+    return out
+
+
+@pytest.fixture()
+def daemons(tmp_path):  # type: ignore[no-untyped-def]
+    need(IS_ROOT, "containerd, runc and FUSE mounts need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    # the shipped binary when it is built (its FUSE servers are the binary re-executed)
+    binary = os.path.join(os.environ.get("D4C_BINARIES", ""), "snapshotter")
+    snap = Snapshotterd(base, binary if os.environ.get("D4C_BINARIES") and os.access(binary, os.X_OK) else None)
+    ctrd = Containerd(base, snap.socket)
+    snap.start()
+    ctrd.start()
+    try:
+        yield ctrd, snap
+    finally:
+        for c in ctrd.ctr("containers", "ls", "-q", check=False).stdout.split():
+            ctrd.ctr("tasks", "kill", "-s", "KILL", c, check=False)
+            ctrd.ctr("tasks", "delete", c, check=False)
+            ctrd.ctr("containers", "delete", c, check=False)
+        ctrd.stop()
+        snap.stop()
+        unmount_below(base)
+        for pid in _fuse_servers(base):
+            os.kill(pid, signal.SIGKILL)
+        unmount_below(base)
+
+
+def _fuse_servers(base: str) -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"--ready-fd" in args and any(a.startswith(os.fsencode(base)) for a in args):
+                pids.append(int(pid))
+    return pids
+
+
+def load(ctrd: Containerd, snap: Snapshotterd, name: str, path: str) -> tuple[int, str, str]:
+    return run_cli("load", "--image", name, "--cdimg", path, "--address", ctrd.socket,
+                   "--namespace", ctrd.namespace, "--snapshotter-root", snap.root, "-q")
+
+
+def run(ctrd: Containerd, image: str, cid: str, *cmd: str) -> str:
+    return ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", image, cid, *cmd).stdout
+
+
+def test_chain_loads_and_runs(daemons, chain) -> None:  # type: ignore[no-untyped-def]
+    ctrd, snap = daemons
+    for n, path in enumerate(chain, 1):
+        code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+        assert code == 0, err + snap.logs()
+    for n in range(1, 5):
+        assert run(ctrd, f"d4c-bb:{n}", f"c{n}-{ctrd.namespace}") == f"v{n}\n"
+    out = run(ctrd, "d4c-bb:3", f"c3b-{ctrd.namespace}", "/bin/cat", "/etc/added")
+    assert out == "added in v3\n"
+    p = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", "d4c-bb:4", f"c4b-{ctrd.namespace}",
+                 "/bin/cat", "/etc/added", check=False)
+    assert p.returncode != 0  # removed again in v4
+    # writes stay in the container
+    out = run(ctrd, "d4c-bb:2", f"w-{ctrd.namespace}", "/bin/sh", "-c",
+              "echo changed > /etc/version; cat /etc/version")
+    assert out == "changed\n"
+    assert run(ctrd, "d4c-bb:2", f"r-{ctrd.namespace}") == "v2\n"
+    # loading again is a no-op; registry-style names work
+    code, _, err = load(ctrd, snap, "d4c-bb:2", chain[1])
+    assert code == 0, err
+    code, _, err = load(ctrd, snap, "127.0.0.1:5000/d4c/bb:2", chain[1])
+    assert code == 0, err
+    assert run(ctrd, "127.0.0.1:5000/d4c/bb:2", f"reg-{ctrd.namespace}") == "v2\n"
+
+
+def test_shared_mount_and_restart(daemons, chain) -> None:  # type: ignore[no-untyped-def]
+    ctrd, snap = daemons
+    for n, path in enumerate(chain[:2], 1):
+        code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+        assert code == 0, err
+    # two long-running containers of one image
+    names = [f"s{i}-{ctrd.namespace}" for i in (1, 2)]
+    for name in names:
+        ctrd.ctr("run", "-d", "--snapshotter", "di3fs", "d4c-bb:2", name, "/bin/sleep", "300")
+    with open("/proc/self/mountinfo") as f:
+        fuse = [line for line in f if "fuse.d4c" in line and snap.root in line]
+    assert len(fuse) == 2  # one per loaded image, shared by both containers
+    snap.stop()
+    # the containers keep reading while the snapshotter is down
+    for name in names:
+        out = ctrd.ctr("tasks", "exec", "--exec-id", f"e-{name}", name, "/bin/cat", "/etc/version").stdout
+        assert out == "v2\n"
+    snap.start()
+    assert run(ctrd, "d4c-bb:2", f"after-{ctrd.namespace}") == "v2\n"
+    for name in names:
+        ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+        for _ in range(50):
+            if ctrd.ctr("tasks", "delete", name, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        ctrd.ctr("containers", "delete", name)
+
+
+def test_images_rm_frees_everything(daemons, chain) -> None:  # type: ignore[no-untyped-def]
+    ctrd, snap = daemons
+    for n, path in enumerate(chain[:3], 1):
+        code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+        assert code == 0, err
+    assert len(os.listdir(os.path.join(snap.root, "images"))) == 3
+    ctrd.ctr("images", "rm", "--sync", "d4c-bb:1", "d4c-bb:2", "d4c-bb:3")
+    for _ in range(100):
+        with open("/proc/self/mountinfo") as f:
+            left = [line for line in f if snap.root in line]
+        if not left and not os.listdir(os.path.join(snap.root, "images")) and not _fuse_servers(snap.root):
+            break
+        time.sleep(0.1)
+    assert left == [] and os.listdir(os.path.join(snap.root, "images")) == []
+    assert _fuse_servers(snap.root) == []
+    assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
+
+
+def test_bad_loads_leave_nothing(daemons, chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctrd, snap = daemons
+    # a delta without its base
+    code, _, err = load(ctrd, snap, "d4c-bb:2", chain[1])
+    assert_one_line_error(code, err)
+    assert "load that image first" in err
+    # a corrupted cdimg
+    bad = str(tmp_path / "bad.cdimg")
+    with open(chain[0], "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 3] ^= 0xFF
+    with open(bad, "wb") as f:
+        f.write(data)
+    code, _, err = load(ctrd, snap, "d4c-bb:bad", bad)
+    assert_one_line_error(code, err)
+    # containerd down
+    code, _, err = run_cli("load", "--image", "x:1", "--cdimg", chain[0], "--address",
+                           str(tmp_path / "nope.sock"), "-q")
+    assert_one_line_error(code, err)
+    assert "containerd is not reachable" in err
+    # nothing half-registered
+    assert ctrd.ctr("images", "ls", "-q").stdout.strip() == ""
+    assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
+    assert ctrd.ctr("leases", "ls", "-q").stdout.strip() == ""
+    assert os.listdir(os.path.join(snap.root, "incoming")) == []
+    # snapshotter down
+    snap.stop()
+    code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+    assert_one_line_error(code, err)
+    assert "snapshotter" in err
+    assert ctrd.ctr("images", "ls", "-q").stdout.strip() == ""
+
+
+def test_ordinary_image_imports_and_runs(daemons, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A plain OCI image (layers unpacked by containerd) on the di3fs snapshotter."""
+    from ocibuild import tar_dir
+    ctrd, snap = daemons
+    lay = Layout(str(tmp_path / "layout"))
+    versions = busybox_versions()
+    lay.tag(lay.image([(versions[1][0], "gzip"), (versions[1][1], "gzip")], config_extra={
+        "config": {"Cmd": ["/bin/cat", "/etc/version"], "Env": ["PATH=/bin"]}}), "v2")
+    lay.save()
+    archive = str(tmp_path / "bb.tar")
+    tar_dir(lay.path, archive)
+    ctrd.ctr("images", "import", "--snapshotter", "di3fs", "--base-name", "d4c.test/plain", archive)
+    names = ctrd.ctr("images", "ls", "-q").stdout.split()
+    assert names == ["d4c.test/plain:v2"]
+    assert run(ctrd, names[0], f"plain-{ctrd.namespace}") == "v2\n"
+    ctrd.ctr("images", "rm", "--sync", names[0])
+    for _ in range(50):
+        if ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0:
+            break
+        time.sleep(0.1)
+    assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
