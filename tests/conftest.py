@@ -35,7 +35,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="session")
 def images(tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
     """cdimgs of the four versions in imagesets.py (index 0..3), converted from OCI layouts."""
-    from helpers import run_cli
+    from helpers import convert_tags
     from imagesets import VERSIONS
     from ocibuild import Layout
     tmp = tmp_path_factory.mktemp("versions")
@@ -43,25 +43,14 @@ def images(tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
     for n, layers in enumerate(VERSIONS, 1):
         lay.tag(lay.image([(members, "gzip") for members in layers]), f"v{n}")
     lay.save()
-    out = []
-    for n in range(1, len(VERSIONS) + 1):
-        code, _, err = run_cli("convert", "--image", f"oci:{lay.path}:v{n}", "--output", str(tmp / f"v{n}"),
-                               "--cdimg", "-q")
-        assert code == 0, err
-        out.append(str(tmp / f"v{n}" / "image.cdimg"))
-    return out
+    return convert_tags(lay.path, [f"v{n}" for n in range(1, len(VERSIONS) + 1)], str(tmp))
 
 
 @pytest.fixture(scope="session")
 def stack(images, tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
     """A base and three deltas in one directory: v1, 1->2, 2->3, 3->4."""
-    from helpers import run_cli
+    from helpers import diff_chain
     tmp = tmp_path_factory.mktemp("stack")
-    paths = [str(tmp / "v1.cdimg")]
-    shutil.copyfile(images[0], paths[0])
-    for i in range(3):
-        paths.append(str(tmp / f"d{i + 1}{i + 2}.cdimg"))
-        code, _, err = run_cli("cdimg", "diff", "--oldCdimg", images[i], "--newCdimg", images[i + 1],
-                               "--outCdimg", paths[-1], "-q")
-        assert code == 0, err
-    return paths
+    base = str(tmp / "v1.cdimg")
+    shutil.copyfile(images[0], base)
+    return [base] + diff_chain(images, str(tmp))[1:]

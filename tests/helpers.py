@@ -152,3 +152,43 @@ def diff_trees(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: {a[key]} != {b[key]}")
     return problems
 
+
+
+def convert_tags(layout: str, tags: list[str], out_dir: str) -> list[str]:
+    """`convert` each tag of an OCI layout; the cdimg paths, in order."""
+    out = []
+    for tag in tags:
+        code, _, err = run_cli("convert", "--image", f"oci:{layout}:{tag}", "--output",
+                               os.path.join(out_dir, tag), "--cdimg", "-q")
+        assert code == 0, err
+        out.append(os.path.join(out_dir, tag, "image.cdimg"))
+    return out
+
+
+def diff_chain(full: list[str], out_dir: str) -> list[str]:
+    """The first image, then the deltas between consecutive ones (1->2, 2->3, ...)."""
+    out = [full[0]]
+    for i in range(len(full) - 1):
+        out.append(os.path.join(out_dir, f"diff_{i + 1}-{i + 2}.cdimg"))
+        code, _, err = run_cli("cdimg", "diff", "--oldCdimg", full[i], "--newCdimg", full[i + 1],
+                               "--outCdimg", out[-1], "-q")
+        assert code == 0, err
+    return out
+
+
+def fuse_server_pids(under: str) -> list[int]:
+    """FUSE server processes (ours: started with --ready-fd) whose arguments name
+    a path under `under`."""
+    prefix = os.fsencode(os.path.abspath(under))
+    pids = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"--ready-fd" in args and any(a == prefix or a.startswith(prefix + b"/") for a in args):
+            pids.append(int(pid))
+    return pids

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from helpers import assert_one_line_error, diff_trees, need, run_cli, snapshot_tree
+from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli, snapshot_tree
 
 from d4c.dimg import Image
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
@@ -245,19 +245,6 @@ def test_overlay_on_the_mount(stack, tmp_path) -> None:  # type: ignore[no-untyp
         assert "nosuid" not in line.split(" - ")[0] and "nodev" not in line.split(" - ")[0]
 
 
-def _server_pid(mnt: str) -> int:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"mount" in args and os.fsencode(os.path.abspath(mnt)) in args and b"--ready-fd" in args:
-                return int(pid)
-    raise AssertionError("no FUSE server process for " + mnt)
-
-
 def test_stale_mount_is_cleaned(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fuse_ok()
     from d4c.llfs.mounts import fstype_at
@@ -266,7 +253,7 @@ def test_stale_mount_is_cleaned(stack, tmp_path) -> None:  # type: ignore[no-unt
     for cleaner in ("umount", "mount"):
         p = mount(stack[-1], mnt)
         assert p.returncode == 0, p.stderr
-        os.kill(_server_pid(mnt), 9)
+        os.kill(fuse_server_pids(mnt)[0], 9)
         for _ in range(50):
             try:
                 os.stat(mnt)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import IS_ROOT
 from daemons import Containerd, Snapshotterd, have_containerd, unmount_below
-from helpers import assert_one_line_error, need, run_cli
+from helpers import assert_one_line_error, convert_tags, diff_chain, fuse_server_pids, need, run_cli
 from ocibuild import M, Layout
 
 BUSYBOX = "/bin/busybox"
@@ -44,19 +44,7 @@ def chain(tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def]
         lay.tag(lay.image([(m, "gzip") for m in layers], config_extra={
             "config": {"Cmd": ["/bin/cat", "/etc/version"], "Env": ["PATH=/bin"]}}), f"v{n}")
     lay.save()
-    full = []
-    for n in range(1, 5):
-        code, _, err = run_cli("convert", "--image", f"oci:{lay.path}:v{n}", "--output", str(tmp / f"v{n}"),
-                               "--cdimg", "-q")
-        assert code == 0, err
-        full.append(str(tmp / f"v{n}" / "image.cdimg"))
-    out = [full[0]]
-    for i in range(3):
-        out.append(str(tmp / f"diff_{i + 1}-{i + 2}.cdimg"))
-        code, _, err = run_cli("cdimg", "diff", "--oldCdimg", full[i], "--newCdimg", full[i + 1],
-                               "--outCdimg", out[-1], "-q")
-        assert code == 0, err
-    return out
+    return diff_chain(convert_tags(lay.path, [f"v{n}" for n in range(1, 5)], str(tmp)), str(tmp))
 
 
 @pytest.fixture()
@@ -82,23 +70,9 @@ def daemons(tmp_path):  # type: ignore[no-untyped-def]
         ctrd.stop()
         snap.stop()
         unmount_below(base)
-        for pid in _fuse_servers(base):
+        for pid in fuse_server_pids(base):
             os.kill(pid, signal.SIGKILL)
         unmount_below(base)
-
-
-def _fuse_servers(base: str) -> list[int]:
-    pids = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    args = f.read().split(b"\0")
-            except OSError:
-                continue
-            if b"--ready-fd" in args and any(a.startswith(os.fsencode(base)) for a in args):
-                pids.append(int(pid))
-    return pids
 
 
 def load(ctrd: Containerd, snap: Snapshotterd, name: str, path: str) -> tuple[int, str, str]:
@@ -153,6 +127,12 @@ def test_shared_mount_and_restart(daemons, chain) -> None:  # type: ignore[no-un
         out = ctrd.ctr("tasks", "exec", "--exec-id", f"e-{name}", name, "/bin/cat", "/etc/version").stdout
         assert out == "v2\n"
     snap.start()
+    # containerd redials the proxy on demand: its first call after the restart may
+    # meet the old, closed connection
+    for _ in range(50):
+        if ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls", check=False).returncode == 0:
+            break
+        time.sleep(0.2)
     assert run(ctrd, "d4c-bb:2", f"after-{ctrd.namespace}") == "v2\n"
     for name in names:
         ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
@@ -173,11 +153,11 @@ def test_images_rm_frees_everything(daemons, chain) -> None:  # type: ignore[no-
     for _ in range(100):
         with open("/proc/self/mountinfo") as f:
             left = [line for line in f if snap.root in line]
-        if not left and not os.listdir(os.path.join(snap.root, "images")) and not _fuse_servers(snap.root):
+        if not left and not os.listdir(os.path.join(snap.root, "images")) and not fuse_server_pids(snap.root):
             break
         time.sleep(0.1)
     assert left == [] and os.listdir(os.path.join(snap.root, "images")) == []
-    assert _fuse_servers(snap.root) == []
+    assert fuse_server_pids(snap.root) == []
     assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
 
 
