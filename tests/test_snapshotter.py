@@ -215,3 +215,42 @@ def test_ordinary_image_imports_and_runs(daemons, tmp_path) -> None:  # type: ig
             break
         time.sleep(0.1)
     assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
+
+
+def _mounts_under(root: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if "fuse.d4c" in line and root in line]
+
+
+def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None:  # type: ignore[no-untyped-def]
+    """rm --sync of an image a container uses keeps its mount until the container
+    is gone; a mount whose server died is restored when the snapshotter starts."""
+    ctrd, snap = daemons
+    code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+    assert code == 0, err
+    name = f"busy-{ctrd.namespace}"
+    ctrd.ctr("run", "-d", "--snapshotter", "di3fs", "d4c-bb:1", name, "/bin/sleep", "300")
+    ctrd.ctr("images", "rm", "--sync", "d4c-bb:1")
+    assert len(_mounts_under(snap.root)) == 1
+    out = ctrd.ctr("tasks", "exec", "--exec-id", "e1", name, "/bin/cat", "/etc/version").stdout
+    assert out == "v1\n"
+    # the mount's server dies while the snapshotter is down: the next start restores it
+    snap.stop()
+    for pid in fuse_server_pids(snap.root):
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.3)
+    snap.start()
+    assert len(_mounts_under(snap.root)) == 1 and len(fuse_server_pids(snap.root)) == 1
+    ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+    for _ in range(50):
+        if ctrd.ctr("tasks", "delete", name, check=False).returncode == 0:
+            break
+        time.sleep(0.1)
+    ctrd.ctr("containers", "delete", name)
+    # with its last user gone, the image's snapshot is collected
+    for _ in range(100):
+        ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls", check=False)
+        if not _mounts_under(snap.root) and not os.listdir(os.path.join(snap.root, "images")):
+            break
+        time.sleep(0.2)
+    assert _mounts_under(snap.root) == [] and os.listdir(os.path.join(snap.root, "images")) == []

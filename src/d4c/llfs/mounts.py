@@ -45,8 +45,10 @@ def fstype_at(path: str) -> str | None:
 
 
 def is_stale(path: str) -> bool:
+    # statfs always reaches the server; stat may be answered from the kernel's
+    # attribute cache long after the server died
     try:
-        os.stat(path)
+        os.statvfs(path)
     except OSError as exc:
         return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the first access says the latter
     return False
