@@ -75,6 +75,16 @@ def daemons(tmp_path):  # type: ignore[no-untyped-def]
         unmount_below(base)
 
 
+def wait_redial(ctrd: Containerd) -> None:
+    """containerd redials a restarted proxy snapshotter only after its gRPC
+    backoff: its first calls may fail (GC included), so wait until one works."""
+    for _ in range(100):
+        if ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls", check=False).returncode == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError("containerd does not reach the restarted snapshotter")
+
+
 def load(ctrd: Containerd, snap: Snapshotterd, name: str, path: str) -> tuple[int, str, str]:
     return run_cli("load", "--image", name, "--cdimg", path, "--address", ctrd.socket,
                    "--namespace", ctrd.namespace, "--snapshotter-root", snap.root, "-q")
@@ -127,12 +137,7 @@ def test_shared_mount_and_restart(daemons, chain) -> None:  # type: ignore[no-un
         out = ctrd.ctr("tasks", "exec", "--exec-id", f"e-{name}", name, "/bin/cat", "/etc/version").stdout
         assert out == "v2\n"
     snap.start()
-    # containerd redials the proxy on demand: its first call after the restart may
-    # meet the old, closed connection
-    for _ in range(50):
-        if ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls", check=False).returncode == 0:
-            break
-        time.sleep(0.2)
+    wait_redial(ctrd)
     assert run(ctrd, "d4c-bb:2", f"after-{ctrd.namespace}") == "v2\n"
     for name in names:
         ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
@@ -240,6 +245,7 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.3)
     snap.start()
+    wait_redial(ctrd)
     assert len(_mounts_under(snap.root)) == 1 and len(fuse_server_pids(snap.root)) == 1
     ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
     for _ in range(50):
@@ -247,10 +253,12 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
             break
         time.sleep(0.1)
     ctrd.ctr("containers", "delete", name)
-    # with its last user gone, the image's snapshot is collected
-    for _ in range(100):
-        ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls", check=False)
+    # with its last user gone, the image's snapshot is collected by the next
+    # garbage collection (forced here: deleting a lease with --sync runs one)
+    for _ in range(50):
+        lease = ctrd.ctr("leases", "create").stdout.split()[0]
+        ctrd.ctr("leases", "delete", "--sync", lease)
         if not _mounts_under(snap.root) and not os.listdir(os.path.join(snap.root, "images")):
             break
-        time.sleep(0.2)
+        time.sleep(0.1)
     assert _mounts_under(snap.root) == [] and os.listdir(os.path.join(snap.root, "images")) == []
