@@ -119,6 +119,16 @@ class Containerd:
             self.label_blob(digest, labels)
         return digest
 
+    def open_blob(self, digest: str) -> "_ContentReader":
+        return _ContentReader(self, digest)
+
+    def read_blob(self, digest: str, limit: int) -> bytes:
+        with self.open_blob(digest) as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise UsageError(f"blob {digest} is larger than {limit} bytes")
+        return data
+
     def label_blob(self, digest: str, labels: dict[str, str]) -> None:
         info = content_pb2.Info(digest=digest, labels=labels)
         mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
@@ -161,3 +171,42 @@ class Containerd:
     def remove_snapshot(self, snapshotter: str, key: str) -> None:
         self.call(self.snapshots.Remove, snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
                   f"remove snapshot {key}")
+
+
+class _ContentReader:
+    """A blob of containerd's content store as a file (read streams it)."""
+
+    def __init__(self, ctrd: Containerd, digest: str) -> None:
+        self.ctrd, self.digest = ctrd, digest
+        self._stream = ctrd.content.Read(content_pb2.ReadContentRequest(digest=digest),
+                                         metadata=ctrd.metadata(), timeout=ctrd.timeout)
+        self._buf = b""
+        self._done = False
+
+    def read(self, n: int = -1) -> bytes:
+        while not self._done and (n is None or n < 0 or len(self._buf) < n):
+            try:
+                msg = next(self._stream)
+            except StopIteration:
+                self._done = True
+                break
+            except grpc.RpcError as exc:
+                raise self.ctrd.error(exc, f"read blob {self.digest}") from None
+            self._buf += msg.data
+        if n is None or n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._stream.cancel()
+
+    def __enter__(self) -> "_ContentReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -6,12 +6,13 @@ import argparse
 import logging
 import os
 
+from .. import paths
 from ..bodies import BodySpool
 from ..dimg import format_id
 from ..errors import UsageError
 from ..fsutil import atomic_output
 from ..oci.flatten import Flattener
-from ..oci.source import ImageSource, Platform
+from ..oci.source import Platform, RemoteOptions, open_source
 from ..writer import save_image
 from ._common import add_level, add_threads
 
@@ -21,7 +22,13 @@ REF_HELP = """image to convert:
   oci:DIR[:TAG]              OCI image layout directory
   oci-archive:FILE[:TAG]     tar of an OCI layout (skopeo oci-archive:, `ctr images export`)
   docker-archive:FILE[:REF]  `docker save` tar
-  DIR or FILE                the same, recognised from the path"""
+  DIR or FILE                the same, recognised from the path
+  docker://[HOST/]NAME[:TAG|@DIGEST]
+                             an OCI distribution registry (anonymous tokens,
+                             --user or ~/.docker/config.json credentials)
+  containerd:NAME            the containerd image store (--address, --namespace)
+  NAME[:TAG]                 containerd first, then its registry (Docker Hub
+                             for short names such as nginx:1.23.1)"""
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -39,6 +46,14 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--os", default=None, help="platform OS to pick from an index (default linux)")
     p.add_argument("--arch", default=None, help="platform architecture (default: this machine's)")
     p.add_argument("--variant", default=None, help="platform variant")
+    p.add_argument("--address", default=paths.CONTAINERD_ADDRESS, help="containerd socket")
+    p.add_argument("--namespace", "-n", default=paths.CONTAINERD_NAMESPACE, help="containerd namespace")
+    p.add_argument("--user", metavar="USER:PASSWORD", help="registry credentials")
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry (local registries)")
+    p.add_argument("--insecure", action="store_true", help="do not verify the registry's TLS certificate")
+    p.add_argument("--blob-cache", metavar="DIR", default=None,
+                   help="keep downloaded layers here, so the next version fetches only new ones "
+                   "(default: $XDG_CACHE_HOME/d4c/blobs or ~/.cache/d4c/blobs; 'none' to disable)")
     add_threads(p)
     add_level(p)
     p.set_defaults(func=run)
@@ -62,7 +77,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> int:
     want_cdimg = args.cdimg or not args.dimg
-    with ImageSource(args.image, plat) as source:
+    credentials = None
+    if args.user:
+        user, sep, password = args.user.partition(":")
+        if not sep:
+            raise UsageError("--user takes USER:PASSWORD")
+        credentials = (user, password)
+    cache = args.blob_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "d4c", "blobs")
+    options = RemoteOptions(address=args.address, namespace=args.namespace, plain_http=args.plain_http,
+                            insecure=args.insecure, credentials=credentials,
+                            cache_dir=None if cache == "none" else cache)
+    with open_source(args.image, plat, options) as source:
         resolved = source.resolve()
         os.makedirs(args.output, exist_ok=True)
         with BodySpool(args.output, args.level) as spool:

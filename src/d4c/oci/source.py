@@ -4,9 +4,12 @@ Transports (as skopeo names them):
   oci:DIR[:TAG]               an OCI image layout directory
   oci-archive:FILE[:TAG]      a tar of an OCI image layout (also `ctr images export`)
   docker-archive:FILE[:REF]   a `docker save` tar (legacy or OCI-style)
+  docker://[HOST/]NAME[:TAG|@DIGEST]  an OCI distribution registry (registry.py)
+  containerd:NAME             the containerd image store (content service)
 A bare path is recognised too: a directory is `oci:`, a file is an archive
-(OCI layout if it holds index.json, docker-archive otherwise).  Plain image
-names (`nginx:1.23.1`, containerd or a registry) arrive with issue [6/8].
+(OCI layout if it holds index.json, docker-archive otherwise).  Any other plain
+name (`nginx:1.23.1`) is looked up in containerd first, then pulled from its
+registry (Docker Hub for short names).
 """
 
 from __future__ import annotations
@@ -234,9 +237,12 @@ def parse_ref(ref: str) -> tuple[str, str, str]:
         return "oci", ref, ""
     if os.path.isfile(ref):
         return "archive", ref, ""
-    if ref.startswith(("docker://", "containerd:")) or os.path.sep not in ref:
-        raise Unsupported(f"{ref}: images from containerd or a registry are not supported yet; "
-                          "use oci:DIR, oci-archive:FILE or docker-archive:FILE")
+    if ref.startswith("docker://"):
+        return "docker", ref[len("docker://"):], ""
+    if ref.startswith("containerd:"):
+        return "containerd", ref[len("containerd:"):], ""
+    if not ref.startswith(("/", "./", "../")):
+        return "name", ref, ""
     raise NotFound(f"no such image: {ref}")
 
 
@@ -309,7 +315,7 @@ class ImageSource:
         desc = _obj(desc, f"{self.ref}: descriptor")
         media = desc.get("mediaType", "")
         digest = _text(desc.get("digest"), f"{self.ref}: descriptor digest")
-        data = self._read_blob(digest, "manifest")
+        data = self._read_manifest(digest)
         doc = _obj(_load_json(data, f"{self.ref}: manifest {digest}"), f"{self.ref}: manifest {digest}")
         media = doc.get("mediaType") or media
         if not isinstance(media, str):
@@ -353,9 +359,15 @@ class ImageSource:
             if media not in LAYER_TYPES:
                 raise Unsupported(f"{self.ref}: unsupported layer media type {media!r}")
             layer_digest = _text(ld.get("digest"), f"{self.ref}: layer digest")
-            name = _blob_name(layer_digest)
-            layers.append(Layer(layer_digest, media, diff_id, lambda n=name: self.store.open(n)))
+            _blob_name(layer_digest)  # checks the form
+            layers.append(Layer(layer_digest, media, diff_id, lambda d=layer_digest: self._open_blob(d)))
         return ResolvedImage(config, config_bytes, layers, f"{self.ref} ({digest})")
+
+    def _open_blob(self, digest: str) -> BinaryIO:
+        return self.store.open(_blob_name(digest))
+
+    def _read_manifest(self, digest: str) -> bytes:
+        return self._read_blob(digest, "manifest")
 
     def _diff_ids(self, config: dict[str, Any]) -> list[str]:
         rootfs = _obj(config.get("rootfs") or {}, f"{self.ref}: config rootfs")
@@ -398,3 +410,119 @@ class ImageSource:
                 digest = "sha256:" + name.rsplit("/", 1)[-1]
             layers.append(Layer(digest, "docker-archive", diff_id, lambda n=name: self.store.open(n)))
         return ResolvedImage(config, config_bytes, layers, self.ref)
+
+
+@dataclass
+class RemoteOptions:
+    """How to reach registries and containerd (convert's flags)."""
+    address: str = "/run/containerd/containerd.sock"
+    namespace: str = "default"
+    plain_http: bool = False
+    insecure: bool = False
+    credentials: tuple[str, str] | None = None
+    cache_dir: str | None = None
+
+
+class RegistrySource(ImageSource):
+    """An image in an OCI distribution registry; same resolution as a layout."""
+
+    def __init__(self, ref: str, platform_: Platform | None, options: RemoteOptions) -> None:
+        from .registry import Registry, parse_reference
+        self.ref = ref
+        self.platform = platform_ or Platform.default()
+        self.tag = ""
+        self.transport = "docker"
+        self.registry = Registry(parse_reference(ref), plain_http=options.plain_http, insecure=options.insecure,
+                                 credentials=options.credentials, cache_dir=options.cache_dir)
+
+    def close(self) -> None:
+        pass
+
+    def resolve(self) -> ResolvedImage:
+        media, data = self.registry.manifest()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        ref = self.registry.ref.reference
+        if ref.startswith("sha256:") and digest != ref:
+            raise BadInput(f"{self.ref}: manifest does not match its digest {ref}")
+        return self._from_document(media, data, digest)
+
+    def _from_document(self, media: str, data: bytes, digest: str) -> ResolvedImage:
+        doc = _obj(_load_json(data, f"{self.ref}: manifest"), f"{self.ref}: manifest")
+        media = doc.get("mediaType") or media
+        if media in INDEX_TYPES or "manifests" in doc:
+            return self._pick_platform(_items(doc.get("manifests"), f"{self.ref}: index"), digest)
+        if media not in MANIFEST_TYPES and "layers" not in doc:
+            raise Unsupported(f"{self.ref}: unsupported manifest media type {media!r}")
+        return self._from_manifest(doc, digest)
+
+    def _read_manifest(self, digest: str) -> bytes:
+        _, data = self.registry.manifest(digest)
+        if not _digest_ok(data, digest):
+            raise BadInput(f"{self.ref}: manifest does not match its digest {digest}")
+        return data
+
+    def _read_blob(self, digest: str, what: str, limit: int = MAX_JSON) -> bytes:
+        data = self.registry.blob(digest, limit)
+        if not _digest_ok(data, digest):
+            raise BadInput(f"{self.ref}: {what} does not match its digest {digest}")
+        return data
+
+    def _open_blob(self, digest: str) -> BinaryIO:
+        return self.registry.open_blob(digest)
+
+
+class ContainerdSource(ImageSource):
+    """An image in containerd's store, read through its content service."""
+
+    def __init__(self, ref: str, platform_: Platform | None, options: RemoteOptions) -> None:
+        from ..containerd import Containerd
+        self.ref = ref
+        self.platform = platform_ or Platform.default()
+        self.tag = ""
+        self.transport = "containerd"
+        self.ctrd = Containerd(options.address, options.namespace)
+
+    def close(self) -> None:
+        self.ctrd.close()
+
+    def exists(self) -> bool:
+        return self.ctrd.get_image(self.ref) is not None
+
+    def resolve(self) -> ResolvedImage:
+        image = self.ctrd.get_image(self.ref)
+        if image is None:
+            raise NotFound(f"no image {self.ref!r} in containerd namespace {self.ctrd.namespace!r}")
+        t = image.target
+        return self._follow({"mediaType": t.media_type, "digest": t.digest, "size": t.size}, depth=0)
+
+    def _read_blob(self, digest: str, what: str, limit: int = MAX_JSON) -> bytes:
+        data = self.ctrd.read_blob(digest, limit)
+        if not _digest_ok(data, digest):
+            raise BadInput(f"{self.ref}: {what} does not match its digest {digest}")
+        return data
+
+    def _open_blob(self, digest: str) -> BinaryIO:
+        return self.ctrd.open_blob(digest)
+
+
+def open_source(ref: str, platform_: Platform | None = None,
+                options: RemoteOptions | None = None) -> ImageSource:
+    """The source `ref` names (see the module docstring for the forms)."""
+    options = options or RemoteOptions()
+    transport, rest, _ = parse_ref(ref)
+    if transport == "docker":
+        return RegistrySource(rest, platform_, options)
+    if transport == "containerd":
+        return ContainerdSource(rest, platform_, options)
+    if transport == "name":
+        # containerd first (if it runs here), then the image's registry
+        from ..errors import Unavailable
+        src = ContainerdSource(rest, platform_, options)
+        try:
+            if src.exists():
+                return src
+        except Unavailable:
+            pass
+        src.close()
+        return RegistrySource(rest, platform_, options)
+    return ImageSource(ref, platform_)

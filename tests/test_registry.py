@@ -1,0 +1,168 @@
+"""convert from an OCI registry and from containerd's image store (real daemons)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from conftest import IS_ROOT
+from daemons import Containerd, Registry, TokenProxy, have_containerd
+from helpers import assert_one_line_error, need, run_cli
+from ocibuild import M, Layout, tar_dir
+
+from d4c.dimg import Image
+
+
+def convert(ref: str, out: str, *extra: str) -> tuple[int, str, str]:
+    return run_cli("convert", "--image", ref, "--output", out, "-q", *extra)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """A layout with one tag: an index of two platforms, each image with a gzip
+    and a zstd layer (plus an uncompressed one); and the id convert gives it."""
+    import shutil
+    need(shutil.which("docker-registry") is not None and shutil.which("skopeo") is not None,
+         "docker-registry and skopeo are not installed")
+    tmp = tmp_path_factory.mktemp("app")
+    lay = Layout(str(tmp / "layout"))
+    big = random.Random(3).randbytes(300_000)
+    descs = []
+    for arch in ("amd64", "arm64"):
+        layers = [([M("./", "dir"), M("bin/", "dir"), M(f"bin/app-{arch}", data=big, mode=0o755)], "gzip"),
+                  ([M("etc/", "dir"), M("etc/conf", data=b"conf\n"), M("bin/.wh.gone")], "zstd"),
+                  ([M("etc/extra", data=b"x" * 5000)], "none")]
+        descs.append(lay.image(layers, arch=arch))
+    lay.tag_index(descs, "v1")
+    lay.save()
+    code, out, err = convert(f"oci:{lay.path}:v1", str(tmp / "direct"), "--arch", "amd64")
+    assert code == 0, err
+    with Image(str(tmp / "direct" / "image.cdimg")) as image:
+        image_id = image.info.image_id
+    return lay.path, image_id
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):  # type: ignore[no-untyped-def]
+    reg = Registry(str(tmp_path_factory.mktemp("registry")))
+    reg.start()
+    yield reg
+    reg.stop()
+
+
+def converted_id(out: str) -> bytes:
+    with Image(os.path.join(out, "image.cdimg")) as image:
+        return image.info.image_id
+
+
+def test_registry_gives_the_same_image(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layout, want = app
+    ref = registry.push(layout, "v1", "d4c/app")
+    cache = str(tmp_path / "cache")
+    code, _, err = convert(ref, str(tmp_path / "a"), "--plain-http", "--arch", "amd64", "--blob-cache", cache)
+    assert code == 0, err
+    assert converted_id(str(tmp_path / "a")) == want
+    cached = sorted(os.listdir(os.path.join(cache, "sha256")))
+    assert len(cached) == 4  # the amd64 config and its three layers
+    # the next conversion reads the cache: the registry may even be gone
+    registry.stop()
+    try:
+        code, _, err = convert(ref, str(tmp_path / "b"), "--plain-http", "--arch", "amd64", "--blob-cache", cache)
+        assert code != 0 and "cannot reach the registry" in err  # manifests are not cached
+    finally:
+        registry.start()
+    code, _, err = convert(ref, str(tmp_path / "b"), "--plain-http", "--arch", "amd64", "--blob-cache", cache)
+    assert code == 0, err
+    assert converted_id(str(tmp_path / "b")) == want
+    # by digest, and the other platform
+    code, _, err = convert(ref + "", str(tmp_path / "c"), "--plain-http", "--arch", "arm64", "--blob-cache", "none")
+    assert code == 0, err
+    assert converted_id(str(tmp_path / "c")) != want
+
+
+def test_token_auth_and_resume(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layout, want = app
+    registry.push(layout, "v1", "d4c/app")
+    proxy = TokenProxy(registry.host, "alice", "s3cret", drop_first_blob=True)
+    try:
+        ref = f"docker://{proxy.host}/d4c/app:v1"
+        out = str(tmp_path / "ok")
+        code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--user", "alice:s3cret",
+                               "--blob-cache", "none")
+        assert code == 0, err
+        assert converted_id(out) == want
+        assert proxy.dropped == 1 and proxy.ranges  # a blob was cut half-way and resumed with Range
+        # a wrong password: one line, nothing left behind
+        out = str(tmp_path / "bad")
+        code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--user", "alice:wrong")
+        assert_one_line_error(code, err)
+        assert "refused the credentials" in err and not os.path.exists(out)
+        code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--blob-cache", "none")
+        assert_one_line_error(code, err)
+        assert not os.path.exists(out)
+    finally:
+        proxy.stop()
+
+
+def test_registry_bad_cases(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    layout, _ = app
+    ref = registry.push(layout, "v1", "d4c/tampered")
+    out = str(tmp_path / "o")
+    # unknown tag
+    code, _, err = convert(ref.replace(":v1", ":nope"), out, "--plain-http")
+    assert_one_line_error(code, err, 4)
+    assert not os.path.exists(out)
+    # blobs whose bytes do not match their digest (the registry's storage altered):
+    # the big layer of each platform
+    layers = []
+    for dirpath, _, names in os.walk(registry.root):
+        for path in (os.path.join(dirpath, n) for n in names if n == "data"):
+            if os.path.getsize(path) > 100_000:
+                layers.append("sha256:" + os.path.basename(os.path.dirname(path)))
+                data = bytearray(open(path, "rb").read())
+                data[len(data) // 2] ^= 0x01
+                open(path, "wb").write(bytes(data))
+    assert len(layers) == 2
+    code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--blob-cache", "none")
+    assert_one_line_error(code, err, 3)
+    assert not os.path.exists(out)
+    # the cache never keeps such a blob
+    cache = str(tmp_path / "cache")
+    code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--blob-cache", cache)
+    assert_one_line_error(code, err, 3)
+    assert "does not match its digest" in err
+    assert not any(os.path.exists(os.path.join(cache, "sha256", d[7:])) for d in layers)
+    assert not os.path.exists(out)
+
+
+def test_containerd_store_gives_the_same_image(app, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    need(IS_ROOT, "containerd needs root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    layout, want = app
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    ctrd = Containerd(base, os.path.join(base, "run", "none.sock"))
+    ctrd.start()
+    try:
+        archive = str(tmp_path / "app.tar")
+        tar_dir(layout, archive)
+        ctrd.ctr("images", "import", "--all-platforms", "--no-unpack", "--base-name", "d4c.test/app", archive)
+        name = ctrd.ctr("images", "ls", "-q").stdout.split()[0]
+        out = str(tmp_path / "o")
+        code, _, err = convert(f"containerd:{name}", out, "--address", ctrd.socket, "--namespace", ctrd.namespace,
+                               "--arch", "amd64")
+        assert code == 0, err
+        assert converted_id(out) == want
+        # a plain name is looked up in containerd first
+        code, _, err = convert(name, str(tmp_path / "o2"), "--address", ctrd.socket,
+                               "--namespace", ctrd.namespace, "--arch", "amd64")
+        assert code == 0, err
+        assert converted_id(str(tmp_path / "o2")) == want
+        code, _, err = convert("containerd:d4c.test/none:1", str(tmp_path / "o3"), "--address", ctrd.socket,
+                               "--namespace", ctrd.namespace)
+        assert_one_line_error(code, err, 4)
+    finally:
+        ctrd.stop()
