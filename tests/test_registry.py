@@ -166,3 +166,33 @@ def test_containerd_store_gives_the_same_image(app, tmp_path) -> None:  # type: 
         assert_one_line_error(code, err, 4)
     finally:
         ctrd.stop()
+
+
+def test_registry_unsupported_media_type(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A manifest whose layer has a media type we do not read: refused by name."""
+    import http.client
+    import json
+    layout, _ = app
+    registry.push(layout, "v1", "d4c/weird")
+    accept = ("application/vnd.oci.image.index.v1+json,application/vnd.docker.distribution.manifest.list.v2+json,"
+              "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json")
+    conn = http.client.HTTPConnection(registry.host)
+
+    def get(ref: str) -> dict:  # type: ignore[type-arg]
+        conn.request("GET", f"/v2/d4c/weird/manifests/{ref}", headers={"Accept": accept})
+        return json.loads(conn.getresponse().read())  # as the registry holds it (skopeo may re-encode)
+
+    amd = next(m for m in get("v1")["manifests"] if m["platform"]["architecture"] == "amd64")
+    stored = get(amd["digest"])
+    stored["layers"][0]["mediaType"] = "application/vnd.example.layer.v1.tar+lz4"
+    stored["mediaType"] = "application/vnd.oci.image.manifest.v1+json"
+    body = json.dumps(stored).encode()
+    conn.request("PUT", "/v2/d4c/weird/manifests/lz4", body=body,
+                 headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    conn.close()
+    out = str(tmp_path / "o")
+    code, _, err = convert(f"docker://{registry.host}/d4c/weird:lz4", out, "--plain-http", "--blob-cache", "none")
+    assert_one_line_error(code, err, 6)
+    assert "unsupported layer media type" in err and not os.path.exists(out)
