@@ -94,6 +94,21 @@ def test_token_auth_and_resume(app, registry, tmp_path) -> None:  # type: ignore
         assert code == 0, err
         assert converted_id(out) == want
         assert proxy.dropped == 1 and proxy.ranges  # a blob was cut half-way and resumed with Range
+        # credentials from a docker config file (as `docker login` / `skopeo login` leave them)
+        import base64
+        import json
+        cfg = tmp_path / "docker"
+        cfg.mkdir()
+        (cfg / "config.json").write_text(json.dumps({"auths": {proxy.host: {
+            "auth": base64.b64encode(b"alice:s3cret").decode()}}}))
+        os.environ["DOCKER_CONFIG"] = str(cfg)
+        try:
+            code, _, err = convert(ref, str(tmp_path / "cfg"), "--plain-http", "--arch", "amd64",
+                                   "--blob-cache", "none")
+        finally:
+            del os.environ["DOCKER_CONFIG"]
+        assert code == 0, err
+        assert converted_id(str(tmp_path / "cfg")) == want
         # a wrong password: one line, nothing left behind
         out = str(tmp_path / "bad")
         code, _, err = convert(ref, out, "--plain-http", "--arch", "amd64", "--user", "alice:wrong")
