@@ -262,3 +262,19 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
             break
         time.sleep(0.1)
     assert _mounts_under(snap.root) == [] and os.listdir(os.path.join(snap.root, "images")) == []
+
+
+def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "install_snapshotter.sh")
+    config = tmp_path / "etc" / "config.toml"
+    env = dict(os.environ, CONFIG=str(config), SOCKET="/run/di3fs/snapshotter.sock")
+    for _ in range(2):
+        subprocess.run(["sh", script], env=env, check=True, capture_output=True)
+    text = config.read_text()
+    assert text.count("[proxy_plugins.di3fs]") == 1 and 'address = "/run/di3fs/snapshotter.sock"' in text
+    assert text.startswith("version = 2")
+    # an existing config keeps its content
+    config.write_text('version = 2\n[plugins]\n  x = 1\n')
+    subprocess.run(["sh", script], env=env, check=True, capture_output=True)
+    assert config.read_text().startswith('version = 2\n[plugins]\n  x = 1\n') and "di3fs" in config.read_text()
