@@ -4,12 +4,14 @@ its own session, always torn down."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -44,13 +46,7 @@ class Snapshotterd:
         wait_for(self.socket, self.proc, "snapshotter")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, sig)
 
     def logs(self) -> str:
         try:
@@ -95,13 +91,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         return p
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc)
+
+
+def terminate(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:  # type: ignore[type-arg]
+    """Stop a daemon, by force if it does not go within 20 s."""
+    if proc and proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def unmount_below(base: str) -> None:
@@ -118,6 +119,48 @@ def have_containerd() -> str | None:
         if not shutil.which(tool):
             return f"{tool} is not installed"
     return None
+
+
+def forward(upstream: str, path: str, headers: dict[str, str]) -> tuple[int, list[tuple[str, str]], bytes]:
+    """One GET to `upstream`: (status, headers, body)."""
+    import http.client
+    conn = http.client.HTTPConnection(upstream, timeout=60)
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    return resp.status, resp.getheaders(), body
+
+
+def reply_cut(handler, status: int, headers: list[tuple[str, str]], keep: tuple[str, ...], body: bytes,  # type: ignore[no-untyped-def]
+              cut_at: int | None) -> None:
+    """Answer with `body`, or only its first `cut_at` bytes and a dropped connection."""
+    handler.send_response(status)
+    for k, v in headers:
+        if k.lower() in keep:
+            handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    if cut_at is not None:
+        handler.wfile.write(body[:cut_at])
+        handler.wfile.flush()
+        handler.close_connection = True
+        handler.connection.shutdown(2)
+        return
+    handler.wfile.write(body)
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:  # type: ignore[type-arg]
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not listen on port {port}")
 
 
 def free_port() -> int:
@@ -154,19 +197,10 @@ http:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        import socket
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(["docker-registry", "serve", self.config], stdout=log, stderr=log,
                                          start_new_session=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if self.proc.poll() is not None:
-                raise AssertionError("docker-registry exited")
-            time.sleep(0.05)
-        raise AssertionError("docker-registry did not listen")
+        wait_for_port(self.port, self.proc, "docker-registry")
 
     def push(self, layout: str, tag: str, name: str) -> str:
         ref = f"docker://{self.host}/{name}:{tag}"
@@ -184,17 +218,35 @@ http:
             self.proc.wait(timeout=20)
 
 
-class TokenProxy:
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _Loopback:
+    """An HTTP server of the tests on 127.0.0.1, in a thread."""
+
+    def _serve(self, handler: type) -> None:
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TokenProxy(_Loopback):
     """A registry front on loopback that wants bearer tokens from its own token
     endpoint (basic credentials), as Docker Hub does; it can drop the first
     download of a blob half-way to exercise resumption."""
 
     def __init__(self, upstream: str, user: str, password: str, drop_first_blob: bool = False) -> None:
         import base64
-        import http.client
-        import http.server
         import secrets
-        import threading
         self.upstream = upstream
         self.token = secrets.token_hex(16)
         self.good = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
@@ -203,12 +255,7 @@ class TokenProxy:
         self.ranges: list[str] = []
         proxy = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+        class Handler(_Quiet):
             def do_GET(self) -> None:  # noqa: N802
                 if self.path.startswith("/token"):
                     if self.headers.get("Authorization") != proxy.good:
@@ -233,31 +280,60 @@ class TokenProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
                 if "range" in (k.lower() for k in headers):
                     proxy.ranges.append(self.headers.get("Range", ""))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                conn.request("GET", self.path, headers=headers)
-                resp = conn.getresponse()
-                body = resp.read()
-                conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() in ("content-type", "docker-content-digest", "content-range"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                status, rheaders, body = forward(proxy.upstream, self.path, headers)
+                cut = None
                 if proxy.drop and "/blobs/" in self.path and len(body) > 1000 and not proxy.dropped:
                     proxy.dropped += 1
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                self.wfile.write(body)
+                    cut = len(body) // 2
+                reply_cut(self, status, rheaders, ("content-type", "docker-content-digest", "content-range"), body, cut)
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self._serve(Handler)
+
+
+class Server:
+    """Our update server on loopback."""
+
+    def __init__(self, base: str, binary: str | None = None) -> None:
+        self.root = os.path.join(base, "server")
+        self.port = free_port()
+        self.log = os.path.join(base, "server.log")
+        self.binary = binary
+        self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        cmd = [self.binary] if self.binary else [sys.executable, "-m", "d4c.server"]
+        env = dict(os.environ, PYTHONPATH=SRC)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(cmd + ["--port", str(self.port), "--root", self.root], env=env,
+                                         stdout=log, stderr=log, start_new_session=True)
+        wait_for_port(self.port, self.proc, "server")
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        terminate(self.proc)
+
+
+class DropProxy(_Loopback):
+    """Forwards to `upstream`, but cuts the first payload download after `after` bytes."""
+
+    def __init__(self, upstream: str, after: int) -> None:
+        self.dropped = 0
+        self.ranges: list[str] = []
+        proxy = self
+
+        class Handler(_Quiet):
+            def do_GET(self) -> None:  # noqa: N802
+                headers = {k: v for k, v in self.headers.items() if k.lower() == "range"}
+                if headers:
+                    proxy.ranges.append(self.headers["Range"])
+                status, rheaders, body = forward(upstream, self.path, headers)
+                cut = None
+                if "/payloads/" in self.path and not proxy.dropped and len(body) > after:
+                    proxy.dropped += 1
+                    cut = after
+                reply_cut(self, status, rheaders, ("content-type", "content-range", "accept-ranges"), body, cut)
+
+        self._serve(Handler)

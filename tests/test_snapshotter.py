@@ -278,3 +278,28 @@ def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no
     config.write_text('version = 2\n[plugins]\n  x = 1\n')
     subprocess.run(["sh", script], env=env, check=True, capture_output=True)
     assert config.read_text().startswith('version = 2\n[plugins]\n  x = 1\n') and "di3fs" in config.read_text()
+
+
+def test_readme_push_pull_run(daemons, chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """push 1 and the deltas to a server, pull 1 then 4 into containerd, run 4."""
+    from daemons import Server
+    ctrd, snap = daemons
+    srv = Server(str(tmp_path))
+    srv.start()
+    try:
+        for i, path in enumerate(chain):
+            tag = {0: "d4c-bb:1", 3: "d4c-bb:4"}.get(i)
+            code, _, err = run_cli("push", "--cdimg", path, "--serverHost", srv.host, "-q",
+                                   *(["--imageTag", tag] if tag else []))
+            assert code == 0, err
+        common = ["--host", srv.host, "--address", ctrd.socket, "--namespace", ctrd.namespace,
+                  "--snapshotter-root", snap.root]
+        code, out, err = run_cli("pull", "--image", "d4c-bb:1", *common, "--expectedDimgsNum", "1")
+        assert code == 0, err + snap.logs()
+        code, out, err = run_cli("pull", "--image", "d4c-bb:4", *common, "--expectedDimgsNum", "3")
+        assert code == 0, err + snap.logs()
+        downloaded = int(out.rsplit(",", 1)[1].split()[0])
+        assert downloaded < sum(os.path.getsize(p) for p in chain[1:])
+        assert run(ctrd, "d4c-bb:4", f"pulled-{ctrd.namespace}") == "v4\n"
+    finally:
+        srv.stop()

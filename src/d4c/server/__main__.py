@@ -1,7 +1,7 @@
 # absolute import: PyInstaller runs this file as a script
 import sys
 
-from d4c.entry import placeholder
+from d4c.server.main import main
 
 if __name__ == "__main__":
-    sys.exit(placeholder("server", "[7/8]"))
+    sys.exit(main())

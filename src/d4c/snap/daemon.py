@@ -19,6 +19,7 @@ import threading
 from concurrent import futures
 
 from .. import __version__, errors, paths
+from ..daemons import run_daemon
 
 DEFAULT_ADDRESS = paths.SNAPSHOTTER_ADDRESS
 DEFAULT_ROOT = paths.SNAPSHOTTER_ROOT
@@ -44,27 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if "mount" in argv[:2] and argv[0] in ("mount", "-q", "--debug"):
         from ..cli import main as cli_main  # the FUSE server process of one mount
         return cli_main(argv)
-    try:
-        args = build_parser().parse_args(argv)
-    except errors.UsageError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format=f"{PROG}: %(levelname)s: %(message)s", stream=sys.stderr)
-    try:
-        return serve(args)
-    except errors.D4CError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        if args.debug:
-            raise
-        print(f"{PROG}: {errors.from_oserror(exc, 'system error')}", file=sys.stderr)
-        return errors.EXIT_IO
+    return run_daemon(PROG, build_parser(), argv, serve)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,36 @@
+"""`server`: stores images and deltas, answers updates with the cheapest merged delta.
+
+    server [--port 8081] [--host 127.0.0.1] [--root DIR] [--cache-size 8G] [--threadNum N]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from .. import __version__
+from ..daemons import run_daemon
+
+PROG = "server"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..cli._common import ArgumentParser
+    from ..cli.util_cmd import parse_size
+    p = ArgumentParser(prog=PROG, description="The d4c update server (HTTP API: docs/API.md).")
+    p.add_argument("--port", type=int, default=8081, help="port (default 8081)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface: there is no auth)")
+    p.add_argument("--root", default="/var/lib/d4c-server", help="store directory (default /var/lib/d4c-server)")
+    p.add_argument("--cache-size", type=parse_size, default=8 << 30, metavar="SIZE",
+                   help="bound of the merged-delta cache (default 8G)")
+    p.add_argument("--threadNum", "--thread-num", dest="threads", type=int, default=2, metavar="N",
+                   help="worker threads of one merge")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return run_daemon(PROG, p, sys.argv[1:] if argv is None else argv, _serve)
+
+
+def _serve(args) -> int:  # type: ignore[no-untyped-def]
+    from .app import serve
+    serve(args.root, args.host, args.port, args.cache_size, args.threads)
+    return 0

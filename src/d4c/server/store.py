@@ -1,0 +1,180 @@
+"""The server's store: uploaded images and deltas (artifacts), tags, and the
+cheapest way from what a client holds to what it wants.
+
+Artifacts are files named by their own sha256 in a directory (never modified
+once stored); the index is sqlite.  Each artifact is an edge parent -> image
+(a base image is an edge from "" -- nothing), weighted by its size in bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import os
+import re
+import sqlite3
+import threading
+import uuid
+from dataclasses import dataclass
+
+from ..dimg import format_id, read_info
+from ..errors import BadInput, Conflict, D4CError, NotFound, UsageError
+
+TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    digest TEXT PRIMARY KEY,      -- sha256 hex of the file
+    image TEXT NOT NULL,          -- hex id of the image it produces
+    parent TEXT NOT NULL,         -- hex id it applies to; '' for a full image
+    size INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS artifacts_image ON artifacts(image);
+CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, image TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    digest: str
+    image: str
+    parent: str
+    size: int
+
+
+def check_tag(tag: str) -> str:
+    if not TAG.match(tag) or ".." in tag:
+        raise UsageError(f"bad tag {tag!r} (NAME:TAG)")
+    return tag
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.dir = os.path.join(self.root, "artifacts")
+        self.tmp = os.path.join(self.root, "tmp")
+        for d in (self.dir, self.tmp):
+            os.makedirs(d, exist_ok=True)
+        for name in os.listdir(self.tmp):  # uploads a crash interrupted
+            os.unlink(os.path.join(self.tmp, name))
+        self._db = sqlite3.connect(os.path.join(self.root, "index.db"), check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+
+    def path(self, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise NotFound(f"no artifact {digest!r}")
+        return os.path.join(self.dir, digest + ".cdimg")
+
+    def temp_path(self) -> str:
+        return os.path.join(self.tmp, uuid.uuid4().hex)
+
+    # ---------------------------------------------------------------- writes
+    def add(self, tmp: str, tag: str | None = None) -> Artifact:
+        """Adopt an uploaded file (already fully written to `tmp`): checked as a
+        cdimg whose parent the store knows, stored under its digest.  Idempotent."""
+        from ..imagedelta import close_all, open_stack
+        try:
+            if tag is not None:
+                check_tag(tag)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                info = read_info(fd, "upload")
+            finally:
+                os.close(fd)
+            if info.kind != "cdimg":
+                raise BadInput("upload: not a cdimg (a dimg has no config to run)")
+            image, parent = info.image_id.hex(), info.parent_id.hex() if info.parent_id else ""
+            if parent and not self._artifacts_for(parent):
+                raise Conflict(f"upload: a delta of {format_id(info.parent_id or b'')}, which this server "
+                               "does not have: push that image first")
+            # the whole header, read against its parent's tree (ids, entries)
+            stack = open_stack([tmp], None) if not parent else open_stack(
+                [self.path(a.digest) for a in self.chain_to(parent)][1:] + [tmp],
+                self.path(self.chain_to(parent)[0].digest))
+            try:
+                stack[-1].entries
+            finally:
+                close_all(stack)
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
+            with self._lock:
+                if not os.path.exists(self.path(digest)):
+                    os.rename(tmp, self.path(digest))
+                self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
+                                 (digest, image, parent, artifact.size))
+                if tag:
+                    self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
+            return artifact
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    # ---------------------------------------------------------------- reads
+    def _artifacts_for(self, image: str) -> list[Artifact]:
+        with self._lock:
+            rows = self._db.execute("SELECT digest, image, parent, size FROM artifacts WHERE image = ? "
+                                    "ORDER BY size, digest", (image,)).fetchall()
+        return [Artifact(*r) for r in rows]
+
+    def artifacts(self) -> list[Artifact]:
+        with self._lock:
+            rows = self._db.execute("SELECT digest, image, parent, size FROM artifacts ORDER BY digest").fetchall()
+        return [Artifact(*r) for r in rows]
+
+    def tags(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._db.execute("SELECT name, image FROM tags ORDER BY name").fetchall())
+
+    def resolve_tag(self, tag: str) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT image FROM tags WHERE name = ?", (check_tag(tag),)).fetchone()
+        if row is None:
+            raise NotFound(f"unknown tag {tag}")
+        return row[0]
+
+    def cheapest(self, target: str, have: set[str]) -> list[Artifact]:
+        """The artifacts (lowest first) that take a client holding `have` to
+        `target` with the fewest bytes; from nothing if it holds no ancestor.
+        Dijkstra backwards from the target over parent edges; ties go to fewer
+        hops, then to the smaller digests, so the answer is deterministic."""
+        if target in have:
+            return []
+        best: dict[str, tuple[int, int, tuple[str, ...]]] = {target: (0, 0, ())}
+        queue: list[tuple[int, int, tuple[str, ...], str]] = [(0, 0, (), target)]
+        found: tuple[int, int, tuple[str, ...]] | None = None
+        digests: dict[str, Artifact] = {}
+        while queue:
+            cost, hops, path, node = heapq.heappop(queue)
+            if best.get(node, (cost, hops, path)) < (cost, hops, path):
+                continue
+            if node == "" or node in have:
+                found = (cost, hops, path)
+                break
+            for a in self._artifacts_for(node):
+                digests[a.digest] = a
+                key = (cost + a.size, hops + 1, path + (a.digest,))
+                if a.parent not in best or key < best[a.parent]:
+                    best[a.parent] = key
+                    heapq.heappush(queue, (*key, a.parent))
+        if found is None:
+            raise NotFound(f"no way to image {format_id(bytes.fromhex(target))} from what the client holds")
+        return [digests[d] for d in reversed(found[2])]
+
+    def chain_to(self, image: str) -> list[Artifact]:
+        """Artifacts from a full image up to `image` (the cheapest such chain):
+        what opening `image`'s tree needs."""
+        return self.cheapest(image, set())
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def describe(exc: D4CError) -> str:
+    return str(exc)
