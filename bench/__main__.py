@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from . import delta_bench, image_bench, pack_bench
+from . import delta_bench, image_bench, llfs_bench, pack_bench
 
 
 def main() -> int:
     rc = pack_bench.main()
     rc |= delta_bench.main()
     rc |= image_bench.main()
+    rc |= llfs_bench.main()
     return rc
 
 
