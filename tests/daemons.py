@@ -293,10 +293,11 @@ class TokenProxy(_Loopback):
 class Server:
     """Our update server on loopback."""
 
-    def __init__(self, base: str, binary: str | None = None) -> None:
-        self.root = os.path.join(base, "server")
+    def __init__(self, base: str, binary: str | None = None, extra: tuple[str, ...] = (), name: str = "server") -> None:
+        self.extra = list(extra)
+        self.root = os.path.join(base, name)
         self.port = free_port()
-        self.log = os.path.join(base, "server.log")
+        self.log = os.path.join(base, name + ".log")
         self.binary = binary
         self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
 
@@ -308,7 +309,7 @@ class Server:
         cmd = [self.binary] if self.binary else [sys.executable, "-m", "d4c.server"]
         env = dict(os.environ, PYTHONPATH=SRC)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd + ["--port", str(self.port), "--root", self.root], env=env,
+            self.proc = subprocess.Popen(cmd + ["--port", str(self.port), "--root", self.root] + self.extra, env=env,
                                          stdout=log, stderr=log, start_new_session=True)
         wait_for_port(self.port, self.proc, "server")
 

@@ -168,3 +168,39 @@ def test_bad_uploads_and_requests(server, stack, tmp_path) -> None:  # type: ign
     code, _, err = pull("127.0.0.1:1", "d4c-app:1", str(tmp_path / "x"))
     assert_one_line_error(code, err)
     assert "cannot reach the server" in err
+
+
+def test_replicas_share_a_registry_store(stack, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Two servers on one registry backend: what one stores, the other serves."""
+    import shutil
+    from daemons import Registry
+    from helpers import need
+    need(shutil.which("docker-registry") is not None, "docker-registry is not installed")
+    reg = Registry(str(tmp_path))
+    reg.start()
+    storage = ("--storage", f"registry://{reg.host}/d4c/store", "--storage-plain-http")
+    a = Server(str(tmp_path), extra=storage, name="a")
+    b = Server(str(tmp_path), extra=storage, name="b")
+    a.start()
+    b.start()
+    try:
+        push_chain(a, stack)
+        out = str(tmp_path / "4.cdimg")
+        code, text, err = pull(b.host, "d4c-app:4", out, stack[0])
+        assert code == 0, err
+        code, _, err = run_cli("cdimg", "patch", "--diffCdimg", out, "--baseCdimg", images[0], "--outCdimg",
+                               str(tmp_path / "v4.cdimg"), "-q")
+        assert code == 0, err
+        assert read(str(tmp_path / "v4.cdimg")) == read(images[3])
+        assert len(os.listdir(os.path.join(b.root, "artifacts"))) == 4  # fetched from the registry
+        # a restarted replica rebuilds its index from the registry alone
+        b.stop()
+        shutil.rmtree(b.root)
+        b.start()
+        code, _, err = pull(b.host, "d4c-app:1", str(tmp_path / "1.cdimg"))
+        assert code == 0, err
+        assert read(str(tmp_path / "1.cdimg")) == read(images[0])
+    finally:
+        a.stop()
+        b.stop()
+        reg.stop()

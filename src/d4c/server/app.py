@@ -257,9 +257,14 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD): 
     return Handler
 
 
-def serve(root: str, host: str, port: int, cache_limit: int, threads: int) -> None:
+def serve(root: str, host: str, port: int, cache_limit: int, threads: int, storage: str | None = None,
+          storage_plain_http: bool = False) -> None:
     import signal
-    store = Store(root)
+    backend = None
+    if storage:
+        from .registry_backend import RegistryBackend
+        backend = RegistryBackend(storage, plain_http=storage_plain_http)
+    store = Store(root, backend)
     updates = Updates(store, cache_limit, threads)
     server = http.server.ThreadingHTTPServer((host, port), make_handler(store, updates))
     server.daemon_threads = True

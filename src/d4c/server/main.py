@@ -25,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="bound of the merged-delta cache (default 8G)")
     p.add_argument("--threadNum", "--thread-num", dest="threads", type=int, default=2, metavar="N",
                    help="worker threads of one merge")
+    p.add_argument("--storage", metavar="registry://HOST[:PORT]/REPO",
+                   help="keep artifacts and tags in an OCI registry shared by several servers "
+                   "(default: only in --root)")
+    p.add_argument("--storage-plain-http", action="store_true", help="talk HTTP to the storage registry")
     p.add_argument("--debug", action="store_true")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return run_daemon(PROG, p, sys.argv[1:] if argv is None else argv, _serve)
@@ -32,5 +36,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:  # type: ignore[no-untyped-def]
     from .app import serve
-    serve(args.root, args.host, args.port, args.cache_size, args.threads)
+    serve(args.root, args.host, args.port, args.cache_size, args.threads, args.storage,
+          args.storage_plain_http)
     return 0

@@ -49,7 +49,9 @@ def check_tag(tag: str) -> str:
 
 
 class Store:
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, backend=None) -> None:  # type: ignore[no-untyped-def]
+        """`backend`: a RegistryBackend shared by replicas; None keeps everything here."""
+        self.backend = backend
         self.root = os.path.abspath(root)
         self.dir = os.path.join(self.root, "artifacts")
         self.tmp = os.path.join(self.root, "tmp")
@@ -62,11 +64,29 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
+        if backend is not None:
+            self.sync()
 
     def path(self, digest: str) -> str:
+        """The artifact's local file (fetched from the shared registry the first time)."""
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise NotFound(f"no artifact {digest!r}")
-        return os.path.join(self.dir, digest + ".cdimg")
+        path = os.path.join(self.dir, digest + ".cdimg")
+        if self.backend is not None and not os.path.exists(path):
+            with self._lock:
+                known = self._db.execute("SELECT 1 FROM artifacts WHERE digest = ?", (digest,)).fetchone()
+            if known:
+                self.backend.fetch(digest, path)
+        return path
+
+    def sync(self) -> None:
+        """Take in what other replicas stored in the shared registry."""
+        artifacts, tags = self.backend.listing()
+        with self._lock:
+            for row in artifacts:
+                self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)", row)
+            for name, image in tags.items():
+                self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (name, image))
 
     def temp_path(self) -> str:
         return os.path.join(self.tmp, uuid.uuid4().hex)
@@ -87,6 +107,8 @@ class Store:
             if info.kind != "cdimg":
                 raise BadInput("upload: not a cdimg (a dimg has no config to run)")
             image, parent = info.image_id.hex(), info.parent_id.hex() if info.parent_id else ""
+            if parent and not self._artifacts_for(parent) and self.backend is not None:
+                self.sync()
             if parent and not self._artifacts_for(parent):
                 raise Conflict(f"upload: a delta of {format_id(info.parent_id or b'')}, which this server "
                                "does not have: push that image first")
@@ -105,8 +127,13 @@ class Store:
             digest = h.hexdigest()
             artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
             with self._lock:
-                if not os.path.exists(self.path(digest)):
-                    os.rename(tmp, self.path(digest))
+                final = os.path.join(self.dir, digest + ".cdimg")
+                if not os.path.exists(final):
+                    os.rename(tmp, final)
+                if self.backend is not None:  # shared first: a replica may answer the next request
+                    self.backend.add_artifact(final, image, parent, digest, artifact.size)
+                    if tag:
+                        self.backend.set_tag(tag, image)
                 self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
                                  (digest, image, parent, artifact.size))
                 if tag:
@@ -133,11 +160,15 @@ class Store:
             return dict(self._db.execute("SELECT name, image FROM tags ORDER BY name").fetchall())
 
     def resolve_tag(self, tag: str) -> str:
-        with self._lock:
-            row = self._db.execute("SELECT image FROM tags WHERE name = ?", (check_tag(tag),)).fetchone()
-        if row is None:
-            raise NotFound(f"unknown tag {tag}")
-        return row[0]
+        for attempt in range(2):
+            with self._lock:
+                row = self._db.execute("SELECT image FROM tags WHERE name = ?", (check_tag(tag),)).fetchone()
+            if row is not None:
+                return row[0]
+            if self.backend is None or attempt:
+                break
+            self.sync()  # another replica may have it
+        raise NotFound(f"unknown tag {tag}")
 
     def cheapest(self, target: str, have: set[str]) -> list[Artifact]:
         """The artifacts (lowest first) that take a client holding `have` to
