@@ -204,3 +204,16 @@ def test_replicas_share_a_registry_store(stack, images, tmp_path) -> None:  # ty
         a.stop()
         b.stop()
         reg.stop()
+
+
+def test_a_slow_client_blocks_no_one(server, stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    push_chain(server, stack)
+    host, port = server.host.split(":")
+    slow = socket.create_connection((host, int(port)))
+    try:
+        slow.sendall(b"POST /v1/push HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+        code, _, err = pull(server.host, "d4c-app:4", str(tmp_path / "4.cdimg"), stack[0])  # meanwhile
+        assert code == 0, err
+    finally:
+        slow.close()
