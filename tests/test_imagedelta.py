@@ -334,3 +334,36 @@ def test_flipped_bytes_never_escape(tmp_path) -> None:  # type: ignore[no-untype
         assert_one_line_error(code, err)
         assert code in (3, 4), err
         assert not os.path.exists(out)
+
+
+def test_stat(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    binary, files = str(tmp_path / "b.cdimg"), str(tmp_path / "f.cdimg")
+    diff(images[0], images[1], binary)
+    diff(images[0], images[1], files, "--mode", "file-diff")
+    code, out, err = run_cli("stat", "diff", "--cdimg", binary, "--baseCdimg", images[0], "--json", "--top", "2")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["fileSize"] == os.path.getsize(binary)
+    assert doc["kinds"]["delta"]["files"] == 3 and doc["kinds"]["parent"]["storedSize"] == 0
+    assert sum(k["storedSize"] for k in doc["kinds"].values()) == doc["bodySize"]
+    assert len(doc["top"]) == 2 and doc["top"][0]["stored"] >= doc["top"][1]["stored"] > 0
+    code, out, err = run_cli("stat", "diff", "--cdimg", binary, "--baseCdimg", images[0])
+    assert code == 0 and "largest stored files" in out and "whole delta" in out
+    code, out, err = run_cli("stat", "compare", "--fileDimg", files, "--binaryDimg", binary,
+                             "--baseCdimg", images[0], "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    tool = next(r for r in doc["files"] if r["path"] == "/bin/tool")
+    assert tool["kindA"] == "frame" and tool["kindB"] == "delta" and tool["storedB"] < tool["storedA"]
+    assert doc["fileSizeB"] < doc["fileSizeA"]
+    code, _, err = run_cli("stat", "compare", "--fileDimg", files, "--binaryDimg", images[1],
+                           "--baseCdimg", images[0])
+    assert_one_line_error(code, err)
+    png = str(tmp_path / "s.png")
+    code, _, err = run_cli("stat", "diff", "--cdimg", binary, "--baseCdimg", images[0], "--plot", png, "-q")
+    try:
+        import matplotlib  # noqa: F401
+        assert code == 0 and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert_one_line_error(code, err)
+        assert "matplotlib" in err and not os.path.exists(png)

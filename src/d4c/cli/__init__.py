@@ -17,12 +17,12 @@ import traceback
 from .. import errors
 from ..progress import set_quiet
 from . import (convert_cmd, diff_cmd, load_cmd, merge_cmd, mount_cmd, pack_cmd, patch_cmd, pull_cmd,
-               push_cmd, show_cmd, unpack_cmd, util_cmd, version_cmd)
+               push_cmd, show_cmd, stat_cmd, unpack_cmd, util_cmd, version_cmd)
 from ._common import ArgumentParser, common_parser, finish_args
 
 PROG = "ctr-cli"
 COMMANDS = (version_cmd, convert_cmd, pack_cmd, unpack_cmd, show_cmd, diff_cmd, patch_cmd, merge_cmd,
-            mount_cmd, load_cmd, push_cmd, pull_cmd, util_cmd)
+            mount_cmd, load_cmd, push_cmd, pull_cmd, stat_cmd, util_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
