@@ -11,7 +11,7 @@ APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
 KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx
 BINARIES := ctr-cli snapshotter server
 
-.PHONY: deps apt venv ext proto test all bench demo clean
+.PHONY: deps apt venv ext proto test all dist bench demo clean
 
 deps: apt venv ext
 
@@ -45,8 +45,8 @@ $(PROTO_STAMP): $(PROTOS) | $(VENV)/.stamp
 	$(PY) -m grpc_tools.protoc -I src --python_out=src --grpc_python_out=src $(PROTOS)
 	touch $@
 
-test: deps all
-	CI=$(CI) D4C_BINARIES=$(CURDIR) $(PY) -m pytest -q tests
+test: deps all dist
+	CI=$(CI) D4C_BINARIES=$(CURDIR) D4C_DIST=$(CURDIR)/$(DIST) $(PY) -m pytest -q tests
 
 all: deps $(BINARIES)
 
@@ -54,6 +54,16 @@ $(BINARIES) &: build/pyinstaller.spec $(shell find src -name '*.py' -o -name '*.
 	$(VENV)/bin/pyinstaller -y --clean --log-level WARN --workpath build/pyinstaller \
 	  --distpath dist build/pyinstaller.spec
 	cp dist/ctr-cli dist/snapshotter dist/server .
+
+# the offline edge bundle: binaries, install script, systemd units, INSTALL
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/d4c/__init__.py)
+DIST := d4c-$(VERSION)-linux-x86_64.tar.gz
+dist: $(DIST)
+$(DIST): $(BINARIES) install_snapshotter.sh packaging/INSTALL $(wildcard systemd/*.service)
+	rm -rf build/dist && mkdir -p build/dist/d4c-$(VERSION)/systemd
+	cp $(BINARIES) install_snapshotter.sh packaging/INSTALL build/dist/d4c-$(VERSION)/
+	cp systemd/*.service build/dist/d4c-$(VERSION)/systemd/
+	tar -C build/dist --owner=0 --group=0 --sort=name -czf $@.tmp d4c-$(VERSION) && mv $@.tmp $@
 
 bench: deps
 	$(PIP) install -q -r requirements-bench.txt
@@ -63,6 +73,6 @@ demo: all
 	bash demo/demo.sh
 
 clean:
-	rm -rf build/lib.* build/temp.* build/cython build/pyinstaller dist $(BINARIES)
+	rm -rf build/lib.* build/temp.* build/cython build/pyinstaller build/dist dist $(BINARIES) d4c-*-linux-*.tar.gz
 	rm -f src/d4c/*.so
 	find src tests -name __pycache__ -type d -prune -exec rm -rf {} +

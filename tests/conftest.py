@@ -28,7 +28,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
-        if key.startswith("D4C_") and key not in ("D4C_PUREPYTHON", "D4C_BINARIES"):
+        if key.startswith("D4C_") and key not in ("D4C_PUREPYTHON", "D4C_BINARIES", "D4C_DIST"):
             monkeypatch.delenv(key)
 
 

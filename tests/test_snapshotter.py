@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 
@@ -303,3 +304,74 @@ def test_readme_push_pull_run(daemons, chain, tmp_path) -> None:  # type: ignore
         assert run(ctrd, "d4c-bb:4", f"pulled-{ctrd.namespace}") == "v4\n"
     finally:
         srv.stop()
+
+
+def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`make dist`'s tarball, unpacked into a clean directory, runs convert -> diff
+    -> server -> push -> pull -> load -> ctr run with no Python on PATH."""
+    import subprocess
+    import tarfile
+    bundle = os.environ.get("D4C_DIST", "")
+    need(bool(bundle) and os.path.exists(bundle), "no d4c-*.tar.gz bundle (run `make dist`)")
+    need(IS_ROOT, "containerd, runc and FUSE mounts need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    need(os.path.exists(BUSYBOX), "busybox-static is not installed")
+    with tarfile.open(bundle) as tf:
+        tf.extractall(tmp_path / "unpacked", filter="data")
+    [top] = os.listdir(tmp_path / "unpacked")
+    d = str(tmp_path / "unpacked" / top)
+    assert sorted(os.listdir(d)) == ["INSTALL", "ctr-cli", "install_snapshotter.sh", "server", "snapshotter",
+                                     "systemd"]
+    # a PATH with the system tools the programs call, and no python
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("ctr", "fusermount3", "mount", "umount"):
+        found = shutil.which(tool)
+        assert found, tool
+        os.symlink(found, bindir / tool)
+    env = {"PATH": str(bindir)}
+
+    def cli(*args: str) -> str:
+        p = subprocess.run([os.path.join(d, "ctr-cli"), *args], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    lay = Layout(str(tmp_path / "layout"))
+    versions = busybox_versions()
+    for n in (1, 2):
+        lay.tag(lay.image([(m, "gzip") for m in versions[n - 1]], config_extra={
+            "config": {"Cmd": ["/bin/cat", "/etc/version"], "Env": ["PATH=/bin"]}}), f"v{n}")
+    lay.save()
+    images = str(tmp_path / "images")
+    for n in (1, 2):
+        cli("convert", "--image", f"oci:{lay.path}:v{n}", "--output", f"{images}/v{n}", "--cdimg", "-q")
+    cli("cdimg", "diff", "--oldCdimg", f"{images}/v1/image.cdimg", "--newCdimg", f"{images}/v2/image.cdimg",
+        "--outCdimg", f"{images}/diff_1-2.cdimg", "-q")
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    snap = Snapshotterd(base, os.path.join(d, "snapshotter"))
+    ctrd = Containerd(base, snap.socket)
+    from daemons import Server
+    srv = Server(base, os.path.join(d, "server"))
+    snap.start()
+    ctrd.start()
+    srv.start()
+    try:
+        cli("push", "--cdimg", f"{images}/v1/image.cdimg", "--imageTag", "bundle:1", "--serverHost", srv.host, "-q")
+        cli("push", "--cdimg", f"{images}/diff_1-2.cdimg", "--imageTag", "bundle:2", "--serverHost", srv.host, "-q")
+        common = ["--host", srv.host, "--address", ctrd.socket, "--namespace", ctrd.namespace,
+                  "--snapshotter-root", snap.root, "-q"]
+        cli("pull", "--image", "bundle:1", *common)
+        cli("pull", "--image", "bundle:2", *common)
+        assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
+    finally:
+        for c in ctrd.ctr("containers", "ls", "-q", check=False).stdout.split():
+            ctrd.ctr("containers", "delete", c, check=False)
+        srv.stop()
+        ctrd.stop()
+        snap.stop()
+        unmount_below(base)
+        for pid in fuse_server_pids(base):
+            os.kill(pid, signal.SIGKILL)
+        unmount_below(base)
