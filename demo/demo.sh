@@ -1,32 +1,108 @@
 #!/usr/bin/env bash
-# A walk through what d4c does today: build a small image, convert it, look inside,
-# unpack it and run a program from it.  Needs root (make installs umoci/busybox).
+# The original README's workflow with our binaries, end to end, on this machine:
+# two versions of an image -> convert -> cdimg diff -> push to a server -> pull
+# (into a private containerd through the di3fs snapshotter) -> ctr run.
+# Needs root; `make demo` installs what it needs first.  Everything it starts
+# (containerd, snapshotter, server, FUSE mounts) is stopped on exit or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+BIN=$PWD
 work=$(mktemp -d /tmp/d4c-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+pids=()
+ns="d4c-demo-$$"
+
+cleanup() {
+  set +e
+  if [ -S "$work/run/containerd.sock" ]; then
+    for c in $(ctr -a "$work/run/containerd.sock" -n "$ns" containers ls -q 2>/dev/null); do
+      ctr -a "$work/run/containerd.sock" -n "$ns" tasks kill -s KILL "$c" >/dev/null 2>&1
+      ctr -a "$work/run/containerd.sock" -n "$ns" containers delete "$c" >/dev/null 2>&1
+    done
+  fi
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  # FUSE servers of the image mounts, then every mount below the work dir
+  pkill -f -- "--ready-fd .*$work" 2>/dev/null
+  grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+[ "$(id -u)" = 0 ] || { echo "demo: run as root (containerd, FUSE and overlay mounts)"; exit 1; }
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+declare -A took
+timed() {  # timed NAME command...
+  local name=$1; shift
+  local t0; t0=$(date +%s.%N)
+  "$@"
+  took[$name]=$(echo "$(date +%s.%N) - $t0" | bc)
+}
+wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "demo: $2 did not start"; exit 1; }
 
-step "build an OCI image (busybox-static, two layers) with umoci"
+step "two versions of an image (busybox-static; v2 changes a file and a 'library'), built with umoci"
+echo "(the Debian nginx pair of the benchmark needs debootstrap and the archive: see bench/image_bench.py)"
 umoci init --layout "$work/layout" >/dev/null
-umoci new --image "$work/layout:v1" >/dev/null
-umoci unpack --image "$work/layout:v1" "$work/bundle" >/dev/null
-mkdir -p "$work/bundle/rootfs/bin" "$work/bundle/rootfs/etc"
-cp /bin/busybox "$work/bundle/rootfs/bin/"
-for a in sh ls cat echo; do ln -s busybox "$work/bundle/rootfs/bin/$a"; done
-echo "hello from d4c" > "$work/bundle/rootfs/etc/motd"
-umoci repack --image "$work/layout:v1" "$work/bundle" >/dev/null
-umoci config --image "$work/layout:v1" --config.cmd /bin/sh >/dev/null
+for v in 1 2; do
+  umoci new --image "$work/layout:v$v" >/dev/null
+  umoci unpack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
+  mkdir -p "$work/bundle$v/rootfs/bin" "$work/bundle$v/rootfs/etc" "$work/bundle$v/rootfs/lib"
+  cp /bin/busybox "$work/bundle$v/rootfs/bin/"
+  for a in sh ls cat echo; do ln -sf busybox "$work/bundle$v/rootfs/bin/$a"; done
+  echo "hello from d4c, version $v" > "$work/bundle$v/rootfs/etc/motd"
+  head -c 3000000 /bin/busybox > "$work/bundle$v/rootfs/lib/libdemo.so"
+  [ "$v" = 2 ] && printf 'patched' | dd of="$work/bundle$v/rootfs/lib/libdemo.so" bs=1 seek=100000 conv=notrunc 2>/dev/null
+  umoci repack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
+  umoci config --image "$work/layout:v$v" --config.cmd /bin/cat --config.cmd /etc/motd >/dev/null
+done
 
-step "convert it into a single-file cdimg"
-./ctr-cli convert --image "oci:$work/layout:v1" --output "$work/images/v1" --cdimg
-ls -l "$work/images/v1"
+step "convert both into cdimgs"
+for v in 1 2; do
+  timed "convert v$v" "$BIN/ctr-cli" convert --image "oci:$work/layout:v$v" --output "$work/images/v$v" --cdimg -q
+done
+step "cdimg diff v1 -> v2"
+timed "cdimg diff" "$BIN/ctr-cli" cdimg diff --oldCdimg "$work/images/v1/image.cdimg" \
+  --newCdimg "$work/images/v2/image.cdimg" --outCdimg "$work/images/diff_1-2.cdimg" --threadNum 2
 
-step "what the cdimg holds"
-./ctr-cli cdimg show --cdimg "$work/images/v1/image.cdimg"
+step "a private containerd, the di3fs snapshotter and the update server"
+mkdir -p "$work/run"
+cat > "$work/containerd.toml" <<EOF
+version = 2
+root = "$work/containerd-root"
+state = "$work/containerd-state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/run/containerd.sock"
+[proxy_plugins.di3fs]
+  type = "snapshot"
+  address = "$work/run/di3fs.sock"
+EOF
+"$BIN/snapshotter" --address "$work/run/di3fs.sock" --root "$work/di3fs" 2>"$work/snapshotter.log" & pids+=($!)
+containerd --config "$work/containerd.toml" >"$work/containerd.log" 2>&1 & pids+=($!)
+port=$((20000 + $$ % 20000))
+"$BIN/server" --port "$port" --root "$work/server" 2>"$work/server.log" & pids+=($!)
+wait_for "$work/run/di3fs.sock" snapshotter
+wait_for "$work/run/containerd.sock" containerd
+for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+echo "containerd, snapshotter and server are up (logs in $work)"
 
-step "unpack it and run a program from it"
-./ctr-cli unpack --cdimg "$work/images/v1/image.cdimg" --out "$work/rootfs"
-chroot "$work/rootfs" /bin/cat /etc/motd
-echo
-echo "(deltas, FUSE mounts, the snapshotter and the server arrive with issues [2/8]..[7/8])"
+step "push the base and the delta"
+timed "push v1" "$BIN/ctr-cli" push --cdimg "$work/images/v1/image.cdimg" --imageTag d4c-demo:1 --serverHost "127.0.0.1:$port"
+timed "push delta" "$BIN/ctr-cli" push --cdimg "$work/images/diff_1-2.cdimg" --imageTag d4c-demo:2 --serverHost "127.0.0.1:$port"
+
+step "pull 1, then 2: only the delta travels"
+common=(--host "127.0.0.1:$port" --address "$work/run/containerd.sock" --namespace "$ns" --snapshotter-root "$work/di3fs")
+timed "pull 1" "$BIN/ctr-cli" pull --image d4c-demo:1 "${common[@]}"
+timed "pull 2" "$BIN/ctr-cli" pull --image d4c-demo:2 "${common[@]}"
+
+step "ctr run the new version"
+timed "ctr run" ctr -a "$work/run/containerd.sock" -n "$ns" run --rm --snapshotter di3fs d4c-demo:2 demo-run
+
+step "sizes and times"
+full=$(stat -c %s "$work/images/v2/image.cdimg")
+delta=$(stat -c %s "$work/images/diff_1-2.cdimg")
+printf '%-28s %12s\n' "full v2 image (cdimg)" "$full bytes" "delta v1 -> v2" "$delta bytes"
+printf '%-28s %10.3f%%\n' "delta / full" "$(echo "100 * $delta / $full" | bc -l)"
+for k in "convert v1" "convert v2" "cdimg diff" "push v1" "push delta" "pull 1" "pull 2" "ctr run"; do
+  printf '%-28s %10.2f s\n' "$k" "${took[$k]}"
+done
