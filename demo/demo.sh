@@ -36,7 +36,7 @@ timed() {  # timed NAME command...
   local name=$1; shift
   local t0; t0=$(date +%s.%N)
   "$@"
-  took[$name]=$(echo "$(date +%s.%N) - $t0" | bc)
+  took[$name]=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
 }
 wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "demo: $2 did not start"; exit 1; }
 
@@ -102,7 +102,7 @@ step "sizes and times"
 full=$(stat -c %s "$work/images/v2/image.cdimg")
 delta=$(stat -c %s "$work/images/diff_1-2.cdimg")
 printf '%-28s %12s\n' "full v2 image (cdimg)" "$full bytes" "delta v1 -> v2" "$delta bytes"
-printf '%-28s %10.3f%%\n' "delta / full" "$(echo "100 * $delta / $full" | bc -l)"
+printf '%-28s %10.3f%%\n' "delta / full" "$(awk -v d="$delta" -v f="$full" 'BEGIN { print 100 * d / f }')"
 for k in "convert v1" "convert v2" "cdimg diff" "push v1" "push delta" "pull 1" "pull 2" "ctr run"; do
   printf '%-28s %10.2f s\n' "$k" "${took[$k]}"
 done
