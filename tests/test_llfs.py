@@ -118,7 +118,7 @@ def test_cache_refuses_wrong_bodies(tmp_path) -> None:  # type: ignore[no-untype
     cache = BodyCache(str(tmp_path / "c"), 1 << 20)
     from d4c.errors import CorruptImage
     with pytest.raises(CorruptImage):
-        cache.open(b"\1" * 32, 5, lambda: b"hello")
+        cache.open(b"\1" * 32, 6, lambda: b"hello")
     assert os.listdir(tmp_path / "c") == []
 
 

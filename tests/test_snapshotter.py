@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -57,7 +58,15 @@ def daemons(tmp_path):  # type: ignore[no-untyped-def]
     os.makedirs(os.path.join(base, "run"))
     # the shipped binary when it is built (its FUSE servers are the binary re-executed)
     binary = os.path.join(os.environ.get("D4C_BINARIES", ""), "snapshotter")
-    snap = Snapshotterd(base, binary if os.environ.get("D4C_BINARIES") and os.access(binary, os.X_OK) else None)
+    with running(base, binary if os.environ.get("D4C_BINARIES") and os.access(binary, os.X_OK) else None) as both:
+        yield both
+
+
+@contextlib.contextmanager
+def running(base: str, snapshotter_binary: str | None):  # type: ignore[no-untyped-def]
+    """A snapshotter and a containerd using it, under `base`; afterwards no
+    container, daemon, FUSE server or mount is left."""
+    snap = Snapshotterd(base, snapshotter_binary)
     ctrd = Containerd(base, snap.socket)
     snap.start()
     ctrd.start()
@@ -350,28 +359,19 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
         "--outCdimg", f"{images}/diff_1-2.cdimg", "-q")
     base = str(tmp_path / "d")
     os.makedirs(os.path.join(base, "run"))
-    snap = Snapshotterd(base, os.path.join(d, "snapshotter"))
-    ctrd = Containerd(base, snap.socket)
     from daemons import Server
     srv = Server(base, os.path.join(d, "server"))
-    snap.start()
-    ctrd.start()
-    srv.start()
-    try:
-        cli("push", "--cdimg", f"{images}/v1/image.cdimg", "--imageTag", "bundle:1", "--serverHost", srv.host, "-q")
-        cli("push", "--cdimg", f"{images}/diff_1-2.cdimg", "--imageTag", "bundle:2", "--serverHost", srv.host, "-q")
-        common = ["--host", srv.host, "--address", ctrd.socket, "--namespace", ctrd.namespace,
-                  "--snapshotter-root", snap.root, "-q"]
-        cli("pull", "--image", "bundle:1", *common)
-        cli("pull", "--image", "bundle:2", *common)
-        assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
-    finally:
-        for c in ctrd.ctr("containers", "ls", "-q", check=False).stdout.split():
-            ctrd.ctr("containers", "delete", c, check=False)
-        srv.stop()
-        ctrd.stop()
-        snap.stop()
-        unmount_below(base)
-        for pid in fuse_server_pids(base):
-            os.kill(pid, signal.SIGKILL)
-        unmount_below(base)
+    with running(base, os.path.join(d, "snapshotter")) as (ctrd, snap):
+        srv.start()
+        try:
+            cli("push", "--cdimg", f"{images}/v1/image.cdimg", "--imageTag", "bundle:1", "--serverHost", srv.host,
+                "-q")
+            cli("push", "--cdimg", f"{images}/diff_1-2.cdimg", "--imageTag", "bundle:2", "--serverHost", srv.host,
+                "-q")
+            common = ["--host", srv.host, "--address", ctrd.socket, "--namespace", ctrd.namespace,
+                      "--snapshotter-root", snap.root, "-q"]
+            cli("pull", "--image", "bundle:1", *common)
+            cli("pull", "--image", "bundle:2", *common)
+            assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
+        finally:
+            srv.stop()

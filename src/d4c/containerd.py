@@ -115,8 +115,8 @@ class Containerd:
             err = self.error(exc, f"write blob {digest}")
             if not isinstance(err, AlreadyExists):
                 raise err from None
-        if labels:  # an existing blob, or a containerd that ignores commit labels
-            self.label_blob(digest, labels)
+            if labels:  # the blob was there already: its labels are not ours yet
+                self.label_blob(digest, labels)
         return digest
 
     def open_blob(self, digest: str) -> "_ContentReader":

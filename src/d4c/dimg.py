@@ -132,21 +132,17 @@ def decode_header(data: bytes, source: str, body_size: int,
     dirs: set[bytes] = set()
     prev: bytes | None = None
     # the loop below runs once per entry of images with 10^4..10^6 entries: fields
-    # are read with a local position (one-byte varints inline, longer ones by
-    # _uv_at); the cursor does the rare parts (xattrs, symlink targets)
+    # are read with a local position and _uv_at (no method lookups); the cursor
+    # does the rare parts (xattrs, symlink targets)
     buf = bytes(data)
     end = len(buf)
     uv_at = _uv_at
     pos = cur.pos
     try:
         for index in range(count):
-            n = buf[pos]
-            if n < 0x80:
-                pos += 1
-            else:
-                n, pos = uv_at(buf, pos, fail)
-                if n > MAX_PATH:
-                    fail(f"length {n} exceeds limit {MAX_PATH}")
+            n, pos = uv_at(buf, pos, fail)
+            if n > MAX_PATH:
+                fail(f"length {n} exceeds limit {MAX_PATH}")
             if pos + n > end:
                 fail("truncated")
             path = buf[pos:pos + n]
@@ -171,11 +167,7 @@ def decode_header(data: bytes, source: str, body_size: int,
                 if (path[:cut] if cut >= 0 else b"") not in dirs:
                     fail(f"entry {path!r}: parent is not a directory in the image")
             if etype == EntryType.HARDLINK:
-                link = buf[pos]
-                if link < 0x80:
-                    pos += 1
-                else:
-                    link, pos = uv_at(buf, pos, fail)
+                link, pos = uv_at(buf, pos, fail)
                 if index == 0 or link >= index or entries[link].type not in LINKABLE:
                     fail(f"entry {path!r}: hard link to a non-linkable or later entry")
                 e.link = link
@@ -185,26 +177,14 @@ def decode_header(data: bytes, source: str, body_size: int,
                 entries.append(e)
                 continue
             mode, pos = uv_at(buf, pos, fail)
-            uid = buf[pos]
-            if uid < 0x80:
-                pos += 1
-            else:
-                uid, pos = uv_at(buf, pos, fail)
-            gid = buf[pos]
-            if gid < 0x80:
-                pos += 1
-            else:
-                gid, pos = uv_at(buf, pos, fail)
+            uid, pos = uv_at(buf, pos, fail)
+            gid, pos = uv_at(buf, pos, fail)
             if mode > 0o7777 or uid > _MAX_ID or gid > _MAX_ID:
                 fail(f"entry {path!r}: mode or owner out of range")
             e.mode, e.uid, e.gid = mode, uid, gid
             z, pos = uv_at(buf, pos, fail)
             e.mtime_ns = (z >> 1) if not z & 1 else -((z + 1) >> 1)
-            nx = buf[pos]
-            if nx < 0x80:
-                pos += 1
-            else:
-                nx, pos = uv_at(buf, pos, fail)
+            nx, pos = uv_at(buf, pos, fail)
             if nx:
                 if nx > (end - pos) // 2:
                     fail(f"value {nx} out of range")
@@ -220,11 +200,9 @@ def decode_header(data: bytes, source: str, body_size: int,
                     xattrs[name] = value
                 pos = cur.pos
             if etype == EntryType.FILE:
-                size = buf[pos]
-                if size < 0x80:
-                    pos += 1
-                else:
-                    size, pos = uv_at(buf, pos, fail)
+                size, pos = uv_at(buf, pos, fail)
+                if size > MAX_FILE_SIZE:
+                    fail(f"value {size} out of range")
                 if pos + 32 > end:
                     fail("truncated")
                 e.size = size

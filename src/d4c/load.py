@@ -92,11 +92,6 @@ def _snapshot_exists(ctrd: Containerd, name: str) -> bool:
         return ctrd.snapshot_exists(SNAPSHOTTER, name)
     except Unavailable as exc:
         raise _snapshotter_down(exc) from None
-    except D4CError as exc:
-        if "snapshotter" in str(exc) and "not" in str(exc):
-            raise Unavailable(f"containerd has no {SNAPSHOTTER} snapshotter: {exc} "
-                              "(see install_snapshotter.sh)") from None
-        raise
 
 
 def _snapshotter_down(exc: D4CError) -> D4CError:

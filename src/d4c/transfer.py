@@ -84,7 +84,10 @@ class Client:
             conn.close()
         if resp.status != 201:
             raise self._error(resp.status, body, f"push {path}")
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise BadInput(f"server: push {path}: the answer is not JSON (is this a d4c server?)") from None
 
     def download(self, url: str, digest: str, size: int, out_path: str) -> int:
         """Fetch `url` into `out_path` (atomically), resuming after drops; returns

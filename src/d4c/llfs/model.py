@@ -11,7 +11,6 @@ digest, and kept in a bounded on-disk cache (never in RAM).
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import queue
 import tempfile
@@ -149,8 +148,10 @@ class BodyCache:
         return os.path.join(self.dir, digest.hex())
 
     def open(self, digest: bytes, size: int, build) -> int:  # type: ignore[no-untyped-def]
-        """An fd of the cached body; `build()` makes it (bytes) on a miss.
-        Concurrent first reads of one body build it once."""
+        """An fd of the cached body; `build()` makes it on a miss and must return
+        content already checked against `digest` (Image.read_body does: the
+        delta engine checks the result's sha256).  Concurrent first reads of one
+        body build it once."""
         with self._lock:
             lock = self._building.setdefault(digest, threading.Lock())
         with lock:
@@ -158,8 +159,8 @@ class BodyCache:
             if fd >= 0:
                 return fd
             data = build()
-            if len(data) != size or hashlib.sha256(data).digest() != digest:
-                raise CorruptImage("stack", "rebuilt body does not match its digest")
+            if len(data) != size:  # the digest was checked by build(); a wrong size means a wrong caller
+                raise CorruptImage("stack", f"rebuilt body has {len(data)} bytes, expected {size}")
             tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
             try:
                 with tmp:

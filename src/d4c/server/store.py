@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 
 from ..dimg import format_id, read_info
-from ..errors import BadInput, Conflict, D4CError, NotFound, UsageError
+from ..errors import BadInput, Conflict, NotFound, UsageError
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
 
@@ -113,9 +113,8 @@ class Store:
                 raise Conflict(f"upload: a delta of {format_id(info.parent_id or b'')}, which this server "
                                "does not have: push that image first")
             # the whole header, read against its parent's tree (ids, entries)
-            stack = open_stack([tmp], None) if not parent else open_stack(
-                [self.path(a.digest) for a in self.chain_to(parent)][1:] + [tmp],
-                self.path(self.chain_to(parent)[0].digest))
+            below = [self.path(a.digest) for a in self.chain_to(parent)] if parent else []
+            stack = open_stack(below[1:] + [tmp], below[0] if below else None)
             try:
                 stack[-1].entries
             finally:
@@ -206,6 +205,3 @@ class Store:
     def close(self) -> None:
         self._db.close()
 
-
-def describe(exc: D4CError) -> str:
-    return str(exc)
