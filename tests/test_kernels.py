@@ -126,3 +126,57 @@ def test_suffix_array_parity(dtype) -> None:  # type: ignore[no-untyped-def]
         got = np.full(len(text) + 1, -7, dtype=dtype)
         assert kernels.suffix_array(text, got) == 0
         assert np.array_equal(got, want), text[:40]
+
+
+def _tree_table() -> bytes:
+    """Every entry type, xattrs, a pre-1970 mtime, the largest ids and sizes."""
+    from d4c.dimg import encode_tree
+    from d4c.tree import Entry, EntryType as T
+    digest = hashlib.sha256(b"x").digest()
+    entries = [Entry(b"", T.DIR, mode=0o755),
+               Entry(b"a", T.FILE, mode=0o4755, uid=2**32 - 1, gid=7, mtime_ns=-5, size=(1 << 63) - 1,
+                     digest=digest, xattrs={b"security.capability": b"\x01" * 20, b"user.z": b""}),
+               Entry(b"a.link", T.HARDLINK, link=1),
+               Entry(b"dev", T.DIR, mtime_ns=1_700_000_000_123_456_789),
+               Entry(b"dev/null", T.CHARDEV, mode=0o666, rdev=(1, 3)),
+               Entry(b"dev/sda", T.BLOCKDEV, rdev=(2**32 - 1, 0)),
+               Entry(b"dev/zz", T.FIFO),
+               Entry(b"etc", T.DIR),
+               Entry(b"etc/..hidden", T.FILE, size=3, digest=digest),
+               Entry(b"etc/l", T.SYMLINK, mode=0o777, target=b"../a" * 100)]
+    return encode_tree(entries)
+
+
+def _scan(module, table: bytes):  # type: ignore[no-untyped-def]
+    from d4c.codec import Cursor
+    from d4c.tree import MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE
+    cur = Cursor(table, lambda reason: None)
+    count = cur.uvarint()
+    rows, end, err, at, value = module.scan_tree(table, cur.pos, min(count, len(table)), MAX_PATH, MAX_NAME,
+                                                  MAX_XATTR_NAME, MAX_XATTR_VALUE, MAX_SYMLINK)
+    return rows.tolist(), end, err, at, value
+
+
+def test_tree_scan_parity() -> None:
+    """Same rows and the same first error for a valid table and 3,000 damaged ones
+    (flipped bytes, truncations, huge varints)."""
+    from d4c import _tables_py
+    fast = compiled("_tables")
+    table = _tree_table()
+    good = _scan(fast, table)
+    assert good == _scan(_tables_py, table) and good[2] == 0 and good[1] == len(table)
+    rng = random.Random(5)
+    errors = set()
+    for trial in range(3000):
+        bad = bytearray(table)
+        if trial % 3 == 0:
+            bad = bad[:rng.randrange(1, len(bad))]
+        elif trial % 3 == 1:
+            bad[rng.randrange(1, len(bad))] = rng.choice([0x00, 0x01, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        else:
+            at = rng.randrange(1, len(bad))
+            bad[at:at] = b"\xff" * rng.randrange(1, 11) + bytes([rng.randrange(3)])
+        result = _scan(fast, bytes(bad))
+        assert result == _scan(_tables_py, bytes(bad)), trial
+        errors.add(result[2])
+    assert len(errors) >= 8, errors  # the damage reached most checks, not one

@@ -304,9 +304,10 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
     resolver = _Resolver(stack)
     progress = Progress("merging", total_items=len(todo))
     with BodySpool(level=level) as spool, progress:
-        def one(i: int) -> None:
+        def copy(i: int, o: _Origin) -> bool:
+            """Frames and chains are copied as stored (a few preads: no thread
+            pays off); False for what must be rebuilt."""
             e = entries[i]
-            o = resolver.origin(len(stack) - 1, top.entries[i])
             if o.kind == "frame":
                 assert o.image is not None and o.entry is not None
                 spool.add_raw(e.digest, os.pread(o.image.fd, o.entry.body_length,
@@ -319,22 +320,30 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
                     spool.add_raw(key, image.read_delta_payload(step))
                     e.delta_steps.append(DeltaStep(step.method, step.length, step.size, step.digest, key=key))
             else:
-                content = top.read_body(top.entries[i])
-                if o.kind == "chain":  # rediff
-                    made = delta.diff(base.read_body(base.entries[o.source]), content, threads=1)
-                    method, payload = delta.payload_of(made)
-                    if method != delta.METHOD_WHOLE:
-                        spool.add_raw((e.digest, 0), payload)
-                        e.storage, e.delta_source = Storage.DELTA, o.source
-                        e.delta_steps = [DeltaStep(method, len(payload), e.size, e.digest or b"",
-                                                   key=(e.digest, 0))]
-                        progress.advance(0, 1)
-                        return
-                _add_content(spool, content, e.display())
-                e.storage = Storage.FRAME
+                return False
+            progress.advance(0, 1)
+            return True
+
+        def rebuild(item: tuple[int, _Origin]) -> None:
+            i, o = item
+            e = entries[i]
+            content = top.read_body(top.entries[i])
+            if o.kind == "chain":  # rediff
+                made = delta.diff(base.read_body(base.entries[o.source]), content, threads=1)
+                method, payload = delta.payload_of(made)
+                if method != delta.METHOD_WHOLE:
+                    spool.add_raw((e.digest, 0), payload)
+                    e.storage, e.delta_source = Storage.DELTA, o.source
+                    e.delta_steps = [DeltaStep(method, len(payload), e.size, e.digest or b"",
+                                               key=(e.digest, 0))]
+                    progress.advance(0, 1)
+                    return
+            _add_content(spool, content, e.display())
+            e.storage = Storage.FRAME
             progress.advance(0, 1)
 
-        run_parallel(one, todo, threads)
+        origins = [(i, resolver.origin(len(stack) - 1, top.entries[i])) for i in todo]
+        run_parallel(rebuild, [(i, o) for i, o in origins if not copy(i, o)], threads)
         _write_delta(entries, base, spool, top.info.image_id, out_path, config_bytes, top.tree_table)
     return decisions(entries, base)
 
