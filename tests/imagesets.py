@@ -27,6 +27,9 @@ LIBFOO = noise(80_000, 2)
 MOVED = noise(40_000, 3)
 DUP = noise(20_000, 4)
 NEWFILE = noise(12_000, 5)
+# over bodies.FRAME_CHUNK: stored as several zstd frames (in the base, and new in a delta)
+BIG = noise(200_000, 6) * 12
+BIG_NEW = noise(150_000, 7) * 10
 STATUS = "".join(f"Package: pkg{i}\nStatus: install ok installed\nVersion: 1.{i}\n\n"
                  for i in range(600)).encode()
 
@@ -34,7 +37,7 @@ BASE = [
     M("./", "dir", mtime=1000),
     M("etc/", "dir"), M("etc/status", data=STATUS), M("etc/conf", data=b"conf=1\n"),
     M("bin/", "dir"), M("bin/tool", data=TOOL, mode=0o755), M("bin/hl", "hardlink", link="bin/tool"),
-    M("lib/", "dir"), M("lib/libfoo.so.1.2", data=LIBFOO),
+    M("lib/", "dir"), M("lib/libfoo.so.1.2", data=LIBFOO), M("lib/libbig.so", data=BIG),
     M("data/", "dir"), M("data/moved", data=MOVED),
     M("share/", "dir"), M("share/dup", data=DUP),
     M("typechg_file", data=b"a file that becomes a directory"),
@@ -70,6 +73,7 @@ UPDATE3 = [
     M("etc/status", data=STATUS.replace(b"Version: 1.300\n", b"Version: 1.300+b1\n")),
     M("newfile", data=edit(NEWFILE, 21)),  # a file the base never had, changed again
     M(".wh.newdir"),
+    M("lib/libnew.so", data=BIG_NEW),
 ]
 UPDATE4 = [
     M("bin/tool", data=edit(edit(edit(TOOL, 10), 20), 30), mode=0o755),

@@ -89,9 +89,9 @@ def test_absurd_lengths(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # an xattr value of 1 GiB
     bad = tree((b"a", 2, {"xattrs": []}))[:-1] + uv(1) + blob(b"user.x") + uv(1 << 30)
     expect_corrupt(tmp_path, dimg(bad), "limit")
-    # a file bigger than its frame says (decompression stops at the recorded size)
+    # a frame holding more than the file's recorded size (never decompressed beyond it)
     big = tree((b"a", 1, {"extra": file_extra(3, SHA_HELLO)}))
-    expect_corrupt(tmp_path, dimg(big, store, frame(b"hello")), "larger than its recorded size")
+    expect_corrupt(tmp_path, dimg(big, store, frame(b"hello")), "declares 5 bytes, expected 3")
 
 
 @pytest.mark.parametrize("name,reason", [
@@ -133,7 +133,10 @@ def test_body_bombs_and_lies(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # a frame that expands to 64 MiB for a file recorded as 5 bytes
     bomb = zstandard.ZstdCompressor(level=19).compress(bytes(64 << 20))
     t = tree((b"a", 1, {"extra": file_extra(5, SHA_HELLO)}))
-    expect_corrupt(tmp_path, dimg(t, bytes([1]) + uv(len(bomb)), bomb), "larger than its recorded size")
+    expect_corrupt(tmp_path, dimg(t, bytes([1]) + uv(len(bomb)), bomb), "declares 67108864 bytes, expected 5")
+    # the same without a declared size: never expanded beyond the recorded 5 bytes
+    bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(bytes(64 << 20))
+    expect_corrupt(tmp_path, dimg(t, bytes([1]) + uv(len(bomb)), bomb), "does not decompress")
     # right size, wrong digest
     t2 = tree((b"a", 1, {"extra": file_extra(5, bytes(32))}))
     f = frame(b"hello")

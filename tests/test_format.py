@@ -199,3 +199,92 @@ def test_large_file_streams_in_bounded_memory(tmp_path) -> None:  # type: ignore
         assert a.read(1 << 20) == b.read(1 << 20)
     # zero runs came back as holes
     assert os.stat(tmp_path / "out" / "huge").st_blocks * 512 < 64 << 20
+
+
+def _frames_of(image: Image, path: bytes) -> list[int]:
+    """Content sizes of the zstd frames holding one file's body."""
+    import zstandard
+    from d4c.zstdframes import frame_length
+    e = image.lookup(path)
+    with open(image.path, "rb") as f:
+        f.seek(image.info.body_offset + e.body_offset)
+        body = f.read(e.body_length)
+    sizes, pos = [], 0
+    while pos < len(body):
+        n = frame_length(body[pos:])
+        sizes.append(zstandard.frame_content_size(body[pos:pos + n]))
+        pos += n
+    return sizes
+
+
+def test_large_bodies_are_several_frames(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
+    decompress them in parallel) and the image says so in its flags; images
+    without such files keep the single-frame layout, byte for byte."""
+    from d4c.bodies import FRAME_CHUNK
+    from d4c.dimg import FLAG_MULTI_FRAME, read_info
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(FRAME_CHUNK // 2) * 5 + b"tail"
+    (src / "big").write_bytes(big)
+    (src / "small").write_bytes(b"s" * FRAME_CHUNK)
+    _pack(str(src), str(tmp_path / "x.dimg"), 2)
+    with Image(str(tmp_path / "x.dimg")) as image:
+        assert image.info.multi_frame
+        assert _frames_of(image, b"big") == [FRAME_CHUNK, FRAME_CHUNK, FRAME_CHUNK // 2 + 4]
+        assert _frames_of(image, b"small") == [FRAME_CHUNK]
+        assert image.read_body(image.lookup(b"big")) == big
+        with image.open_body(image.lookup(b"big")) as r:  # the streaming reader too
+            assert r.read() == big
+    with open(tmp_path / "x.dimg", "rb") as f:
+        flags = DIMG_PREAMBLE.unpack_from(f.read(DIMG_PREAMBLE.size))[2]
+    assert flags & FLAG_MULTI_FRAME
+    code, _, err = run_cli("unpack", "--dimg", str(tmp_path / "x.dimg"), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "big").read_bytes() == big
+    (src / "big").unlink()
+    _pack(str(src), str(tmp_path / "y.dimg"), 2)
+    assert not read_info(os.open(tmp_path / "y.dimg", os.O_RDONLY), "y").multi_frame
+
+
+def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A damaged middle frame, and several frames in an image without the flag,
+    are corruption, never silently short or long content."""
+    from d4c import bodies, dimg
+    from d4c.errors import CorruptImage
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(3 * bodies.FRAME_CHUNK)
+    (src / "big").write_bytes(big)
+    _pack(str(src), str(tmp_path / "x.dimg"), 1)
+    with Image(str(tmp_path / "x.dimg")) as image:
+        e = image.lookup(b"big")
+        fd = os.open(tmp_path / "x.dimg", os.O_RDWR)
+        os.pwrite(fd, b"\x00" * 16, image.info.body_offset + e.body_offset + e.body_length // 2)
+        os.close(fd)
+        with pytest.raises(CorruptImage):
+            image.read_body(e)
+        with pytest.raises(CorruptImage), image.open_body(e) as r:
+            r.read()
+    # the same body in a writer that does not set the flag: a reader must refuse it
+    monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)
+    _pack(str(src), str(tmp_path / "noflag.dimg"), 1)
+    with Image(str(tmp_path / "noflag.dimg")) as image:
+        assert not image.info.multi_frame
+        with pytest.raises(CorruptImage):
+            image.read_body(image.lookup(b"big"))
+
+
+def test_single_frame_large_bodies_still_read(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Images written before multi-frame bodies (one frame per file, no flag) read as before."""
+    from d4c import bodies, dimg
+    monkeypatch.setattr(bodies, "FRAME_CHUNK", 1 << 40)
+    monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(3 << 20)
+    (src / "big").write_bytes(big)
+    _pack(str(src), str(tmp_path / "old.dimg"), 1)
+    with Image(str(tmp_path / "old.dimg")) as image:
+        assert not image.info.multi_frame and _frames_of(image, b"big") == [3 << 20]
+        assert image.read_body(image.lookup(b"big")) == big

@@ -295,7 +295,7 @@ class _FakeBody:
 def test_prefetcher() -> None:
     from d4c.llfs.model import _Prefetcher
     data = os.urandom(5 * _Prefetcher.CHUNK + 123)
-    p = _Prefetcher(_FakeBody(data))
+    p = _Prefetcher.streaming(_FakeBody(data))
     got, sizes = [], [1, 7, 131072, 3 << 20, 999_999, 1 << 22]
     while True:
         chunk = p.read(sizes[len(got) % len(sizes)])
@@ -305,7 +305,7 @@ def test_prefetcher() -> None:
     p.close()
     assert b"".join(got) == data
     # a failing body: the error reaches the reader
-    p = _Prefetcher(_FakeBody(data, fail_at=2 * _Prefetcher.CHUNK))
+    p = _Prefetcher.streaming(_FakeBody(data, fail_at=2 * _Prefetcher.CHUNK))
     from d4c.errors import CorruptImage
     with pytest.raises(CorruptImage):
         while p.read(1 << 20):
@@ -313,7 +313,7 @@ def test_prefetcher() -> None:
     p.close()
     # closing while the thread waits on a full queue returns promptly
     body = _FakeBody(data * 4)
-    p = _Prefetcher(body)
+    p = _Prefetcher.streaming(body)
     time.sleep(0.1)
     start = time.monotonic()
     p.close()

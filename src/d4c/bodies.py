@@ -1,4 +1,4 @@
-"""Compressing file bodies: one zstd frame per distinct content, spooled to disk.
+"""Compressing file bodies: zstd frames per distinct content, spooled to disk.
 
 Workers compress in parallel, each into its own spool file (no lock on the hot
 path; zstd and sha256 release the GIL).  The image writer later copies the
@@ -23,6 +23,7 @@ from .fsutil import copy_range
 
 DEFAULT_LEVEL = 3
 READ_CHUNK = 1 << 20
+FRAME_CHUNK = 1 << 20  # content bytes per zstd frame of a body (format constant: docs/FORMAT.md)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class BodySpool:
         return mine
 
     def add_chunks(self, chunks: Iterable[bytes], size: int, what: str) -> Body:
-        """Compress content given as chunks totalling exactly `size` bytes."""
+        """Compress content given as chunks totalling exactly `size` bytes: one
+        zstd frame per FRAME_CHUNK bytes of content (docs/FORMAT.md, "Bodies"),
+        so a reader can decompress a large body in pieces, in parallel."""
         if size == 0:
             for chunk in chunks:
                 if chunk:
@@ -71,17 +74,26 @@ class BodySpool:
             return Body(hashlib.sha256(b"").digest(), 0)
         index, f, cctx = self._mine()
         start = f.seek(0, os.SEEK_END)
-        cobj = cctx.compressobj(size=size)
         h = hashlib.sha256()
         seen = 0
+        cobj = cctx.compressobj(size=min(size, FRAME_CHUNK))
+        frame_end = min(size, FRAME_CHUNK)
         for chunk in chunks:
-            seen += len(chunk)
-            if seen > size:
+            if seen + len(chunk) > size:
                 raise BadInput(f"{what}: changed while reading (grew)")
             h.update(chunk)
-            out = cobj.compress(chunk)
-            if out:
-                f.write(out)
+            view = memoryview(chunk)
+            while len(view):
+                take = view[:frame_end - seen]
+                out = cobj.compress(take)
+                if out:
+                    f.write(out)
+                seen += len(take)
+                view = view[len(take):]
+                if seen == frame_end and seen < size:
+                    f.write(cobj.flush())
+                    cobj = cctx.compressobj(size=min(size - seen, FRAME_CHUNK))
+                    frame_end = min(size, seen + FRAME_CHUNK)
         if seen != size:
             raise BadInput(f"{what}: changed while reading ({seen} of {size} bytes)")
         f.write(cobj.flush())

@@ -21,7 +21,8 @@ from .codec import Cursor, Encoder
 from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, WrongBase, from_oserror
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
-from .zstdframes import read_bounded
+from .bodies import FRAME_CHUNK
+from .zstdframes import decode_frame, read_bounded, split_frames
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -29,9 +30,10 @@ FORMAT_VERSION = 1              # base images (and the cdimg wrapper)
 DELTA_FORMAT_VERSION = 2        # delta images: version 1 + parent storage kinds + parent-coded header
 CDIMG_VERSION = 1
 FLAG_HAS_PARENT = 0x1
+FLAG_MULTI_FRAME = 0x2          # bodies of files over FRAME_CHUNK are several zstd frames
 DELTA_METHODS = (1, 2)          # d4c.delta METHOD_SA, METHOD_PREFIX
 MAX_DELTA_STEPS = 16
-KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT
+KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME
 
 # magic, version, flags, reserved, header_csize, header_usize, body_size,
 # image_id, parent_id, header_digest
@@ -46,6 +48,7 @@ MAX_HEADER_USIZE = 256 << 20   # hostile entries take ~10 bytes each: bound the 
 MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
+ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
 _MAX_ID = (1 << 32) - 1
 
@@ -316,6 +319,7 @@ class ImageInfo:
     body_size: int
     dimg_offset: int          # where the dimg starts in the file (0 for a dimg)
     dimg_size: int
+    multi_frame: bool = False  # FLAG_MULTI_FRAME: a body may be several frames
     config: dict[str, Any] | None = None
     config_bytes: bytes | None = None
     config_digest: bytes | None = None
@@ -428,8 +432,8 @@ class Image:
         return image, e
 
     def open_body(self, entry: Entry) -> "BodyReader":
-        return BodyReader(self._fd, self.info.body_offset + entry.body_offset,
-                          entry.body_length, entry.size, entry.digest or b"", self.path, entry)
+        return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
+                          entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
 
     def read_body(self, entry: Entry) -> bytes:
         """The content of a file entry, whatever its storage (delta images
@@ -439,9 +443,38 @@ class Image:
         image, e = self.resolve(entry)
         e = image.holder(e)
         if e.storage == Storage.FRAME:
-            with image.open_body(e) as r:
-                return r.read()
+            if e.size > ONE_SHOT_MAX:
+                with image.open_body(e) as r:
+                    return r.read()
+            data = b"".join(image.decode_frame(e, frame, n) for frame, n in image.body_frames(e))
+            image.check_digest(e, data)
+            return data
         return image._rebuild(e)
+
+    def body_frames(self, entry: Entry) -> list[tuple[memoryview, int]]:
+        """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
+        with their content sizes (one frame unless the image is multi-frame)."""
+        comp = memoryview(_pread_exact(self._fd, entry.body_length, self.info.body_offset + entry.body_offset,
+                                       self.path))
+        if not self.info.multi_frame:
+            return [(comp, entry.size)]
+        try:
+            return split_frames(comp, entry.size)
+        except ValueError as exc:
+            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
+
+    def decode_frame(self, entry: Entry, frame: memoryview, size: int) -> bytes:
+        """One frame of body_frames, decompressed in one call.  zstd checks the
+        frame's checksum; the sha256 digest is check_digest's job, so a reader can
+        overlap it with serving the data."""
+        try:
+            return decode_frame(frame, size)
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
+
+    def check_digest(self, entry: Entry, data: bytes | memoryview) -> None:
+        if hashlib.sha256(data).digest() != entry.digest:
+            raise CorruptImage(self.path, f"{entry.display()}: content digest mismatch")
 
     def read_delta_payload(self, step: DeltaStep) -> bytes:
         return _pread_exact(self._fd, step.length, self.info.body_offset + step.offset, self.path)
@@ -549,7 +582,8 @@ def read_info(fd: int, source: str) -> ImageInfo:
     return ImageInfo(kind=kind, version=version, image_id=image_id,
                      parent_id=parent_id if has_parent else None, header_digest=header_digest,
                      header_csize=hcsize, header_usize=husize, body_size=body_size,
-                     dimg_offset=base, dimg_size=dimg_size, config=config,
+                     dimg_offset=base, dimg_size=dimg_size, multi_frame=bool(flags & FLAG_MULTI_FRAME),
+                     config=config,
                      config_bytes=config_bytes, config_digest=config_digest)
 
 
@@ -580,10 +614,10 @@ class BodyReader:
     CHUNK = 1 << 20
 
     def __init__(self, fd: int, offset: int, length: int, size: int, digest: bytes,
-                 source: str, entry: Entry) -> None:
+                 source: str, entry: Entry, across_frames: bool = False) -> None:
         self._section = _Section(fd, offset, length)
         self._reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
-            self._section, read_size=min(max(length, 1), self.CHUNK), read_across_frames=False,
+            self._section, read_size=min(max(length, 1), self.CHUNK), read_across_frames=across_frames,
             closefd=False)
         self._size = size
         self._digest = digest
@@ -670,8 +704,8 @@ class _Section:
 # ---------------------------------------------------------------- writing
 
 def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
-                  image_id: bytes, parent_id: bytes | None) -> bytes:
-    flags = FLAG_HAS_PARENT if parent_id is not None else 0
+                  image_id: bytes, parent_id: bytes | None, multi_frame: bool = False) -> bytes:
+    flags = (FLAG_HAS_PARENT if parent_id is not None else 0) | (FLAG_MULTI_FRAME if multi_frame else 0)
     version = DELTA_FORMAT_VERSION if parent_id is not None else FORMAT_VERSION
     fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
@@ -736,6 +770,13 @@ class EncodedHeader:
     body_size: int
     image_id: bytes
     frame_order: list[Any]     # keys of the body blobs, in body order
+    multi_frame: bool = False  # some body is larger than FRAME_CHUNK (FLAG_MULTI_FRAME)
+
+
+def has_multi_frame_bodies(entries: list[Entry]) -> bool:
+    """Bodies over FRAME_CHUNK are written as several frames (bodies.BodySpool);
+    the flag tells readers (and refuses readers that predate it)."""
+    return any(e.storage == Storage.FRAME and e.size > FRAME_CHUNK for e in entries)
 
 
 def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> EncodedHeader:
@@ -747,7 +788,7 @@ def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> Enco
     decode_header(table, "<new image>", body_size)
     comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
-                         image_id=image_id_of(tree), frame_order=order)
+                         image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 
 
 def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int],
@@ -792,14 +833,14 @@ def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dic
     comp = zstandard.ZstdCompressor(compression_params=params,
                                     dict_data=header_dictionary(parent.tree_table)).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=offset,
-                         image_id=image_id_of(tree), frame_order=order)
+                         image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 
 
 def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frame: Any,
                   parent_id: bytes | None = None, image_id: bytes | None = None) -> int:
     """Write a whole dimg at the current position of `out`; returns its size."""
     pre = dimg_preamble(header.compressed, header.usize, header.body_size,
-                        image_id or header.image_id, parent_id)
+                        image_id or header.image_id, parent_id, header.multi_frame)
     out.write(pre)
     out.write(header.compressed)
     for digest in header.frame_order:

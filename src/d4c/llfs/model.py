@@ -11,17 +11,20 @@ digest, and kept in a bounded on-disk cache (never in RAM).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import queue
 import tempfile
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from itertools import islice
+from typing import Callable, Iterator, NamedTuple
 
 import zstandard
 
-from ..dimg import Image, format_id, read_info
+from ..dimg import ONE_SHOT_MAX, Image, format_id, read_info
 from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
 from ..tree import S_IFMT_OF, Entry, EntryType, Storage
 
@@ -229,8 +232,7 @@ class Handle:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
                 assert self.stored is not None
-                body = self.image.open_body(self.stored)
-                self.reader = _Prefetcher(body) if self.node.size >= PREFETCH_MIN else body
+                self.reader = _open_reader(self.image, self.stored)
                 self.pos = 0
             if offset < self.pos or offset - self.pos > MAX_SKIP:
                 return self._switch_to_cache(offset, size)  # random access
@@ -271,38 +273,108 @@ class Handle:
 
 
 MAX_SKIP = 4 << 20  # reads further ahead than this (or backwards) switch a stream to the cache
-PREFETCH_MIN = 1 << 20  # streams of larger files are decompressed ahead on another thread
+PREFETCH_MIN = 1 << 20  # larger bodies are decompressed on another thread while earlier bytes are served
+
+
+def _open_reader(image: Image, stored: Entry):  # type: ignore[no-untyped-def]
+    """A forward reader of a stored body.  Bodies up to ONE_SHOT_MAX are read
+    whole and decompressed a frame at a time in one call each, on DECODERS
+    threads (zstd checks each frame's checksum before a byte is served); larger
+    ones stream.  Either way the sha256 digest is checked before the last bytes
+    are handed out, so a read to the end fails on a mismatch."""
+    if stored.size > ONE_SHOT_MAX:
+        return _Prefetcher.streaming(image.open_body(stored))
+    if stored.size < PREFETCH_MIN:
+        return _Buffered(image.read_body(stored))
+    return _Prefetcher(_decoded_frames(image, stored), lambda: None)
+
+
+DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
+_decoder_pool: ThreadPoolExecutor | None = None
+_decoder_lock = threading.Lock()
+
+
+def _decoders() -> ThreadPoolExecutor:
+    global _decoder_pool
+    with _decoder_lock:
+        if _decoder_pool is None:
+            _decoder_pool = ThreadPoolExecutor(DECODERS, thread_name_prefix="d4c-decode")
+        return _decoder_pool
+
+
+def _decoded_frames(image: Image, stored: Entry) -> Iterator[bytes]:
+    """The body's frames decompressed in order, DECODERS + 1 in flight; sha256
+    runs on the producer thread while earlier frames are served, and the last
+    frame waits for it."""
+    frames = iter(image.body_frames(stored))
+    pool = _decoders()
+    pending: deque[Future[bytes]] = deque(
+        pool.submit(image.decode_frame, stored, frame, n) for frame, n in islice(frames, DECODERS + 1))
+    digest = hashlib.sha256()
+    while True:
+        data = pending.popleft().result()
+        for frame, n in islice(frames, 1):
+            pending.append(pool.submit(image.decode_frame, stored, frame, n))
+        if not pending:
+            break
+        yield data
+        digest.update(data)  # while the reader is served what was just handed over
+    digest.update(data)
+    if digest.digest() != stored.digest:
+        raise CorruptImage(image.path, f"{stored.display()}: content digest mismatch")
+    yield data
+
+
+class _Buffered:
+    """A body already in memory, read forward."""
+
+    def __init__(self, data: bytes) -> None:
+        self._view, self._pos = memoryview(data), 0
+
+    def read(self, n: int) -> bytes:
+        part = self._view[self._pos:self._pos + n]
+        self._pos += len(part)
+        return bytes(part)
+
+    def close(self) -> None:
+        self._view = memoryview(b"")
 
 
 class _Prefetcher:
-    """Decompresses a frame ahead of its reader on another thread (zstd and
-    sha256 release the GIL), so FUSE round trips and decompression overlap.
-    Same read/close interface as the body reader it wraps; its errors (a bad
-    frame, a digest mismatch) surface in read()."""
+    """Produces a body's chunks on another thread (zstd and sha256 release the
+    GIL), so FUSE round trips and decompression overlap.  Errors of the
+    producer (a bad frame, a digest mismatch) surface in read()."""
 
     CHUNK = 1 << 20
     DEPTH = 4
+    _END = object()
 
-    def __init__(self, body) -> None:  # type: ignore[no-untyped-def]
-        self._body = body
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(self.DEPTH)
+    def __init__(self, chunks: Iterator[bytes | memoryview], close: Callable[[], None]) -> None:
+        self._chunks, self._close = chunks, close
+        self._queue: queue.Queue[object] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
         self._buf = memoryview(b"")
         self._done = False
         self._thread = threading.Thread(target=self._run, name="d4c-prefetch", daemon=True)
         self._thread.start()
 
+    @classmethod
+    def streaming(cls, body) -> "_Prefetcher":  # type: ignore[no-untyped-def]
+        """Chunks read from a body reader (read/close), closed with the prefetcher."""
+        return cls(iter(lambda: body.read(cls.CHUNK), b""), body.close)
+
     def _run(self) -> None:
         try:
-            while not self._stop.is_set():
-                chunk = self._body.read(self.CHUNK)
-                self._put(chunk)
-                if not chunk:
+            for chunk in self._chunks:
+                if self._stop.is_set():
                     return
+                if len(chunk):
+                    self._put(chunk)
+            self._put(self._END)
         except BaseException as exc:  # handed to the reader
             self._put(exc)
 
-    def _put(self, item: bytes | BaseException) -> None:
+    def _put(self, item: object) -> None:
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.2)
@@ -318,10 +390,10 @@ class _Prefetcher:
                 if isinstance(item, BaseException):
                     self._done = True
                     raise item
-                if not item:
+                if item is self._END:
                     self._done = True
                     break
-                self._buf = memoryview(item)
+                self._buf = memoryview(item)  # type: ignore[arg-type]
             take = self._buf[:n]
             self._buf = self._buf[len(take):]
             parts.append(take)
@@ -331,7 +403,7 @@ class _Prefetcher:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
-        self._body.close()
+        self._close()
 
 
 # ---------------------------------------------------------------- the file system
