@@ -404,10 +404,11 @@ class Image:
     def index_of_digest(self, digest: bytes) -> int:
         """Index of the first file with this content, or -1."""
         if self._by_digest is None:
-            self._by_digest = {}
+            index: dict[bytes, int] = {}  # built aside: readers on other threads never see it half done
             for i, e in enumerate(self.entries):
                 if e.type == EntryType.FILE and e.digest is not None:
-                    self._by_digest.setdefault(e.digest, i)
+                    index.setdefault(e.digest, i)
+            self._by_digest = index
         return self._by_digest.get(digest, -1)
 
     def holder(self, entry: Entry) -> Entry:

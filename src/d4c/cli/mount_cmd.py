@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import tempfile
@@ -67,6 +68,11 @@ def run_mount(args: argparse.Namespace) -> int:
 
     def ready() -> None:
         if ready_fd is not None:
+            # A frozen worker runs from its parent's unpacked bundle (PyInstaller
+            # passes it on: no second extraction, ~0.2 s instead of ~0.8 s to
+            # serve), and the parent removes it when it exits.  Everything a read
+            # may need later is loaded now; pure modules come from the executable.
+            importlib.import_module("d4c.delta")  # the engine and its codecs, for delta files
             os.write(ready_fd, READY)
             os.close(ready_fd)
 
