@@ -11,7 +11,7 @@ APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
 KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx
 BINARIES := ctr-cli snapshotter server
 
-.PHONY: deps apt venv ext proto test all dist bench demo clean
+.PHONY: deps apt venv ext proto test all dist bench bench-link demo clean
 
 deps: apt venv ext
 
@@ -68,6 +68,12 @@ $(DIST): $(BINARIES) install_snapshotter.sh packaging/INSTALL $(wildcard systemd
 bench: deps
 	$(PIP) install -q -r requirements-bench.txt
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench
+
+# the thin-link benchmark (as root): full `ctr images pull` vs `ctr-cli pull` over a shaped
+# veth pair between two network namespaces; runs the binaries, so it needs `all`
+bench-link: all
+	$(PIP) install -q -r requirements-bench.txt
+	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench.link_bench
 
 demo: all
 	bash demo/demo.sh

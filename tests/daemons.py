@@ -90,6 +90,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             raise AssertionError(f"ctr {' '.join(args)}: {p.stderr.strip()}")
         return p
 
+    def remove_containers(self) -> None:
+        """Kill and delete every container of our namespace (teardown)."""
+        for c in self.ctr("containers", "ls", "-q", check=False).stdout.split():
+            self.ctr("tasks", "kill", "-s", "KILL", c, check=False)
+            self.ctr("tasks", "delete", c, check=False)
+            self.ctr("containers", "delete", c, check=False)
+
     def stop(self) -> None:
         terminate(self.proc)
 

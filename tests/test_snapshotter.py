@@ -73,10 +73,7 @@ def running(base: str, snapshotter_binary: str | None):  # type: ignore[no-untyp
     try:
         yield ctrd, snap
     finally:
-        for c in ctrd.ctr("containers", "ls", "-q", check=False).stdout.split():
-            ctrd.ctr("tasks", "kill", "-s", "KILL", c, check=False)
-            ctrd.ctr("tasks", "delete", c, check=False)
-            ctrd.ctr("containers", "delete", c, check=False)
+        ctrd.remove_containers()
         ctrd.stop()
         snap.stop()
         unmount_below(base)
