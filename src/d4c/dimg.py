@@ -235,11 +235,27 @@ def check_storage(table: bytes, entries: list[Entry], body_size: int, parent_ent
     _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail)
 
 
+_FILES_BY_DIGEST: dict[int, tuple[list[Entry], dict[bytes | None, int]]] = {}
+
+
+def _files_by_digest(entries: list[Entry]) -> dict[bytes | None, int]:
+    """Content digest -> size of a parent's files.  A merge checks three storage
+    tables against two parents: the map is built once per parent (the parent's
+    entries are never changed once read)."""
+    held = _FILES_BY_DIGEST.get(id(entries))
+    if held is not None and held[0] is entries:
+        return held[1]
+    files = {p.digest: p.size for p in entries if p.type == EntryType.FILE}
+    if len(_FILES_BY_DIGEST) >= 8:
+        _FILES_BY_DIGEST.clear()
+    _FILES_BY_DIGEST[id(entries)] = (entries, files)
+    return files
+
+
 def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
                     fail: Any) -> None:
     offset = 0
-    parent_files = ({p.digest: p.size for p in parent_entries if p.type == EntryType.FILE}
-                    if parent_entries is not None else {})
+    parent_files = _files_by_digest(parent_entries) if parent_entries is not None else {}
     for index, e in enumerate(entries):
         if e.type != EntryType.FILE:
             continue
