@@ -90,12 +90,19 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             raise AssertionError(f"ctr {' '.join(args)}: {p.stderr.strip()}")
         return p
 
+    def remove_container(self, name: str, check: bool = True) -> None:
+        """Kill a container's task, wait until it can be deleted, delete both."""
+        self.ctr("tasks", "kill", "-s", "KILL", name, check=False)
+        for _ in range(50):
+            if self.ctr("tasks", "delete", name, check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        self.ctr("containers", "delete", name, check=check)
+
     def remove_containers(self) -> None:
         """Kill and delete every container of our namespace (teardown)."""
         for c in self.ctr("containers", "ls", "-q", check=False).stdout.split():
-            self.ctr("tasks", "kill", "-s", "KILL", c, check=False)
-            self.ctr("tasks", "delete", c, check=False)
-            self.ctr("containers", "delete", c, check=False)
+            self.remove_container(c, check=False)
 
     def stop(self) -> None:
         terminate(self.proc)

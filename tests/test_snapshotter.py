@@ -147,12 +147,7 @@ def test_shared_mount_and_restart(daemons, chain) -> None:  # type: ignore[no-un
     wait_redial(ctrd)
     assert run(ctrd, "d4c-bb:2", f"after-{ctrd.namespace}") == "v2\n"
     for name in names:
-        ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
-        for _ in range(50):
-            if ctrd.ctr("tasks", "delete", name, check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        ctrd.ctr("containers", "delete", name)
+        ctrd.remove_container(name)
 
 
 def test_images_rm_frees_everything(daemons, chain) -> None:  # type: ignore[no-untyped-def]
@@ -254,12 +249,7 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
     snap.start()
     wait_redial(ctrd)
     assert len(_mounts_under(snap.root)) == 1 and len(fuse_server_pids(snap.root)) == 1
-    ctrd.ctr("tasks", "kill", "-s", "KILL", name, check=False)
-    for _ in range(50):
-        if ctrd.ctr("tasks", "delete", name, check=False).returncode == 0:
-            break
-        time.sleep(0.1)
-    ctrd.ctr("containers", "delete", name)
+    ctrd.remove_container(name)
     # with its last user gone, the image's snapshot is collected by the next
     # garbage collection (forced here: deleting a lease with --sync runs one)
     for _ in range(50):
