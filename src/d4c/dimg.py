@@ -7,12 +7,15 @@ directories or layers lives in pack.py and oci/, bodies in bodies.py.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import zstandard
 
@@ -141,10 +144,25 @@ def decode_header(data: bytes, source: str, body_size: int,
         reason = SCAN_ERRORS[error].format(value=value)
         off, n = int(rows[at, 0]), int(rows[at, 1])
         fail(f"entry {buf[off:off + n]!r}: {reason}" if n >= 0 and error >= _FIRST_ENTRY_ERROR else reason)
-    entries = _build_entries(buf, rows.tolist(), fail)
     tree_len = cur.pos
-    _decode_storage(cur, entries, body_size, parent_entries, fail)
+    with gc_paused():
+        entries = _build_entries(buf, rows.tolist(), fail)
+        _decode_storage(cur, entries, body_size, parent_entries, fail)
     return entries, tree_len
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """No cyclic GC while thousands of (acyclic) entries are made: each
+    generation-0 pass would walk everything alive, and opening the three images
+    of a merge took 1.6x as long with it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 # accel.tables.scan_tree's error codes; from _FIRST_ENTRY_ERROR on, the entry's path is known
@@ -171,6 +189,7 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
     """Entries from the scanned rows, with the checks that need Python objects:
     unusual paths, parent directories, xattr names, symlink targets."""
     entries: list[Entry] = []
+    append = entries.append
     dirs: set[bytes] = set()
     types = _ENTRY_TYPES
     file_type, dir_type, hardlink_type = EntryType.FILE, EntryType.DIR, EntryType.HARDLINK
@@ -181,25 +200,26 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
             problem = path_problem(path)
             if problem:
                 fail(f"entry {path!r}: {problem}")
-        etype = types[t]
-        e = Entry(path, etype)
         if index:
             cut = path.rfind(b"/")
             if (path[:cut] if cut >= 0 else b"") not in dirs:
                 fail(f"entry {path!r}: parent is not a directory in the image")
+        etype = types[t]
+        if etype is file_type:  # most entries: made in one call
+            e = Entry(path, etype, mode, uid, gid, mtime, {}, size, buf[doff:doff + 32])
+            if nx:
+                _read_xattrs(buf, xoff, nx, e, fail)
+            append(e)
+            continue
         if etype is hardlink_type:
             target = entries[link]
-            e.link = link
-            e.mode, e.uid, e.gid, e.mtime_ns = target.mode, target.uid, target.gid, target.mtime_ns
-            e.xattrs = target.xattrs
-            entries.append(e)
+            append(Entry(path, etype, target.mode, target.uid, target.gid, target.mtime_ns, target.xattrs,
+                         link=link))
             continue
-        e.mode, e.uid, e.gid, e.mtime_ns = mode, uid, gid, mtime
+        e = Entry(path, etype, mode, uid, gid, mtime)
         if nx:
             _read_xattrs(buf, xoff, nx, e, fail)
-        if etype is file_type:
-            e.size, e.digest = size, buf[doff:doff + 32]
-        elif etype is dir_type:
+        if etype is dir_type:
             dirs.add(path)
         elif etype == EntryType.SYMLINK:
             e.target = buf[doff:doff + dlen]
@@ -208,7 +228,7 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
                 fail(f"entry {path!r}: {problem}")
         elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
             e.rdev = (major, minor)
-        entries.append(e)
+        append(e)
     return entries
 
 
@@ -256,44 +276,49 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
                     fail: Any) -> None:
     offset = 0
     parent_files = _files_by_digest(parent_entries) if parent_entries is not None else {}
+    # the enum members as locals: this loop runs once per file of every image opened
+    file_type, kinds, u8, uvarint = EntryType.FILE, _STORAGE_KINDS, cur.u8, cur.uvarint
+    empty, frame, shared, parent, delta = (Storage.EMPTY, Storage.FRAME, Storage.SHARED, Storage.PARENT,
+                                           Storage.DELTA)
     for index, e in enumerate(entries):
-        if e.type != EntryType.FILE:
+        if e.type is not file_type:
             continue
-        kind = _STORAGE_KINDS.get(cur.u8())
+        kind = kinds.get(u8())
         if kind is None:
             fail(f"entry {e.path!r}: unknown storage kind")
         e.storage = kind
-        if e.storage in (Storage.PARENT, Storage.DELTA) and parent_entries is None:
+        if parent_entries is None and (kind is parent or kind is delta):
             fail(f"entry {e.path!r}: refers to a parent image, but this is a base image")
-        if e.storage == Storage.EMPTY:
+        if kind is empty:
             if e.size != 0:
                 fail(f"entry {e.path!r}: non-empty file without a body")
             if e.digest != EMPTY_DIGEST:
                 fail(f"entry {e.path!r}: empty file with a wrong digest")
-        elif e.size == 0:
+            continue
+        if e.size == 0:
             fail(f"entry {e.path!r}: empty file with a body")
-        elif e.storage == Storage.FRAME:
-            e.body_length = cur.uvarint(body_size)
-            if e.body_length == 0 or offset + e.body_length > body_size:
+        if kind is frame:
+            length = e.body_length = uvarint(body_size)
+            if length == 0 or offset + length > body_size:
                 fail(f"entry {e.path!r}: body outside the body section")
             e.body_offset = offset
-            offset += e.body_length
-        elif e.storage == Storage.SHARED:
-            e.shared_with = cur.uvarint(max(index - 1, 0))
+            offset += length
+        elif kind is shared:
+            e.shared_with = uvarint(max(index - 1, 0))
             holder = entries[e.shared_with]
-            if (holder.type != EntryType.FILE or holder.storage not in (Storage.FRAME, Storage.DELTA)
+            if (holder.type is not file_type or holder.storage not in (frame, delta)
                     or holder.digest != e.digest or holder.size != e.size or e.shared_with >= index):
                 fail(f"entry {e.path!r}: shared body does not match")
             e.body_offset, e.body_length = holder.body_offset, holder.body_length
-        elif e.storage == Storage.PARENT:
+        elif kind is parent:
             if parent_files.get(e.digest) != e.size:
                 fail(f"entry {e.path!r}: its content is not in the parent image")
         else:
             assert parent_entries is not None
-            e.delta_source = cur.uvarint(max(len(parent_entries) - 1, 0))
+            e.delta_source = uvarint(max(len(parent_entries) - 1, 0))
             if not parent_entries or parent_entries[e.delta_source].type != EntryType.FILE:
                 fail(f"entry {e.path!r}: delta source is not a file of the parent image")
-            nsteps = cur.uvarint(MAX_DELTA_STEPS)
+            nsteps = uvarint(MAX_DELTA_STEPS)
             e.delta_steps = []
             if nsteps == 0:
                 fail(f"entry {e.path!r}: delta without steps")
@@ -808,13 +833,47 @@ def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> Enco
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 
 
+class DeltaHeaderCoder:
+    """Compresses a delta's tables against its parent's tree table.
+
+    Loading that dictionary into zstd's match finder is a third of the work
+    and needs only the parent, so it starts in a thread (zstd releases the
+    GIL) when the coder is made, while the caller is still deciding storage.
+    The parameters follow the new tree's size only, so the output depends on
+    the inputs alone, never on timing.
+    """
+
+    def __init__(self, parent_tree: bytes, tree_size: int) -> None:
+        # level 19's window with btopt, the shortest search and a small chain
+        # table: measured on the Debian image deltas (bench/image_bench.py)
+        # against plain level 19 with search_log 3, 1,710 -> 1,714 bytes for
+        # A->B and 39,084 -> 39,379 for a merged A->C, in well under half the
+        # time (a merge on the server waits for this)
+        self._params = zstandard.ZstdCompressionParameters.from_level(
+            HEADER_LEVEL, source_size=tree_size, search_log=1, chain_log=16, strategy=zstandard.STRATEGY_BTOPT,
+            write_content_size=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d4c-header")
+        self._dictionary = self._pool.submit(self._load, parent_tree)
+        self._pool.shutdown(wait=False)
+
+    def _load(self, parent_tree: bytes) -> zstandard.ZstdCompressionDict:
+        dictionary = zstandard.ZstdCompressionDict(parent_tree, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        dictionary.precompute_compress(compression_params=self._params)
+        return dictionary
+
+    def compress(self, table: bytes) -> bytes:
+        return zstandard.ZstdCompressor(compression_params=self._params,
+                                        dict_data=self._dictionary.result()).compress(table)
+
+
 def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int],
-                        tree: bytes | None = None) -> EncodedHeader:
+                        tree: bytes | None = None, coder: DeltaHeaderCoder | None = None) -> EncodedHeader:
     """The header of a delta image whose storage the caller decided: FRAME
     entries' blobs are keyed by content digest, DELTA steps by `step.key`.
     Bodies are laid out in entry order; the table is compressed against the
     parent's tree table.  `tree`: the entries' tree table when it is already at
-    hand, read and checked (merge: the top image's), so only storage is checked."""
+    hand, read and checked (diff and merge: the new image's), so only storage
+    is checked.  `coder`: one made early for this parent and tree."""
     order: list[Any] = []
     offset = 0
     for e in entries:
@@ -840,15 +899,7 @@ def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dic
     else:
         check_storage(storage, entries, offset, parent.entries, "<new delta image>")
     table = tree + storage
-    # level 19's window with btopt and the shortest search: measured on the Debian
-    # image deltas (bench/image_bench.py) against plain level 19 with search_log 3,
-    # 1,710 -> 1,714 bytes for A->B and 39,084 -> 39,765 for a merged A->C, in
-    # 0.7x and 0.5x the time (a merge on the server waits for this)
-    params = zstandard.ZstdCompressionParameters.from_level(HEADER_LEVEL, source_size=len(table), search_log=1,
-                                                            strategy=zstandard.STRATEGY_BTOPT,
-                                                            write_content_size=True)
-    comp = zstandard.ZstdCompressor(compression_params=params,
-                                    dict_data=header_dictionary(parent.tree_table)).compress(table)
+    comp = (coder or DeltaHeaderCoder(parent.tree_table, len(tree))).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=offset,
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 

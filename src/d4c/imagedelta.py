@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from . import delta
 from .bodies import READ_CHUNK, BodySpool
-from .dimg import (MAX_DELTA_STEPS, Image, canonical_config, cdimg_preamble, dimg_size_of,
+from .dimg import (MAX_DELTA_STEPS, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble, dimg_size_of,
                    encode_delta_header, with_layer_id, write_dimg_to)
 from .errors import CorruptImage, UsageError
 from .fsutil import atomic_output
@@ -106,9 +106,11 @@ def _copy_entries(entries: Iterable[Entry]) -> list[Entry]:
                   e.link, e.rdev) for e in entries]
 
 
-def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, image_id: bytes,
-                 out_path: str, config_bytes: bytes | None, tree: bytes | None = None) -> int:
-    header = encode_delta_header(entries, parent, spool.frame_lengths(), tree)
+def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, new: Image, coder: DeltaHeaderCoder,
+                 out_path: str, config_bytes: bytes | None) -> int:
+    """`entries` are `new`'s tree with the storage decided: its tree table is reused."""
+    image_id = new.info.image_id
+    header = encode_delta_header(entries, parent, spool.frame_lengths(), new.tree_table, coder)
     if header.image_id != image_id:
         raise CorruptImage(out_path, "the delta's tree does not give the expected image id")
     with atomic_output(out_path) as out:
@@ -168,6 +170,7 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
             raise UsageError(f"{image.path} is a delta image: diff needs two full images "
                              "(patch the delta onto its base first)")
     config_bytes = _config_bytes(new, cdimg)
+    coder = DeltaHeaderCoder(old.tree_table, len(new.tree_table))
     entries = _copy_entries(new.entries)
     todo = _storage_plan(entries, lambda d: old.index_of_digest(d) >= 0)
     finder = SourceFinder(old)
@@ -200,7 +203,7 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
             progress.advance(e.size, 1)
 
         run_parallel(one, todo, threads)
-        _write_delta(entries, old, spool, new.info.image_id, out_path, config_bytes)
+        _write_delta(entries, old, spool, new, coder, out_path, config_bytes)
     return decisions(entries, old)
 
 
@@ -299,6 +302,7 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
     slower)."""
     base, top = stack[0], stack[-1]
     config_bytes = _config_bytes(config_from or top, cdimg)
+    coder = DeltaHeaderCoder(base.tree_table, len(top.tree_table))
     entries = _copy_entries(top.entries)
     todo = _storage_plan(entries, lambda d: base.index_of_digest(d) >= 0)
     resolver = _Resolver(stack)
@@ -344,7 +348,7 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
 
         origins = [(i, resolver.origin(len(stack) - 1, top.entries[i])) for i in todo]
         run_parallel(rebuild, [(i, o) for i, o in origins if not copy(i, o)], threads)
-        _write_delta(entries, base, spool, top.info.image_id, out_path, config_bytes, top.tree_table)
+        _write_delta(entries, base, spool, top, coder, out_path, config_bytes)
     return decisions(entries, base)
 
 
