@@ -7,7 +7,7 @@ PIP    := $(VENV)/bin/pip
 export PYTHONPATH := $(CURDIR)/src
 
 APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
-                umoci skopeo busybox-static containerd runc docker-registry
+                umoci skopeo busybox-static containerd runc docker-registry debootstrap
 KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx
 BINARIES := ctr-cli snapshotter server
 

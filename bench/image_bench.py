@@ -28,7 +28,7 @@ import zstandard
 
 from .delta_bench import CACHE, PEERS, RESULTS, run_tool
 
-IMG = os.path.join(CACHE, "img")
+IMG = os.environ.get("D4C_IMAGE_CACHE") or os.path.join(CACHE, "img")  # make demo shares it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NGINX = {"A": "1.22.1-9+deb12u9", "B": "1.22.1-9+deb12u11"}
 SOURCES = ("deb http://deb.debian.org/debian bookworm main\n"
@@ -42,8 +42,12 @@ def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyp
 
 
 def chroot(root: str, *cmd: str) -> None:
+    """apt in the build root; its chatter (no /dev/pts, no runlevel) is shown only if it fails."""
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
-    sh("chroot", root, *cmd, env=env, stdout=subprocess.DEVNULL)
+    p = subprocess.run(["chroot", root, *cmd], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if p.returncode:
+        sys.stderr.write(p.stderr)
+        raise SystemExit(f"{' '.join(cmd)} in {root} failed ({p.returncode})")
 
 
 def minbase() -> str:
@@ -312,5 +316,21 @@ def plot(r: dict[str, float], path: str) -> None:
     plt.close(fig)
 
 
+def layouts_main(names: list[str]) -> int:
+    """`python -m bench.image_bench layouts A B`: build (or reuse) those images and
+    print their OCI layout directories, one per line (make demo uses this)."""
+    if os.geteuid() != 0 or not shutil.which("debootstrap") or not shutil.which("chroot"):
+        print("image layouts: needs root, debootstrap and chroot", file=sys.stderr)
+        return 1
+    unknown = [n for n in names if n not in ("A", "B", "C")]
+    if unknown or not names:
+        print(f"image layouts: images are A, B and C, not {' '.join(unknown) or 'nothing'}", file=sys.stderr)
+        return 2
+    os.makedirs(IMG, exist_ok=True)
+    for name in names:
+        print(oci_layout(name), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(layouts_main(sys.argv[2:]) if sys.argv[1:2] == ["layouts"] else main())

@@ -23,6 +23,9 @@ cleanup() {
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
   # FUSE servers of the image mounts, then every mount below the work dir
   pkill -f -- "--ready-fd .*$work" 2>/dev/null
+  # shims and FUSE servers exit on their own after that; anything still there after 5 s is killed
+  for _ in $(seq 100); do pgrep -f -- "$work" >/dev/null || break; sleep 0.05; done
+  pkill -KILL -f -- "$work" 2>/dev/null
   grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
   rm -rf "$work"
 }
@@ -40,26 +43,51 @@ timed() {  # timed NAME command...
 }
 wait_for() { for _ in $(seq 200); do [ -e "$1" ] && return 0; sleep 0.05; done; echo "demo: $2 did not start"; exit 1; }
 
-step "two versions of an image (busybox-static; v2 changes a file and a 'library'), built with umoci"
-echo "(the Debian nginx pair of the benchmark needs debootstrap and the archive: see bench/image_bench.py)"
-umoci init --layout "$work/layout" >/dev/null
-for v in 1 2; do
-  umoci new --image "$work/layout:v$v" >/dev/null
-  umoci unpack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
-  mkdir -p "$work/bundle$v/rootfs/bin" "$work/bundle$v/rootfs/etc" "$work/bundle$v/rootfs/lib"
-  cp /bin/busybox "$work/bundle$v/rootfs/bin/"
-  for a in sh ls cat echo; do ln -sf busybox "$work/bundle$v/rootfs/bin/$a"; done
-  echo "hello from d4c, version $v" > "$work/bundle$v/rootfs/etc/motd"
-  head -c 3000000 /bin/busybox > "$work/bundle$v/rootfs/lib/libdemo.so"
-  [ "$v" = 2 ] && printf 'patched' | dd of="$work/bundle$v/rootfs/lib/libdemo.so" bs=1 seek=100000 conv=notrunc 2>/dev/null
-  umoci repack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
-  umoci config --image "$work/layout:v$v" --config.cmd /bin/cat --config.cmd /etc/motd >/dev/null
-done
+# Which pair: a Debian minbase with nginx at two package versions when the
+# archive is reachable (D4C_DEMO_IMAGES=debian forces it), else busybox-based.
+PY=${PY:-$PWD/.venv/bin/python}
+images=${D4C_DEMO_IMAGES:-auto}
+if [ "$images" = auto ]; then
+  images=busybox
+  if command -v debootstrap >/dev/null && [ -x "$PY" ] && "$PY" -c 'import urllib.request as u
+u.urlopen("http://deb.debian.org/debian/dists/bookworm/Release", timeout=10).read(1)' 2>/dev/null; then
+    images=debian
+  fi
+fi
+run_cmd=()
+case "$images" in
+debian)
+  step "two versions of a real image: Debian bookworm minbase + nginx 1.22.1-9+deb12u9 / +deb12u11"
+  echo "(the Debian archive is reachable: built with debootstrap the first time, a few minutes; then cached in ${D4C_IMAGE_CACHE:-bench/cache/img})"
+  mapfile -t layouts < <(PYTHONPATH="$PWD/src:$PWD" "$PY" -m bench.image_bench layouts A B)
+  [ "${#layouts[@]}" = 2 ] || { echo "demo: building the Debian images failed"; exit 1; }
+  src1="oci:${layouts[0]}:A" src2="oci:${layouts[1]}:B"
+  run_cmd=(dpkg-query -W nginx nginx-common)
+  ;;
+busybox)
+  step "two versions of an image (busybox-static; v2 changes a file and a 'library'), built with umoci"
+  echo "(not the Debian nginx pair: the Debian archive is not reachable or debootstrap is missing; D4C_DEMO_IMAGES=debian forces it)"
+  umoci init --layout "$work/layout" >/dev/null
+  for v in 1 2; do
+    umoci new --image "$work/layout:v$v" >/dev/null
+    umoci unpack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
+    mkdir -p "$work/bundle$v/rootfs/bin" "$work/bundle$v/rootfs/etc" "$work/bundle$v/rootfs/lib"
+    cp /bin/busybox "$work/bundle$v/rootfs/bin/"
+    for a in sh ls cat echo; do ln -sf busybox "$work/bundle$v/rootfs/bin/$a"; done
+    echo "hello from d4c, version $v" > "$work/bundle$v/rootfs/etc/motd"
+    head -c 3000000 /bin/busybox > "$work/bundle$v/rootfs/lib/libdemo.so"
+    [ "$v" = 2 ] && printf 'patched' | dd of="$work/bundle$v/rootfs/lib/libdemo.so" bs=1 seek=100000 conv=notrunc 2>/dev/null
+    umoci repack --image "$work/layout:v$v" "$work/bundle$v" >/dev/null
+    umoci config --image "$work/layout:v$v" --config.cmd /bin/cat --config.cmd /etc/motd >/dev/null
+  done
+  src1="oci:$work/layout:v1" src2="oci:$work/layout:v2"
+  ;;
+*) echo "demo: D4C_DEMO_IMAGES is debian, busybox or auto, not $images"; exit 2 ;;
+esac
 
 step "convert both into cdimgs"
-for v in 1 2; do
-  timed "convert v$v" "$BIN/ctr-cli" convert --image "oci:$work/layout:v$v" --output "$work/images/v$v" --cdimg -q
-done
+timed "convert v1" "$BIN/ctr-cli" convert --image "$src1" --output "$work/images/v1" --cdimg -q
+timed "convert v2" "$BIN/ctr-cli" convert --image "$src2" --output "$work/images/v2" --cdimg -q
 step "cdimg diff v1 -> v2"
 timed "cdimg diff" "$BIN/ctr-cli" cdimg diff --oldCdimg "$work/images/v1/image.cdimg" \
   --newCdimg "$work/images/v2/image.cdimg" --outCdimg "$work/images/diff_1-2.cdimg" --threadNum 2
@@ -96,9 +124,9 @@ timed "pull 1" "$BIN/ctr-cli" pull --image d4c-demo:1 "${common[@]}"
 timed "pull 2" "$BIN/ctr-cli" pull --image d4c-demo:2 "${common[@]}"
 
 step "ctr run the new version"
-timed "ctr run" ctr -a "$work/run/containerd.sock" -n "$ns" run --rm --snapshotter di3fs d4c-demo:2 demo-run
+timed "ctr run" ctr -a "$work/run/containerd.sock" -n "$ns" run --rm --snapshotter di3fs d4c-demo:2 demo-run "${run_cmd[@]}"
 
-step "sizes and times"
+step "sizes and times ($images pair)"
 full=$(stat -c %s "$work/images/v2/image.cdimg")
 delta=$(stat -c %s "$work/images/diff_1-2.cdimg")
 printf '%-28s %12s\n' "full v2 image (cdimg)" "$full bytes" "delta v1 -> v2" "$delta bytes"
