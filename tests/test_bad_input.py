@@ -240,7 +240,7 @@ def test_hostile_config_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
             path = tmp_path / f"{name}.cdimg"
             with open(path, "wb") as f:
                 f.write(cdimg_preamble(config, len(header.compressed) + 136))
-                write_dimg_to(f, header, spool.copy_frame)
+                write_dimg_to(f, header, spool.copy_frames)
             code, out, err = run_cli("cdimg", "show", "--cdimg", str(path))
             if name == "deep":
                 assert_one_line_error(code, err, EXIT_CORRUPT)

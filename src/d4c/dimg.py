@@ -904,15 +904,15 @@ def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dic
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 
 
-def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frame: Any,
+def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frames: Any,
                   parent_id: bytes | None = None, image_id: bytes | None = None) -> int:
-    """Write a whole dimg at the current position of `out`; returns its size."""
+    """Write a whole dimg at the current position of `out`; returns its size.
+    `copy_frames(keys, out)` writes the bodies (BodySpool.copy_frames)."""
     pre = dimg_preamble(header.compressed, header.usize, header.body_size,
                         image_id or header.image_id, parent_id, header.multi_frame)
     out.write(pre)
     out.write(header.compressed)
-    for digest in header.frame_order:
-        copy_frame(digest, out)
+    copy_frames(header.frame_order, out)
     return len(pre) + len(header.compressed) + header.body_size
 
 

@@ -116,7 +116,7 @@ def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, new: Ima
     with atomic_output(out_path) as out:
         if config_bytes is not None:
             out.write(cdimg_preamble(config_bytes, dimg_size_of(header)))
-        write_dimg_to(out, header, spool.copy_frame, parent.info.image_id, image_id)
+        write_dimg_to(out, header, spool.copy_frames, parent.info.image_id, image_id)
         return out.tell()
 
 
@@ -207,17 +207,22 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
     return decisions(entries, old)
 
 
+_KIND_NAMES = {k: k.name.lower() for k in Storage}
+
+
 def decisions(entries: list[Entry], parent: Image | None) -> list[Decision]:
     out = []
+    file_type, frame, delta_kind = EntryType.FILE, Storage.FRAME, Storage.DELTA
+    parent_entries = parent.entries if parent is not None else None
     for e in entries:
-        if e.type != EntryType.FILE:
+        if e.type is not file_type:
             continue
-        kind = e.storage.name.lower()
-        stored = e.body_length if e.storage == Storage.FRAME else sum(s.length for s in e.delta_steps)
+        kind, steps = e.storage, e.delta_steps
+        stored = e.body_length if kind is frame else sum(s.length for s in steps)
         source = None
-        if e.storage == Storage.DELTA and parent is not None:
-            source = parent.entries[e.delta_source].display()
-        out.append(Decision(e.display(), kind, e.size, stored, source, len(e.delta_steps)))
+        if kind is delta_kind and parent_entries is not None:
+            source = parent_entries[e.delta_source].display()
+        out.append(Decision(e.display(), _KIND_NAMES[kind], e.size, stored, source, len(steps)))
     return out
 
 
@@ -309,19 +314,19 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
     progress = Progress("merging", total_items=len(todo))
     with BodySpool(level=level) as spool, progress:
         def copy(i: int, o: _Origin) -> bool:
-            """Frames and chains are copied as stored (a few preads: no thread
-            pays off); False for what must be rebuilt."""
+            """Frames and chains are copied as stored, straight from the images
+            when the delta is written; False for what must be rebuilt."""
             e = entries[i]
             if o.kind == "frame":
                 assert o.image is not None and o.entry is not None
-                spool.add_raw(e.digest, os.pread(o.image.fd, o.entry.body_length,
-                                                 o.image.info.body_offset + o.entry.body_offset))
+                spool.add_ref(e.digest, o.image.fd, o.image.info.body_offset + o.entry.body_offset,
+                              o.entry.body_length)
                 e.storage = Storage.FRAME
             elif o.kind == "chain" and not (rediff and len(o.steps) > 1):
                 e.storage, e.delta_source = Storage.DELTA, o.source
                 for k, (image, step) in enumerate(o.steps):
                     key = (e.digest, k)
-                    spool.add_raw(key, image.read_delta_payload(step))
+                    spool.add_ref(key, image.fd, image.info.body_offset + step.offset, step.length)
                     e.delta_steps.append(DeltaStep(step.method, step.length, step.size, step.digest, key=key))
             else:
                 return False

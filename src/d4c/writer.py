@@ -23,12 +23,12 @@ def save_image(entries: list[Entry], spool: BodySpool, *, dimg_path: str | None 
     final_id = image_id or header.image_id
     if dimg_path:
         with atomic_output(dimg_path) as out:
-            write_dimg_to(out, header, spool.copy_frame, parent_id, final_id)
+            write_dimg_to(out, header, spool.copy_frames, parent_id, final_id)
     if cdimg_path:
         if config is None:
             raise ValueError("a cdimg needs a config")
         config_bytes = canonical_config(with_layer_id(config, final_id))
         with atomic_output(cdimg_path) as out:
             out.write(cdimg_preamble(config_bytes, dimg_size_of(header)))
-            write_dimg_to(out, header, spool.copy_frame, parent_id, final_id)
+            write_dimg_to(out, header, spool.copy_frames, parent_id, final_id)
     return final_id
