@@ -32,6 +32,10 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--background", action="store_true",
                    help="return once mounted; a server process keeps the mount (one per mount)")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="FUSE worker threads")
+    p.add_argument("--verified-bodies", action="store_true",
+                   help="the images' bodies were checked against their digests when they were stored (the "
+                   "di3fs snapshotter does so at load): unchanged files are served on zstd's frame checksums "
+                   "without hashing them again; files rebuilt from deltas are always checked")
     p.add_argument("--log", metavar="FILE", help="--background: append the server's log lines (e.g. "
                    "files that failed their digest) to FILE")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -58,7 +62,8 @@ def run_mount(args: argparse.Namespace) -> int:
     if args.background:
         from ..llfs.process import reexec_command, spawn_mount
         spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
-                    cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug)
+                    cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
+                    verified_bodies=args.verified_bodies)
         return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
@@ -77,7 +82,8 @@ def run_mount(args: argparse.Namespace) -> int:
             os.close(ready_fd)
 
     try:
-        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size), ready=ready, workers=args.workers)
+        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies), ready=ready,
+              workers=args.workers)
     except D4CError as exc:
         if ready_fd is not None:
             os.write(ready_fd, FAILED + str(exc).encode(errors="replace")[:4000])

@@ -232,7 +232,7 @@ class Handle:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
                 assert self.stored is not None
-                self.reader = _open_reader(self.image, self.stored)
+                self.reader = _open_reader(self.image, self.stored, self.fs.verified_bodies)
                 self.pos = 0
             if offset < self.pos or offset - self.pos > MAX_SKIP:
                 return self._switch_to_cache(offset, size)  # random access
@@ -276,17 +276,20 @@ MAX_SKIP = 4 << 20  # reads further ahead than this (or backwards) switch a stre
 PREFETCH_MIN = 1 << 20  # larger bodies are decompressed on another thread while earlier bytes are served
 
 
-def _open_reader(image: Image, stored: Entry):  # type: ignore[no-untyped-def]
+def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: ignore[no-untyped-def]
     """A forward reader of a stored body.  Bodies up to ONE_SHOT_MAX are read
     whole and decompressed a frame at a time in one call each, on DECODERS
     threads (zstd checks each frame's checksum before a byte is served); larger
-    ones stream.  Either way the sha256 digest is checked before the last bytes
-    are handed out, so a read to the end fails on a mismatch."""
+    ones stream.  Unless the bodies were `verified` when the images were stored
+    (Options.verified_bodies), the sha256 digest is checked before the last
+    bytes are handed out, so a read to the end fails on a mismatch."""
     if stored.size > ONE_SHOT_MAX:
         return _Prefetcher.streaming(image.open_body(stored))
     if stored.size < PREFETCH_MIN:
+        if verified:
+            return _Buffered(b"".join(image.decode_frame(stored, f, n) for f, n in image.body_frames(stored)))
         return _Buffered(image.read_body(stored))
-    return _Prefetcher(_decoded_frames(image, stored), lambda: None)
+    return _Prefetcher(_decoded_frames(image, stored, verified), lambda: None)
 
 
 DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
@@ -302,10 +305,10 @@ def _decoders() -> ThreadPoolExecutor:
         return _decoder_pool
 
 
-def _decoded_frames(image: Image, stored: Entry) -> Iterator[bytes]:
+def _decoded_frames(image: Image, stored: Entry, verified: bool = False) -> Iterator[bytes]:
     """The body's frames decompressed in order, DECODERS + 1 in flight; sha256
     runs on the producer thread while earlier frames are served, and the last
-    frame waits for it."""
+    frame waits for it (not for `verified` bodies)."""
     frames = iter(image.body_frames(stored))
     pool = _decoders()
     pending: deque[Future[bytes]] = deque(
@@ -318,7 +321,11 @@ def _decoded_frames(image: Image, stored: Entry) -> Iterator[bytes]:
         if not pending:
             break
         yield data
-        digest.update(data)  # while the reader is served what was just handed over
+        if not verified:
+            digest.update(data)  # while the reader is served what was just handed over
+    if verified:
+        yield data
+        return
     digest.update(data)
     if digest.digest() != stored.digest:
         raise CorruptImage(image.path, f"{stored.display()}: content digest mismatch")
@@ -355,6 +362,7 @@ class _Prefetcher:
         self._stop = threading.Event()
         self._buf = memoryview(b"")
         self._done = False
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="d4c-prefetch", daemon=True)
         self._thread.start()
 
@@ -383,12 +391,17 @@ class _Prefetcher:
                 continue
 
     def read(self, n: int) -> bytes:
+        if self._error is not None:
+            # every later read fails too: the kernel may have swallowed the first
+            # failure (a readahead request), and an empty read would be a short file
+            raise self._error
         parts = []
         while n > 0 and not self._done:
             if not len(self._buf):
                 item = self._queue.get()
                 if isinstance(item, BaseException):
                     self._done = True
+                    self._error = item
                     raise item
                 if item is self._END:
                     self._done = True
@@ -412,6 +425,12 @@ class _Prefetcher:
 class Options:
     cache_dir: str
     cache_limit: int = 2 << 30
+    # The images' stored bodies were checked against their sha256 digests when
+    # they were stored (the snapshotter does so at load, in its root-only
+    # store): reads of unchanged files then rely on zstd's frame checksums and
+    # skip a second sha256 pass, as overlayfs snapshots are not re-hashed on
+    # read either.  Files rebuilt from deltas are always checked.
+    verified_bodies: bool = False
 
 
 class ImageFS:
@@ -422,6 +441,7 @@ class ImageFS:
         self.top = images[-1]
         self.entries = self.top.entries
         self.cache = BodyCache(options.cache_dir, options.cache_limit)
+        self.verified_bodies = options.verified_bodies
         n = len(self.entries)
         self.children: dict[int, list[tuple[bytes, int]]] = {}
         self._child_index: dict[tuple[int, bytes], int] = {}

@@ -383,8 +383,9 @@ class LlfsFileSystem:
 
     def mount(self, paths: list[str], mountpoint: str, cache_dir: str, log_path: str) -> None:
         from ..llfs.process import spawn_mount
+        # every body of a stored image was checked at load (_verify): reads need not hash it again
         spawn_mount(self.command, paths, mountpoint, cache_dir=cache_dir, cache_size=self.cache_size,
-                    log=log_path)
+                    log=log_path, verified_bodies=True)
 
     def unmount(self, mountpoint: str) -> None:
         p = mounts.unmount(mountpoint, lazy=mounts.is_stale(mountpoint))
