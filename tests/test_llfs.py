@@ -173,6 +173,20 @@ def test_mounted_tree_equals_unpack(stack, images, tmp_path, extra) -> None:  # 
         assert info.value.errno in (errno.EROFS, errno.EACCES)
 
 
+def damaged_copy(stack: list[str], folder: str, damage: dict[str, list[int]]) -> str:
+    """The stack's images copied into `folder`, with the bytes at the given
+    offsets of the given images inverted; returns the copy of the top image."""
+    os.makedirs(folder)
+    for p in stack:
+        with open(p, "rb") as f:
+            data = bytearray(f.read())
+        for at in damage.get(p, []):
+            data[at] ^= 0xFF
+        with open(os.path.join(folder, os.path.basename(p)), "wb") as f:
+            f.write(data)
+    return os.path.join(folder, os.path.basename(stack[-1]))
+
+
 def test_corrupt_body_is_eio_and_mount_survives(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fuse_ok()
     # damage the payload of bin/tool's delta in the top image (header intact)
@@ -185,16 +199,9 @@ def test_corrupt_body_is_eio_and_mount_survives(stack, tmp_path) -> None:  # typ
     finally:
         for i in imgs:
             i.close()
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for p in stack:
-        with open(p, "rb") as f:
-            data = bytearray(f.read())
-        if p == stack[-1]:
-            data[where] ^= 0xFF
-        (folder / os.path.basename(p)).write_bytes(bytes(data))
+    top_copy = damaged_copy(stack, str(tmp_path / "images"), {stack[-1]: [where]})
     log = str(tmp_path / "fs.log")
-    with Mounted(str(folder / os.path.basename(stack[-1])), str(tmp_path / "mnt"), "--log", log) as mnt:
+    with Mounted(top_copy, str(tmp_path / "mnt"), "--log", log) as mnt:
         with pytest.raises(OSError) as info:
             with open(os.path.join(mnt, "bin/tool"), "rb") as f:
                 f.read()
@@ -226,16 +233,10 @@ def test_damaged_frames_are_eio(stack, tmp_path, extra) -> None:  # type: ignore
     finally:
         for i in imgs:
             i.close()
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for p in stack:
-        data = bytearray(open(p, "rb").read())
-        if p == holder:
-            data[frame_at] ^= 0xFF
-        if p == stack[-1]:
-            data[delta_at] ^= 0xFF
-        (folder / os.path.basename(p)).write_bytes(bytes(data))
-    with Mounted(str(folder / os.path.basename(stack[-1])), str(tmp_path / "mnt"), *extra) as mnt:
+    damage: dict[str, list[int]] = {holder: [frame_at]}
+    damage.setdefault(stack[-1], []).append(delta_at)
+    top_copy = damaged_copy(stack, str(tmp_path / "images"), damage)
+    with Mounted(top_copy, str(tmp_path / "mnt"), *extra) as mnt:
         for name in ("lib/libbig.so", "bin/tool"):
             with pytest.raises(OSError) as info:
                 with open(os.path.join(mnt, name), "rb") as f:
