@@ -217,10 +217,11 @@ def _frames_of(image: Image, path: bytes) -> list[int]:
     return sizes
 
 
-def test_large_bodies_are_several_frames(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
     decompress them in parallel) and the image says so in its flags; images
     without such files keep the single-frame layout, byte for byte."""
+    from d4c import dimg
     from d4c.bodies import FRAME_CHUNK
     from d4c.dimg import FLAG_MULTI_FRAME, read_info
     src = tmp_path / "src"
@@ -236,6 +237,13 @@ def test_large_bodies_are_several_frames(tmp_path) -> None:  # type: ignore[no-u
         assert image.read_body(image.lookup(b"big")) == big
         with image.open_body(image.lookup(b"big")) as r:  # the streaming reader too
             assert r.read() == big
+        # llfs's reader: the same frames, found while the body is read in pieces
+        # (pieces smaller than a frame make it read on mid-frame and mid-header)
+        e = image.lookup(b"big")
+        listed = [(bytes(f), n) for f, n in image.body_frames(e)]
+        for piece in (7, 4096, 1 << 20):
+            monkeypatch.setattr(dimg, "STREAM_PIECE", piece)
+            assert [(bytes(f), n) for f, n in image.stream_frames(e)] == listed
     with open(tmp_path / "x.dimg", "rb") as f:
         flags = DIMG_PREAMBLE.unpack_from(f.read(DIMG_PREAMBLE.size))[2]
     assert flags & FLAG_MULTI_FRAME
@@ -266,6 +274,9 @@ def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[
             image.read_body(e)
         with pytest.raises(CorruptImage), image.open_body(e) as r:
             r.read()
+        with pytest.raises(CorruptImage):  # llfs's reader: split as read, then decoded
+            for frame, n in image.stream_frames(e):
+                image.decode_frame(e, frame, n)
     # the same body in a writer that does not set the flag: a reader must refuse it
     monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)
     _pack(str(src), str(tmp_path / "noflag.dimg"), 1)
@@ -288,3 +299,17 @@ def test_single_frame_large_bodies_still_read(tmp_path, monkeypatch) -> None:  #
     with Image(str(tmp_path / "old.dimg")) as image:
         assert not image.info.multi_frame and _frames_of(image, b"big") == [3 << 20]
         assert image.read_body(image.lookup(b"big")) == big
+
+
+def test_frame_length_of_a_partly_read_frame() -> None:
+    """llfs splits a body into frames as it reads it: every prefix of a frame
+    asks for more, the whole frame gives its length, garbage is an error."""
+    import zstandard
+    from d4c.zstdframes import frame_length
+    frame = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(300_000) + b"z" * 300_000)
+    assert all(frame_length(frame[:k], partial=True) == -1 for k in range(len(frame)))
+    assert frame_length(frame + b"next", partial=True) == len(frame)
+    with pytest.raises(ValueError):
+        frame_length(frame[:-1])
+    with pytest.raises(ValueError):
+        frame_length(b"not zstd", partial=True)

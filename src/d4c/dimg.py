@@ -25,7 +25,7 @@ from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, Wro
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
-from .zstdframes import decode_frame, read_bounded, split_frames
+from .zstdframes import declared_size, decode_frame, frame_length, read_bounded, split_frames
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -51,6 +51,7 @@ MAX_HEADER_USIZE = 256 << 20   # hostile entries take ~10 bytes each: bound the 
 MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
+STREAM_PIECE = 256 << 10  # stream_frames reads a body in pieces of this size
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
 _MAX_ID = (1 << 32) - 1
@@ -502,6 +503,38 @@ class Image:
             return [(comp, entry.size)]
         try:
             return split_frames(comp, entry.size)
+        except ValueError as exc:
+            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
+
+    def stream_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
+        """body_frames, each frame yielded as soon as it has been read: the
+        kernel is asked to read the whole body ahead, and decoding the first
+        frames overlaps reading the rest (llfs reads start cold)."""
+        if not self.info.multi_frame:
+            yield from self.body_frames(entry)
+            return
+        length, start = entry.body_length, self.info.body_offset + entry.body_offset
+        os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+        buf = memoryview(bytearray(length))
+        got = pos = total = 0
+        try:
+            while pos < length:
+                n = frame_length(buf[pos:got], partial=True)
+                if n < 0:
+                    if got == length:
+                        raise ValueError("truncated frame")
+                    read = os.preadv(self._fd, [buf[got:min(length, got + STREAM_PIECE)]], start + got)
+                    if read <= 0:
+                        raise CorruptImage(self.path, "file is truncated")
+                    got += read
+                    continue
+                frame = buf[pos:pos + n]
+                declared = declared_size(frame, total, entry.size)
+                total += declared
+                pos += n
+                yield frame, declared
+            if total != entry.size:
+                raise ValueError(f"frames hold {total} bytes, expected {entry.size}")
         except ValueError as exc:
             raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
 

@@ -29,10 +29,13 @@ _DICT_ID_BYTES = (0, 1, 2, 4)
 _FCS_BYTES = (0, 2, 4, 8)
 
 
-def frame_length(data: bytes | memoryview) -> int:
+def frame_length(data: bytes | memoryview, *, partial: bool = False) -> int:
     """The length of the zstd frame at the start of `data`, found by walking its
-    block headers (RFC 8878, 3.1.1); ValueError if it is not one whole frame."""
+    block headers (RFC 8878, 3.1.1); ValueError if it is not one whole frame.
+    With `partial`, data that ends inside a well-formed frame gives -1 (read on)."""
     view = memoryview(data)
+    if partial and len(view) < 6 and _MAGIC.startswith(bytes(view[:4])):
+        return -1
     if len(view) < 6 or view[:4] != _MAGIC:
         raise ValueError("not a zstd frame")
     fhd = view[4]
@@ -44,6 +47,8 @@ def frame_length(data: bytes | memoryview) -> int:
     end = len(view)
     while True:
         if pos + 3 > end:
+            if partial:
+                return -1
             raise ValueError("truncated frame")
         header = view[pos] | view[pos + 1] << 8 | view[pos + 2] << 16
         kind, size = (header >> 1) & 3, header >> 3
@@ -54,6 +59,8 @@ def frame_length(data: bytes | memoryview) -> int:
             break
     pos += 4 if fhd & 0x04 else 0
     if pos > end:
+        if partial:
+            return -1
         raise ValueError("truncated frame")
     return pos
 
@@ -67,17 +74,24 @@ def split_frames(data: bytes | memoryview, size: int) -> list[tuple[memoryview, 
     while pos < len(view):
         n = frame_length(view[pos:])
         frame = view[pos:pos + n]
-        declared = zstandard.frame_content_size(frame)
-        if declared < 0:
-            raise ValueError("a frame of a multi-frame body does not declare its size")
+        declared = declared_size(frame, total, size)
         total += declared
-        if total > size:
-            raise ValueError(f"frames hold more than the {size} bytes of the file")
         frames.append((frame, declared))
         pos += n
     if total != size or not frames:
         raise ValueError(f"frames hold {total} bytes, expected {size}")
     return frames
+
+
+def declared_size(frame: memoryview, before: int, size: int) -> int:
+    """The content size a frame of a multi-frame body declares, which must fit
+    in the `size` bytes of the file after the `before` bytes of earlier frames."""
+    declared = zstandard.frame_content_size(frame)
+    if declared < 0:
+        raise ValueError("a frame of a multi-frame body does not declare its size")
+    if before + declared > size:
+        raise ValueError(f"frames hold more than the {size} bytes of the file")
+    return declared
 
 
 def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = 27) -> bytes:

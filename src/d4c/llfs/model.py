@@ -226,14 +226,17 @@ class Handle:
         self.reader = None
         self.lock = threading.Lock()
 
+    def start(self) -> None:
+        assert self.stored is not None
+        self.reader = _open_reader(self.image, self.stored, self.fs.verified_bodies)
+        self.pos = 0
+
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
             if self.fd >= 0:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
-                assert self.stored is not None
-                self.reader = _open_reader(self.image, self.stored, self.fs.verified_bodies)
-                self.pos = 0
+                self.start()
             if offset < self.pos or offset - self.pos > MAX_SKIP:
                 return self._switch_to_cache(offset, size)  # random access
             self._skip(offset - self.pos)
@@ -309,7 +312,7 @@ def _decoded_frames(image: Image, stored: Entry, verified: bool = False) -> Iter
     """The body's frames decompressed in order, DECODERS + 1 in flight; sha256
     runs on the producer thread while earlier frames are served, and the last
     frame waits for it (not for `verified` bodies)."""
-    frames = iter(image.body_frames(stored))
+    frames = image.stream_frames(stored)
     pool = _decoders()
     pending: deque[Future[bytes]] = deque(
         pool.submit(image.decode_frame, stored, frame, n) for frame, n in islice(frames, DECODERS + 1))
