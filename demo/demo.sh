@@ -19,8 +19,13 @@ cleanup() {
       ctr -a "$work/run/containerd.sock" -n "$ns" containers delete "$c" >/dev/null 2>&1
     done
   fi
+  # daemons get 5 s to stop, then SIGKILL: an exit never waits on a stuck daemon
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
+  for _ in $(seq 100); do
+    alive=; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    [ -z "$alive" ] && break; sleep 0.05
+  done
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
   # FUSE servers of the image mounts, then every mount below the work dir
   pkill -f -- "--ready-fd .*$work" 2>/dev/null
   # shims and FUSE servers exit on their own after that; anything still there after 5 s is killed

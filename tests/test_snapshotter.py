@@ -362,3 +362,28 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
             assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
         finally:
             srv.stop()
+
+
+def test_snapshotter_stops_on_a_burst_of_signals(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C reaches the one-file bootloader, which forwards it, and the daemon
+    itself: signals come in bursts.  The daemon stops within its grace period
+    every time (a handler that took a lock once deadlocked it for good)."""
+    need(IS_ROOT, "the snapshotter needs root")
+    binaries = os.environ.get("D4C_BINARIES", "")
+    binary = os.path.join(binaries, "snapshotter") if binaries else ""
+    for attempt in range(5):
+        base = str(tmp_path / f"s{attempt}")
+        os.makedirs(os.path.join(base, "run"))
+        d = Snapshotterd(base, binary if os.access(binary, os.X_OK) else None)
+        d.start()
+        assert d.proc is not None
+        for _ in range(30):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(d.proc.pid, signal.SIGINT)
+        try:
+            d.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(d.proc.pid, signal.SIGKILL)  # the bootloader and the daemon it runs
+            d.proc.wait()
+            raise AssertionError(f"the snapshotter hung after a burst of SIGINTs (attempt {attempt}):\n{d.logs()}")
+        assert "stopped" in d.logs(), d.logs()

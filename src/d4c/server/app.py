@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+import time
 import urllib.parse
 from collections import OrderedDict
 from typing import Any
@@ -268,7 +269,17 @@ def serve(root: str, host: str, port: int, cache_limit: int, threads: int, stora
     updates = Updates(store, cache_limit, threads)
     server = http.server.ThreadingHTTPServer((host, port), make_handler(store, updates))
     server.daemon_threads = True
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    # the handler only appends (a handler that starts a thread or takes a lock can
+    # deadlock on one the interrupted main thread holds); a watcher stops the server
+    signals: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+
+    def stop_on_signal() -> None:
+        while not signals:
+            time.sleep(0.2)
+        server.shutdown()
+
+    threading.Thread(target=stop_on_signal, name="d4c-stop", daemon=True).start()
     log.info("serving on http://%s:%d (store %s)", host, server.server_address[1], store.root)
     try:
         server.serve_forever()
