@@ -80,6 +80,32 @@ def test_model_equals_the_top_image(stack, images, tmp_path) -> None:  # type: i
         fs.close()
 
 
+def test_out_of_order_reads_stay_streamed(stack, images, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Several FUSE workers hand the kernel's readahead requests over slightly
+    out of order: a large unchanged file serves them from the stream, and only
+    a real jump back (before what the stream keeps) goes to the cache."""
+    from d4c.llfs import model as llfs_model
+    monkeypatch.setattr(llfs_model, "KEEP_BEHIND", 1 << 20)  # the test file is 2.4 MB
+    fs = model(stack, tmp_path)
+    try:
+        ino = walk(fs)[b"lib/libbig.so"]
+        with Image(images[3]) as want:
+            body = want.read_body(want.lookup(b"lib/libbig.so"))
+        step = 128 << 10
+        offsets = list(range(0, len(body), step))
+        for i in range(0, len(offsets) - 1, 2):  # pairs swapped: 128K, 0, 384K, 256K, ...
+            offsets[i], offsets[i + 1] = offsets[i + 1], offsets[i]
+        fh = fs.open(ino)
+        got = {off: fs.read(fh, off, step) for off in offsets}
+        assert b"".join(got[off] for off in sorted(got)) == body
+        assert os.listdir(tmp_path / "cache") == []  # nothing went to the cache
+        assert fs.read(fh, 0, 10) == body[:10]  # 2.4 MB later, offset 0 is behind the stream
+        assert len(os.listdir(tmp_path / "cache")) == 1
+        fs.release(fh)
+    finally:
+        fs.close()
+
+
 def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fs = model(stack, tmp_path, limit=150_000)
     try:

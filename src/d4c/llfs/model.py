@@ -218,18 +218,24 @@ class BodyCache:
 # ---------------------------------------------------------------- open files
 
 class Handle:
-    """An open file: a cached body (pread) or a zstd frame streamed forward."""
+    """An open file: a cached body (pread) or a zstd frame streamed forward.
+
+    A stream keeps the last KEEP_BEHIND bytes it produced: with several FUSE
+    workers the kernel's readahead requests arrive slightly out of order, and
+    each of them used to send the whole body to the cache as "random access"."""
 
     def __init__(self, fs: "ImageFS", node: Entry, image: Image, stored: Entry | None, fd: int) -> None:
         self.fs, self.node, self.image, self.stored, self.fd = fs, node, image, stored, fd
-        self.pos = 0
         self.reader = None
+        self.window: deque[bytes] = deque()  # the newest chunks produced, in order
+        self.base = self.end = 0             # body offsets of the window's first and past-last byte
         self.lock = threading.Lock()
 
     def start(self) -> None:
         assert self.stored is not None
         self.reader = _open_reader(self.image, self.stored, self.fs.verified_bodies)
-        self.pos = 0
+        self.window.clear()
+        self.base = self.end = 0
 
     def read(self, offset: int, size: int) -> bytes:
         with self.lock:
@@ -237,24 +243,28 @@ class Handle:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
                 self.start()
-            if offset < self.pos or offset - self.pos > MAX_SKIP:
+            stop = min(offset + size, self.node.size)
+            if offset < self.base or offset - self.end > MAX_SKIP:
                 return self._switch_to_cache(offset, size)  # random access
-            self._skip(offset - self.pos)
-            return self._take(min(size, self.node.size - self.pos))
+            while self.end < stop:
+                chunk = self.reader.read(STREAM_CHUNK)  # type: ignore[union-attr]
+                if not chunk:
+                    break
+                self.window.append(chunk)
+                self.end += len(chunk)
+                while self.end - self.base - len(self.window[0]) >= KEEP_BEHIND and len(self.window) > 1:
+                    self.base += len(self.window.popleft())
+            return self._slice(offset, min(stop, self.end))
 
-    def _skip(self, n: int) -> None:
-        while n > 0:
-            got = self._take(min(n, 1 << 20))
-            if not got:
+    def _slice(self, offset: int, stop: int) -> bytes:
+        parts, at = [], self.base
+        for chunk in self.window:
+            if at >= stop:
                 break
-            n -= len(got)
-
-    def _take(self, n: int) -> bytes:
-        if n <= 0:
-            return b""
-        data = self.reader.read(n)  # type: ignore[union-attr]
-        self.pos += len(data)
-        return data
+            if at + len(chunk) > offset:
+                parts.append(memoryview(chunk)[max(offset - at, 0):stop - at])
+            at += len(chunk)
+        return b"".join(parts)
 
     def _switch_to_cache(self, offset: int, size: int) -> bytes:
         """Random access into a large frame: keep the decompressed body in the cache."""
@@ -264,6 +274,7 @@ class Handle:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        self.window.clear()
         return os.pread(self.fd, size, offset)
 
     def close(self) -> None:
@@ -273,9 +284,12 @@ class Handle:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        self.window.clear()
 
 
-MAX_SKIP = 4 << 20  # reads further ahead than this (or backwards) switch a stream to the cache
+MAX_SKIP = 4 << 20  # reads further ahead than this (or behind the window) switch a stream to the cache
+KEEP_BEHIND = 2 << 20  # bytes a stream keeps behind its newest chunk, for out-of-order requests
+STREAM_CHUNK = 1 << 20  # a stream is pulled from its reader in chunks of this size
 PREFETCH_MIN = 1 << 20  # larger bodies are decompressed on another thread while earlier bytes are served
 
 
