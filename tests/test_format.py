@@ -237,13 +237,17 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
         assert image.read_body(image.lookup(b"big")) == big
         with image.open_body(image.lookup(b"big")) as r:  # the streaming reader too
             assert r.read() == big
-        # llfs's reader: the same frames, found while the body is read in pieces
-        # (pieces smaller than a frame make it read on mid-frame and mid-header)
+        # the frames are found while the body is read in pieces (pieces smaller
+        # than a frame make the reader go on mid-frame and mid-header)
         e = image.lookup(b"big")
-        listed = [(bytes(f), n) for f, n in image.body_frames(e)]
+        with open(image.path, "rb") as f:
+            f.seek(image.info.body_offset + e.body_offset)
+            body = f.read(e.body_length)
         for piece in (7, 4096, 1 << 20):
             monkeypatch.setattr(dimg, "STREAM_PIECE", piece)
-            assert [(bytes(f), n) for f, n in image.stream_frames(e)] == listed
+            frames = list(image.body_frames(e))
+            assert [n for _, n in frames] == _frames_of(image, b"big")
+            assert b"".join(bytes(f) for f, _ in frames) == body
     with open(tmp_path / "x.dimg", "rb") as f:
         flags = DIMG_PREAMBLE.unpack_from(f.read(DIMG_PREAMBLE.size))[2]
     assert flags & FLAG_MULTI_FRAME
@@ -274,8 +278,8 @@ def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[
             image.read_body(e)
         with pytest.raises(CorruptImage), image.open_body(e) as r:
             r.read()
-        with pytest.raises(CorruptImage):  # llfs's reader: split as read, then decoded
-            for frame, n in image.stream_frames(e):
+        with pytest.raises(CorruptImage):  # llfs's reader: frames as they are read, then decoded
+            for frame, n in image.body_frames(e):
                 image.decode_frame(e, frame, n)
     # the same body in a writer that does not set the flag: a reader must refuse it
     monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import time
 from typing import Callable
 
 from . import errors
@@ -34,3 +36,20 @@ def run_daemon(prog: str, parser: argparse.ArgumentParser, argv: list[str],
             raise
         print(f"{prog}: {errors.from_oserror(exc, 'system error')}", file=sys.stderr)
         return errors.EXIT_IO
+
+
+def record_signals(*signums: int) -> list[int]:
+    """Handlers for `signums` that only append to the returned list.  A handler
+    runs in the main thread between two bytecodes: one that took a lock (an
+    Event.set) while the main thread held it (inside Event.wait) deadlocked the
+    snapshotter for good when Ctrl-C came twice at once, from the terminal and
+    forwarded by the one-file bootloader."""
+    received: list[int] = []
+    for signum in signums:
+        signal.signal(signum, lambda got, _frame: received.append(got))
+    return received
+
+
+def wait_for_signal(received: list[int]) -> None:
+    while not received:
+        time.sleep(0.2)

@@ -25,7 +25,7 @@ from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, Wro
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
-from .zstdframes import declared_size, decode_frame, frame_length, read_bounded, split_frames
+from .zstdframes import declared_size, decode_frame, frame_length, read_bounded
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -51,7 +51,7 @@ MAX_HEADER_USIZE = 256 << 20   # hostile entries take ~10 bytes each: bound the 
 MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
-STREAM_PIECE = 256 << 10  # stream_frames reads a body in pieces of this size
+STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of this size
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
 _MAX_ID = (1 << 32) - 1
@@ -478,9 +478,11 @@ class Image:
         return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
                           entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
 
-    def read_body(self, entry: Entry) -> bytes:
+    def read_body(self, entry: Entry, check: bool = True) -> bytes:
         """The content of a file entry, whatever its storage (delta images
-        rebuild it from the parent stack; the digest is checked either way)."""
+        rebuild it from the parent stack; the digest is checked either way).
+        check=False: a body stored whole, whose digest was checked before
+        (llfs --verified-bodies), is decoded on its zstd frame checksums only."""
         if entry.size == 0:
             return b""
         image, e = self.resolve(entry)
@@ -490,30 +492,21 @@ class Image:
                 with image.open_body(e) as r:
                     return r.read()
             data = b"".join(image.decode_frame(e, frame, n) for frame, n in image.body_frames(e))
-            image.check_digest(e, data)
+            if check:
+                image.check_digest(e, data)
             return data
         return image._rebuild(e)
 
-    def body_frames(self, entry: Entry) -> list[tuple[memoryview, int]]:
+    def body_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
         """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
-        with their content sizes (one frame unless the image is multi-frame)."""
-        comp = memoryview(_pread_exact(self._fd, entry.body_length, self.info.body_offset + entry.body_offset,
-                                       self.path))
-        if not self.info.multi_frame:
-            return [(comp, entry.size)]
-        try:
-            return split_frames(comp, entry.size)
-        except ValueError as exc:
-            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
-
-    def stream_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
-        """body_frames, each frame yielded as soon as it has been read: the
-        kernel is asked to read the whole body ahead, and decoding the first
-        frames overlaps reading the rest (llfs reads start cold)."""
-        if not self.info.multi_frame:
-            yield from self.body_frames(entry)
-            return
+        with their content sizes (one frame unless the image is multi-frame).
+        Each frame comes as soon as it has been read: the kernel is asked to
+        read the whole body ahead, and decoding the first frames overlaps
+        reading the rest (llfs reads start cold)."""
         length, start = entry.body_length, self.info.body_offset + entry.body_offset
+        if not self.info.multi_frame:
+            yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size
+            return
         os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
         buf = memoryview(bytearray(length))
         got = pos = total = 0
@@ -890,7 +883,8 @@ class DeltaHeaderCoder:
         self._pool.shutdown(wait=False)
 
     def _load(self, parent_tree: bytes) -> zstandard.ZstdCompressionDict:
-        dictionary = zstandard.ZstdCompressionDict(parent_tree, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        dictionary = header_dictionary(parent_tree)
+        assert dictionary is not None
         dictionary.precompute_compress(compression_params=self._params)
         return dictionary
 
@@ -900,13 +894,13 @@ class DeltaHeaderCoder:
 
 
 def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int],
-                        tree: bytes | None = None, coder: DeltaHeaderCoder | None = None) -> EncodedHeader:
+                        tree: bytes, coder: DeltaHeaderCoder) -> EncodedHeader:
     """The header of a delta image whose storage the caller decided: FRAME
     entries' blobs are keyed by content digest, DELTA steps by `step.key`.
     Bodies are laid out in entry order; the table is compressed against the
-    parent's tree table.  `tree`: the entries' tree table when it is already at
-    hand, read and checked (diff and merge: the new image's), so only storage
-    is checked.  `coder`: one made early for this parent and tree."""
+    parent's tree table.  `entries` are copies of an image's entries and `tree`
+    is that image's tree table, read and checked, so only storage is checked.
+    `coder`: made early for this parent and tree."""
     order: list[Any] = []
     offset = 0
     for e in entries:
@@ -926,13 +920,9 @@ def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dic
             holder = entries[e.shared_with]
             e.body_offset, e.body_length = holder.body_offset, holder.body_length
     storage = encode_storage(entries)
-    if tree is None:
-        tree = encode_tree(entries)
-        decode_header(tree + storage, "<new delta image>", offset, parent.entries)  # never write what we would refuse
-    else:
-        check_storage(storage, entries, offset, parent.entries, "<new delta image>")
+    check_storage(storage, entries, offset, parent.entries, "<new delta image>")  # never write what we would refuse
     table = tree + storage
-    comp = (coder or DeltaHeaderCoder(parent.tree_table, len(tree))).compress(table)
+    comp = coder.compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=offset,
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
 

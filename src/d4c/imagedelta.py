@@ -108,15 +108,13 @@ def _copy_entries(entries: Iterable[Entry]) -> list[Entry]:
 
 def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, new: Image, coder: DeltaHeaderCoder,
                  out_path: str, config_bytes: bytes | None) -> int:
-    """`entries` are `new`'s tree with the storage decided: its tree table is reused."""
-    image_id = new.info.image_id
+    """`entries` are copies of `new`'s with the storage decided: its checked
+    tree table is written as it is (so the delta has `new`'s id)."""
     header = encode_delta_header(entries, parent, spool.frame_lengths(), new.tree_table, coder)
-    if header.image_id != image_id:
-        raise CorruptImage(out_path, "the delta's tree does not give the expected image id")
     with atomic_output(out_path) as out:
         if config_bytes is not None:
             out.write(cdimg_preamble(config_bytes, dimg_size_of(header)))
-        write_dimg_to(out, header, spool.copy_frames, parent.info.image_id, image_id)
+        write_dimg_to(out, header, spool.copy_frames, parent.info.image_id, new.info.image_id)
         return out.tell()
 
 

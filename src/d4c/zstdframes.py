@@ -65,24 +65,6 @@ def frame_length(data: bytes | memoryview, *, partial: bool = False) -> int:
     return pos
 
 
-def split_frames(data: bytes | memoryview, size: int) -> list[tuple[memoryview, int]]:
-    """A body of several whole zstd frames holding `size` bytes in all, each
-    declaring its content size: [(frame, content size)].  ValueError otherwise."""
-    view = memoryview(data)
-    frames: list[tuple[memoryview, int]] = []
-    pos = total = 0
-    while pos < len(view):
-        n = frame_length(view[pos:])
-        frame = view[pos:pos + n]
-        declared = declared_size(frame, total, size)
-        total += declared
-        frames.append((frame, declared))
-        pos += n
-    if total != size or not frames:
-        raise ValueError(f"frames hold {total} bytes, expected {size}")
-    return frames
-
-
 def declared_size(frame: memoryview, before: int, size: int) -> int:
     """The content size a frame of a multi-frame body declares, which must fit
     in the `size` bytes of the file after the `before` bytes of earlier frames."""

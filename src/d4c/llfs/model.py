@@ -303,9 +303,7 @@ def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: 
     if stored.size > ONE_SHOT_MAX:
         return _Prefetcher.streaming(image.open_body(stored))
     if stored.size < PREFETCH_MIN:
-        if verified:
-            return _Buffered(b"".join(image.decode_frame(stored, f, n) for f, n in image.body_frames(stored)))
-        return _Buffered(image.read_body(stored))
+        return _Buffered(image.read_body(stored, check=not verified))
     return _Prefetcher(_decoded_frames(image, stored, verified), lambda: None)
 
 
@@ -326,7 +324,7 @@ def _decoded_frames(image: Image, stored: Entry, verified: bool = False) -> Iter
     """The body's frames decompressed in order, DECODERS + 1 in flight; sha256
     runs on the producer thread while earlier frames are served, and the last
     frame waits for it (not for `verified` bodies)."""
-    frames = image.stream_frames(stored)
+    frames = image.body_frames(stored)
     pool = _decoders()
     pending: deque[Future[bytes]] = deque(
         pool.submit(image.decode_frame, stored, frame, n) for frame, n in islice(frames, DECODERS + 1))
@@ -340,12 +338,10 @@ def _decoded_frames(image: Image, stored: Entry, verified: bool = False) -> Iter
         yield data
         if not verified:
             digest.update(data)  # while the reader is served what was just handed over
-    if verified:
-        yield data
-        return
-    digest.update(data)
-    if digest.digest() != stored.digest:
-        raise CorruptImage(image.path, f"{stored.display()}: content digest mismatch")
+    if not verified:
+        digest.update(data)
+        if digest.digest() != stored.digest:
+            raise CorruptImage(image.path, f"{stored.display()}: content digest mismatch")
     yield data
 
 

@@ -16,11 +16,11 @@ import json
 import logging
 import os
 import threading
-import time
 import urllib.parse
 from collections import OrderedDict
 from typing import Any
 
+from ..daemons import record_signals, wait_for_signal
 from ..errors import AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from .store import Artifact, Store, check_tag
 
@@ -269,14 +269,10 @@ def serve(root: str, host: str, port: int, cache_limit: int, threads: int, stora
     updates = Updates(store, cache_limit, threads)
     server = http.server.ThreadingHTTPServer((host, port), make_handler(store, updates))
     server.daemon_threads = True
-    # the handler only appends (a handler that starts a thread or takes a lock can
-    # deadlock on one the interrupted main thread holds); a watcher stops the server
-    signals: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: signals.append(signum))
+    signals = record_signals(signal.SIGTERM)  # a watcher stops the server
 
     def stop_on_signal() -> None:
-        while not signals:
-            time.sleep(0.2)
+        wait_for_signal(signals)
         server.shutdown()
 
     threading.Thread(target=stop_on_signal, name="d4c-stop", daemon=True).start()

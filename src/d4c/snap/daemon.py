@@ -15,11 +15,10 @@ import logging
 import os
 import signal
 import sys
-import time
 from concurrent import futures
 
 from .. import __version__, errors, paths
-from ..daemons import run_daemon
+from ..daemons import record_signals, run_daemon, wait_for_signal
 
 DEFAULT_ADDRESS = paths.SNAPSHOTTER_ADDRESS
 DEFAULT_ROOT = paths.SNAPSHOTTER_ROOT
@@ -71,17 +70,10 @@ def serve(args: argparse.Namespace) -> int:
         raise errors.SystemFailure(f"cannot listen on {address}")
     if os.path.exists(address):
         os.chmod(address, 0o600)
-    # The handlers only append: a handler runs in the main thread, and one that
-    # took a lock (Event.set) while the main thread held it inside Event.wait
-    # deadlocked the daemon when two signals came at once (Ctrl-C reaches both
-    # the one-file bootloader, which forwards it, and this process).
-    signals: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, _frame: signals.append(signum))
+    signals = record_signals(signal.SIGTERM, signal.SIGINT)
     server.start()
     logging.getLogger("d4c.snap").info("serving on %s (root %s)", address, os.path.abspath(args.root))
-    while not signals:
-        time.sleep(0.2)
+    wait_for_signal(signals)
     server.stop(grace=5).wait()
     core.meta.close()
     try:
