@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -262,7 +263,6 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
 
 
 def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
     script = os.path.join(os.path.dirname(__file__), "..", "install_snapshotter.sh")
     config = tmp_path / "etc" / "config.toml"
     env = dict(os.environ, CONFIG=str(config), SOCKET="/run/di3fs/snapshotter.sock")
@@ -305,7 +305,6 @@ def test_readme_push_pull_run(daemons, chain, tmp_path) -> None:  # type: ignore
 def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`make dist`'s tarball, unpacked into a clean directory, runs convert -> diff
     -> server -> push -> pull -> load -> ctr run with no Python on PATH."""
-    import subprocess
     import tarfile
     bundle = os.environ.get("D4C_DIST", "")
     need(bool(bundle) and os.path.exists(bundle), "no d4c-*.tar.gz bundle (run `make dist`)")
