@@ -53,7 +53,7 @@ all: deps $(BINARIES)
 $(BINARIES) &: build/pyinstaller.spec $(shell find src -name '*.py' -o -name '*.pyx') | ext
 	$(VENV)/bin/pyinstaller -y --clean --log-level WARN --workpath build/pyinstaller \
 	  --distpath dist build/pyinstaller.spec
-	for b in ctr-cli snapshotter server; do cp dist/$$b .$$b.tmp && mv -f .$$b.tmp $$b; done  # a running binary is replaced, not overwritten
+	for b in $(BINARIES); do cp dist/$$b .$$b.tmp && mv -f .$$b.tmp $$b; done  # a running binary is replaced, not overwritten
 
 # the offline edge bundle: binaries, install script, systemd units, INSTALL
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/d4c/__init__.py)

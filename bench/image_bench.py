@@ -59,6 +59,21 @@ def minbase() -> str:
     return root
 
 
+def nginx_version(root: str, name: str) -> str:
+    """NGINX[name] while the archive carries it (the security archive keeps only
+    its newest version, a point release drops the old one; snapshot.debian.org is
+    out of reach here); else the oldest (A) or newest (B) version it has."""
+    p = subprocess.run(["chroot", root, "apt-cache", "madison", "nginx"], capture_output=True, text=True,
+                       env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    have = [line.split("|")[1].strip() for line in p.stdout.splitlines() if line.count("|") >= 2]
+    if NGINX[name] in have or not have:
+        return NGINX[name]
+    # madison lists newest first
+    chosen = have[-1] if name == "A" else have[0]
+    print(f"image {name}: the archive no longer has nginx {NGINX[name]}; using {chosen}", file=sys.stderr)
+    return chosen
+
+
 def build_rootfs(name: str) -> str:
     """The rootfs of image `name` (cached)."""
     root = os.path.join(IMG, f"rootfs-{name}")
@@ -77,7 +92,7 @@ def build_rootfs(name: str) -> str:
         chroot(tmp, "apt-get", "upgrade", "-y", "-q")
         chroot(tmp, "apt-get", "install", "-y", "-q", "--no-install-recommends", "curl")
     else:
-        v = NGINX[name]
+        v = nginx_version(tmp, name)
         chroot(tmp, "apt-get", "install", "-y", "-q", "--no-install-recommends", f"nginx={v}", f"nginx-common={v}")
     chroot(tmp, "apt-get", "clean")
     os.unlink(os.path.join(tmp, "usr/sbin/policy-rc.d"))
@@ -207,8 +222,13 @@ def _peer(tool: str, old: str, new: str, work: str) -> str:
     return out
 
 
+def can_build() -> bool:
+    """Building the images takes root, debootstrap and chroot."""
+    return os.geteuid() == 0 and all(shutil.which(tool) for tool in ("debootstrap", "chroot"))
+
+
 def main() -> int:
-    if os.geteuid() != 0 or not shutil.which("debootstrap") or not shutil.which("chroot"):
+    if not can_build():
         print("image bench: needs root, debootstrap and chroot (skipped)", file=sys.stderr)
         return 0
     os.makedirs(IMG, exist_ok=True)
@@ -319,7 +339,7 @@ def plot(r: dict[str, float], path: str) -> None:
 def layouts_main(names: list[str]) -> int:
     """`python -m bench.image_bench layouts A B`: build (or reuse) those images and
     print their OCI layout directories, one per line (make demo uses this)."""
-    if os.geteuid() != 0 or not shutil.which("debootstrap") or not shutil.which("chroot"):
+    if not can_build():
         print("image layouts: needs root, debootstrap and chroot", file=sys.stderr)
         return 1
     unknown = [n for n in names if n not in ("A", "B", "C")]

@@ -67,13 +67,14 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from tests.daemons import Containerd, Registry, Server, Snapshotterd, terminate, unmount_below
+from tests.daemons import Containerd, Registry, Server, Snapshotterd, clean_below, mounts_below, terminate
 
 from . import image_bench
 from .delta_bench import RESULTS
@@ -453,28 +454,7 @@ def device(topo: Topology, base: str) -> Iterator[tuple[Containerd, Snapshotterd
             ctrd.remove_containers()
         ctrd.stop()
         snap.stop()
-        unmount_below(base)
-        kill_naming(base)  # FUSE servers outlive the snapshotter by design; shims of a killed run
-        unmount_below(base)
-
-
-def kill_naming(base: str) -> None:
-    """SIGKILL the processes whose arguments name a path under `base` (ours: this run's
-    FUSE servers and containerd shims), by pid."""
-    prefix = os.fsencode(os.path.abspath(base))
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and any(a == prefix or a.startswith(prefix + b"/") for a in args):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
-
-
-def ctr_cmd(ctrd: Containerd, *args: str) -> list[str]:
-    return ["ctr", "--address", ctrd.socket, "--namespace", ctrd.namespace, *args]
+        clean_below(base)
 
 
 def d4c_cmd(ctrd: Containerd, snap: Snapshotterd, *args: str) -> list[str]:
@@ -496,9 +476,16 @@ def first_line(cmd: list[str], timeout: float = 300) -> tuple[str, float]:
     """Start `cmd`, return its first output line (stdout or stderr) and when it came."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert p.stdout is not None
-    line = p.stdout.readline()
-    when = time.monotonic()
-    rest, _ = p.communicate(timeout=timeout)
+    watchdog = threading.Timer(timeout, p.kill)  # a silent hang ends too, not only a slow exit
+    watchdog.start()
+    try:
+        line = p.stdout.readline()
+        when = time.monotonic()
+        rest, _ = p.communicate()
+    finally:
+        watchdog.cancel()
+    if p.returncode == -signal.SIGKILL:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... did not finish in {timeout} s")
     if p.returncode:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({p.returncode}): {(line + rest).strip()[-2000:]}")
     return line.strip(), when
@@ -510,23 +497,22 @@ def measure(topo: Topology, side: ServerSide, old: str, new: str, link: Link, me
     with tempfile.TemporaryDirectory(prefix="dev-", dir=work) as base, device(topo, base) as (ctrd, snap):
         cid = f"link-{uuid.uuid4().hex[:10]}"
         if method in REPOS:
-            check(ctr_cmd(ctrd, "images", "pull", "--plain-http", registry_ref(side, method, old)))
+            check(ctrd.ctr_args("images", "pull", "--plain-http", registry_ref(side, method, old)))
             image = registry_ref(side, method, new)
-            pulls = [ctr_cmd(ctrd, "images", "pull", "--plain-http", image)]
-            run_cmd = ctr_cmd(ctrd, "run", "--rm", image, cid, *RUN_CMD)
+            pull = ctrd.ctr_args("images", "pull", "--plain-http", image)
+            run_cmd = ctrd.ctr_args("run", "--rm", image, cid, *RUN_CMD)
             payload = side.layers[(method, new)][0]
         else:
             check(d4c_cmd(ctrd, snap, "load", "--image", f"{REPO}:{old}", "--cdimg", side.cdimgs[old]))
             image = f"{REPO}:{new}"
-            pulls = [d4c_cmd(ctrd, snap, "pull", "--image", image, "--host", f"{SRV_IP}:{side.server.port}")]
-            run_cmd = ctr_cmd(ctrd, "run", "--rm", "--snapshotter", "di3fs", image, cid, *RUN_CMD)
+            pull = d4c_cmd(ctrd, snap, "pull", "--image", image, "--host", f"{SRV_IP}:{side.server.port}")
+            run_cmd = ctrd.ctr_args("run", "--rm", "--snapshotter", "di3fs", image, cid, *RUN_CMD)
             payload = os.path.getsize(side.deltas[new])
         topo.shape(link)
         try:
             before = topo.wire_bytes()
             start = time.monotonic()
-            for cmd in pulls:
-                check(cmd)
+            check(pull)
             pulled = time.monotonic()
             line, shown = first_line(run_cmd)
             wire = topo.wire_bytes() - before
@@ -535,7 +521,7 @@ def measure(topo: Topology, side: ServerSide, old: str, new: str, link: Link, me
         if not line.startswith("nginx version:"):
             raise RuntimeError(f"unexpected first line of {new}: {line!r}")
         snapshotter = ["--snapshotter", "di3fs"] if method == "d4c" else []
-        status, _ = first_line(ctr_cmd(ctrd, "run", "--rm", *snapshotter, image, cid + "-v", "sha256sum",
+        status, _ = first_line(ctrd.ctr_args("run", "--rm", *snapshotter, image, cid + "-v", "sha256sum",
                                        "/var/lib/dpkg/status"))
         if status.split()[0] != expect_status:
             raise RuntimeError(f"{method}: the container does not run {new} (dpkg status {status})")
@@ -718,11 +704,8 @@ def write_results(runs: list[Row], setup: dict[str, object]) -> str:
 
 def clear_work(work: str) -> None:
     """Unmount and remove the work dir -- never rm -rf through a mount that is still there."""
-    unmount_below(work)
-    kill_naming(work)
-    unmount_below(work)
-    with open("/proc/self/mountinfo") as f:
-        left = [line.split()[4] for line in f if line.split()[4].startswith(work + "/")]
+    clean_below(work)
+    left = mounts_below(work)
     if left:
         log(f"left {work} in place: still mounted: {', '.join(left)}")
         return
@@ -765,6 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         side = serve(topo, work, images)
         setup["registry_layers"] = {f"{m}:{n}": v for (m, n), v in side.layers.items()}
         runs = run_cells(topo, side, pairs, links, args.reps, work)
+    except (RuntimeError, subprocess.SubprocessError) as exc:  # a step failed: one line, after the teardown
+        raise SystemExit(f"link bench: {exc}") from None
     finally:
         log("teardown")
         if side:

@@ -12,6 +12,7 @@ pids=()
 ns="d4c-demo-$$"
 
 cleanup() {
+  trap '' INT TERM  # a second Ctrl-C must not cut the cleanup short
   set +e
   if [ -S "$work/run/containerd.sock" ]; then
     for c in $(ctr -a "$work/run/containerd.sock" -n "$ns" containers ls -q 2>/dev/null); do
@@ -62,7 +63,7 @@ fi
 run_cmd=()
 case "$images" in
 debian)
-  step "two versions of a real image: Debian bookworm minbase + nginx 1.22.1-9+deb12u9 / +deb12u11"
+  step "two versions of a real image: Debian bookworm minbase + nginx 1.22.1-9+deb12u9 / +deb12u11 (the archive's oldest / newest when it has moved on)"
   echo "(the Debian archive is reachable: built with debootstrap the first time, a few minutes; then cached in ${D4C_IMAGE_CACHE:-bench/cache/img})"
   mapfile -t layouts < <(PYTHONPATH="$PWD/src:$PWD" "$PY" -m bench.image_bench layouts A B)
   [ "${#layouts[@]}" = 2 ] || { echo "demo: building the Debian images failed"; exit 1; }
@@ -112,11 +113,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 EOF
 "$BIN/snapshotter" --address "$work/run/di3fs.sock" --root "$work/di3fs" 2>"$work/snapshotter.log" & pids+=($!)
 containerd --config "$work/containerd.toml" >"$work/containerd.log" 2>&1 & pids+=($!)
-port=$((20000 + $$ % 20000))
-"$BIN/server" --port "$port" --root "$work/server" 2>"$work/server.log" & pids+=($!)
+"$BIN/server" --port 0 --root "$work/server" 2>"$work/server.log" & pids+=($!)  # a free port, from its log
 wait_for "$work/run/di3fs.sock" snapshotter
 wait_for "$work/run/containerd.sock" containerd
-for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.05; done
+port=
+for _ in $(seq 200); do
+  port=$(sed -n 's|.*serving on http://127\.0\.0\.1:\([0-9]*\).*|\1|p' "$work/server.log")
+  [ -n "$port" ] && break; sleep 0.05
+done
+[ -n "$port" ] || { echo "demo: server did not start"; exit 1; }
 echo "containerd, snapshotter and server are up (logs in $work)"
 
 step "push the base and the delta"

@@ -4,6 +4,7 @@ its own session, always torn down."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -83,9 +84,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                                          start_new_session=True)
         wait_for(self.socket, self.proc, "containerd")
 
+    def ctr_args(self, *args: str) -> list[str]:
+        return ["ctr", "--address", self.socket, "--namespace", self.namespace, *args]
+
     def ctr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(["ctr", "--address", self.socket, "--namespace", self.namespace, *args],
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(self.ctr_args(*args), capture_output=True, text=True, timeout=timeout)
         if check and p.returncode:
             raise AssertionError(f"ctr {' '.join(args)}: {p.stderr.strip()}")
         return p
@@ -119,13 +122,46 @@ def terminate(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-def unmount_below(base: str) -> None:
-    """Unmount whatever a test left mounted under `base` (deepest first)."""
+def mounts_below(base: str) -> list[str]:
+    """Mount points under `base`, deepest first."""
     base = os.path.abspath(base)
     with open("/proc/self/mountinfo") as f:
         points = [line.split()[4] for line in f]
-    for point in sorted((p for p in points if p.startswith(base + "/")), key=len, reverse=True):
+    return sorted((p for p in points if p.startswith(base + "/")), key=len, reverse=True)
+
+
+def unmount_below(base: str) -> None:
+    """Unmount whatever a test left mounted under `base` (deepest first)."""
+    for point in mounts_below(base):
         subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def pids_naming(base: str, flag: bytes | None = None) -> list[int]:
+    """Processes other than this one with an argument that names `base` or a path
+    under it (`--opt=PATH` too) and, when given, the argument `flag`."""
+    prefix = os.fsencode(os.path.abspath(base))
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if int(pid) == os.getpid() or (flag is not None and flag not in args):
+            continue
+        if any(a.endswith(prefix) or prefix + b"/" in a for a in args):
+            found.append(int(pid))
+    return found
+
+
+def clean_below(base: str) -> None:
+    """Teardown after a killed run: unmount, SIGKILL what names `base` (FUSE
+    servers outlive the snapshotter by design; containerd shims), unmount again."""
+    unmount_below(base)
+    for pid in pids_naming(base):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    unmount_below(base)
 
 
 def have_containerd() -> str | None:

@@ -39,10 +39,21 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def run_binary(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def binary(name: str) -> str | None:
+    """The built one-file binary `name` when the run names them (D4C_BINARIES), else None."""
     path = os.path.join(BINARIES, name)
-    need(bool(BINARIES) and os.access(path, os.X_OK), f"no {name} binary (run `make all`)")
-    return subprocess.run([path, *args], capture_output=True, text=True, env=env if env is not None else {},
+    return path if BINARIES and os.access(path, os.X_OK) else None
+
+
+def need_binary(name: str) -> str:
+    path = binary(name)
+    need(path is not None, f"no {name} binary (run `make all`, set D4C_BINARIES)")
+    assert path is not None
+    return path
+
+
+def run_binary(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([need_binary(name), *args], capture_output=True, text=True, env=env if env is not None else {},
                           timeout=120)
 
 
@@ -177,18 +188,6 @@ def diff_chain(full: list[str], out_dir: str) -> list[str]:
 
 
 def fuse_server_pids(under: str) -> list[int]:
-    """FUSE server processes (ours: started with --ready-fd) whose arguments name
-    a path under `under`."""
-    prefix = os.fsencode(os.path.abspath(under))
-    pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"--ready-fd" in args and any(a == prefix or a.startswith(prefix + b"/") for a in args):
-            pids.append(int(pid))
-    return pids
+    """FUSE server processes (ours: started with --ready-fd) that name a path under `under`."""
+    from daemons import pids_naming
+    return pids_naming(under, flag=b"--ready-fd")

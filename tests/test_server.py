@@ -10,15 +10,14 @@ import threading
 import pytest
 
 from daemons import DropProxy, Server
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, binary, run_cli
 
 from d4c.server.store import Artifact, Store
 
 
 @pytest.fixture()
 def server(tmp_path):  # type: ignore[no-untyped-def]
-    binary = os.path.join(os.environ.get("D4C_BINARIES", ""), "server")
-    srv = Server(str(tmp_path), binary if os.environ.get("D4C_BINARIES") and os.access(binary, os.X_OK) else None)
+    srv = Server(str(tmp_path), binary("server"))
     srv.start()
     yield srv
     srv.stop()

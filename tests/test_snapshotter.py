@@ -12,8 +12,9 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Snapshotterd, have_containerd, unmount_below
-from helpers import assert_one_line_error, convert_tags, diff_chain, fuse_server_pids, need, run_cli
+from daemons import Containerd, Snapshotterd, clean_below, have_containerd
+from helpers import (assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need, need_binary,
+                     run_cli)
 from ocibuild import M, Layout
 
 BUSYBOX = "/bin/busybox"
@@ -58,8 +59,7 @@ def daemons(tmp_path):  # type: ignore[no-untyped-def]
     base = str(tmp_path / "d")
     os.makedirs(os.path.join(base, "run"))
     # the shipped binary when it is built (its FUSE servers are the binary re-executed)
-    binary = os.path.join(os.environ.get("D4C_BINARIES", ""), "snapshotter")
-    with running(base, binary if os.environ.get("D4C_BINARIES") and os.access(binary, os.X_OK) else None) as both:
+    with running(base, binary("snapshotter")) as both:
         yield both
 
 
@@ -77,10 +77,7 @@ def running(base: str, snapshotter_binary: str | None):  # type: ignore[no-untyp
         ctrd.remove_containers()
         ctrd.stop()
         snap.stop()
-        unmount_below(base)
-        for pid in fuse_server_pids(base):
-            os.kill(pid, signal.SIGKILL)
-        unmount_below(base)
+        clean_below(base)
 
 
 def wait_redial(ctrd: Containerd) -> None:
@@ -366,14 +363,14 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
 def test_snapshotter_stops_on_a_burst_of_signals(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Ctrl-C reaches the one-file bootloader, which forwards it, and the daemon
     itself: signals come in bursts.  The daemon stops within its grace period
-    every time (a handler that took a lock once deadlocked it for good)."""
+    every time (a handler that took a lock once deadlocked it for good).  Only
+    the one-file binary reproduced that deadlock; the module never hung."""
     need(IS_ROOT, "the snapshotter needs root")
-    binaries = os.environ.get("D4C_BINARIES", "")
-    binary = os.path.join(binaries, "snapshotter") if binaries else ""
-    for attempt in range(5):
+    snapshotter = need_binary("snapshotter")
+    for attempt in range(12):
         base = str(tmp_path / f"s{attempt}")
         os.makedirs(os.path.join(base, "run"))
-        d = Snapshotterd(base, binary if os.access(binary, os.X_OK) else None)
+        d = Snapshotterd(base, snapshotter)
         d.start()
         assert d.proc is not None
         for _ in range(30):

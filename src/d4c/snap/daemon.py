@@ -57,6 +57,8 @@ def serve(args: argparse.Namespace) -> int:
 
     if os.geteuid() != 0:
         raise errors.Unsupported("the snapshotter needs root (FUSE and overlay mounts)")
+    # before the socket exists: a Ctrl-C from then on is a clean stop, never a traceback
+    signals = record_signals(signal.SIGTERM, signal.SIGINT)
     address = os.path.abspath(args.address)
     os.makedirs(os.path.dirname(address), mode=0o700, exist_ok=True)
     os.chmod(os.path.dirname(address), 0o700)
@@ -70,7 +72,6 @@ def serve(args: argparse.Namespace) -> int:
         raise errors.SystemFailure(f"cannot listen on {address}")
     if os.path.exists(address):
         os.chmod(address, 0o600)
-    signals = record_signals(signal.SIGTERM, signal.SIGINT)
     server.start()
     logging.getLogger("d4c.snap").info("serving on %s (root %s)", address, os.path.abspath(args.root))
     wait_for_signal(signals)
