@@ -15,6 +15,7 @@ from conftest import IS_ROOT
 from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli, snapshot_tree
 
 from d4c.dimg import Image
+from d4c.errors import CorruptImage
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
 from d4c.tree import EntryType, Storage
 
@@ -142,7 +143,6 @@ def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignor
 
 def test_cache_refuses_wrong_bodies(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = BodyCache(str(tmp_path / "c"), 1 << 20)
-    from d4c.errors import CorruptImage
     with pytest.raises(CorruptImage):
         cache.open(b"\1" * 32, 6, lambda: b"hello")
     assert os.listdir(tmp_path / "c") == []
@@ -349,7 +349,6 @@ class _FakeBody:
 
     def read(self, n: int) -> bytes:
         if 0 <= self.fail_at <= self.pos:
-            from d4c.errors import CorruptImage
             raise CorruptImage("fake", "content digest mismatch")
         chunk = self.data[self.pos:self.pos + n]
         self.pos += len(chunk)
@@ -373,7 +372,6 @@ def test_prefetcher() -> None:
     assert b"".join(got) == data
     # a failing body: the error reaches the reader
     p = _Prefetcher.streaming(_FakeBody(data, fail_at=2 * _Prefetcher.CHUNK))
-    from d4c.errors import CorruptImage
     with pytest.raises(CorruptImage):
         while p.read(1 << 20):
             pass
@@ -387,3 +385,39 @@ def test_prefetcher() -> None:
     start = time.monotonic()
     p.close()
     assert time.monotonic() - start < 2 and body.closed
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_verified_bodies_skip_only_the_sha256_pass(stack, tmp_path, verified) -> None:  # type: ignore[no-untyped-def]
+    """Options.verified_bodies (`--verified-bodies`) trusts the sha256 check done
+    when the images were stored: a body whose digest no longer matches -- what a
+    second pass would catch -- is an error without it and served with it.  zstd's
+    frame checksums stay on either way (test_damaged_frames_are_eio)."""
+    fs = ImageFS(open_images(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
+    try:
+        inos = walk(fs)
+        small = next(p for p, ino in inos.items() if fs.entry(ino).type == EntryType.FILE
+                     and 0 < fs.entry(ino).size < (64 << 10) and fs.top.holder(fs.top.resolve(fs.entry(ino))[1])
+                     .storage == Storage.FRAME)
+        for path in (b"lib/libbig.so", small):  # streamed in frames / read whole
+            image, stored = fs.top.resolve(fs.entry(inos[path]))
+            stored = image.holder(stored)
+            want = image.read_body(stored)
+            stored.digest = bytes(32)  # as if the stored body had changed since it was checked
+            fh = fs.open(inos[path])
+            got, off = [], 0
+
+            def read_all() -> None:
+                nonlocal off
+                while chunk := fs.read(fh, off, 128 << 10):
+                    got.append(chunk)
+                    off += len(chunk)
+            if verified:
+                read_all()
+                assert b"".join(got) == want, path
+            else:
+                with pytest.raises(CorruptImage, match="digest"):
+                    read_all()
+            fs.release(fh)
+    finally:
+        fs.close()
