@@ -237,7 +237,7 @@ class Handle:
         self.window.clear()
         self.base = self.end = 0
 
-    def read(self, offset: int, size: int) -> bytes:
+    def read(self, offset: int, size: int) -> bytes | memoryview:
         with self.lock:
             if self.fd >= 0:
                 return os.pread(self.fd, size, offset)
@@ -256,7 +256,10 @@ class Handle:
                     self.base += len(self.window.popleft())
             return self._slice(offset, min(stop, self.end))
 
-    def _slice(self, offset: int, stop: int) -> bytes:
+    def _slice(self, offset: int, stop: int) -> bytes | memoryview:
+        """Bytes [offset, stop) of the window; a view, not a copy, when one
+        chunk holds them (llfuse takes any buffer; copies were a third of a
+        streamed read's time)."""
         parts, at = [], self.base
         for chunk in self.window:
             if at >= stop:
@@ -264,7 +267,7 @@ class Handle:
             if at + len(chunk) > offset:
                 parts.append(memoryview(chunk)[max(offset - at, 0):stop - at])
             at += len(chunk)
-        return b"".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _switch_to_cache(self, offset: int, size: int) -> bytes:
         """Random access into a large frame: keep the decompressed body in the cache."""
@@ -351,10 +354,10 @@ class _Buffered:
     def __init__(self, data: bytes) -> None:
         self._view, self._pos = memoryview(data), 0
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview:
         part = self._view[self._pos:self._pos + n]
         self._pos += len(part)
-        return bytes(part)
+        return part
 
     def close(self) -> None:
         self._view = memoryview(b"")
@@ -403,28 +406,26 @@ class _Prefetcher:
             except queue.Full:
                 continue
 
-    def read(self, n: int) -> bytes:
+    def read(self, n: int) -> memoryview:
+        """Up to `n` bytes, no copy: the rest of the producer's current chunk,
+        waiting only when it has none."""
         if self._error is not None:
             # every later read fails too: the kernel may have swallowed the first
             # failure (a readahead request), and an empty read would be a short file
             raise self._error
-        parts = []
-        while n > 0 and not self._done:
-            if not len(self._buf):
-                item = self._queue.get()
-                if isinstance(item, BaseException):
-                    self._done = True
-                    self._error = item
-                    raise item
-                if item is self._END:
-                    self._done = True
-                    break
+        if not len(self._buf) and not self._done:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                self._error = item
+                raise item
+            if item is self._END:
+                self._done = True
+            else:
                 self._buf = memoryview(item)  # type: ignore[arg-type]
-            take = self._buf[:n]
-            self._buf = self._buf[len(take):]
-            parts.append(take)
-            n -= len(take)
-        return b"".join(parts)
+        take = self._buf[:n]
+        self._buf = self._buf[len(take):]
+        return take
 
     def close(self) -> None:
         self._stop.set()
@@ -559,7 +560,7 @@ class ImageFS:
             self._handles[fh] = handle
         return fh
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def read(self, fh: int, offset: int, size: int) -> bytes | memoryview:
         handle = self._handles.get(fh)
         if handle is None:
             raise FsError(errno.EBADF)

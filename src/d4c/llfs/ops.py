@@ -102,7 +102,7 @@ class Operations(llfuse.Operations):  # type: ignore[misc,name-defined]
             return self.fs.open(inode)
 
     @guarded
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # llfuse takes any buffer
         with llfuse.lock_released:
             return self.fs.read(fh, off, size)
 
