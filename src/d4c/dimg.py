@@ -507,7 +507,9 @@ class Image:
         if not self.info.multi_frame:
             yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size
             return
-        os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+        if length > STREAM_PIECE:  # small bodies: the kernel's own readahead of the image (bodies
+            # lie in path order) serves a tree walk in ~150 disk reads, not one per file
+            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
         buf = memoryview(bytearray(length))
         got = pos = total = 0
         try:
