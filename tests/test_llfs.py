@@ -421,3 +421,31 @@ def test_verified_bodies_skip_only_the_sha256_pass(stack, tmp_path, verified) ->
             fs.release(fh)
     finally:
         fs.close()
+
+
+def test_verified_frames_fail_for_good(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A damaged frame of a verified body fails the read that meets it and every
+    read after it: the frames decoded ahead must never be served in its place."""
+    imgs = open_images(stack)
+    try:
+        image, big = imgs[-1].resolve(next(x for x in imgs[-1].entries if x.path == b"lib/libbig.so"))
+        big = image.holder(big)
+        damage = {image.path: [image.info.body_offset + big.body_offset + big.body_length // 2]}
+    finally:
+        for i in imgs:
+            i.close()
+    top = damaged_copy(stack, str(tmp_path / "images"), damage)
+    fs = ImageFS(open_images(resolve_stack(top)), Options(str(tmp_path / "cache"), verified_bodies=True))
+    try:
+        fh = fs.open(walk(fs)[b"lib/libbig.so"])
+        off = 0
+        with pytest.raises(CorruptImage):
+            while chunk := fs.read(fh, off, 128 << 10):
+                off += len(chunk)
+        assert 0 < off < big.size
+        for at in (off, off + (128 << 10), off + (1 << 20)):
+            with pytest.raises(CorruptImage):
+                fs.read(fh, at, 128 << 10)
+        fs.release(fh)
+    finally:
+        fs.close()

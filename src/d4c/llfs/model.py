@@ -298,16 +298,67 @@ PREFETCH_MIN = 1 << 20  # larger bodies are decompressed on another thread while
 
 def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: ignore[no-untyped-def]
     """A forward reader of a stored body.  Bodies up to ONE_SHOT_MAX are read
-    whole and decompressed a frame at a time in one call each, on DECODERS
-    threads (zstd checks each frame's checksum before a byte is served); larger
-    ones stream.  Unless the bodies were `verified` when the images were stored
-    (Options.verified_bodies), the sha256 digest is checked before the last
-    bytes are handed out, so a read to the end fails on a mismatch."""
+    whole and decompressed a frame at a time in one call each, partly on
+    DECODERS threads (zstd checks each frame's checksum before a byte is
+    served); larger ones stream.  Unless the bodies were `verified` when the
+    images were stored (Options.verified_bodies), the sha256 digest is checked
+    before the last bytes are handed out, so a read to the end fails on a
+    mismatch: a producer thread hashes while earlier bytes are served."""
     if stored.size > ONE_SHOT_MAX:
         return _Prefetcher.streaming(image.open_body(stored))
     if stored.size < PREFETCH_MIN:
         return _Buffered(image.read_body(stored, check=not verified))
+    if verified:
+        return _VerifiedFrames(image, stored)
     return _Prefetcher(_decoded_frames(image, stored, verified), lambda: None)
+
+
+class _VerifiedFrames:
+    """A verified body's frames, decoded where they are needed: the first on the
+    reading thread, while the pool decodes the next DECODERS.  No thread to
+    start and no handoff before a file's first bytes: a cold read of many
+    large files waited on those (0.10-0.15 of the time, measured)."""
+
+    def __init__(self, image: Image, stored: Entry) -> None:
+        self._image, self._stored = image, stored
+        self._frames = image.body_frames(stored)
+        self._pending: deque[Future[bytes]] = deque()
+        self._buf = memoryview(b"")
+        self._started = False
+        self._error: BaseException | None = None
+
+    def _submit(self, count: int) -> None:
+        pool = _decoders()
+        for frame, n in islice(self._frames, count):
+            self._pending.append(pool.submit(self._image.decode_frame, self._stored, frame, n))
+
+    def read(self, n: int) -> memoryview:
+        if self._error is not None:
+            raise self._error  # as _Prefetcher: never a short file after a failure
+        if not len(self._buf):
+            try:
+                if not self._started:
+                    self._started = True
+                    first = next(self._frames, None)
+                    if first is not None:
+                        self._submit(DECODERS)
+                        self._buf = memoryview(self._image.decode_frame(self._stored, *first))
+                elif self._pending:
+                    data = self._pending.popleft().result()
+                    self._submit(1)
+                    self._buf = memoryview(data)
+            except BaseException as exc:
+                self._error = exc
+                self.close()
+                raise
+        take = self._buf[:n]
+        self._buf = self._buf[len(take):]
+        return take
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
 
 
 DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
