@@ -303,54 +303,82 @@ def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: 
     served); larger ones stream.  Unless the bodies were `verified` when the
     images were stored (Options.verified_bodies), the sha256 digest is checked
     before the last bytes are handed out, so a read to the end fails on a
-    mismatch: a producer thread hashes while earlier bytes are served."""
+    mismatch."""
     if stored.size > ONE_SHOT_MAX:
         return _Prefetcher.streaming(image.open_body(stored))
     if stored.size < PREFETCH_MIN:
         return _Buffered(image.read_body(stored, check=not verified))
-    if verified:
-        return _VerifiedFrames(image, stored)
-    return _Prefetcher(_decoded_frames(image, stored, verified), lambda: None)
+    return _Frames(image, stored, verified)
 
 
-class _VerifiedFrames:
-    """A verified body's frames, decoded where they are needed: the first on the
-    reading thread, while the pool decodes the next DECODERS.  No thread to
-    start and no handoff before a file's first bytes: a cold read of many
-    large files waited on those (0.10-0.15 of the time, measured)."""
+DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
 
-    def __init__(self, image: Image, stored: Entry) -> None:
+
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"d4c-{name}")
+        return _pools[name]
+
+
+class _Frames:
+    """A body's frames, decoded where they are needed: the first on the reading
+    thread while the pool decodes the next DECODERS, so no thread is started and
+    nothing is handed over before a file's first bytes (a cold read of many large
+    files waited on those: 0.10-0.15 of its time, measured).  Unless `verified`,
+    one hasher thread takes each frame in order (FIFO across all files) while
+    the reader is served, and the last frame waits for the digest."""
+
+    def __init__(self, image: Image, stored: Entry, verified: bool) -> None:
         self._image, self._stored = image, stored
         self._frames = image.body_frames(stored)
         self._pending: deque[Future[bytes]] = deque()
         self._buf = memoryview(b"")
         self._started = False
         self._error: BaseException | None = None
+        self._digest = None if verified else hashlib.sha256()
+        self._hashed: Future[None] | None = None
 
     def _submit(self, count: int) -> None:
-        pool = _decoders()
+        pool = _pool("decode", DECODERS)
         for frame, n in islice(self._frames, count):
             self._pending.append(pool.submit(self._image.decode_frame, self._stored, frame, n))
+
+    def _next_frame(self) -> bytes | None:
+        if not self._started:
+            self._started = True
+            first = next(self._frames, None)
+            if first is None:
+                return None
+            self._submit(DECODERS)
+            data = self._image.decode_frame(self._stored, *first)
+        elif self._pending:
+            data = self._pending.popleft().result()
+            self._submit(1)
+        else:
+            return None
+        if self._digest is not None:
+            self._hashed = _pool("sha256", 1).submit(self._digest.update, data)
+            if not self._pending:  # the last frame: the digest before its bytes
+                self._hashed.result()
+                if self._digest.digest() != self._stored.digest:
+                    raise CorruptImage(self._image.path, f"{self._stored.display()}: content digest mismatch")
+        return data
 
     def read(self, n: int) -> memoryview:
         if self._error is not None:
             raise self._error  # as _Prefetcher: never a short file after a failure
         if not len(self._buf):
             try:
-                if not self._started:
-                    self._started = True
-                    first = next(self._frames, None)
-                    if first is not None:
-                        self._submit(DECODERS)
-                        self._buf = memoryview(self._image.decode_frame(self._stored, *first))
-                elif self._pending:
-                    data = self._pending.popleft().result()
-                    self._submit(1)
-                    self._buf = memoryview(data)
+                data = self._next_frame()
             except BaseException as exc:
                 self._error = exc
                 self.close()
                 raise
+            if data is not None:
+                self._buf = memoryview(data)
         take = self._buf[:n]
         self._buf = self._buf[len(take):]
         return take
@@ -359,44 +387,6 @@ class _VerifiedFrames:
         for future in self._pending:
             future.cancel()
         self._pending.clear()
-
-
-DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
-_decoder_pool: ThreadPoolExecutor | None = None
-_decoder_lock = threading.Lock()
-
-
-def _decoders() -> ThreadPoolExecutor:
-    global _decoder_pool
-    with _decoder_lock:
-        if _decoder_pool is None:
-            _decoder_pool = ThreadPoolExecutor(DECODERS, thread_name_prefix="d4c-decode")
-        return _decoder_pool
-
-
-def _decoded_frames(image: Image, stored: Entry, verified: bool = False) -> Iterator[bytes]:
-    """The body's frames decompressed in order, DECODERS + 1 in flight; sha256
-    runs on the producer thread while earlier frames are served, and the last
-    frame waits for it (not for `verified` bodies)."""
-    frames = image.body_frames(stored)
-    pool = _decoders()
-    pending: deque[Future[bytes]] = deque(
-        pool.submit(image.decode_frame, stored, frame, n) for frame, n in islice(frames, DECODERS + 1))
-    digest = hashlib.sha256()
-    while True:
-        data = pending.popleft().result()
-        for frame, n in islice(frames, 1):
-            pending.append(pool.submit(image.decode_frame, stored, frame, n))
-        if not pending:
-            break
-        yield data
-        if not verified:
-            digest.update(data)  # while the reader is served what was just handed over
-    if not verified:
-        digest.update(data)
-        if digest.digest() != stored.digest:
-            raise CorruptImage(image.path, f"{stored.display()}: content digest mismatch")
-    yield data
 
 
 class _Buffered:
