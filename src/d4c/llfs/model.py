@@ -293,7 +293,7 @@ class Handle:
 MAX_SKIP = 4 << 20  # reads further ahead than this (or behind the window) switch a stream to the cache
 KEEP_BEHIND = 2 << 20  # bytes a stream keeps behind its newest chunk, for out-of-order requests
 STREAM_CHUNK = 1 << 20  # a stream is pulled from its reader in chunks of this size
-PREFETCH_MIN = 1 << 20  # larger bodies are decompressed on another thread while earlier bytes are served
+PREFETCH_MIN = 1 << 20  # larger bodies: their next frames are decoded on the pool while earlier bytes are served
 
 
 def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: ignore[no-untyped-def]
@@ -339,7 +339,6 @@ class _Frames:
         self._started = False
         self._error: BaseException | None = None
         self._digest = None if verified else hashlib.sha256()
-        self._hashed: Future[None] | None = None
 
     def _submit(self, count: int) -> None:
         pool = _pool("decode", DECODERS)
@@ -360,9 +359,9 @@ class _Frames:
         else:
             return None
         if self._digest is not None:
-            self._hashed = _pool("sha256", 1).submit(self._digest.update, data)
+            hashed = _pool("sha256", 1).submit(self._digest.update, data)
             if not self._pending:  # the last frame: the digest before its bytes
-                self._hashed.result()
+                hashed.result()
                 if self._digest.digest() != self._stored.digest:
                     raise CorruptImage(self._image.path, f"{self._stored.display()}: content digest mismatch")
         return data
