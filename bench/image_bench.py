@@ -69,6 +69,8 @@ def nginx_version(root: str, name: str) -> str:
     if NGINX[name] in have or not have:
         return NGINX[name]
     # madison lists newest first
+    if len(set(have)) < 2:
+        raise SystemExit(f"image {name}: the archive has only nginx {have[0]}: no pair of versions to update between")
     chosen = have[-1] if name == "A" else have[0]
     print(f"image {name}: the archive no longer has nginx {NGINX[name]}; using {chosen}", file=sys.stderr)
     return chosen

@@ -748,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
         side = serve(topo, work, images)
         setup["registry_layers"] = {f"{m}:{n}": v for (m, n), v in side.layers.items()}
         runs = run_cells(topo, side, pairs, links, args.reps, work)
-    except (RuntimeError, subprocess.SubprocessError) as exc:  # a step failed: one line, after the teardown
+    # a step, or a daemon of tests.daemons, failed: one line, after the teardown
+    except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
         raise SystemExit(f"link bench: {exc}") from None
     finally:
         log("teardown")

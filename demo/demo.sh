@@ -118,7 +118,7 @@ wait_for "$work/run/di3fs.sock" snapshotter
 wait_for "$work/run/containerd.sock" containerd
 port=
 for _ in $(seq 200); do
-  port=$(sed -n 's|.*serving on http://127\.0\.0\.1:\([0-9]*\).*|\1|p' "$work/server.log")
+  port=$(sed -n 's|.*serving on http://127\.0\.0\.1:\([0-9]*\).*|\1|p;T;q' "$work/server.log" 2>/dev/null || true)
   [ -n "$port" ] && break; sleep 0.05
 done
 [ -n "$port" ] || { echo "demo: server did not start"; exit 1; }

@@ -122,11 +122,15 @@ def terminate(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:
             proc.wait()
 
 
-def mounts_below(base: str) -> list[str]:
-    """Mount points under `base`, deepest first."""
+def mounts_below(base: str, fstype: str | None = None) -> list[str]:
+    """Mount points under `base` (of that file system type, e.g. "fuse.d4c"), deepest first."""
     base = os.path.abspath(base)
+    points = []
     with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
+        for line in f:
+            fields = line.split()
+            if fstype is None or fields[fields.index("-") + 1] == fstype:
+                points.append(fields[4])
     return sorted((p for p in points if p.startswith(base + "/")), key=len, reverse=True)
 
 
@@ -149,7 +153,8 @@ def pids_naming(base: str, flag: bytes | None = None) -> list[int]:
             continue
         if int(pid) == os.getpid() or (flag is not None and flag not in args):
             continue
-        if any(a.endswith(prefix) or prefix + b"/" in a for a in args):
+        paths = [a.split(b"=", 1)[-1] for a in args]
+        if any(p == prefix or p.startswith(prefix + b"/") for p in paths):
             found.append(int(pid))
     return found
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import IN_CI, IS_ROOT
+from daemons import pids_naming
 
 from d4c.cli import main
 
@@ -189,5 +190,4 @@ def diff_chain(full: list[str], out_dir: str) -> list[str]:
 
 def fuse_server_pids(under: str) -> list[int]:
     """FUSE server processes (ours: started with --ready-fd) that name a path under `under`."""
-    from daemons import pids_naming
     return pids_naming(under, flag=b"--ready-fd")

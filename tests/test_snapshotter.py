@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Snapshotterd, clean_below, have_containerd
+from daemons import Containerd, Snapshotterd, clean_below, have_containerd, mounts_below
 from helpers import (assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need, need_binary,
                      run_cli)
 from ocibuild import M, Layout
@@ -133,9 +133,7 @@ def test_shared_mount_and_restart(daemons, chain) -> None:  # type: ignore[no-un
     names = [f"s{i}-{ctrd.namespace}" for i in (1, 2)]
     for name in names:
         ctrd.ctr("run", "-d", "--snapshotter", "di3fs", "d4c-bb:2", name, "/bin/sleep", "300")
-    with open("/proc/self/mountinfo") as f:
-        fuse = [line for line in f if "fuse.d4c" in line and snap.root in line]
-    assert len(fuse) == 2  # one per loaded image, shared by both containers
+    assert len(mounts_below(snap.root, "fuse.d4c")) == 2  # one per loaded image, shared by both containers
     snap.stop()
     # the containers keep reading while the snapshotter is down
     for name in names:
@@ -156,8 +154,7 @@ def test_images_rm_frees_everything(daemons, chain) -> None:  # type: ignore[no-
     assert len(os.listdir(os.path.join(snap.root, "images"))) == 3
     ctrd.ctr("images", "rm", "--sync", "d4c-bb:1", "d4c-bb:2", "d4c-bb:3")
     for _ in range(100):
-        with open("/proc/self/mountinfo") as f:
-            left = [line for line in f if snap.root in line]
+        left = mounts_below(snap.root)
         if not left and not os.listdir(os.path.join(snap.root, "images")) and not fuse_server_pids(snap.root):
             break
         time.sleep(0.1)
@@ -222,11 +219,6 @@ def test_ordinary_image_imports_and_runs(daemons, tmp_path) -> None:  # type: ig
     assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
 
 
-def _mounts_under(root: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if "fuse.d4c" in line and root in line]
-
-
 def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None:  # type: ignore[no-untyped-def]
     """rm --sync of an image a container uses keeps its mount until the container
     is gone; a mount whose server died is restored when the snapshotter starts."""
@@ -236,7 +228,7 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
     name = f"busy-{ctrd.namespace}"
     ctrd.ctr("run", "-d", "--snapshotter", "di3fs", "d4c-bb:1", name, "/bin/sleep", "300")
     ctrd.ctr("images", "rm", "--sync", "d4c-bb:1")
-    assert len(_mounts_under(snap.root)) == 1
+    assert len(mounts_below(snap.root, "fuse.d4c")) == 1
     out = ctrd.ctr("tasks", "exec", "--exec-id", "e1", name, "/bin/cat", "/etc/version").stdout
     assert out == "v1\n"
     # the mount's server dies while the snapshotter is down: the next start restores it
@@ -246,17 +238,17 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
     time.sleep(0.3)
     snap.start()
     wait_redial(ctrd)
-    assert len(_mounts_under(snap.root)) == 1 and len(fuse_server_pids(snap.root)) == 1
+    assert len(mounts_below(snap.root, "fuse.d4c")) == 1 and len(fuse_server_pids(snap.root)) == 1
     ctrd.remove_container(name)
     # with its last user gone, the image's snapshot is collected by the next
     # garbage collection (forced here: deleting a lease with --sync runs one)
     for _ in range(50):
         lease = ctrd.ctr("leases", "create").stdout.split()[0]
         ctrd.ctr("leases", "delete", "--sync", lease)
-        if not _mounts_under(snap.root) and not os.listdir(os.path.join(snap.root, "images")):
+        if not mounts_below(snap.root, "fuse.d4c") and not os.listdir(os.path.join(snap.root, "images")):
             break
         time.sleep(0.1)
-    assert _mounts_under(snap.root) == [] and os.listdir(os.path.join(snap.root, "images")) == []
+    assert mounts_below(snap.root, "fuse.d4c") == [] and os.listdir(os.path.join(snap.root, "images")) == []
 
 
 def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -371,15 +363,20 @@ def test_snapshotter_stops_on_a_burst_of_signals(tmp_path) -> None:  # type: ign
         base = str(tmp_path / f"s{attempt}")
         os.makedirs(os.path.join(base, "run"))
         d = Snapshotterd(base, snapshotter)
-        d.start()
-        assert d.proc is not None
-        for _ in range(30):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(d.proc.pid, signal.SIGINT)
         try:
-            d.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(d.proc.pid, signal.SIGKILL)  # the bootloader and the daemon it runs
-            d.proc.wait()
-            raise AssertionError(f"the snapshotter hung after a burst of SIGINTs (attempt {attempt}):\n{d.logs()}")
+            d.start()
+            assert d.proc is not None
+            for _ in range(30):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(d.proc.pid, signal.SIGINT)
+            try:
+                d.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the snapshotter hung after a burst of SIGINTs (attempt {attempt}):\n"
+                                     f"{d.logs()}") from None
+        finally:
+            if d.proc is not None and d.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(d.proc.pid, signal.SIGKILL)  # the bootloader and the daemon it runs
+                d.proc.wait()
         assert "stopped" in d.logs(), d.logs()

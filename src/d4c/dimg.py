@@ -501,8 +501,8 @@ class Image:
         """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
         with their content sizes (one frame unless the image is multi-frame).
         Each frame comes as soon as it has been read: the kernel is asked to
-        read the whole body ahead, and decoding the first frames overlaps
-        reading the rest (llfs reads start cold)."""
+        read a body of several pieces ahead, and decoding the first frames
+        overlaps reading the rest (llfs reads start cold)."""
         length, start = entry.body_length, self.info.body_offset + entry.body_offset
         if not self.info.multi_frame:
             yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size

@@ -293,7 +293,7 @@ class Handle:
 MAX_SKIP = 4 << 20  # reads further ahead than this (or behind the window) switch a stream to the cache
 KEEP_BEHIND = 2 << 20  # bytes a stream keeps behind its newest chunk, for out-of-order requests
 STREAM_CHUNK = 1 << 20  # a stream is pulled from its reader in chunks of this size
-PREFETCH_MIN = 1 << 20  # larger bodies: their next frames are decoded on the pool while earlier bytes are served
+WHOLE_MAX = 1 << 20  # smaller bodies are read and decoded whole at the first read
 
 
 def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: ignore[no-untyped-def]
@@ -306,12 +306,13 @@ def _open_reader(image: Image, stored: Entry, verified: bool = False):  # type: 
     mismatch."""
     if stored.size > ONE_SHOT_MAX:
         return _Prefetcher.streaming(image.open_body(stored))
-    if stored.size < PREFETCH_MIN:
+    if stored.size < WHOLE_MAX:
         return _Buffered(image.read_body(stored, check=not verified))
     return _Frames(image, stored, verified)
 
 
-DECODERS = 2  # frames of one body decompressed at once (zstd releases the GIL)
+DECODERS = 2  # the shared decode pool's threads, and the frames a reader has decoded ahead (zstd releases the GIL)
+HASHED_BEHIND = 2  # a reader's frames the hasher may still owe: bounds what its queue holds
 _pools: dict[str, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
@@ -329,7 +330,8 @@ class _Frames:
     nothing is handed over before a file's first bytes (a cold read of many large
     files waited on those: 0.10-0.15 of its time, measured).  Unless `verified`,
     one hasher thread takes each frame in order (FIFO across all files) while
-    the reader is served, and the last frame waits for the digest."""
+    the reader is served, at most HASHED_BEHIND frames behind, and the last
+    frame waits for the digest."""
 
     def __init__(self, image: Image, stored: Entry, verified: bool) -> None:
         self._image, self._stored = image, stored
@@ -339,6 +341,7 @@ class _Frames:
         self._started = False
         self._error: BaseException | None = None
         self._digest = None if verified else hashlib.sha256()
+        self._hashing: deque[Future[None]] = deque()
 
     def _submit(self, count: int) -> None:
         pool = _pool("decode", DECODERS)
@@ -359,11 +362,12 @@ class _Frames:
         else:
             return None
         if self._digest is not None:
-            hashed = _pool("sha256", 1).submit(self._digest.update, data)
-            if not self._pending:  # the last frame: the digest before its bytes
-                hashed.result()
-                if self._digest.digest() != self._stored.digest:
-                    raise CorruptImage(self._image.path, f"{self._stored.display()}: content digest mismatch")
+            self._hashing.append(_pool("sha256", 1).submit(self._digest.update, data))
+            last = not self._pending
+            while len(self._hashing) > (0 if last else HASHED_BEHIND):
+                self._hashing.popleft().result()  # the last frame waits for all of it
+            if last and self._digest.digest() != self._stored.digest:
+                raise CorruptImage(self._image.path, f"{self._stored.display()}: content digest mismatch")
         return data
 
     def read(self, n: int) -> memoryview:
@@ -383,9 +387,12 @@ class _Frames:
         return take
 
     def close(self) -> None:
-        for future in self._pending:
+        for future in (*self._pending, *self._hashing):
             future.cancel()
         self._pending.clear()
+        self._hashing.clear()
+        self._frames.close()  # the compressed body it holds
+        self._buf = memoryview(b"")
 
 
 class _Buffered:
