@@ -33,6 +33,8 @@ cleanup() {
   for _ in $(seq 100); do pgrep -f -- "$work" >/dev/null || break; sleep 0.05; done
   pkill -KILL -f -- "$work" 2>/dev/null
   grep -o " $work[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
+  # runc leaves the namespace's own cgroup in every hierarchy once its containers are gone
+  for d in /sys/fs/cgroup/"$ns" /sys/fs/cgroup/*/"$ns"; do [ -d "$d" ] && rmdir "$d" 2>/dev/null; done
   rm -rf "$work"
 }
 trap cleanup EXIT

@@ -5,6 +5,7 @@ its own session, always torn down."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import http.server
 import json
 import os
@@ -109,6 +110,15 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     def stop(self) -> None:
         terminate(self.proc)
+        for leftover in namespace_cgroups(self.namespace):
+            with contextlib.suppress(OSError):  # not empty: a container still runs, keep it
+                os.rmdir(leftover)
+
+
+def namespace_cgroups(namespace: str) -> list[str]:
+    """The cgroups runc made for a containerd namespace's containers: deleting the
+    containers removes theirs but leaves the namespace's own in every hierarchy."""
+    return glob.glob(f"/sys/fs/cgroup/{namespace}") + glob.glob(f"/sys/fs/cgroup/*/{namespace}")
 
 
 def terminate(proc: subprocess.Popen | None, sig: int = signal.SIGTERM) -> None:  # type: ignore[type-arg]

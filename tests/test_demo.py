@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 from conftest import IS_ROOT
-from daemons import clean_below, have_containerd, mounts_below, pids_naming
+from daemons import clean_below, have_containerd, mounts_below, namespace_cgroups, pids_naming
 from helpers import need
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -57,12 +57,14 @@ def work_dir_of(output: str) -> str | None:
     return found.group(1) if found else None
 
 
-def assert_nothing_left(work: str) -> None:
-    """No mount, no process and no files of the demo's work directory remain."""
+def assert_nothing_left(work: str, demo_pid: int) -> None:
+    """No mount, no process, no files of the demo's work directory and no cgroup
+    of its containerd namespace (d4c-demo-PID) remain."""
     assert not mounts_below(work), mounts_below(work)
     left = pids_naming(work)
     assert not left, f"processes of the demo still run: {left}"
     assert not os.path.exists(work)
+    assert not namespace_cgroups(f"d4c-demo-{demo_pid}"), namespace_cgroups(f"d4c-demo-{demo_pid}")
 
 
 def kill_demo(proc: subprocess.Popen[str], output: str) -> None:
@@ -94,7 +96,7 @@ def run_demo(images: str, timeout: float) -> str:
     assert proc.returncode == 0, output[-3000:]
     work = work_dir_of(output)
     assert work, output[-3000:]
-    assert_nothing_left(work)
+    assert_nothing_left(work, proc.pid)
     return output
 
 
@@ -165,7 +167,7 @@ def test_demo_ctrl_c_leaves_nothing_behind() -> None:
         reader.join(timeout=10)
         assert proc.returncode != 0, "".join(lines)
         assert work is not None
-        assert_nothing_left(work)
+        assert_nothing_left(work, proc.pid)
     finally:
         if proc.poll() is None or (work and (mounts_below(work) or pids_naming(work) or os.path.exists(work))):
             kill_demo(proc, "".join(lines))

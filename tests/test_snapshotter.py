@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Snapshotterd, clean_below, have_containerd, mounts_below
+from daemons import Containerd, Snapshotterd, clean_below, have_containerd, mounts_below, namespace_cgroups
 from helpers import (assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need, need_binary,
                      run_cli)
 from ocibuild import M, Layout
@@ -348,8 +348,10 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
             cli("pull", "--image", "bundle:1", *common)
             cli("pull", "--image", "bundle:2", *common)
             assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
+            assert namespace_cgroups(ctrd.namespace)  # runc made them
         finally:
             srv.stop()
+    assert not namespace_cgroups(ctrd.namespace)  # and the teardown removed them
 
 
 def test_snapshotter_stops_on_a_burst_of_signals(tmp_path) -> None:  # type: ignore[no-untyped-def]
