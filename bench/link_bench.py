@@ -74,7 +74,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from tests.daemons import Containerd, Registry, Server, Snapshotterd, clean_below, mounts_below, terminate
+from tests.daemons import (Containerd, Registry, Server, Snapshotterd, clean_below, mounts_below, stop_device,
+                           terminate)
 
 from . import image_bench
 from .delta_bench import RESULTS
@@ -450,11 +451,7 @@ def device(topo: Topology, base: str) -> Iterator[tuple[Containerd, Snapshotterd
             ctrd.start()
             yield ctrd, snap
     finally:
-        if ctrd.proc and ctrd.proc.poll() is None:
-            ctrd.remove_containers()
-        ctrd.stop()
-        snap.stop()
-        clean_below(base)
+        stop_device(ctrd, snap, base)
 
 
 def d4c_cmd(ctrd: Containerd, snap: Snapshotterd, *args: str) -> list[str]:

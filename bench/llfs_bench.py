@@ -164,7 +164,6 @@ def main() -> int:
             ("llfs, 1 worker, --verified-bodies", 1, ["--verified-bodies"]),
             ("llfs, 2 workers, --verified-bodies", 2, ["--verified-bodies"]),
             ("llfs, default workers, --verified-bodies (as di3fs mounts)", None, ["--verified-bodies"])]
-        di3fs = rows[-1][0]
         mounts: dict[str, str] = {}
         results["disk"] = {}  # the first row
         try:
@@ -184,7 +183,7 @@ def main() -> int:
             paired_big(mounts, "disk")
             with guest_halt_polling(HALT_POLL_NS) as polling:
                 if polling:
-                    name = di3fs
+                    name = rows[-1][0]  # as di3fs mounts
                     results[POLLED + "disk"] = dict(measure(disk), base=POLLED + "disk")
                     results[POLLED + name] = dict(measure(mounts[name]), base=POLLED + "disk")
                     paired_big({POLLED + name: mounts[name]}, POLLED + "disk")

@@ -169,6 +169,16 @@ def pids_naming(base: str, flag: bytes | None = None) -> list[int]:
     return found
 
 
+def stop_device(ctrd: "Containerd", snap: Snapshotterd, base: str) -> None:
+    """Teardown of a containerd + di3fs snapshotter under `base`: no container,
+    daemon, FUSE server, mount or namespace cgroup of it is left."""
+    if ctrd.proc and ctrd.proc.poll() is None:
+        ctrd.remove_containers()
+    ctrd.stop()
+    snap.stop()
+    clean_below(base)
+
+
 def clean_below(base: str) -> None:
     """Teardown after a killed run: unmount, SIGKILL what names `base` (FUSE
     servers outlive the snapshotter by design; containerd shims), unmount again."""

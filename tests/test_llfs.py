@@ -17,7 +17,7 @@ from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, r
 from d4c.dimg import Image
 from d4c.errors import CorruptImage
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
-from d4c.tree import EntryType, Storage
+from d4c.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -199,6 +199,18 @@ def test_mounted_tree_equals_unpack(stack, images, tmp_path, extra) -> None:  # 
         assert info.value.errno in (errno.EROFS, errno.EACCES)
 
 
+def stored_body(stack: list[str], path: bytes) -> tuple[str, int, int, Entry]:
+    """Where the stack stores the body of `path`: (image, file offset, length, stored entry)."""
+    imgs = open_images(stack)
+    try:
+        image, stored = imgs[-1].resolve(imgs[-1].lookup(path))
+        stored = image.holder(stored)
+        return image.path, image.info.body_offset + stored.body_offset, stored.body_length, stored
+    finally:
+        for i in imgs:
+            i.close()
+
+
 def damaged_copy(stack: list[str], folder: str, damage: dict[str, list[int]]) -> str:
     """The stack's images copied into `folder`, with the bytes at the given
     offsets of the given images inverted; returns the copy of the top image."""
@@ -247,13 +259,11 @@ def test_damaged_frames_are_eio(stack, tmp_path, extra) -> None:  # type: ignore
     at load) skips the second sha256 pass over unchanged files, not zstd's frame
     checksums."""
     fuse_ok()
+    holder, start, length, big = stored_body(stack, b"lib/libbig.so")
+    assert big.storage == Storage.FRAME and big.size > (2 << 20)  # several frames, read ahead
+    frame_at = start + length * 3 // 4
     imgs = open_images(stack)
     try:
-        image, big = imgs[-1].resolve(next(x for x in imgs[-1].entries if x.path == b"lib/libbig.so"))
-        big = image.holder(big)
-        assert big.storage == Storage.FRAME and big.size > (2 << 20)  # several frames, read ahead
-        holder = image.path
-        frame_at = image.info.body_offset + big.body_offset + big.body_length * 3 // 4
         tool = next(x for x in imgs[-1].entries if x.path == b"bin/tool")
         delta_at = imgs[-1].info.body_offset + tool.delta_steps[0].offset + tool.delta_steps[0].length // 2
     finally:
@@ -426,15 +436,8 @@ def test_verified_bodies_skip_only_the_sha256_pass(stack, tmp_path, verified) ->
 def test_verified_frames_fail_for_good(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A damaged frame of a verified body fails the read that meets it and every
     read after it: the frames decoded ahead must never be served in its place."""
-    imgs = open_images(stack)
-    try:
-        image, big = imgs[-1].resolve(next(x for x in imgs[-1].entries if x.path == b"lib/libbig.so"))
-        big = image.holder(big)
-        damage = {image.path: [image.info.body_offset + big.body_offset + big.body_length // 2]}
-    finally:
-        for i in imgs:
-            i.close()
-    top = damaged_copy(stack, str(tmp_path / "images"), damage)
+    holder, start, length, big = stored_body(stack, b"lib/libbig.so")
+    top = damaged_copy(stack, str(tmp_path / "images"), {holder: [start + length // 2]})
     fs = ImageFS(open_images(resolve_stack(top)), Options(str(tmp_path / "cache"), verified_bodies=True))
     try:
         fh = fs.open(walk(fs)[b"lib/libbig.so"])

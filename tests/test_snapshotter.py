@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Snapshotterd, clean_below, have_containerd, mounts_below, namespace_cgroups
+from daemons import Containerd, Snapshotterd, have_containerd, mounts_below, namespace_cgroups, stop_device
 from helpers import (assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need, need_binary,
                      run_cli)
 from ocibuild import M, Layout
@@ -74,10 +74,7 @@ def running(base: str, snapshotter_binary: str | None):  # type: ignore[no-untyp
     try:
         yield ctrd, snap
     finally:
-        ctrd.remove_containers()
-        ctrd.stop()
-        snap.stop()
-        clean_below(base)
+        stop_device(ctrd, snap, base)
 
 
 def wait_redial(ctrd: Containerd) -> None:

@@ -324,7 +324,41 @@ def _pool(name: str, workers: int) -> ThreadPoolExecutor:
         return _pools[name]
 
 
-class _Frames:
+class _Forward:
+    """A body read forward: up to `n` bytes per read, without a copy, from the
+    chunks `_next` produces (None at the end).  A failure stays: every later
+    read raises it too -- the kernel may have swallowed the first (a readahead
+    request), and an empty read after it would be a short file -- and the
+    reader is closed at once (close may run again from the handle)."""
+
+    def __init__(self) -> None:
+        self._buf = memoryview(b"")
+        self._error: BaseException | None = None
+
+    def _next(self) -> bytes | memoryview | None:
+        return None
+
+    def read(self, n: int) -> memoryview:
+        if self._error is not None:
+            raise self._error
+        if not len(self._buf):
+            try:
+                data = self._next()
+            except BaseException as exc:
+                self._error = exc
+                self.close()
+                raise
+            if data is not None:
+                self._buf = memoryview(data)
+        take = self._buf[:n]
+        self._buf = self._buf[len(take):]
+        return take
+
+    def close(self) -> None:
+        self._buf = memoryview(b"")
+
+
+class _Frames(_Forward):
     """A body's frames, decoded where they are needed: the first on the reading
     thread while the pool decodes the next DECODERS, so no thread is started and
     nothing is handed over before a file's first bytes (a cold read of many large
@@ -334,12 +368,11 @@ class _Frames:
     frame waits for the digest."""
 
     def __init__(self, image: Image, stored: Entry, verified: bool) -> None:
+        super().__init__()
         self._image, self._stored = image, stored
         self._frames = image.body_frames(stored)
         self._pending: deque[Future[bytes]] = deque()
-        self._buf = memoryview(b"")
         self._started = False
-        self._error: BaseException | None = None
         self._digest = None if verified else hashlib.sha256()
         self._hashing: deque[Future[None]] = deque()
 
@@ -348,7 +381,7 @@ class _Frames:
         for frame, n in islice(self._frames, count):
             self._pending.append(pool.submit(self._image.decode_frame, self._stored, frame, n))
 
-    def _next_frame(self) -> bytes | None:
+    def _next(self) -> bytes | None:
         if not self._started:
             self._started = True
             first = next(self._frames, None)
@@ -370,47 +403,24 @@ class _Frames:
                 raise CorruptImage(self._image.path, f"{self._stored.display()}: content digest mismatch")
         return data
 
-    def read(self, n: int) -> memoryview:
-        if self._error is not None:
-            raise self._error  # as _Prefetcher: never a short file after a failure
-        if not len(self._buf):
-            try:
-                data = self._next_frame()
-            except BaseException as exc:
-                self._error = exc
-                self.close()
-                raise
-            if data is not None:
-                self._buf = memoryview(data)
-        take = self._buf[:n]
-        self._buf = self._buf[len(take):]
-        return take
-
     def close(self) -> None:
         for future in (*self._pending, *self._hashing):
             future.cancel()
         self._pending.clear()
         self._hashing.clear()
         self._frames.close()  # the compressed body it holds
-        self._buf = memoryview(b"")
+        super().close()
 
 
-class _Buffered:
+class _Buffered(_Forward):
     """A body already in memory, read forward."""
 
     def __init__(self, data: bytes) -> None:
-        self._view, self._pos = memoryview(data), 0
-
-    def read(self, n: int) -> memoryview:
-        part = self._view[self._pos:self._pos + n]
-        self._pos += len(part)
-        return part
-
-    def close(self) -> None:
-        self._view = memoryview(b"")
+        super().__init__()
+        self._buf = memoryview(data)
 
 
-class _Prefetcher:
+class _Prefetcher(_Forward):
     """Produces a body's chunks on another thread (zstd and sha256 release the
     GIL), so FUSE round trips and decompression overlap.  Errors of the
     producer (a bad frame, a digest mismatch) surface in read()."""
@@ -420,12 +430,11 @@ class _Prefetcher:
     _END = object()
 
     def __init__(self, chunks: Iterator[bytes | memoryview], close: Callable[[], None]) -> None:
+        super().__init__()
         self._chunks, self._close = chunks, close
         self._queue: queue.Queue[object] = queue.Queue(self.DEPTH)
         self._stop = threading.Event()
-        self._buf = memoryview(b"")
         self._done = False
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="d4c-prefetch", daemon=True)
         self._thread.start()
 
@@ -453,31 +462,24 @@ class _Prefetcher:
             except queue.Full:
                 continue
 
-    def read(self, n: int) -> memoryview:
-        """Up to `n` bytes, no copy: the rest of the producer's current chunk,
-        waiting only when it has none."""
-        if self._error is not None:
-            # every later read fails too: the kernel may have swallowed the first
-            # failure (a readahead request), and an empty read would be a short file
-            raise self._error
-        if not len(self._buf) and not self._done:
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                self._error = item
-                raise item
-            if item is self._END:
-                self._done = True
-            else:
-                self._buf = memoryview(item)  # type: ignore[arg-type]
-        take = self._buf[:n]
-        self._buf = self._buf[len(take):]
-        return take
+    def _next(self) -> bytes | memoryview | None:
+        if self._done:
+            return None
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item is self._END:
+            self._done = True
+            return None
+        return item  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._close()
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self._close()
+        super().close()
 
 
 # ---------------------------------------------------------------- the file system
