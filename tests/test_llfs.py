@@ -107,6 +107,73 @@ def test_out_of_order_reads_stay_streamed(stack, images, tmp_path, monkeypatch) 
         fs.close()
 
 
+def read_all(fs: ImageFS, ino: int, pause: float = 0.0) -> bytes:
+    fh = fs.open(ino)
+    parts, off = [], 0
+    while chunk := fs.read(fh, off, 128 << 10):
+        parts.append(bytes(chunk))
+        off += len(chunk)
+        time.sleep(pause)
+    fs.release(fh)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatch, verified) -> None:  # type: ignore[no-untyped-def]
+    """A large body's frames are shared between the reading thread and one pool
+    helper: both decode, a helper leaves a slow reader and is called back when
+    it catches up, and many readers at once each get their own file's bytes."""
+    from d4c.llfs import model as llfs_model
+    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 0.001)  # leave a reader that pauses
+    decoders: list[str] = []
+    decode = Image.decode_frame
+
+    def counted(self, *args):  # type: ignore[no-untyped-def]
+        decoders.append(threading.current_thread().name)
+        return decode(self, *args)
+
+    monkeypatch.setattr(Image, "decode_frame", counted)
+    fs = ImageFS(open_images(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
+    try:
+        ino = walk(fs)[b"lib/libbig.so"]
+        with Image(images[3]) as want:
+            body = want.read_body(want.lookup(b"lib/libbig.so"))
+        assert read_all(fs, ino, pause=0.01) == body
+        helped = [name for name in decoders if name.startswith("d4c-decode")]
+        assert helped and len(helped) < len(decoders)  # both hands decoded
+        results: list[bool] = []
+        readers = [threading.Thread(target=lambda n=n: results.append(read_all(fs, ino, n % 3 * 0.002) == body))
+                   for n in range(12)]
+        for t in readers:
+            t.start()
+        for t in readers:
+            t.join(30)
+        assert results == [True] * 12
+        assert os.listdir(tmp_path / "cache") == []  # all streamed
+    finally:
+        fs.close()
+
+
+def test_frames_closed_while_helping(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A helper waiting for its reader to catch up leaves when the handle is
+    released: the decode pool is free for the next files at once."""
+    from d4c.llfs import model as llfs_model
+    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 30.0)  # only the close may end the wait
+    monkeypatch.setattr(llfs_model, "AHEAD", 0)  # a helper decodes one frame, then waits
+    fs = model(stack, tmp_path)
+    try:
+        ino = walk(fs)[b"lib/libbig.so"]
+        for _ in range(llfs_model.DECODERS):  # a waiting helper on every pool thread
+            fh = fs.open(ino)
+            assert len(fs.read(fh, 0, 4096)) == 4096
+            time.sleep(0.3)  # the helper decodes its frame and waits
+            fs.release(fh)
+        llfs_model._pool("decode", llfs_model.DECODERS).submit(lambda: None).result(timeout=5)
+        assert len(read_all(fs, ino)) == fs.getattr(ino).size
+    finally:
+        fs.close()
+
+
 def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fs = model(stack, tmp_path, limit=150_000)
     try:

@@ -508,8 +508,11 @@ class Image:
             yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size
             return
         if length > STREAM_PIECE:  # small bodies: the kernel's own readahead of the image (bodies
-            # lie in path order) serves a tree walk in ~150 disk reads, not one per file
-            os.posix_fadvise(self._fd, start, length, os.POSIX_FADV_WILLNEED)
+            # lie in path order) serves a tree walk in ~150 disk reads, not one per file.
+            # One request per piece: asked in one call, the disk read the body as one request
+            # (up to 4 MiB here) and the first frame waited for all of it.
+            for at in range(0, length, STREAM_PIECE):
+                os.posix_fadvise(self._fd, start + at, min(STREAM_PIECE, length - at), os.POSIX_FADV_WILLNEED)
         buf = memoryview(bytearray(length))
         got = pos = total = 0
         try:
