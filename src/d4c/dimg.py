@@ -52,6 +52,7 @@ MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
 STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of this size
+ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
 _MAX_ID = (1 << 32) - 1
@@ -501,18 +502,19 @@ class Image:
         """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
         with their content sizes (one frame unless the image is multi-frame).
         Each frame comes as soon as it has been read: the kernel is asked to
-        read a body of several pieces ahead, and decoding the first frames
-        overlaps reading the rest (llfs reads start cold)."""
+        read a few pieces ahead, and decoding the first frames overlaps reading
+        the rest (llfs reads start cold).  Not thread-safe: llfs advances it
+        under a lock."""
         length, start = entry.body_length, self.info.body_offset + entry.body_offset
         if not self.info.multi_frame:
             yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size
             return
-        if length > STREAM_PIECE:  # small bodies: the kernel's own readahead of the image (bodies
-            # lie in path order) serves a tree walk in ~150 disk reads, not one per file.
-            # One request per piece: asked in one call, the disk read the body as one request
-            # (up to 4 MiB here) and the first frame waited for all of it.
-            for at in range(0, length, STREAM_PIECE):
-                os.posix_fadvise(self._fd, start + at, min(STREAM_PIECE, length - at), os.POSIX_FADV_WILLNEED)
+        # Small bodies: the kernel's own readahead of the image (bodies lie in path order)
+        # serves a tree walk in ~150 disk reads, not one per file.  Larger ones are asked
+        # for a piece at a time, ASKED_AHEAD beyond the read: asked whole, the body was
+        # one disk request (up to 4 MiB here) that the first frame waited for, and the
+        # asking itself (~0.5 ms per MiB) delayed the first read.
+        asked = 0 if length > STREAM_PIECE else length
         buf = memoryview(bytearray(length))
         got = pos = total = 0
         try:
@@ -521,6 +523,10 @@ class Image:
                 if n < 0:
                     if got == length:
                         raise ValueError("truncated frame")
+                    while asked < min(length, got + ASKED_AHEAD):
+                        os.posix_fadvise(self._fd, start + asked, min(STREAM_PIECE, length - asked),
+                                         os.POSIX_FADV_WILLNEED)
+                        asked += STREAM_PIECE
                     read = os.preadv(self._fd, [buf[got:min(length, got + STREAM_PIECE)]], start + got)
                     if read <= 0:
                         raise CorruptImage(self.path, "file is truncated")
