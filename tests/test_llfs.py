@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -121,10 +122,7 @@ def read_all(fs: ImageFS, ino: int, pause: float = 0.0) -> bytes:
 @pytest.mark.parametrize("verified", [False, True])
 def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatch, verified) -> None:  # type: ignore[no-untyped-def]
     """A large body's frames are shared between the reading thread and one pool
-    helper: both decode, a helper leaves a slow reader and is called back when
-    it catches up, and many readers at once each get their own file's bytes."""
-    from d4c.llfs import model as llfs_model
-    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 0.001)  # leave a reader that pauses
+    helper: both decode, and many readers at once each get the file's bytes."""
     decoders: list[str] = []
     decode = Image.decode_frame
 
@@ -138,12 +136,12 @@ def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatc
         ino = walk(fs)[b"lib/libbig.so"]
         with Image(images[3]) as want:
             body = want.read_body(want.lookup(b"lib/libbig.so"))
-        assert read_all(fs, ino, pause=0.01) == body
+        assert read_all(fs, ino) == body
         helped = [name for name in decoders if name.startswith("d4c-decode")]
         assert helped and len(helped) < len(decoders)  # both hands decoded
         results: list[bool] = []
-        readers = [threading.Thread(target=lambda n=n: results.append(read_all(fs, ino, n % 3 * 0.002) == body))
-                   for n in range(12)]
+        readers = [threading.Thread(target=lambda n=n: results.append(read_all(fs, ino, n % 3 * 0.002) == body),
+                                    daemon=True) for n in range(12)]
         for t in readers:
             t.start()
         for t in readers:
@@ -154,24 +152,147 @@ def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatc
         fs.close()
 
 
-def test_frames_closed_while_helping(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A helper waiting for its reader to catch up leaves when the handle is
-    released: the decode pool is free for the next files at once."""
+class FramedBody:
+    """A stand-in image for llfs's frame reader: frame i is FRAME bytes of i,
+    "decoded" as is, after delay[i] seconds, failing where told."""
+
+    FRAME = 64 << 10
+    path = "fake.cdimg"
+
+    def __init__(self, count: int, delay: dict[int, float] | None = None, bad: tuple[int, ...] = (),
+                 unreadable_at: int | None = None, extra: bool = False) -> None:
+        import hashlib
+        import types
+        self.count, self.delay, self.bad = count, delay or {}, bad
+        self.unreadable_at, self.extra = unreadable_at, extra
+        self.body = b"".join(bytes([i]) * self.FRAME for i in range(count))
+        self.stored = types.SimpleNamespace(size=len(self.body), digest=hashlib.sha256(self.body).digest(),
+                                            display=lambda: "big")
+        self.decoded_by: list[str] = []
+
+    def body_frames(self, stored):  # type: ignore[no-untyped-def]
+        for i in range(self.count + self.extra):
+            if i == self.unreadable_at:
+                raise CorruptImage(self.path, "file is truncated")
+            yield memoryview(bytes([i]) * self.FRAME), self.FRAME
+
+    def decode_frame(self, stored, frame, size):  # type: ignore[no-untyped-def]
+        i = frame[0]
+        self.decoded_by.append(threading.current_thread().name)
+        time.sleep(self.delay.get(i, 0))
+        if i in self.bad:
+            raise CorruptImage(self.path, f"frame {i} is damaged")
+        return bytes(frame)
+
+
+def read_frames(reader, pause: float = 0.0, timeout: float = 20.0,  # type: ignore[no-untyped-def]
+                size: int = FramedBody.FRAME) -> tuple[bytes, BaseException | None]:
+    """Read a frame reader to its end or first error, on a daemon thread: a hang
+    fails the test instead of hanging pytest."""
+    out: list[bytes] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            while chunk := reader.read(size):
+                out.append(bytes(chunk))
+                if pause:
+                    time.sleep(pause)
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the reader hangs"
+    return b"".join(out), (error[0] if error else None)
+
+
+@pytest.mark.parametrize("case", ["decode fails", "read fails", "frames past the size"])
+def test_frames_fail_while_the_other_hand_decodes(monkeypatch, case) -> None:  # type: ignore[no-untyped-def]
+    """A frame fails while the other hand still decodes the one before it: the
+    frames before it are served, then the failure, for good; nothing hangs."""
+    from d4c.llfs import model as llfs_model
+    monkeypatch.setattr(llfs_model, "AHEAD", 4)
+    slow = {i: 0.05 for i in range(8)}  # every hand is busy long enough for the other to claim
+    image = {"decode fails": FramedBody(8, slow, bad=(3,)),
+             "read fails": FramedBody(8, slow, unreadable_at=3),
+             "frames past the size": FramedBody(8, slow, extra=True)}[case]
+    reader = llfs_model._Frames(image, image.stored, True)  # type: ignore[arg-type]
+    got, error = read_frames(reader)
+    assert isinstance(error, CorruptImage)
+    # frames past the size fail the read of the last frame: no read would ever meet them
+    served = 7 if case == "frames past the size" else 3
+    assert got == image.body[:served * FramedBody.FRAME]
+    with pytest.raises(CorruptImage):
+        reader.read(1)
+    reader.close()
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_frames_helper_leaves_a_slow_reader(monkeypatch, verified) -> None:  # type: ignore[no-untyped-def]
+    """A helper leaves a reader that stops reading and is called back when it
+    reads on: the body comes out whole and in order, decoded by both hands."""
+    from d4c.llfs import model as llfs_model
+    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 0.002)
+    calls: list[int] = []
+    help_ = llfs_model._Frames._help
+    monkeypatch.setattr(llfs_model._Frames, "_help", lambda self: (calls.append(1), help_(self))[1])
+    image = FramedBody(16)
+    got, error = read_frames(llfs_model._Frames(image, image.stored, verified), pause=0.02)  # type: ignore[arg-type]
+    assert error is None and got == image.body
+    assert len(calls) >= 2  # called back after leaving
+    assert any(name.startswith("d4c-decode") for name in image.decoded_by)
+
+
+def test_frames_two_hands_stress() -> None:
+    """Random disk and decode delays, damaged frames and early closes around the
+    two hands' hand-offs: every body comes out whole, or up to its damaged frame
+    and then the error, and no reader hangs."""
+    from d4c.llfs import model as llfs_model
+    rnd = random.Random(4)
+
+    class Jittery(FramedBody):
+        def body_frames(self, stored):  # type: ignore[no-untyped-def]
+            for item in super().body_frames(stored):
+                time.sleep(rnd.choice((0, 0, 0.0005, 0.002)))
+                yield item
+
+        def decode_frame(self, stored, frame, size):  # type: ignore[no-untyped-def]
+            time.sleep(rnd.choice((0, 0, 0.0002, 0.001)))
+            return super().decode_frame(stored, frame, size)
+
+    for _ in range(500):
+        count = rnd.randint(1, 6)
+        bad = (rnd.randrange(count),) if rnd.random() < 0.2 else ()
+        image = Jittery(count, bad=bad)
+        reader = llfs_model._Frames(image, image.stored, rnd.random() < 0.5)  # type: ignore[arg-type]
+        if rnd.random() < 0.1 and not bad:  # released after its first read
+            assert bytes(reader.read(100)) == image.body[:100]
+            reader.close()
+            continue
+        got, error = read_frames(reader, timeout=10, size=7000)
+        assert got == image.body[:(bad[0] if bad else count) * FramedBody.FRAME]
+        assert isinstance(error, CorruptImage) == bool(bad)
+        reader.close()
+
+
+def test_frames_closed_while_helping(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A helper waiting for its reader to catch up leaves when the reader is
+    closed: the decode pool is free for the next files at once."""
     from d4c.llfs import model as llfs_model
     monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 30.0)  # only the close may end the wait
     monkeypatch.setattr(llfs_model, "AHEAD", 0)  # a helper decodes one frame, then waits
-    fs = model(stack, tmp_path)
-    try:
-        ino = walk(fs)[b"lib/libbig.so"]
-        for _ in range(llfs_model.DECODERS):  # a waiting helper on every pool thread
-            fh = fs.open(ino)
-            assert len(fs.read(fh, 0, 4096)) == 4096
-            time.sleep(0.3)  # the helper decodes its frame and waits
-            fs.release(fh)
-        llfs_model._pool("decode", llfs_model.DECODERS).submit(lambda: None).result(timeout=5)
-        assert len(read_all(fs, ino)) == fs.getattr(ino).size
-    finally:
-        fs.close()
+    for _ in range(llfs_model.DECODERS):  # a waiting helper on every pool thread
+        image = FramedBody(4)
+        reader = llfs_model._Frames(image, image.stored, True)  # type: ignore[arg-type]
+        assert bytes(reader.read(10)) == image.body[:10]
+        deadline = time.monotonic() + 10
+        while 1 not in reader._decoded and time.monotonic() < deadline:  # the helper has its frame
+            time.sleep(0.001)
+        assert 1 in reader._decoded
+        reader.close()
+    llfs_model._pool("decode", llfs_model.DECODERS).submit(lambda: None).result(timeout=5)
 
 
 def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]

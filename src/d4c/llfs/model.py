@@ -280,13 +280,14 @@ class Handle:
         return os.pread(self.fd, size, offset)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
-        self.window.clear()
+        with self.lock:  # not under a read in progress (ImageFS.close releases every handle)
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            if self.reader is not None:
+                self.reader.close()
+                self.reader = None
+            self.window.clear()
 
 
 MAX_SKIP = 4 << 20  # reads further ahead than this (or behind the window) switch a stream to the cache
@@ -376,39 +377,49 @@ class _Frames(_Forward):
     def __init__(self, image: Image, stored: Entry, verified: bool) -> None:
         super().__init__()
         self._image, self._stored = image, stored
-        self._frames = image.body_frames(stored)  # advanced under _cond only
+        self._frames = image.body_frames(stored)  # advanced by one hand at a time (_claiming)
         self._cond = threading.Condition()
         self._decoded: dict[int, bytes] = {}
         self._claimed = self._served = 0  # frames handed to a decoder / to the reader
         self._claimed_bytes = self._served_bytes = 0
-        self._exhausted = self._closed = self._helping = False
+        self._claiming = self._exhausted = self._closed = self._helping = False
         self._failure: tuple[int, BaseException] | None = None  # the first failed frame
         self._digest = None if verified else hashlib.sha256()
         self._hashing: deque[Future[None]] = deque()
 
     def _claim(self) -> tuple[int, memoryview, int] | None:
-        """The next frame to decode, under _cond; None when there is none to take."""
+        """The next frame to decode, or None when there is none to take.  Called
+        under _cond, which it releases while body_frames reads the disk."""
+        while self._claiming:
+            self._cond.wait()
         if self._exhausted or self._closed or self._failure is not None:
             return None
         index = self._claimed
+        self._claiming = True
+        self._cond.release()
+        job: tuple[int, memoryview, int] | None = None
+        failure: BaseException | None = None
         try:
             frame, size = next(self._frames)
+            job = (index, frame, size)
+            if self._claimed_bytes + size >= self._stored.size and next(self._frames, None) is not None:
+                raise CorruptImage(self._image.path, f"{self._stored.display()}: frames hold more than its size")
         except StopIteration:
-            self._exhausted = True
-            return None
+            pass
         except BaseException as exc:
-            self._fail(index, exc)
-            return None
-        self._claimed += 1
-        self._claimed_bytes += size
-        if self._claimed_bytes >= self._stored.size:
+            failure = exc
+        finally:
+            self._cond.acquire()
+            self._claiming = False
+            self._cond.notify_all()
+        if job is not None:
+            self._claimed += 1
+            self._claimed_bytes += job[2]
+        if job is None or self._claimed_bytes >= self._stored.size:
             self._exhausted = True
-            try:  # let body_frames run its end-of-body checks; a failure comes after this frame
-                if next(self._frames, None) is not None:
-                    raise CorruptImage(self._image.path, f"{self._stored.display()}: frames hold more than its size")
-            except BaseException as exc:
-                self._fail(self._claimed, exc)
-        return index, frame, size
+        if failure is not None:  # after the frame claimed with it, if any
+            self._fail(self._claimed, failure)
+        return job
 
     def _fail(self, index: int, exc: BaseException) -> None:
         if self._failure is None or index < self._failure[0]:
@@ -431,6 +442,9 @@ class _Frames(_Forward):
 
     def _room(self) -> bool:
         return self._claimed - self._served <= AHEAD
+
+    def _can_claim(self) -> bool:
+        return not (self._claiming or self._exhausted or self._closed or self._failure) and self._room()
 
     def _call_helper(self) -> None:
         if not (self._helping or self._exhausted or self._closed or self._failure) and self._room():
@@ -455,22 +469,29 @@ class _Frames(_Forward):
             while index not in self._decoded:
                 if self._failure is not None and index >= self._failure[0]:
                     raise self._failure[1]
+                if self._closed:
+                    raise FsError(errno.EBADF, "read of a released file")
                 if self._exhausted and index >= self._claimed:
                     return None
-                job = self._claim() if self._room() else None
-                if job is None:
-                    if self._failure is None and not (self._exhausted and index >= self._claimed):
-                        self._cond.wait()  # the helper is decoding this frame
+                if self._can_claim():
+                    job = self._claim()  # None only when it ended the body or failed
+                    if job is not None:
+                        self._call_helper()
+                        self._decode(*job)
                     continue
-                self._call_helper()
-                self._decode(*job)
+                # the other hand has this frame; checked first, as it may be done already
+                self._cond.wait_for(lambda: index in self._decoded or self._can_claim() or self._closed
+                                    or (self._failure is not None and index >= self._failure[0]))
             data = self._decoded.pop(index)
             self._served += 1
             self._served_bytes += len(data)
+            last = self._served_bytes >= self._stored.size
+            if last and self._failure is not None:
+                raise self._failure[1]  # frames past the body's size: nothing would read them
+            self._cond.notify_all()  # a helper waiting for room
             self._call_helper()
         if self._digest is not None:
             self._hashing.append(_pool("sha256", 1).submit(self._digest.update, data))
-            last = self._served_bytes >= self._stored.size
             while len(self._hashing) > (0 if last else HASHED_BEHIND):
                 self._hashing.popleft().result()  # the last frame waits for all of it
             if last and self._digest.digest() != self._stored.digest:
@@ -480,6 +501,8 @@ class _Frames(_Forward):
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            while self._claiming:  # body_frames is not to be closed while it reads
+                self._cond.wait()
             self._decoded.clear()
             self._frames.close()  # the compressed body it holds (a helper decoding keeps its frame)
             self._cond.notify_all()
