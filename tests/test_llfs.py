@@ -160,12 +160,12 @@ class FramedBody:
     path = "fake.cdimg"
 
     def __init__(self, count: int, delay: dict[int, float] | None = None, bad: tuple[int, ...] = (),
-                 unreadable_at: int | None = None, extra: bool = False) -> None:
+                 unreadable_at: int | None = None, extra: bool = False, empty: tuple[int, ...] = ()) -> None:
         import hashlib
         import types
         self.count, self.delay, self.bad = count, delay or {}, bad
-        self.unreadable_at, self.extra = unreadable_at, extra
-        self.body = b"".join(bytes([i]) * self.FRAME for i in range(count))
+        self.unreadable_at, self.extra, self.empty = unreadable_at, extra, empty
+        self.body = b"".join(bytes([i]) * self.FRAME for i in range(count) if i not in empty)
         self.stored = types.SimpleNamespace(size=len(self.body), digest=hashlib.sha256(self.body).digest(),
                                             display=lambda: "big")
         self.decoded_by: list[str] = []
@@ -174,7 +174,7 @@ class FramedBody:
         for i in range(self.count + self.extra):
             if i == self.unreadable_at:
                 raise CorruptImage(self.path, "file is truncated")
-            yield memoryview(bytes([i]) * self.FRAME), self.FRAME
+            yield memoryview(bytes([i]) * self.FRAME), 0 if i in self.empty else self.FRAME
 
     def decode_frame(self, stored, frame, size):  # type: ignore[no-untyped-def]
         i = frame[0]
@@ -182,7 +182,7 @@ class FramedBody:
         time.sleep(self.delay.get(i, 0))
         if i in self.bad:
             raise CorruptImage(self.path, f"frame {i} is damaged")
-        return bytes(frame)
+        return b"" if i in self.empty else bytes(frame)
 
 
 def read_frames(reader, pause: float = 0.0, timeout: float = 20.0,  # type: ignore[no-untyped-def]
@@ -243,6 +243,32 @@ def test_frames_helper_leaves_a_slow_reader(monkeypatch, verified) -> None:  # t
     assert error is None and got == image.body
     assert len(calls) >= 2  # called back after leaving
     assert any(name.startswith("d4c-decode") for name in image.decoded_by)
+
+
+@pytest.mark.parametrize("verified", [False, True])
+def test_frames_past_an_empty_frame(verified) -> None:  # type: ignore[no-untyped-def]
+    """An empty frame inside a body (valid, though our writer makes none) is not
+    the end of the file: the rest is served, and checked unless verified."""
+    from d4c.llfs import model as llfs_model
+    image = FramedBody(5, empty=(1, 2))
+    got, error = read_frames(llfs_model._Frames(image, image.stored, verified))  # type: ignore[arg-type]
+    assert error is None and got == image.body
+
+
+def test_read_after_release_is_ebadf(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A read that found its handle just before the release fails; it does not
+    open a new stream that nothing would close."""
+    fs = model(stack, tmp_path)
+    try:
+        fh = fs.open(walk(fs)[b"lib/libbig.so"])
+        handle = fs._handles[fh]
+        assert len(fs.read(fh, 0, 4096)) == 4096
+        fs.release(fh)
+        with pytest.raises(FsError) as info:
+            handle.read(4096, 4096)
+        assert info.value.errno == errno.EBADF and handle.reader is None
+    finally:
+        fs.close()
 
 
 def test_frames_two_hands_stress() -> None:

@@ -229,6 +229,7 @@ class Handle:
         self.window: deque[bytes] = deque()  # the newest chunks produced, in order
         self.base = self.end = 0             # body offsets of the window's first and past-last byte
         self.lock = threading.Lock()
+        self.closed = False
 
     def start(self) -> None:
         assert self.stored is not None
@@ -238,6 +239,8 @@ class Handle:
 
     def read(self, offset: int, size: int) -> bytes | memoryview:
         with self.lock:
+            if self.closed:  # looked up just before its release
+                raise FsError(errno.EBADF)
             if self.fd >= 0:
                 return os.pread(self.fd, size, offset)
             if self.reader is None:
@@ -281,6 +284,7 @@ class Handle:
 
     def close(self) -> None:
         with self.lock:  # not under a read in progress (ImageFS.close releases every handle)
+            self.closed = True
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
@@ -392,8 +396,8 @@ class _Frames(_Forward):
         under _cond, which it releases while body_frames reads the disk."""
         while self._claiming:
             self._cond.wait()
-        if self._exhausted or self._closed or self._failure is not None:
-            return None
+        if self._exhausted or self._closed or self._failure is not None or not self._room():
+            return None  # no room: the other hand claimed while this one waited
         index = self._claimed
         self._claiming = True
         self._cond.release()
@@ -465,31 +469,34 @@ class _Frames(_Forward):
 
     def _next(self) -> bytes | None:
         with self._cond:
-            index = self._served
-            while index not in self._decoded:
-                if self._failure is not None and index >= self._failure[0]:
-                    raise self._failure[1]
-                if self._closed:
-                    raise FsError(errno.EBADF, "read of a released file")
-                if self._exhausted and index >= self._claimed:
-                    return None
-                if self._can_claim():
-                    job = self._claim()  # None only when it ended the body or failed
-                    if job is not None:
-                        self._call_helper()
-                        self._decode(*job)
-                    continue
-                # the other hand has this frame; checked first, as it may be done already
-                self._cond.wait_for(lambda: index in self._decoded or self._can_claim() or self._closed
-                                    or (self._failure is not None and index >= self._failure[0]))
-            data = self._decoded.pop(index)
-            self._served += 1
-            self._served_bytes += len(data)
-            last = self._served_bytes >= self._stored.size
-            if last and self._failure is not None:
-                raise self._failure[1]  # frames past the body's size: nothing would read them
-            self._cond.notify_all()  # a helper waiting for room
-            self._call_helper()
+            while True:  # past empty frames: an empty read is the end of the file
+                index = self._served
+                while index not in self._decoded:
+                    if self._failure is not None and index >= self._failure[0]:
+                        raise self._failure[1]
+                    if self._closed:
+                        raise FsError(errno.EBADF, "read of a released file")
+                    if self._exhausted and index >= self._claimed:
+                        return None
+                    if self._can_claim():
+                        job = self._claim()  # None only when it ended the body or failed
+                        if job is not None:
+                            self._call_helper()
+                            self._decode(*job)
+                        continue
+                    # the other hand has this frame; checked first, as it may be done already
+                    self._cond.wait_for(lambda: index in self._decoded or self._can_claim() or self._closed
+                                        or (self._failure is not None and index >= self._failure[0]))
+                data = self._decoded.pop(index)
+                self._served += 1
+                self._served_bytes += len(data)
+                last = self._served_bytes >= self._stored.size
+                if last and self._failure is not None:
+                    raise self._failure[1]  # frames past the body's size: nothing would read them
+                self._cond.notify_all()  # a helper waiting for room
+                self._call_helper()
+                if len(data) or last:
+                    break
         if self._digest is not None:
             self._hashing.append(_pool("sha256", 1).submit(self._digest.update, data))
             while len(self._hashing) > (0 if last else HASHED_BEHIND):
