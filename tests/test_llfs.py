@@ -666,3 +666,16 @@ def test_verified_frames_fail_for_good(stack, tmp_path) -> None:  # type: ignore
         fs.release(fh)
     finally:
         fs.close()
+
+
+def test_frame_memory_is_kept() -> None:
+    """The FUSE server asks glibc (this machine's libc) for shared arenas that keep
+    freed frames, so first-frame decodes do not fault in fresh pages."""
+    from d4c.llfs.serve import keep_frame_memory
+    assert keep_frame_memory()
+    buffers = [bytes(1 << 20) for _ in range(4)]  # touched once, freed ...
+    del buffers
+    import resource
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    again = [bytearray(1 << 20) for _ in range(4)]  # ... and reused without page faults
+    assert resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before < 256 and len(again) == 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from typing import Callable
@@ -25,6 +26,26 @@ def check_mountpoint(mountpoint: str) -> None:
         raise UsageError(f"mount point {mountpoint} is not empty")
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def keep_frame_memory() -> bool:
+    """Let decoded frames (1 MiB each) reuse memory already touched.  By default
+    each of the 30 FUSE threads has its own malloc arena and 1 MiB blocks come
+    from fresh mmaps: a FUSE thread's decode of a file's first frame took ~256
+    page faults, a third of its time, in half the files (traced).  Two shared
+    arenas that keep up to 32 MiB of freed memory avoid that.  glibc only; a
+    no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = mallopt(_M_ARENA_MAX, 2) and mallopt(_M_MMAP_THRESHOLD, 4 << 20) and mallopt(_M_TRIM_THRESHOLD, 32 << 20)
+    return bool(ok)
+
+
 def fuse_problem() -> str | None:
     """Why FUSE cannot be used here, or None."""
     if llfuse is None:
@@ -41,6 +62,7 @@ def serve(paths: list[str], mountpoint: str, options: Options, *,
     if problem:
         raise Unsupported(f"cannot mount: {problem}")
     from .ops import Operations  # subclasses llfuse's class: only importable with llfuse
+    keep_frame_memory()  # before the FUSE and pool threads start
     images = open_images(paths)
     fs = ImageFS(images, options)
     fuse_options = set(llfuse.default_options) | {"fsname=d4c", "subtype=d4c", "ro"}
