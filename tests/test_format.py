@@ -281,6 +281,21 @@ def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[
         with pytest.raises(CorruptImage):  # llfs's reader: frames as they are read, then decoded
             for frame, n in image.body_frames(e):
                 image.decode_frame(e, frame, n)
+    # frames after the content (an empty one: a non-empty one overflows the size)
+    import dataclasses
+    import zstandard
+    cctx = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)
+    content, empty = cctx.compress(b"0123456789"), cctx.compress(b"")
+    tail = content + empty
+    with Image(str(tmp_path / "x.dimg")) as image:
+        e = image.lookup(b"big")
+        fd = os.open(tmp_path / "x.dimg", os.O_RDWR)
+        os.pwrite(fd, tail, image.info.body_offset + e.body_offset)  # over the start of the (damaged) body
+        os.close(fd)
+        e = dataclasses.replace(e, body_length=len(tail), size=10)
+        assert [n for _, n in image.body_frames(dataclasses.replace(e, body_length=len(content)))] == [10]
+        with pytest.raises(CorruptImage, match="data after the last frame"):
+            list(image.body_frames(e))
     # the same body in a writer that does not set the flag: a reader must refuse it
     monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)
     _pack(str(src), str(tmp_path / "noflag.dimg"), 1)

@@ -17,6 +17,7 @@ from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, r
 
 from d4c.dimg import Image
 from d4c.errors import CorruptImage
+from d4c.llfs import model as llfs_model
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
 from d4c.tree import Entry, EntryType, Storage
 
@@ -86,7 +87,6 @@ def test_out_of_order_reads_stay_streamed(stack, images, tmp_path, monkeypatch) 
     """Several FUSE workers hand the kernel's readahead requests over slightly
     out of order: a large unchanged file serves them from the stream, and only
     a real jump back (before what the stream keeps) goes to the cache."""
-    from d4c.llfs import model as llfs_model
     monkeypatch.setattr(llfs_model, "KEEP_BEHIND", 1 << 20)  # the test file is 2.4 MB
     fs = model(stack, tmp_path)
     try:
@@ -174,6 +174,8 @@ class FramedBody:
         for i in range(self.count + self.extra):
             if i == self.unreadable_at:
                 raise CorruptImage(self.path, "file is truncated")
+            if i == self.count:  # as Image.body_frames: data after the content
+                raise CorruptImage(self.path, "data after the last frame")
             yield memoryview(bytes([i]) * self.FRAME), 0 if i in self.empty else self.FRAME
 
     def decode_frame(self, stored, frame, size):  # type: ignore[no-untyped-def]
@@ -212,7 +214,6 @@ def read_frames(reader, pause: float = 0.0, timeout: float = 20.0,  # type: igno
 def test_frames_fail_while_the_other_hand_decodes(monkeypatch, case) -> None:  # type: ignore[no-untyped-def]
     """A frame fails while the other hand still decodes the one before it: the
     frames before it are served, then the failure, for good; nothing hangs."""
-    from d4c.llfs import model as llfs_model
     monkeypatch.setattr(llfs_model, "AHEAD", 4)
     slow = {i: 0.05 for i in range(8)}  # every hand is busy long enough for the other to claim
     image = {"decode fails": FramedBody(8, slow, bad=(3,)),
@@ -233,7 +234,6 @@ def test_frames_fail_while_the_other_hand_decodes(monkeypatch, case) -> None:  #
 def test_frames_helper_leaves_a_slow_reader(monkeypatch, verified) -> None:  # type: ignore[no-untyped-def]
     """A helper leaves a reader that stops reading and is called back when it
     reads on: the body comes out whole and in order, decoded by both hands."""
-    from d4c.llfs import model as llfs_model
     monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 0.002)
     calls: list[int] = []
     help_ = llfs_model._Frames._help
@@ -249,7 +249,6 @@ def test_frames_helper_leaves_a_slow_reader(monkeypatch, verified) -> None:  # t
 def test_frames_past_an_empty_frame(verified) -> None:  # type: ignore[no-untyped-def]
     """An empty frame inside a body (valid, though our writer makes none) is not
     the end of the file: the rest is served, and checked unless verified."""
-    from d4c.llfs import model as llfs_model
     image = FramedBody(5, empty=(1, 2))
     got, error = read_frames(llfs_model._Frames(image, image.stored, verified))  # type: ignore[arg-type]
     assert error is None and got == image.body
@@ -275,7 +274,6 @@ def test_frames_two_hands_stress() -> None:
     """Random disk and decode delays, damaged frames and early closes around the
     two hands' hand-offs: every body comes out whole, or up to its damaged frame
     and then the error, and no reader hangs."""
-    from d4c.llfs import model as llfs_model
     rnd = random.Random(4)
 
     class Jittery(FramedBody):
@@ -306,7 +304,6 @@ def test_frames_two_hands_stress() -> None:
 def test_frames_closed_while_helping(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A helper waiting for its reader to catch up leaves when the reader is
     closed: the decode pool is free for the next files at once."""
-    from d4c.llfs import model as llfs_model
     monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 30.0)  # only the close may end the wait
     monkeypatch.setattr(llfs_model, "AHEAD", 0)  # a helper decodes one frame, then waits
     for _ in range(llfs_model.DECODERS):  # a waiting helper on every pool thread

@@ -519,6 +519,8 @@ class Image:
         got = pos = total = 0
         try:
             while pos < length:
+                if total == entry.size:  # the content is complete; only empty frames could follow
+                    raise ValueError("data after the last frame")
                 n = frame_length(buf[pos:got], partial=True)
                 if n < 0:
                     if got == length:

@@ -396,7 +396,7 @@ class _Frames(_Forward):
         under _cond, which it releases while body_frames reads the disk."""
         while self._claiming:
             self._cond.wait()
-        if self._exhausted or self._closed or self._failure is not None or not self._room():
+        if self._ended() or not self._room():
             return None  # no room: the other hand claimed while this one waited
         index = self._claimed
         self._claiming = True
@@ -406,8 +406,8 @@ class _Frames(_Forward):
         try:
             frame, size = next(self._frames)
             job = (index, frame, size)
-            if self._claimed_bytes + size >= self._stored.size and next(self._frames, None) is not None:
-                raise CorruptImage(self._image.path, f"{self._stored.display()}: frames hold more than its size")
+            if self._claimed_bytes + size >= self._stored.size:
+                next(self._frames, None)  # body_frames' end-of-body checks
         except StopIteration:
             pass
         except BaseException as exc:
@@ -447,18 +447,22 @@ class _Frames(_Forward):
     def _room(self) -> bool:
         return self._claimed - self._served <= AHEAD
 
+    def _ended(self) -> bool:
+        """No frame will be claimed any more."""
+        return self._exhausted or self._closed or self._failure is not None
+
     def _can_claim(self) -> bool:
-        return not (self._claiming or self._exhausted or self._closed or self._failure) and self._room()
+        return not (self._claiming or self._ended()) and self._room()
 
     def _call_helper(self) -> None:
-        if not (self._helping or self._exhausted or self._closed or self._failure) and self._room():
+        if not (self._helping or self._ended()) and self._room():
             self._helping = True
             _pool("decode", DECODERS).submit(self._help)
 
     def _help(self) -> None:
         with self._cond:
             try:
-                while not (self._exhausted or self._closed or self._failure):
+                while not self._ended():
                     if not self._cond.wait_for(lambda: self._room() or self._closed, HELPER_PATIENCE):
                         return  # a slow reader: it calls a helper again when it catches up
                     job = self._claim()
