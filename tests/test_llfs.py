@@ -668,11 +668,48 @@ def test_verified_frames_fail_for_good(stack, tmp_path) -> None:  # type: ignore
 def test_frame_memory_is_kept() -> None:
     """The FUSE server asks glibc (this machine's libc) for shared arenas that keep
     freed frames, so first-frame decodes do not fault in fresh pages."""
-    from d4c.llfs.serve import keep_frame_memory
+    from d4c.llfs.threads import keep_frame_memory
     assert keep_frame_memory()
-    buffers = [bytes(1 << 20) for _ in range(4)]  # touched once, freed ...
+    buffers = [bytearray(1 << 20) for _ in range(4)]  # touched once (zero-filled: bytes(n) may get untouched calloc pages), freed ...
     del buffers
     import resource
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
     again = [bytearray(1 << 20) for _ in range(4)]  # ... and reused without page faults
     assert resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before < 256 and len(again) == 4
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: the helper is to run on another one")
+def test_helper_wakes_on_another_cpu() -> None:
+    """A helper the reader calls before it decodes a frame itself starts on
+    another CPU and may run anywhere afterwards.  Linux's own choice (the busy
+    caller's CPU, in the FUSE server) is forced here by pinning the sleeping
+    pool threads to the caller's CPU: a plain submit runs them there."""
+    from d4c.llfs.threads import WakePool, current_cpu
+    pool = WakePool("test-wake", 2)
+    allowed = os.sched_getaffinity(0)
+    pool.submit(lambda: None).result(timeout=5)  # a thread exists and sleeps
+
+    def start(submit) -> tuple[int, int, set[int]]:  # type: ignore[no-untyped-def]
+        mine = current_cpu()
+        os.sched_setaffinity(0, {mine})
+        try:
+            for tid in pool._threads:
+                os.sched_setaffinity(tid, {mine})
+            seen: list[tuple[int, set[int]]] = []
+            future = submit(lambda: seen.append((current_cpu(), os.sched_getaffinity(0))))
+            deadline = time.monotonic() + 5
+            while not seen and time.monotonic() < deadline:
+                pass  # the caller keeps its CPU busy
+            future.result(timeout=5)
+            return mine, *seen[0]
+        finally:
+            os.sched_setaffinity(0, allowed)
+
+    mine, ran_on, may_run_on = start(pool.submit)
+    assert ran_on == mine  # the pinning stands in for the scheduler's choice
+    for _ in range(5):
+        mine, ran_on, may_run_on = start(pool.submit_elsewhere)
+        assert ran_on != mine and may_run_on == allowed
+    assert pool.submit_elsewhere(lambda x: x * 2, 21).result(timeout=5) == 42
+    with pytest.raises(ZeroDivisionError):
+        pool.submit_elsewhere(lambda: 1 // 0).result(timeout=5)

@@ -17,7 +17,7 @@ import queue
 import tempfile
 import threading
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Iterator, NamedTuple
 
@@ -26,6 +26,7 @@ import zstandard
 from ..dimg import ONE_SHOT_MAX, Image, format_id, read_info
 from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
 from ..tree import S_IFMT_OF, Entry, EntryType, Storage
+from .threads import WakePool
 
 ROOT_INO = 1
 BLOCK = 4096
@@ -319,14 +320,14 @@ DECODERS = 2  # the shared decode pool's threads: each helps one reader at a tim
 AHEAD = 2  # frames a reader may have decoded or in decoding beyond the one it reads
 HELPER_PATIENCE = 0.05  # seconds a helper waits for a slow reader before it leaves the pool to others
 HASHED_BEHIND = 2  # a reader's frames the hasher may still owe: bounds what its queue holds
-_pools: dict[str, ThreadPoolExecutor] = {}
+_pools: dict[str, WakePool] = {}
 _pools_lock = threading.Lock()
 
 
-def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+def _pool(name: str, workers: int) -> WakePool:
     with _pools_lock:
         if name not in _pools:
-            _pools[name] = ThreadPoolExecutor(workers, thread_name_prefix=f"d4c-{name}")
+            _pools[name] = WakePool(name, workers)
         return _pools[name]
 
 
@@ -457,7 +458,7 @@ class _Frames(_Forward):
     def _call_helper(self) -> None:
         if not (self._helping or self._ended()) and self._room():
             self._helping = True
-            _pool("decode", DECODERS).submit(self._help)
+            _pool("decode", DECODERS).submit_elsewhere(self._help)  # the caller decodes next
 
     def _help(self) -> None:
         with self._cond:

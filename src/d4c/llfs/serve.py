@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from typing import Callable
@@ -11,6 +10,7 @@ from ..errors import Unsupported, UsageError
 from ._impl import IMPORT_ERROR, llfuse
 from .model import ImageFS, Options, open_images
 from .mounts import clear_stale
+from .threads import keep_frame_memory
 
 log = logging.getLogger("d4c.llfs")
 
@@ -24,26 +24,6 @@ def check_mountpoint(mountpoint: str) -> None:
         raise UsageError(f"{mountpoint} is already a mount point")
     if os.listdir(mountpoint):
         raise UsageError(f"mount point {mountpoint} is not empty")
-
-
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-def keep_frame_memory() -> bool:
-    """Let decoded frames (1 MiB each) reuse memory already touched.  By default
-    each of the 30 FUSE threads has its own malloc arena and 1 MiB blocks come
-    from fresh mmaps: a FUSE thread's decode of a file's first frame took ~256
-    page faults, a third of its time, in half the files (traced).  Two shared
-    arenas that keep up to 32 MiB of freed memory avoid that.  glibc only; a
-    no-op elsewhere."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = mallopt(_M_ARENA_MAX, 2) and mallopt(_M_MMAP_THRESHOLD, 4 << 20) and mallopt(_M_TRIM_THRESHOLD, 32 << 20)
-    return bool(ok)
 
 
 def fuse_problem() -> str | None:
