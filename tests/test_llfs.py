@@ -687,13 +687,18 @@ def test_helper_wakes_on_another_cpu() -> None:
     from d4c.llfs.threads import WakePool, current_cpu
     pool = WakePool("test-wake", 2)
     allowed = os.sched_getaffinity(0)
-    pool.submit(lambda: None).result(timeout=5)  # a thread exists and sleeps
+    both = threading.Barrier(3)
+    started = [pool.submit(both.wait, 5) for _ in range(2)]
+    both.wait(5)  # both threads exist, and sleep once these return
+    for future in started:
+        future.result(timeout=5)
+    busy_tid: list[int] = []
 
     def start(submit) -> tuple[int, int, set[int]]:  # type: ignore[no-untyped-def]
         mine = current_cpu()
         os.sched_setaffinity(0, {mine})
         try:
-            for tid in pool._threads:
+            for tid in pool._threads - set(busy_tid):
                 os.sched_setaffinity(tid, {mine})
             seen: list[tuple[int, set[int]]] = []
             future = submit(lambda: seen.append((current_cpu(), os.sched_getaffinity(0))))
@@ -710,6 +715,16 @@ def test_helper_wakes_on_another_cpu() -> None:
     for _ in range(5):
         mine, ran_on, may_run_on = start(pool.submit_elsewhere)
         assert ran_on != mine and may_run_on == allowed
+    release = threading.Event()
+    busy = pool.submit_elsewhere(lambda: (busy_tid.append(threading.get_native_id()), release.wait(5)))
+    while not busy_tid:
+        time.sleep(0.001)
+    try:  # a busy thread keeps running anywhere while the idle one is woken away
+        mine, ran_on, may_run_on = start(pool.submit_elsewhere)
+        assert ran_on != mine and os.sched_getaffinity(busy_tid[0]) == allowed
+    finally:
+        release.set()
+    busy.result(timeout=5)
     assert pool.submit_elsewhere(lambda x: x * 2, 21).result(timeout=5) == 42
     with pytest.raises(ZeroDivisionError):
         pool.submit_elsewhere(lambda: 1 // 0).result(timeout=5)

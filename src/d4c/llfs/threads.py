@@ -63,10 +63,12 @@ class WakePool:
     frame left the helper waiting 1-2 ms in its run queue, so the two frames
     were decoded one after the other (perf sched, this 2-CPU VM).  Before
     waking, the pool's idle threads are told to run anywhere but on the
-    caller's CPU; the woken one lets itself run anywhere again at once."""
+    caller's CPU (busy ones keep theirs); the woken one lets itself run
+    anywhere again at once."""
 
     def __init__(self, name: str, workers: int) -> None:
         self._threads: set[int] = set()  # native ids
+        self._busy: set[int] = set()  # of threads running a submit_elsewhere task
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix=f"d4c-{name}", initializer=self._started)
         try:
             self._cpus = os.sched_getaffinity(0)
@@ -84,10 +86,15 @@ class WakePool:
         if len(self._cpus) < 2 or mine not in self._cpus:
             return self._executor.submit(fn, *args)
         away = self._cpus - {mine}
-        for tid in list(self._threads):
+        for tid in list(self._threads - self._busy):
             _set_affinity(tid, away)
         return self._executor.submit(self._anywhere, fn, *args)
 
     def _anywhere(self, fn: Callable[..., Any], *args: Any) -> Any:
-        _set_affinity(0, self._cpus)
-        return fn(*args)
+        me = threading.get_native_id()
+        self._busy.add(me)
+        try:
+            _set_affinity(0, self._cpus)
+            return fn(*args)
+        finally:
+            self._busy.discard(me)
