@@ -169,9 +169,7 @@ def edge_rows(work: str, disk: str, folder: str, top: str, big: list[str]) -> di
                 for _ in range(ROUNDS):
                     for side, where in (("disk", edge_tree), ("llfs", mnt)):
                         drop_caches()
-                        with open(ballast, "rb", buffering=0) as f:
-                            while f.read(1 << 20):
-                                pass
+                        read_files([ballast])
                         start = time.perf_counter()
                         read_files([os.path.join(where, p) for p in big])
                         times[side].append(time.perf_counter() - start)

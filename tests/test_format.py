@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import random
 
 import pytest
+import zstandard
 
 from helpers import make_tree, run_cli
 
@@ -203,7 +205,6 @@ def test_large_file_streams_in_bounded_memory(tmp_path) -> None:  # type: ignore
 
 def _frames_of(image: Image, path: bytes) -> list[int]:
     """Content sizes of the zstd frames holding one file's body."""
-    import zstandard
     from d4c.zstdframes import frame_length
     e = image.lookup(path)
     with open(image.path, "rb") as f:
@@ -282,8 +283,6 @@ def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[
             for frame, n in image.body_frames(e):
                 image.decode_frame(e, frame, n)
     # frames after the content (an empty one: a non-empty one overflows the size)
-    import dataclasses
-    import zstandard
     cctx = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True)
     content, empty = cctx.compress(b"0123456789"), cctx.compress(b"")
     tail = content + empty
@@ -323,7 +322,6 @@ def test_single_frame_large_bodies_still_read(tmp_path, monkeypatch) -> None:  #
 def test_frame_length_of_a_partly_read_frame() -> None:
     """llfs splits a body into frames as it reads it: every prefix of a frame
     asks for more, the whole frame gives its length, garbage is an error."""
-    import zstandard
     from d4c.zstdframes import frame_length
     frame = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(300_000) + b"z" * 300_000)
     assert all(frame_length(frame[:k], partial=True) == -1 for k in range(len(frame)))

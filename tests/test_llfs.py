@@ -670,7 +670,8 @@ def test_frame_memory_is_kept() -> None:
     freed frames, so first-frame decodes do not fault in fresh pages."""
     from d4c.llfs.threads import keep_frame_memory
     assert keep_frame_memory()
-    buffers = [bytearray(1 << 20) for _ in range(4)]  # touched once (zero-filled: bytes(n) may get untouched calloc pages), freed ...
+    # touched once (zero-filled: bytes(n) may get calloc pages never touched), freed ...
+    buffers = [bytearray(1 << 20) for _ in range(4)]
     del buffers
     import resource
     before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
@@ -678,12 +679,12 @@ def test_frame_memory_is_kept() -> None:
     assert resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before < 256 and len(again) == 4
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: the helper is to run on another one")
 def test_helper_wakes_on_another_cpu() -> None:
     """A helper the reader calls before it decodes a frame itself starts on
     another CPU and may run anywhere afterwards.  Linux's own choice (the busy
     caller's CPU, in the FUSE server) is forced here by pinning the sleeping
     pool threads to the caller's CPU: a plain submit runs them there."""
+    need(len(os.sched_getaffinity(0)) >= 2, "needs 2 CPUs: the helper is to run on another one")
     from d4c.llfs.threads import WakePool, current_cpu
     pool = WakePool("test-wake", 2)
     allowed = os.sched_getaffinity(0)

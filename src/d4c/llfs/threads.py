@@ -6,22 +6,19 @@ where it is unavailable."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
-_libc_loaded: list[Any] = []
-
-
+@functools.cache
 def _libc() -> Any:
     """The C library of this process, or None."""
-    if not _libc_loaded:
-        try:
-            _libc_loaded.append(ctypes.CDLL(None))
-        except OSError:
-            _libc_loaded.append(None)
-    return _libc_loaded[0]
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 # glibc mallopt parameters
