@@ -22,6 +22,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+from .plotting import pyplot
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, "cache")
 RESULTS = os.path.join(HERE, "results")
@@ -257,11 +259,8 @@ def render(corpus: list[FilePair], large: list[FilePair], notes: list[str]) -> s
 
 
 def plot(corpus: list[FilePair], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("delta bench")
+    if plt is None:
         return
     tools = ["d4c", "d4c-fast"] + PEERS
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
@@ -277,6 +276,7 @@ def plot(corpus: list[FilePair], path: str) -> None:
         ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

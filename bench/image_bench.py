@@ -27,6 +27,7 @@ import tempfile
 import zstandard
 
 from .delta_bench import CACHE, PEERS, RESULTS, run_tool
+from .plotting import pyplot
 
 IMG = os.environ.get("D4C_IMAGE_CACHE") or os.path.join(CACHE, "img")  # make demo shares it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -318,11 +319,8 @@ def render(r: dict[str, float], rows: list[tuple[str, int, int]]) -> str:
 
 
 def plot(r: dict[str, float], path: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot("image bench")
+    if plt is None:
         return
     labels = ["full B\n(zstd -19)", "xdelta3\nwhole tar", "best peer\nper file", "d4c delta"]
     values = [r["full_zstd19"], r["xdelta_tar"], r["peers"], r["delta"]]

@@ -79,6 +79,7 @@ from tests.daemons import (Containerd, Registry, Server, Snapshotterd, clean_bel
 
 from . import image_bench
 from .delta_bench import RESULTS
+from .plotting import pyplot
 
 ROOT = image_bench.ROOT
 SRV_IP, CLI_IP = "10.77.0.1", "10.77.0.2"
@@ -609,12 +610,8 @@ def render(rows: list[Row], setup: dict[str, object]) -> str:
 def plot(rows: list[Row], path: str) -> None:
     """Grouped bars per (pair, link), one per method: bytes on the wire and time to the
     first line, log scale."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is missing: no plot")
+    plt = pyplot("link bench")
+    if plt is None:
         return
     methods = [m for m in METHODS if any(f"{m}_wire_bytes" in r for r in rows)]
     colors = {"full": "#888", "full-zstd": "#bbb", "d4c": "#2a7"}

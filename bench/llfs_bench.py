@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 
 from . import image_bench
 from .delta_bench import RESULTS, run_tool
+from .plotting import pyplot, target_line
 
 ROOT = image_bench.ROOT
 BIG = 1 << 20
@@ -304,12 +305,76 @@ def main() -> int:
     report = render(results, len(big), big_bytes, patch_s, edge)
     with open(os.path.join(RESULTS, "llfs.md"), "w") as f:
         f.write(report)
+    data = {"results": results, "big_files": len(big), "big_bytes": big_bytes, "util_patch_s": patch_s, "edge": edge}
     with open(os.path.join(RESULTS, "llfs.json"), "w") as f:
-        json.dump({"results": results, "big_files": len(big), "big_bytes": big_bytes, "util_patch_s": patch_s,
-                   "edge": edge},
-                  f, indent=1)
+        json.dump(data, f, indent=1)
+    plot(data, os.path.join(RESULTS, "llfs.png"))
     print(report)
     return 0
+
+
+def short_label(row: str) -> str:
+    """A results row's name, short enough for an axis."""
+    for long, short in ((POLLED, "polled: "), ("llfs, ", ""), (" (as ctr-cli mount)", ""),
+                        (" (as di3fs mounts)", " = di3fs"), ("default workers", "30 workers"),
+                        ("--verified-bodies", "verified")):
+        row = row.replace(long, short)
+    return row
+
+
+def plot(data: dict[str, Any], path: str) -> None:
+    """The four comparisons of the tables, each against its issue target:
+    large-file throughput, the tree walk, the first read of a delta file and
+    the edge-speed disks."""
+    plt = pyplot("llfs bench")
+    if plt is None:
+        return
+    results = data["results"]
+    mounts = [name for name, r in results.items() if "first_s" in r or "disk" not in name]
+    labels = [short_label(name) for name in mounts]
+    ys = range(len(mounts))
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (big, walk), (first, edge) = axes
+    medians = [statistics.median(results[m]["big_ratios"]) for m in mounts]
+    spread = [[med - min(results[m]["big_ratios"]) for med, m in zip(medians, mounts)],
+              [max(results[m]["big_ratios"]) - med for med, m in zip(medians, mounts)]]
+    big.barh(ys, medians, xerr=spread, color="#2a7", capsize=3)
+    target_line(big, 0.70, "target 0.70", vertical=True)
+    big.set_title(f"unchanged files >= 1 MiB ({data['big_files']}, {data['big_bytes'] / 2**20:.1f} MiB): "
+                  "throughput vs disk", fontsize=9)
+    big.set_xlabel("fraction of disk throughput (median of rounds, range; higher is better)")
+    bases = [results[results[m].get("base", "disk")] for m in mounts]
+    walk.barh(ys, [results[m]["walk_s"] / b["walk_s"] for m, b in zip(mounts, bases)], color="#2a7")
+    target_line(walk, 3.0, "target 3x", vertical=True)
+    walk.set_title("full-tree read (tar of every file): time vs disk", fontsize=9)
+    walk.set_xlabel("x disk time (lower is better)")
+    delta_rows = [m for m in mounts if "first_s" in results[m]]
+    first.barh(range(len(delta_rows)), [results[m]["first_s"] / data["util_patch_s"] for m in delta_rows],
+               color="#2a7")
+    target_line(first, 1.2, "target 1.2x", vertical=True)
+    first.set_title("first read of a file rebuilt from its delta vs `ctr-cli util patch`", fontsize=9)
+    first.set_xlabel("x util patch time (lower is better)")
+    for ax, rows in ((big, labels), (walk, labels), (first, [short_label(m) for m in delta_rows])):
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(rows, fontsize=8)
+        ax.invert_yaxis()
+        ax.legend(fontsize=8, loc="lower right")
+    if data["edge"]:
+        speeds = list(data["edge"])
+        edge.bar(range(len(speeds)), [data["edge"][s]["disk"] / data["edge"][s]["llfs"] for s in speeds],
+                 color="#2a7")
+        target_line(edge, 1.0, "as fast as the unpacked tree")
+        edge.set_xticks(range(len(speeds)))
+        edge.set_xticklabels([f"{s} MiB/s disk" for s in speeds])
+        edge.set_ylabel("llfs speed / unpacked tree speed")
+        edge.set_title("the same large files on an edge-speed disk (as di3fs mounts)", fontsize=9)
+        edge.legend(fontsize=8)
+    else:
+        edge.set_axis_off()
+    fig.suptitle("llfs: reading an image stack through FUSE vs the unpacked tree")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def render(results: dict[str, dict[str, Any]], nbig: int, big_bytes: int, patch_s: float,
@@ -362,5 +427,12 @@ def render(results: dict[str, dict[str, Any]], nbig: int, big_bytes: int, patch_
     return "\n".join(lines) + "\n"
 
 
+def replot() -> int:
+    """`python -m bench.llfs_bench plot`: draw llfs.png again from llfs.json."""
+    with open(os.path.join(RESULTS, "llfs.json")) as f:
+        plot(json.load(f), os.path.join(RESULTS, "llfs.png"))
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(replot() if sys.argv[1:] == ["plot"] else main())
