@@ -127,7 +127,13 @@ def open_images(paths: list[str]) -> list[Image]:
 class BodyCache:
     """Rebuilt file bodies on disk, by content digest, evicted least recently
     used beyond `limit` bytes.  A body being served stays on disk until closed
-    (an unlinked file stays readable through its open descriptor)."""
+    (an unlinked file stays readable through its open descriptor).
+
+    A body is written to a temp name, fsynced and renamed, so a crash leaves no
+    torn body under a digest's name; a body left by an earlier mount is checked
+    against its digest at its first open all the same (the cache directory may
+    have been touched since), and rebuilt if it does not match.  A full disk
+    evicts every other body and tries once more."""
 
     def __init__(self, directory: str, limit: int) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -135,6 +141,7 @@ class BodyCache:
         self.limit = limit
         self._lock = threading.Lock()
         self._sizes: OrderedDict[bytes, int] = OrderedDict()
+        self._checked: set[bytes] = set()  # bodies built or checked by this process
         self._building: dict[bytes, threading.Lock] = {}
         for name in os.listdir(directory):  # a previous mount's bodies are reused
             path = os.path.join(directory, name)
@@ -164,46 +171,79 @@ class BodyCache:
             data = build()
             if len(data) != size:  # the digest was checked by build(); a wrong size means a wrong caller
                 raise CorruptImage("stack", f"rebuilt body has {len(data)} bytes, expected {size}")
-            tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
             try:
-                with tmp:
-                    tmp.write(data)
-                os.rename(tmp.name, self.path(digest))
-            except BaseException:
-                os.unlink(tmp.name)
-                raise
+                self._write(digest, data)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                self._evict(keep=digest, everything=True)  # room made of the other bodies, once
+                try:
+                    self._write(digest, data)
+                except OSError as again:
+                    raise OSError(again.errno, f"body cache {self.dir}: no room for a {size}-byte body "
+                                               f"({os.strerror(again.errno or errno.ENOSPC)})") from None
             with self._lock:
                 self._sizes[digest] = size
                 self._sizes.move_to_end(digest)
+                self._checked.add(digest)
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
             self._evict(keep=digest)
             return fd
+
+    def _write(self, digest: bytes, data: bytes) -> None:
+        tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
+        try:
+            with tmp:
+                tmp.write(data)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.rename(tmp.name, self.path(digest))
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
 
     def _open_cached(self, digest: bytes, size: int) -> int:
         with self._lock:
             if digest not in self._sizes:
                 return -1
             self._sizes.move_to_end(digest)
+            checked = digest in self._checked
         try:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             with self._lock:
                 self._sizes.pop(digest, None)
             return -1
-        if os.fstat(fd).st_size != size:
+        if os.fstat(fd).st_size != size or not (checked or self._matches(fd, digest)):
             os.close(fd)
+            with self._lock:
+                self._sizes.pop(digest, None)
             return -1
         return fd
 
-    def _evict(self, keep: bytes | None = None) -> None:
+    def _matches(self, fd: int, digest: bytes) -> bool:
+        """A body from an earlier mount hashes to its name (then it is not hashed again)."""
+        h = hashlib.sha256()
+        with open(fd, "rb", closefd=False) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.digest() != digest:
+            return False
+        with self._lock:
+            self._checked.add(digest)
+        return True
+
+    def _evict(self, keep: bytes | None = None, everything: bool = False) -> None:
+        """Least recently used bodies until the rest fit the limit (or all but `keep`)."""
         with self._lock:
             total = sum(self._sizes.values())
             for digest in list(self._sizes):
-                if total <= self.limit:
+                if total <= self.limit and not everything:
                     break
                 if digest == keep:
                     continue
                 total -= self._sizes.pop(digest)
+                self._checked.discard(digest)
                 try:
                     os.unlink(self.path(digest))
                 except FileNotFoundError:
