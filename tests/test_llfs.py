@@ -109,6 +109,29 @@ def test_out_of_order_reads_stay_streamed(stack, images, tmp_path, monkeypatch) 
         fs.close()
 
 
+def test_random_access_streams_a_large_body_to_the_cache(stack, images, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A jump back in a body over ONE_SHOT_MAX sends it to the cache in chunks:
+    read whole, a body of several GiB was twice its size in memory."""
+    monkeypatch.setattr(llfs_model, "KEEP_BEHIND", 1 << 20)
+    monkeypatch.setattr(llfs_model, "ONE_SHOT_MAX", 1 << 20)  # the test file is 2.4 MB
+
+    def whole(*args: object, **kwargs: object) -> bytes:
+        raise AssertionError("a large body was read into memory whole")
+
+    with Image(images[3]) as want:
+        body = want.read_body(want.lookup(b"lib/libbig.so"))
+    monkeypatch.setattr(Image, "read_body", whole)
+    fs = model(stack, tmp_path)
+    try:
+        fh = fs.open(walk(fs)[b"lib/libbig.so"])
+        assert b"".join(fs.read(fh, off, 128 << 10) for off in range(0, len(body), 128 << 10)) == body
+        assert fs.read(fh, 4096, 10) == body[4096:4106]  # behind the stream: the cache
+        assert len(os.listdir(tmp_path / "cache")) == 1
+        fs.release(fh)
+    finally:
+        fs.close()
+
+
 def read_all(fs: ImageFS, ino: int, pause: float = 0.0) -> bytes:
     fh = fs.open(ino)
     parts, off = [], 0
@@ -388,6 +411,20 @@ def test_cache_checks_bodies_of_an_earlier_mount(tmp_path) -> None:  # type: ign
     assert [n for n in os.listdir(tmp_path / "c") if n.startswith(".tmp-")] == []
 
 
+def test_cache_body_evicted_at_once_is_still_served(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Another thread's eviction may unlink a body the moment it is written: the
+    caller reads it all the same (an fd opened before the rename)."""
+    rename = os.rename
+
+    def rename_then_evicted(src: str, dst: str) -> None:
+        rename(src, dst)
+        os.unlink(dst)
+
+    monkeypatch.setattr(llfs_model.os, "rename", rename_then_evicted)
+    body = b"evicted before its reader opened it " * 100
+    assert cached_body(BodyCache(str(tmp_path / "c"), 1 << 20), body, []) == body
+
+
 def test_cache_makes_room_on_a_full_disk(tmp_path) -> None:  # type: ignore[no-untyped-def]
     need(IS_ROOT, "a small tmpfs for a full disk needs root")
     small = tmp_path / "small"
@@ -611,6 +648,34 @@ def test_stale_mount_is_cleaned(stack, tmp_path) -> None:  # type: ignore[no-unt
             code, _, err = run_cli("umount", mnt)
             assert code == 0, err
     assert fstype_at(mnt) is None
+
+
+def vmhwm_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+
+
+def test_random_read_of_a_huge_file_keeps_memory_bounded(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A read near the end of a file over ONE_SHOT_MAX, through a real mount:
+    the server streams the body to its cache instead of holding it (twice)."""
+    fuse_ok()
+    from helpers import convert_tags
+    from ocibuild import Layout, M
+    line = b"a line of a large log file, compressible " * 24 + b"\n"
+    huge = line * ((llfs_model.ONE_SHOT_MAX + (16 << 20)) // len(line))
+    lay = Layout(str(tmp_path / "layout"))
+    lay.tag(lay.image([([M("./", "dir"), M("huge.log", data=huge)], "gzip")]), "v1")
+    lay.save()
+    [top] = convert_tags(lay.path, ["v1"], str(tmp_path))
+    with Mounted(top, str(tmp_path / "mnt"), "--cache-dir", str(tmp_path / "cache")) as mnt:
+        [server] = fuse_server_pids(mnt)
+        before = vmhwm_kib(server)
+        with open(os.path.join(mnt, "huge.log"), "rb", buffering=0) as f:
+            f.seek(len(huge) - 5000)
+            assert f.read(5000) == huge[-5000:]
+        grown = vmhwm_kib(server) - before
+        assert grown < 48 << 10, f"the server grew by {grown} KiB reading a {len(huge) >> 20} MiB file"
+        assert os.path.getsize(tmp_path / "cache" / hashlib.sha256(huge).hexdigest()) == len(huge)
 
 
 class _FakeBody:

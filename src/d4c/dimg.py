@@ -479,6 +479,13 @@ class Image:
         return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
                           entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
 
+    def body_chunks(self, entry: Entry) -> Iterator[bytes]:
+        """A FRAME body in BodyReader.CHUNK pieces, in one chunk and zstd's window
+        of memory; its size and digest are checked before the last piece is
+        given (CorruptImage there, so a consumer keeps nothing unchecked)."""
+        with self.open_body(entry) as reader:
+            yield from reader.chunks()
+
     def read_body(self, entry: Entry, check: bool = True) -> bytes:
         """The content of a file entry, whatever its storage (delta images
         rebuild it from the parent stack; the digest is checked either way).

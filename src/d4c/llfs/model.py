@@ -157,28 +157,27 @@ class BodyCache:
     def path(self, digest: bytes) -> str:
         return os.path.join(self.dir, digest.hex())
 
-    def open(self, digest: bytes, size: int, build) -> int:  # type: ignore[no-untyped-def]
-        """An fd of the cached body; `build()` makes it on a miss and must return
-        content already checked against `digest` (Image.read_body does: the
-        delta engine checks the result's sha256).  Concurrent first reads of one
-        body build it once."""
+    def open(self, digest: bytes, size: int, build: Callable[[], bytes | Iterator[bytes]]) -> int:
+        """An fd of the cached body; `build()` makes it on a miss, whole or as
+        chunks (a body larger than memory), and must check it against `digest`
+        (Image.read_body and Image.body_chunks do: a chunk stream raises at its
+        end on a mismatch, before the body is kept).  Concurrent first reads of
+        one body build it once."""
         with self._lock:
             lock = self._building.setdefault(digest, threading.Lock())
         with lock:
             fd = self._open_cached(digest, size)
             if fd >= 0:
                 return fd
-            data = build()
-            if len(data) != size:  # the digest was checked by build(); a wrong size means a wrong caller
-                raise CorruptImage("stack", f"rebuilt body has {len(data)} bytes, expected {size}")
+            made = build()
             try:
-                self._write(digest, data)
+                fd = self._write(digest, size, made)
             except OSError as exc:
                 if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 self._evict(keep=digest, everything=True)  # room made of the other bodies, once
                 try:
-                    self._write(digest, data)
+                    fd = self._write(digest, size, made if isinstance(made, bytes) else build())
                 except OSError as again:
                     raise OSError(again.errno, f"body cache {self.dir}: no room for a {size}-byte body "
                                                f"({os.strerror(again.errno or errno.ENOSPC)})") from None
@@ -186,19 +185,30 @@ class BodyCache:
                 self._sizes[digest] = size
                 self._sizes.move_to_end(digest)
                 self._checked.add(digest)
-            fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
-            self._evict(keep=digest)
+            self._evict(keep=digest)  # the fd stays readable if another thread's eviction unlinks it
             return fd
 
-    def _write(self, digest: bytes, data: bytes) -> None:
+    def _write(self, digest: bytes, size: int, body: bytes | Iterator[bytes]) -> int:
+        """Write a body under its digest's name (temp name, fsync, rename): an fd
+        opened before the rename, so an eviction cannot take it from the caller."""
         tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
+        fd = -1
         try:
             with tmp:
-                tmp.write(data)
+                written = 0
+                for chunk in [body] if isinstance(body, bytes) else body:
+                    tmp.write(chunk)
+                    written += len(chunk)
+                if written != size:  # build() checked the digest; a wrong size means a wrong caller
+                    raise CorruptImage("stack", f"rebuilt body has {written} bytes, expected {size}")
                 tmp.flush()
                 os.fsync(tmp.fileno())
+            fd = os.open(tmp.name, os.O_RDONLY | os.O_CLOEXEC)
             os.rename(tmp.name, self.path(digest))
+            return fd
         except BaseException:
+            if fd >= 0:
+                os.close(fd)
             os.unlink(tmp.name)
             raise
 
@@ -214,7 +224,12 @@ class BodyCache:
             with self._lock:
                 self._sizes.pop(digest, None)
             return -1
-        if os.fstat(fd).st_size != size or not (checked or self._matches(fd, digest)):
+        try:
+            usable = os.fstat(fd).st_size == size and (checked or self._matches(fd, digest))
+        except BaseException:
+            os.close(fd)
+            raise
+        if not usable:
             os.close(fd)
             with self._lock:
                 self._sizes.pop(digest, None)
@@ -246,7 +261,7 @@ class BodyCache:
                 self._checked.discard(digest)
                 try:
                     os.unlink(self.path(digest))
-                except FileNotFoundError:
+                except OSError:  # gone already, or a cache directory gone read-only: not counted any more
                     pass
 
     @property
@@ -313,10 +328,13 @@ class Handle:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _switch_to_cache(self, offset: int, size: int) -> bytes:
-        """Random access into a large frame: keep the decompressed body in the cache."""
+        """Random access into a large frame: keep the decompressed body in the cache
+        (streamed there beyond ONE_SHOT_MAX: a body may be larger than memory)."""
         assert self.stored is not None
+        stored = self.stored
         self.fd = self.fs.cache.open(self.node.digest or b"", self.node.size,
-                                     lambda: self.image.read_body(self.stored))
+                                     (lambda: self.image.body_chunks(stored)) if stored.size > ONE_SHOT_MAX
+                                     else lambda: self.image.read_body(stored))
         if self.reader is not None:
             self.reader.close()
             self.reader = None
