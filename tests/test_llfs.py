@@ -39,14 +39,38 @@ def model(stack: list[str], tmp_path, limit: int = 1 << 30) -> ImageFS:  # type:
     return ImageFS(open_images(stack), Options(str(tmp_path / "cache"), limit))
 
 
+def listing(fs: ImageFS, ino: int) -> list[tuple[bytes, int]]:
+    """A directory's (name, inode) pairs, asked for as the kernel does: from the
+    last offset taken until a call gives nothing."""
+    out: list[tuple[bytes, int]] = []
+    offset = 0
+    while page := fs.readdir(ino, offset):
+        assert len(page) <= llfs_model.READDIR_BATCH
+        out += [(name, attrs.ino) for name, attrs, _ in page]
+        offset = page[-1][2]
+    return out
+
+
 def walk(fs: ImageFS, ino: int = 1, prefix: bytes = b"") -> dict[bytes, int]:
     out = {}
-    for name, attrs, _ in fs.readdir(ino, 0):
+    for name, child in listing(fs, ino):
         path = prefix + name
-        out[path] = attrs.ino
-        if EntryType.DIR == fs.entry(attrs.ino).type:
-            out.update(walk(fs, attrs.ino, path + b"/"))
+        out[path] = child
+        if EntryType.DIR == fs.entry(child).type:
+            out.update(walk(fs, child, path + b"/"))
     return out
+
+
+def test_readdir_pages(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A call gives at most READDIR_BATCH entries; the pages add up to the directory."""
+    fs = model(stack, tmp_path)
+    try:
+        whole = listing(fs, 1)
+        monkeypatch.setattr(llfs_model, "READDIR_BATCH", 2)
+        assert len(whole) > 4 and listing(fs, 1) == whole
+        assert [name for name, _, _ in fs.readdir(1, 3)] == [name for name, _ in whole[3:5]]
+    finally:
+        fs.close()
 
 
 def test_model_equals_the_top_image(stack, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -584,6 +608,18 @@ def test_umount_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert_one_line_error(code, err, 2)
 
 
+@pytest.mark.parametrize("workers", ["0", "-2", "many"])
+def test_mount_refuses_bad_worker_counts(stack, tmp_path, workers) -> None:  # type: ignore[no-untyped-def]
+    """Refused before mounting: llfuse raised on them after the mount was up (a
+    traceback, and a dead mount left behind; --background even exited 0)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for background in ([], ["--background"]):
+        code, _, err = run_cli("mount", *background, "--workers", workers, "--cdimg", stack[-1], str(mnt))
+        assert_one_line_error(code, err, 2)
+        assert "--workers" in err and not os.path.ismount(mnt)
+
+
 def test_overlay_on_the_mount(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The mount as an overlay lower layer: writes and copy-ups land in the upper
     dir, the lower never changes, programs run and setuid bits are kept."""
@@ -678,6 +714,24 @@ def test_random_read_of_a_huge_file_keeps_memory_bounded(tmp_path) -> None:  # t
         assert os.path.getsize(tmp_path / "cache" / hashlib.sha256(huge).hexdigest()) == len(huge)
 
 
+def test_large_directory_through_a_mount(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A directory of several readdir batches lists whole, once each, in order."""
+    fuse_ok()
+    from helpers import convert_tags
+    from ocibuild import Layout, M
+    names = [f"f{i:05d}" for i in range(3 * llfs_model.READDIR_BATCH + 7)]
+    lay = Layout(str(tmp_path / "layout"))
+    lay.tag(lay.image([([M("./", "dir"), M("d/", "dir")] + [M(f"d/{n}", data=n.encode()) for n in names],
+                        "gzip")]), "v1")
+    lay.save()
+    [top] = convert_tags(lay.path, ["v1"], str(tmp_path))
+    with Mounted(top, str(tmp_path / "mnt")) as mnt:
+        with os.scandir(os.path.join(mnt, "d")) as it:
+            assert sorted(e.name for e in it) == names
+        with open(os.path.join(mnt, "d", names[-1]), "rb") as f:
+            assert f.read() == names[-1].encode()
+
+
 class _FakeBody:
     def __init__(self, data: bytes, fail_at: int = -1) -> None:
         self.data, self.pos, self.fail_at, self.closed = data, 0, fail_at, False
@@ -713,13 +767,15 @@ def test_prefetcher() -> None:
     with pytest.raises(CorruptImage):  # and every read after it: never a short file
         p.read(1 << 20)
     p.close()
-    # closing while the thread waits on a full queue returns promptly
+    # closing while the thread waits on a full queue does not wait for its patience
     body = _FakeBody(data * 4)
     p = _Prefetcher.streaming(body)
-    time.sleep(0.1)
-    start = time.monotonic()
-    p.close()
-    assert time.monotonic() - start < 2 and body.closed
+    p.PUT_PATIENCE = 60.0  # type: ignore[misc]
+    time.sleep(0.3)  # the queue fills; the producer waits with its new patience
+    closing = threading.Thread(target=p.close)
+    closing.start()
+    closing.join(20)
+    assert not closing.is_alive() and body.closed
 
 
 @pytest.mark.parametrize("verified", [False, True])

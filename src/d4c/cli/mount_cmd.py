@@ -9,6 +9,7 @@ import shutil
 import tempfile
 
 from ..errors import D4CError, SystemFailure, UsageError
+from ._common import positive_int
 from .util_cmd import parse_size
 
 
@@ -31,7 +32,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help="upper bound of the cache (default 2G); least recently used files go first")
     p.add_argument("--background", action="store_true",
                    help="return once mounted; a server process keeps the mount (one per mount)")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="FUSE worker threads")
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="FUSE worker threads (default: llfuse's, 30)")
     p.add_argument("--verified-bodies", action="store_true",
                    help="the images' bodies were checked against their digests when they were stored (the "
                    "di3fs snapshotter does so at load): unchanged files are served on zstd's frame checksums "

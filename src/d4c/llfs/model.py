@@ -597,6 +597,7 @@ class _Prefetcher(_Forward):
 
     CHUNK = 1 << 20
     DEPTH = 4
+    PUT_PATIENCE = 0.2  # seconds a producer waits on a full queue before it looks for a stop
     _END = object()
 
     def __init__(self, chunks: Iterator[bytes | memoryview], close: Callable[[], None]) -> None:
@@ -627,7 +628,7 @@ class _Prefetcher(_Forward):
     def _put(self, item: object) -> None:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.2)
+                self._queue.put(item, timeout=self.PUT_PATIENCE)
                 return
             except queue.Full:
                 continue
@@ -645,8 +646,15 @@ class _Prefetcher(_Forward):
         return item  # type: ignore[return-value]
 
     def close(self) -> None:
+        """Stops the producer at once: the queue is emptied, so a producer waiting
+        to put returns now instead of after PUT_PATIENCE (a release waited for it)."""
         if not self._stop.is_set():
             self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get(timeout=0.01)
+                except queue.Empty:
+                    pass
             self._thread.join()
             self._close()
         super().close()
@@ -664,6 +672,9 @@ class Options:
     # skip a second sha256 pass, as overlayfs snapshots are not re-hashed on
     # read either.  Files rebuilt from deltas are always checked.
     verified_bodies: bool = False
+
+
+READDIR_BATCH = 512  # directory entries per readdir call: more than a kernel buffer takes
 
 
 class ImageFS:
@@ -745,10 +756,13 @@ class ImageFS:
         return e.target
 
     def readdir(self, ino: int, start: int) -> list[tuple[bytes, Attrs, int]]:
-        """Entries after position `start` (offsets are positions + 1: stable)."""
+        """At most READDIR_BATCH entries from position `start` (offsets are
+        positions + 1: stable).  The kernel asks again from the last offset it
+        took until a call gives none; all the rest at each call made a listing
+        quadratic (37 s for 120k entries, the mount stalled meanwhile)."""
         self._require_dir(ino)
-        kids = self.children[ino]
-        return [(name, self.getattr(child), pos + 1) for pos, (name, child) in enumerate(kids) if pos >= start]
+        kids = self.children[ino][start:start + READDIR_BATCH]
+        return [(name, self.getattr(child), start + n + 1) for n, (name, child) in enumerate(kids)]
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         value = self.entry(ino).xattrs.get(name)

@@ -108,7 +108,8 @@ class Operations(llfuse.Operations):  # type: ignore[misc,name-defined]
 
     @guarded
     def release(self, fh: int) -> None:
-        self.fs.release(fh)
+        with llfuse.lock_released:  # stopping a stream's producer must not stall other requests
+            self.fs.release(fh)
 
     @guarded
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
