@@ -218,6 +218,16 @@ def _frames_of(image: Image, path: bytes) -> list[int]:
     return sizes
 
 
+def test_a_frame_header_zstd_refuses_is_a_value_error() -> None:
+    """body_frames names ValueErrors as corruption; zstd's own error for a
+    window descriptor out of range reached a rebuild's caller as a bug."""
+    from d4c.zstdframes import declared_size
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"x" * 1000)
+    bad = frame[:4] + bytes([0x00, 0xFF]) + frame[6:]  # no content size, the largest window descriptor
+    with pytest.raises(ValueError, match="bad frame header"):
+        declared_size(memoryview(bad), 0, 1000)
+
+
 def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
     decompress them in parallel) and the image says so in its flags; images

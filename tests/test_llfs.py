@@ -732,6 +732,49 @@ def test_large_directory_through_a_mount(tmp_path) -> None:  # type: ignore[no-u
             assert f.read() == names[-1].encode()
 
 
+def test_hung_server_mount_is_cleaned(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A server that is alive but does not answer (stopped here) used to hang
+    `umount` and the next `mount` on its path, in their first statfs."""
+    fuse_ok()
+    import signal
+    from d4c.llfs import mounts
+    monkeypatch.setattr(mounts, "STALE_AFTER", 0.5)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    for cleaner in ("umount", "mount"):
+        p = mount(stack[-1], mnt)
+        assert p.returncode == 0, p.stderr
+        [server] = fuse_server_pids(mnt)
+        os.kill(server, signal.SIGSTOP)
+        try:
+            if cleaner == "umount":
+                code, _, err = run_cli("umount", mnt)
+                assert code == 0, err
+            else:
+                code, _, err = run_cli("mount", "--background", "--cdimg", stack[-1], mnt)
+                assert code == 0, err
+                with open(os.path.join(mnt, "etc/conf"), "rb") as f:
+                    assert f.read() == b"conf=1\n"
+                code, _, err = run_cli("umount", mnt)
+                assert code == 0, err
+            assert mounts.fstype_at(mnt) is None
+        finally:
+            os.kill(server, signal.SIGKILL)  # also ends the statfs left waiting on it
+
+
+def test_umount_through_a_symlink(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fuse_ok()
+    from d4c.llfs.mounts import fstype_at
+    os.makedirs(tmp_path / "mnt")
+    os.symlink("mnt", tmp_path / "link")
+    p = mount(stack[-1], str(tmp_path / "link"))
+    assert p.returncode == 0, p.stderr
+    assert fstype_at(str(tmp_path / "link")) == "fuse.d4c"
+    code, _, err = run_cli("umount", str(tmp_path / "link"))
+    assert code == 0, err
+    assert fstype_at(str(tmp_path / "mnt")) is None
+
+
 class _FakeBody:
     def __init__(self, data: bytes, fail_at: int = -1) -> None:
         self.data, self.pos, self.fail_at, self.closed = data, 0, fail_at, False

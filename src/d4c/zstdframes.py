@@ -70,7 +70,10 @@ def frame_length(data: bytes | memoryview, *, partial: bool = False) -> int:
 def declared_size(frame: memoryview, before: int, size: int) -> int:
     """The content size a frame of a multi-frame body declares, which must fit
     in the `size` bytes of the file after the `before` bytes of earlier frames."""
-    declared = zstandard.frame_content_size(frame)
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as exc:  # a header zstd refuses, e.g. a window descriptor out of range
+        raise ValueError(f"bad frame header ({exc})") from None
     if declared < 0:
         raise ValueError("a frame of a multi-frame body does not declare its size")
     if before + declared > size:

@@ -11,6 +11,7 @@ import errno
 import os
 import shutil
 import subprocess
+import threading
 
 FSTYPE = "fuse.d4c"
 
@@ -28,30 +29,67 @@ def _unescape(field: str) -> str:
     return "".join(out)
 
 
+def _mount_table() -> dict[str, str]:
+    """Mount points and the file system type last mounted on each."""
+    table = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            if len(fields) > 4 and right:
+                table[_unescape(fields[4])] = right.split()[0]
+    return table
+
+
+def mount_path(path: str) -> str:
+    """The mount table's name for `path`: its absolute path or, when that is not
+    a mount point, the path with its symlinks resolved (the table holds those).
+    The first try touches nothing: a hung server would hang a stat of its mount."""
+    absolute = os.path.abspath(path)
+    try:
+        table = _mount_table()
+    except OSError:
+        return absolute
+    if absolute in table:
+        return absolute
+    real = os.path.realpath(absolute)
+    return real if real in table else absolute
+
+
 def fstype_at(path: str) -> str | None:
     """The file system type mounted exactly at `path` (the last one), or None."""
-    path = os.path.abspath(path)
-    found = None
+    path = mount_path(path)
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                left, _, right = line.partition(" - ")
-                fields = left.split()
-                if len(fields) > 4 and _unescape(fields[4]) == path:
-                    found = right.split()[0] if right else None
+        return _mount_table().get(path)
     except OSError:
         return "unknown" if os.path.ismount(path) else None
-    return found
 
 
-def is_stale(path: str) -> bool:
-    # statfs always reaches the server; stat may be answered from the kernel's
-    # attribute cache long after the server died
-    try:
-        os.statvfs(path)
-    except OSError as exc:
-        return exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # the first access says the latter
-    return False
+STALE_AFTER = 5.0  # seconds a mount's server has to answer statfs before it counts as hung
+
+
+def is_stale(path: str, timeout: float | None = None) -> bool:
+    """The mount's server died (ENOTCONN) or does not answer within `timeout`
+    (STALE_AFTER): either way only a lazy detach removes the mount.  statfs
+    always reaches the server; stat may be answered from the kernel's attribute
+    cache long after the server died.  A hung server's statfs is left waiting on
+    a daemon thread (it ends when the server does)."""
+    answer: list[OSError | None] = []
+
+    def ask() -> None:
+        try:
+            os.statvfs(path)
+            answer.append(None)
+        except OSError as exc:
+            answer.append(exc)
+
+    asking = threading.Thread(target=ask, name="d4c-statfs", daemon=True)
+    asking.start()
+    asking.join(STALE_AFTER if timeout is None else timeout)
+    if not answer:
+        return True
+    failure = answer[0]
+    return failure is not None and failure.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # first access: the latter
 
 
 def unmount(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
@@ -64,7 +102,8 @@ def unmount(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
 
 
 def clear_stale(path: str) -> bool:
-    """Detach a dead d4c mount at `path`; True if there was one."""
+    """Detach a dead or hung d4c mount at `path`; True if there was one."""
+    path = mount_path(path)
     if fstype_at(path) == FSTYPE and is_stale(path):
         unmount(path, lazy=True)
         return True
