@@ -173,17 +173,23 @@ def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatc
     helper: both decode, and many readers at once each get the file's bytes."""
     decoders: list[str] = []
     decode = Image.decode_frame
+    helper_decodes = threading.Event()
 
     def counted(self, *args):  # type: ignore[no-untyped-def]
-        decoders.append(threading.current_thread().name)
+        name = threading.current_thread().name
+        decoders.append(name)
+        if name.startswith("d4c-decode"):
+            helper_decodes.set()
+        elif len(decoders) == 1:  # the reader's first frame waits for the helper to start on another
+            helper_decodes.wait(10)  # (a loaded machine started the helper after the reader was done)
         return decode(self, *args)
 
+    with Image(images[3]) as want:
+        body = want.read_body(want.lookup(b"lib/libbig.so"))
     monkeypatch.setattr(Image, "decode_frame", counted)
     fs = ImageFS(open_images(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
     try:
         ino = walk(fs)[b"lib/libbig.so"]
-        with Image(images[3]) as want:
-            body = want.read_body(want.lookup(b"lib/libbig.so"))
         assert read_all(fs, ino) == body
         helped = [name for name in decoders if name.startswith("d4c-decode")]
         assert helped and len(helped) < len(decoders)  # both hands decoded
