@@ -22,6 +22,8 @@ import tempfile
 import time
 from typing import Any, Callable, Iterator
 
+from tests.daemons import pids_naming
+
 from . import image_bench
 from .delta_bench import RESULTS, run_tool
 from .plotting import pyplot, target_line
@@ -210,15 +212,11 @@ def stat_all(root: str) -> None:
 
 
 def server_pid(mountpoint: str) -> int:
-    """The FUSE server process of a mount: its command line ends with the mountpoint."""
-    want = os.fsencode(os.path.abspath(mountpoint))
-    for name in os.listdir("/proc"):
-        try:
-            if name.isdigit() and open(f"/proc/{name}/cmdline", "rb").read().split(b"\0")[-2:-1] == [want]:
-                return int(name)
-        except OSError:  # a process that ended meanwhile
-            continue
-    raise SystemExit(f"llfs bench: no server process for {mountpoint}")
+    """The FUSE server process of a mount (started with --ready-fd, naming it)."""
+    pids = pids_naming(mountpoint, flag=b"--ready-fd")
+    if len(pids) != 1:
+        raise SystemExit(f"llfs bench: {len(pids)} server processes for {mountpoint}")
+    return pids[0]
 
 
 def process_cpu_s(pid: int) -> float:

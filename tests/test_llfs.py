@@ -467,9 +467,10 @@ def test_cache_makes_room_on_a_full_disk(tmp_path) -> None:  # type: ignore[no-u
         assert cached_body(cache, one, built) == one
         assert cached_body(cache, two, built) == two  # the disk was full: the first body made room
         assert not os.path.exists(cache.path(hashlib.sha256(one).digest()))
-        with pytest.raises(OSError) as info:  # larger than the whole disk: a clear error
+        with pytest.raises(OSError) as info:  # more than eviction could free: a clear error ...
             cached_body(cache, os.urandom(300_000), built)
         assert info.value.errno == errno.ENOSPC and "body cache" in str(info.value)
+        assert os.path.exists(cache.path(hashlib.sha256(two).digest()))  # ... and the cache kept
         assert [n for n in os.listdir(small / "c") if n.startswith(".tmp-")] == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
@@ -721,7 +722,8 @@ def test_random_read_of_a_huge_file_keeps_memory_bounded(tmp_path) -> None:  # t
 
 
 def test_large_directory_through_a_mount(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A directory of several readdir batches lists whole, once each, in order."""
+    """A directory of several readdir batches lists whole, once each, in the
+    image's (sorted) order."""
     fuse_ok()
     from helpers import convert_tags
     from ocibuild import Layout, M
@@ -733,39 +735,43 @@ def test_large_directory_through_a_mount(tmp_path) -> None:  # type: ignore[no-u
     [top] = convert_tags(lay.path, ["v1"], str(tmp_path))
     with Mounted(top, str(tmp_path / "mnt")) as mnt:
         with os.scandir(os.path.join(mnt, "d")) as it:
-            assert sorted(e.name for e in it) == names
+            assert [e.name for e in it] == names
         with open(os.path.join(mnt, "d", names[-1]), "rb") as f:
             assert f.read() == names[-1].encode()
 
 
-def test_hung_server_mount_is_cleaned(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """A server that is alive but does not answer (stopped here) used to hang
-    `umount` and the next `mount` on its path, in their first statfs."""
+def test_hung_server_mount(stack, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A server that is alive but does not answer (stopped here) hung `umount` and
+    the next `mount` on its path in their first statfs.  `umount` detaches it;
+    `mount` refuses with one line (the server may only be busy), then mounts
+    once it is gone."""
     fuse_ok()
     import signal
     from d4c.llfs import mounts
-    monkeypatch.setattr(mounts, "STALE_AFTER", 0.5)
+    monkeypatch.setattr(mounts, "ANSWER_WITHIN", 0.5)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    for cleaner in ("umount", "mount"):
+    p = mount(stack[-1], mnt)
+    assert p.returncode == 0, p.stderr
+    [server] = fuse_server_pids(mnt)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        assert mounts.server_state(mnt) == mounts.SILENT and not mounts.is_stale(mnt)
+        code, _, err = run_cli("mount", "--background", "--cdimg", stack[-1], mnt)
+        assert_one_line_error(code, err, 2)
+        assert "does not answer" in err
+        code, _, err = run_cli("umount", mnt)
+        assert code == 0, err
+        assert mounts.fstype_at(mnt) is None
         p = mount(stack[-1], mnt)
         assert p.returncode == 0, p.stderr
-        [server] = fuse_server_pids(mnt)
-        os.kill(server, signal.SIGSTOP)
-        try:
-            if cleaner == "umount":
-                code, _, err = run_cli("umount", mnt)
-                assert code == 0, err
-            else:
-                code, _, err = run_cli("mount", "--background", "--cdimg", stack[-1], mnt)
-                assert code == 0, err
-                with open(os.path.join(mnt, "etc/conf"), "rb") as f:
-                    assert f.read() == b"conf=1\n"
-                code, _, err = run_cli("umount", mnt)
-                assert code == 0, err
-            assert mounts.fstype_at(mnt) is None
-        finally:
-            os.kill(server, signal.SIGKILL)  # also ends the statfs left waiting on it
+        with open(os.path.join(mnt, "etc/conf"), "rb") as f:
+            assert f.read() == b"conf=1\n"
+        assert mounts.server_state(mnt) == mounts.LIVE
+        code, _, err = run_cli("umount", mnt)
+        assert code == 0, err
+    finally:
+        os.kill(server, signal.SIGKILL)  # also ends the statfs calls left waiting on it
 
 
 def test_umount_through_a_symlink(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -820,7 +826,12 @@ def test_prefetcher() -> None:
     body = _FakeBody(data * 4)
     p = _Prefetcher.streaming(body)
     p.PUT_PATIENCE = 60.0  # type: ignore[misc]
-    time.sleep(0.3)  # the queue fills; the producer waits with its new patience
+    for _ in range(200):  # until the queue is full: the producer then waits with its new patience
+        if p._queue.full():
+            break
+        time.sleep(0.01)
+    time.sleep(0.3)  # past the put that was waiting with the old patience
+    assert p._queue.full()
     closing = threading.Thread(target=p.close)
     closing.start()
     closing.join(20)

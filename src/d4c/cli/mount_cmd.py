@@ -97,12 +97,12 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from ..llfs.mounts import fstype_at, is_stale, mount_path, unmount
+    from ..llfs.mounts import detach, fstype_at, mount_path
     mountpoint = mount_path(args.mountpoint)
     if fstype_at(mountpoint) is None:
         raise UsageError(f"{mountpoint} is not mounted")
-    # a dead or hung server leaves a stale mount that only a lazy detach removes
-    p = unmount(mountpoint, lazy=args.lazy or is_stale(mountpoint))
+    # a dead server leaves a stale mount that only a lazy detach removes; so may a hung one
+    p = detach(mountpoint, lazy=args.lazy)
     if p.returncode:
         raise SystemFailure(f"cannot unmount {mountpoint}: {p.stderr.strip() or 'exit ' + str(p.returncode)}")
     return 0

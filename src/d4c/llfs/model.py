@@ -10,6 +10,7 @@ digest, and kept in a bounded on-disk cache (never in RAM).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -124,16 +125,20 @@ def open_images(paths: list[str]) -> list[Image]:
 
 # ---------------------------------------------------------------- cache
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # a write that eviction may make room for
+
+
 class BodyCache:
     """Rebuilt file bodies on disk, by content digest, evicted least recently
     used beyond `limit` bytes.  A body being served stays on disk until closed
     (an unlinked file stays readable through its open descriptor).
 
-    A body is written to a temp name, fsynced and renamed, so a crash leaves no
-    torn body under a digest's name; a body left by an earlier mount is checked
-    against its digest at its first open all the same (the cache directory may
-    have been touched since), and rebuilt if it does not match.  A full disk
-    evicts every other body and tries once more."""
+    A body is written to a temp name and renamed; one left by an earlier mount
+    is checked against its digest at its first open (a crash may have torn it,
+    or anyone touched it since) and rebuilt if it does not match, so no fsync
+    is needed: that would cost a journal commit per rebuilt file on an SD card.
+    A full disk evicts least recently used bodies until the new one fits, when
+    evicting can make room, and tries once more."""
 
     def __init__(self, directory: str, limit: int) -> None:
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -173,14 +178,18 @@ class BodyCache:
             try:
                 fd = self._write(digest, size, made)
             except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                if exc.errno not in FULL:
                     raise
-                self._evict(keep=digest, everything=True)  # room made of the other bodies, once
+                if not isinstance(made, bytes) and hasattr(made, "close"):
+                    made.close()  # the stream cut short: its decoder goes before a second one starts
+                if not self._make_room(size, keep=digest):
+                    raise OSError(exc.errno, f"body cache {self.dir}: no room for a {size}-byte body") from None
                 try:
                     fd = self._write(digest, size, made if isinstance(made, bytes) else build())
                 except OSError as again:
-                    raise OSError(again.errno, f"body cache {self.dir}: no room for a {size}-byte body "
-                                               f"({os.strerror(again.errno or errno.ENOSPC)})") from None
+                    if again.errno not in FULL:
+                        raise
+                    raise OSError(again.errno, f"body cache {self.dir}: no room for a {size}-byte body") from None
             with self._lock:
                 self._sizes[digest] = size
                 self._sizes.move_to_end(digest)
@@ -189,8 +198,8 @@ class BodyCache:
             return fd
 
     def _write(self, digest: bytes, size: int, body: bytes | Iterator[bytes]) -> int:
-        """Write a body under its digest's name (temp name, fsync, rename): an fd
-        opened before the rename, so an eviction cannot take it from the caller."""
+        """Write a body under its digest's name (a temp name, then a rename): an
+        fd opened before the rename, so an eviction cannot take it from the caller."""
         tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
         fd = -1
         try:
@@ -201,16 +210,38 @@ class BodyCache:
                     written += len(chunk)
                 if written != size:  # build() checked the digest; a wrong size means a wrong caller
                     raise CorruptImage("stack", f"rebuilt body has {written} bytes, expected {size}")
-                tmp.flush()
-                os.fsync(tmp.fileno())
             fd = os.open(tmp.name, os.O_RDONLY | os.O_CLOEXEC)
             os.rename(tmp.name, self.path(digest))
             return fd
         except BaseException:
             if fd >= 0:
                 os.close(fd)
-            os.unlink(tmp.name)
+            with contextlib.suppress(FileNotFoundError):  # renamed already, or cleared by another mount
+                os.unlink(tmp.name)
             raise
+
+    def _make_room(self, size: int, keep: bytes) -> bool:
+        """Evict least recently used bodies until `size` bytes are free; False,
+        evicting nothing, when even all of them would not make that room.
+        (A body still open frees its space only when closed.)"""
+        def free() -> int:
+            st = os.statvfs(self.dir)
+            return st.f_bavail * st.f_frsize
+
+        with self._lock:
+            others = sum(n for digest, n in self._sizes.items() if digest != keep)
+        if free() + others < size:
+            return False
+        while free() < size:
+            with self._lock:
+                victim = next((digest for digest in self._sizes if digest != keep), None)
+                if victim is None:
+                    return True  # all gone: try anyway (open bodies free their space when closed)
+                del self._sizes[victim]
+                self._checked.discard(victim)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path(victim))
+        return True
 
     def _open_cached(self, digest: bytes, size: int) -> int:
         with self._lock:
@@ -248,12 +279,12 @@ class BodyCache:
             self._checked.add(digest)
         return True
 
-    def _evict(self, keep: bytes | None = None, everything: bool = False) -> None:
-        """Least recently used bodies until the rest fit the limit (or all but `keep`)."""
+    def _evict(self, keep: bytes | None = None) -> None:
+        """Least recently used bodies until the rest fit the limit."""
         with self._lock:
             total = sum(self._sizes.values())
             for digest in list(self._sizes):
-                if total <= self.limit and not everything:
+                if total <= self.limit:
                     break
                 if digest == keep:
                     continue

@@ -13,6 +13,8 @@ import shutil
 import subprocess
 import threading
 
+from ..errors import UsageError
+
 FSTYPE = "fuse.d4c"
 
 
@@ -41,39 +43,57 @@ def _mount_table() -> dict[str, str]:
     return table
 
 
+def _resolve(path: str, table: dict[str, str]) -> str:
+    """`path` (absolute) with the symlinks along it resolved, stopping at a
+    mount point: realpath would lstat it, and a hung server hangs that."""
+    for _ in range(40):  # symlink hops, as the kernel allows
+        if path in table:
+            return path
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        if path in table:
+            return path
+        try:
+            target = os.readlink(path)  # a name in the parent directory: no lookup below it
+        except OSError:
+            return path
+        path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+    return path
+
+
 def mount_path(path: str) -> str:
-    """The mount table's name for `path`: its absolute path or, when that is not
-    a mount point, the path with its symlinks resolved (the table holds those).
-    The first try touches nothing: a hung server would hang a stat of its mount."""
+    """The mount table's name for `path`, which may be reached through symlinks
+    (the table holds resolved paths); the absolute path when nothing is mounted."""
     absolute = os.path.abspath(path)
     try:
         table = _mount_table()
     except OSError:
         return absolute
-    if absolute in table:
-        return absolute
-    real = os.path.realpath(absolute)
-    return real if real in table else absolute
+    resolved = _resolve(absolute, table)
+    return resolved if resolved in table else absolute
 
 
 def fstype_at(path: str) -> str | None:
-    """The file system type mounted exactly at `path` (the last one), or None."""
-    path = mount_path(path)
+    """The file system type mounted at `path`, through symlinks (the last one), or None."""
+    absolute = os.path.abspath(path)
     try:
-        return _mount_table().get(path)
+        table = _mount_table()
     except OSError:
-        return "unknown" if os.path.ismount(path) else None
+        return "unknown" if os.path.ismount(absolute) else None
+    return table.get(_resolve(absolute, table))
 
 
-STALE_AFTER = 5.0  # seconds a mount's server has to answer statfs before it counts as hung
+ANSWER_WITHIN = 5.0  # seconds a mount's server has to answer statfs before it counts as silent
+LIVE, DEAD, SILENT = "live", "dead", "silent"
 
 
-def is_stale(path: str, timeout: float | None = None) -> bool:
-    """The mount's server died (ENOTCONN) or does not answer within `timeout`
-    (STALE_AFTER): either way only a lazy detach removes the mount.  statfs
-    always reaches the server; stat may be answered from the kernel's attribute
-    cache long after the server died.  A hung server's statfs is left waiting on
-    a daemon thread (it ends when the server does)."""
+def server_state(path: str, timeout: float | None = None) -> str:
+    """Whether the server of the mount at `path` answers statfs (LIVE), has died
+    (DEAD: ENOTCONN, only a lazy detach removes the mount) or gave no answer
+    within `timeout` (SILENT: hung, or busy on every worker thread; only the
+    caller knows which it may assume).  statfs always reaches the server; stat
+    may be answered from the kernel's attribute cache long after it died.  An
+    unanswered statfs is left waiting on a daemon thread."""
     answer: list[OSError | None] = []
 
     def ask() -> None:
@@ -85,11 +105,17 @@ def is_stale(path: str, timeout: float | None = None) -> bool:
 
     asking = threading.Thread(target=ask, name="d4c-statfs", daemon=True)
     asking.start()
-    asking.join(STALE_AFTER if timeout is None else timeout)
+    asking.join(ANSWER_WITHIN if timeout is None else timeout)
     if not answer:
-        return True
+        return SILENT
     failure = answer[0]
-    return failure is not None and failure.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # first access: the latter
+    dead = failure is not None and failure.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # first access: the latter
+    return DEAD if dead else LIVE
+
+
+def is_stale(path: str) -> bool:
+    """The mount's server has died."""
+    return server_state(path) == DEAD
 
 
 def unmount(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
@@ -101,10 +127,27 @@ def unmount(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+def detach(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
+    """Unmount `path` (a mount point as the table names it), lazily when asked,
+    when its server died, or when a silent server keeps it busy."""
+    state = LIVE if lazy else server_state(path)
+    p = unmount(path, lazy=lazy or state == DEAD)
+    if p.returncode and state == SILENT:
+        p = unmount(path, lazy=True)
+    return p
+
+
 def clear_stale(path: str) -> bool:
-    """Detach a dead or hung d4c mount at `path`; True if there was one."""
+    """Detach a d4c mount at `path` whose server died; True if there was one.
+    A server that does not answer may only be busy: that is an error here."""
     path = mount_path(path)
-    if fstype_at(path) == FSTYPE and is_stale(path):
+    if fstype_at(path) != FSTYPE:
+        return False
+    state = server_state(path)
+    if state == SILENT:
+        raise UsageError(f"{path} is a d4c mount whose server does not answer; unmount it first "
+                         "(ctr-cli umount, or --lazy)")
+    if state == DEAD:
         unmount(path, lazy=True)
         return True
     return False

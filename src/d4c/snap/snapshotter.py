@@ -388,7 +388,7 @@ class LlfsFileSystem:
                     log=log_path, verified_bodies=True)
 
     def unmount(self, mountpoint: str) -> None:
-        p = mounts.unmount(mountpoint, lazy=mounts.is_stale(mountpoint))
+        p = mounts.detach(mountpoint)
         if p.returncode and mounts.fstype_at(mountpoint) is not None:
             mounts.unmount(mountpoint, lazy=True)
 
