@@ -150,13 +150,11 @@ class BodyCache:
         self._building: dict[bytes, threading.Lock] = {}
         for name in os.listdir(directory):  # a previous mount's bodies are reused
             path = os.path.join(directory, name)
-            if len(name) == 64 and os.path.isfile(path):
-                try:
+            with contextlib.suppress(ValueError, OSError):  # not a digest, or gone meanwhile
+                if len(name) == 64 and os.path.isfile(path):
                     self._sizes[bytes.fromhex(name)] = os.path.getsize(path)
-                except ValueError:
-                    pass
-            elif name.startswith(".tmp-"):
-                os.unlink(path)
+                elif name.startswith(".tmp-"):
+                    os.unlink(path)
         self._evict()
 
     def path(self, digest: bytes) -> str:
