@@ -822,17 +822,15 @@ def test_prefetcher() -> None:
     with pytest.raises(CorruptImage):  # and every read after it: never a short file
         p.read(1 << 20)
     p.close()
-    # closing while the thread waits on a full queue does not wait for its patience
+    # closing while the producer waits on a full queue (a put with no timeout) ends it
     body = _FakeBody(data * 4)
     p = _Prefetcher.streaming(body)
-    p.PUT_PATIENCE = 60.0  # type: ignore[misc]
-    for _ in range(200):  # until the queue is full: the producer then waits with its new patience
+    for _ in range(500):
         if p._queue.full():
             break
         time.sleep(0.01)
-    time.sleep(0.3)  # past the put that was waiting with the old patience
     assert p._queue.full()
-    closing = threading.Thread(target=p.close)
+    closing = threading.Thread(target=p.close, daemon=True)
     closing.start()
     closing.join(20)
     assert not closing.is_alive() and body.closed

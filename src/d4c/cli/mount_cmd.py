@@ -97,9 +97,9 @@ def run_mount(args: argparse.Namespace) -> int:
 
 
 def run_umount(args: argparse.Namespace) -> int:
-    from ..llfs.mounts import detach, fstype_at, mount_path
-    mountpoint = mount_path(args.mountpoint)
-    if fstype_at(mountpoint) is None:
+    from ..llfs.mounts import detach, mounted_at
+    mountpoint, fstype = mounted_at(args.mountpoint)
+    if fstype is None:
         raise UsageError(f"{mountpoint} is not mounted")
     # a dead server leaves a stale mount that only a lazy detach removes; so may a hung one
     p = detach(mountpoint, lazy=args.lazy)

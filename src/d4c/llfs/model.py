@@ -230,15 +230,7 @@ class BodyCache:
             others = sum(n for digest, n in self._sizes.items() if digest != keep)
         if free() + others < size:
             return False
-        while free() < size:
-            with self._lock:
-                victim = next((digest for digest in self._sizes if digest != keep), None)
-                if victim is None:
-                    return True  # all gone: try anyway (open bodies free their space when closed)
-                del self._sizes[victim]
-                self._checked.discard(victim)
-            with contextlib.suppress(OSError):
-                os.unlink(self.path(victim))
+        self._evict(keep, enough=lambda: free() >= size)
         return True
 
     def _open_cached(self, digest: bytes, size: int) -> int:
@@ -277,21 +269,18 @@ class BodyCache:
             self._checked.add(digest)
         return True
 
-    def _evict(self, keep: bytes | None = None) -> None:
-        """Least recently used bodies until the rest fit the limit."""
-        with self._lock:
-            total = sum(self._sizes.values())
-            for digest in list(self._sizes):
-                if total <= self.limit:
-                    break
-                if digest == keep:
-                    continue
-                total -= self._sizes.pop(digest)
-                self._checked.discard(digest)
-                try:
-                    os.unlink(self.path(digest))
-                except OSError:  # gone already, or a cache directory gone read-only: not counted any more
-                    pass
+    def _evict(self, keep: bytes | None = None, enough: Callable[[], bool] | None = None) -> None:
+        """Least recently used bodies other than `keep` go until `enough()`: by
+        default, until the rest fit the limit."""
+        while not (enough() if enough is not None else self.used <= self.limit):
+            with self._lock:
+                victim = next((digest for digest in self._sizes if digest != keep), None)
+                if victim is None:
+                    return
+                del self._sizes[victim]
+                self._checked.discard(victim)
+            with contextlib.suppress(OSError):  # gone already, or a cache directory gone read-only
+                os.unlink(self.path(victim))
 
     @property
     def used(self) -> int:
@@ -626,7 +615,6 @@ class _Prefetcher(_Forward):
 
     CHUNK = 1 << 20
     DEPTH = 4
-    PUT_PATIENCE = 0.2  # seconds a producer waits on a full queue before it looks for a stop
     _END = object()
 
     def __init__(self, chunks: Iterator[bytes | memoryview], close: Callable[[], None]) -> None:
@@ -655,12 +643,8 @@ class _Prefetcher(_Forward):
             self._put(exc)
 
     def _put(self, item: object) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=self.PUT_PATIENCE)
-                return
-            except queue.Full:
-                continue
+        if not self._stop.is_set():  # after a stop, close() empties the queue until this thread ends
+            self._queue.put(item)
 
     def _next(self) -> bytes | memoryview | None:
         if self._done:
@@ -675,8 +659,8 @@ class _Prefetcher(_Forward):
         return item  # type: ignore[return-value]
 
     def close(self) -> None:
-        """Stops the producer at once: the queue is emptied, so a producer waiting
-        to put returns now instead of after PUT_PATIENCE (a release waited for it)."""
+        """Stops the producer at once: the queue is emptied until it ends, so a
+        producer waiting to put goes on, sees the stop and returns."""
         if not self._stop.is_set():
             self._stop.set()
             while self._thread.is_alive():
@@ -684,7 +668,6 @@ class _Prefetcher(_Forward):
                     self._queue.get(timeout=0.01)
                 except queue.Empty:
                     pass
-            self._thread.join()
             self._close()
         super().close()
 

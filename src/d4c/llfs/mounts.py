@@ -61,26 +61,22 @@ def _resolve(path: str, table: dict[str, str]) -> str:
     return path
 
 
-def mount_path(path: str) -> str:
+def mounted_at(path: str) -> tuple[str, str | None]:
     """The mount table's name for `path`, which may be reached through symlinks
-    (the table holds resolved paths); the absolute path when nothing is mounted."""
+    (the table holds resolved paths), and the file system type mounted there
+    last; (the absolute path, None) when nothing is."""
     absolute = os.path.abspath(path)
     try:
         table = _mount_table()
     except OSError:
-        return absolute
+        return absolute, "unknown" if os.path.ismount(absolute) else None
     resolved = _resolve(absolute, table)
-    return resolved if resolved in table else absolute
+    return (resolved, table[resolved]) if resolved in table else (absolute, None)
 
 
 def fstype_at(path: str) -> str | None:
-    """The file system type mounted at `path`, through symlinks (the last one), or None."""
-    absolute = os.path.abspath(path)
-    try:
-        table = _mount_table()
-    except OSError:
-        return "unknown" if os.path.ismount(absolute) else None
-    return table.get(_resolve(absolute, table))
+    """The file system type mounted at `path` (through symlinks), or None."""
+    return mounted_at(path)[1]
 
 
 ANSWER_WITHIN = 5.0  # seconds a mount's server has to answer statfs before it counts as silent
@@ -140,8 +136,8 @@ def detach(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
 def clear_stale(path: str) -> bool:
     """Detach a d4c mount at `path` whose server died; True if there was one.
     A server that does not answer may only be busy: that is an error here."""
-    path = mount_path(path)
-    if fstype_at(path) != FSTYPE:
+    path, fstype = mounted_at(path)
+    if fstype != FSTYPE:
         return False
     state = server_state(path)
     if state == SILENT:

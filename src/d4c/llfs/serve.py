@@ -17,7 +17,7 @@ log = logging.getLogger("d4c.llfs")
 
 def check_mountpoint(mountpoint: str) -> None:
     if clear_stale(mountpoint):
-        log.warning("%s: cleared a stale mount (its server had died or did not answer)", mountpoint)
+        log.warning("%s: cleared a stale mount (its server had died)", mountpoint)
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
