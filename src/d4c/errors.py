@@ -15,6 +15,7 @@ EXIT_CORRUPT = 3        # an input file is damaged, hostile or of an unknown ver
 EXIT_NOT_FOUND = 4      # a named input (file, image, tag) does not exist
 EXIT_IO = 5             # the system refused (permissions, full disk, ...)
 EXIT_UNSUPPORTED = 6    # valid input we do not handle (yet)
+EXIT_UNREACHABLE = 7    # a server, registry or daemon that cannot be reached
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE)
 
@@ -80,7 +81,7 @@ class Conflict(D4CError):
 class Unavailable(D4CError):
     """{}"""
 
-    exit_code = EXIT_IO
+    exit_code = EXIT_UNREACHABLE
 
 
 class OutputExists(D4CError):
