@@ -505,6 +505,16 @@ class Image:
             return data
         return image._rebuild(e)
 
+    def check_body(self, entry: Entry) -> None:
+        """Check one body this image stores (FRAME or DELTA) against its size and
+        digest: a stored body streams in bounded memory whatever its size, a delta
+        is rebuilt from the parent stack.  CorruptImage when it does not match."""
+        if entry.storage == Storage.FRAME and entry.size > ONE_SHOT_MAX:
+            for _ in self.body_chunks(entry):
+                pass
+        elif entry.storage in (Storage.FRAME, Storage.DELTA):
+            self.read_body(entry)
+
     def body_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
         """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
         with their content sizes (one frame unless the image is multi-frame).
@@ -578,6 +588,15 @@ class Image:
                                        step.size, step.digest, source=f"{self.path}: {entry.display()}")
             size, digest = step.size, step.digest
         return data
+
+
+def check_bodies(image: Image, threads: int = 1) -> None:
+    """Check every body `image` stores itself (not its parents'): what the
+    snapshotter's load and the server's upload make sure of before they keep an
+    image.  zstd, sha256 and the patch kernel release the GIL, so threads help."""
+    from .pack import run_parallel
+    run_parallel(image.check_body, [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA)],
+                 threads)
 
 
 def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:

@@ -21,11 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..dimg import ONE_SHOT_MAX, Image, format_id, read_info
+from ..dimg import Image, check_bodies, format_id, read_info
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
-from ..pack import run_parallel
-from ..tree import Entry, Storage
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 
 log = logging.getLogger("d4c.snap")
@@ -271,20 +269,8 @@ class Snapshotter:
         try:
             for p in stack + [path]:
                 images.append(Image(p, parent=images[-1] if images else None))
-            top = images[-1]
-
-            def check(e: Entry) -> None:
-                if e.size > ONE_SHOT_MAX:  # in bounded memory
-                    with top.open_body(e) as body:
-                        for _ in body.chunks():
-                            pass
-                else:
-                    top.read_body(e)
-
-            # zstd, sha256 and the patch kernel release the GIL: a load on a thin
-            # link's device is mostly this check
-            run_parallel(check, [e for e in top.entries if e.storage in (Storage.FRAME, Storage.DELTA)],
-                         VERIFY_THREADS)
+            # a load on a thin link's device is mostly this check
+            check_bodies(images[-1], VERIFY_THREADS)
         finally:
             for image in images:
                 image.close()
