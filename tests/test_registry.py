@@ -152,18 +152,24 @@ def test_registry_bad_cases(app, registry, tmp_path) -> None:  # type: ignore[no
     assert not os.path.exists(out)
 
 
-def test_containerd_store_gives_the_same_image(app, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def private_containerd(app, tmp_path) -> tuple[Containerd, str, bytes]:  # type: ignore[no-untyped-def]
+    """A started private containerd (no snapshotter), the app layout as an archive to import, its id."""
     need(IS_ROOT, "containerd needs root")
     missing = have_containerd()
     need(missing is None, missing or "")
     layout, want = app
     base = str(tmp_path / "d")
     os.makedirs(os.path.join(base, "run"))
+    archive = str(tmp_path / "app.tar")
+    tar_dir(layout, archive)
     ctrd = Containerd(base, os.path.join(base, "run", "none.sock"))
     ctrd.start()
+    return ctrd, archive, want
+
+
+def test_containerd_store_gives_the_same_image(app, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctrd, archive, want = private_containerd(app, tmp_path)
     try:
-        archive = str(tmp_path / "app.tar")
-        tar_dir(layout, archive)
         ctrd.ctr("images", "import", "--all-platforms", "--no-unpack", "--base-name", "d4c.test/app", archive)
         name = ctrd.ctr("images", "ls", "-q").stdout.split()[0]
         out = str(tmp_path / "o")
@@ -211,3 +217,37 @@ def test_registry_unsupported_media_type(app, registry, tmp_path) -> None:  # ty
     code, _, err = convert(f"docker://{registry.host}/d4c/weird:lz4", out, "--plain-http", "--blob-cache", "none")
     assert_one_line_error(code, err, 6)
     assert "unsupported layer media type" in err and not os.path.exists(out)
+
+
+def test_original_readme_convert_of_a_short_name(app, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`ctr-cli convert --image nginx:1.23.1 --output ./images/nginx-1.23.1 --cdimg`, exactly as the
+    original README writes it, finds the image that `ctr images import` stored as
+    docker.io/library/nginx:1.23.1 (containerd reached through CONTAINERD_ADDRESS, as ctr does)."""
+    import subprocess
+    import sys
+
+    from helpers import binary
+    ctrd, archive, want = private_containerd(app, tmp_path)
+    try:
+        ctrd.ctr("images", "import", "--all-platforms", "--no-unpack", "--index-name",
+                 "docker.io/library/nginx:1.23.1", archive)
+        names = ctrd.ctr("images", "ls", "-q").stdout.split()
+        assert "docker.io/library/nginx:1.23.1" in names and "nginx:1.23.1" not in names
+        cli = binary("ctr-cli")
+        cmd = [cli] if cli else [sys.executable, "-m", "d4c"]
+        env = {"PATH": os.environ["PATH"], "CONTAINERD_ADDRESS": ctrd.socket, "CONTAINERD_NAMESPACE": ctrd.namespace,
+               "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+        os.makedirs(tmp_path / "images")
+        readme = ["convert", "--image", "nginx:1.23.1", "--output", "./images/nginx-1.23.1", "--cdimg"]
+        p = subprocess.run(cmd + readme, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert converted_id(str(tmp_path / "images" / "nginx-1.23.1")) == want
+        # a name in neither place says what was tried in containerd, then the registry's answer
+        p = subprocess.run(cmd + ["convert", "--image", "nginx:9.9", "--output", "./images/none", "-q"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert f"not in containerd at {ctrd.socket}, namespace '{ctrd.namespace}'" in p.stderr
+        assert "docker.io/library/nginx:9.9" in p.stderr and "registry:" in p.stderr
+        assert not os.path.exists(tmp_path / "images" / "none")
+    finally:
+        ctrd.stop()

@@ -8,7 +8,8 @@ Transports (as skopeo names them):
   containerd:NAME             the containerd image store (content service)
 A bare path is recognised too: a directory is `oci:`, a file is an archive
 (OCI layout if it holds index.json, docker-archive otherwise).  Any other plain
-name (`nginx:1.23.1`) is looked up in containerd first, then pulled from its
+name (`nginx:1.23.1`) is looked up in containerd first, as written and then as
+docker normalises it (`docker.io/library/nginx:1.23.1`), then pulled from its
 registry (Docker Hub for short names).
 """
 
@@ -22,7 +23,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-from ..errors import BadInput, NotFound, Unsupported, UsageError, from_oserror
+from ..errors import BadInput, D4CError, NotFound, Unavailable, Unsupported, UsageError, from_oserror
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json"}
@@ -471,12 +472,31 @@ class RegistrySource(ImageSource):
         return self.registry.open_blob(digest)
 
 
+def containerd_names(ref: str) -> list[str]:
+    """The names containerd may hold `ref` under: as written, then normalised as
+    docker and containerd name what they pull (`nginx:1.23.1` is stored as
+    `docker.io/library/nginx:1.23.1`, `user/app` as `docker.io/user/app:latest`)."""
+    from .registry import DOCKER_HUB, parse_reference
+    names = [ref]
+    try:
+        parsed = parse_reference(ref)
+    except UsageError:
+        return names
+    host = "docker.io" if parsed.host == DOCKER_HUB else parsed.host
+    sep = "@" if parsed.reference.startswith("sha256:") else ":"
+    full = f"{host}/{parsed.repository}{sep}{parsed.reference}"
+    if full != ref:
+        names.append(full)
+    return names
+
+
 class ContainerdSource(ImageSource):
     """An image in containerd's store, read through its content service."""
 
     def __init__(self, ref: str, platform_: Platform | None, options: RemoteOptions) -> None:
         from ..containerd import Containerd
         self.ref = ref
+        self.names = containerd_names(ref)
         self.platform = platform_ or Platform.default()
         self.tag = ""
         self.transport = "containerd"
@@ -485,13 +505,25 @@ class ContainerdSource(ImageSource):
     def close(self) -> None:
         self.ctrd.close()
 
+    def _image(self) -> Any | None:
+        for name in self.names:
+            image = self.ctrd.get_image(name)
+            if image is not None:
+                self.ref = name
+                return image
+        return None
+
     def exists(self) -> bool:
-        return self.ctrd.get_image(self.ref) is not None
+        return self._image() is not None
+
+    def where(self) -> str:
+        return (f"not in containerd at {self.ctrd.address}, namespace {self.ctrd.namespace!r} "
+                f"(looked for {', '.join(self.names)})")
 
     def resolve(self) -> ResolvedImage:
-        image = self.ctrd.get_image(self.ref)
+        image = self._image()
         if image is None:
-            raise NotFound(f"no image {self.ref!r} in containerd namespace {self.ctrd.namespace!r}")
+            raise NotFound(f"image {self.ref!r} is {self.where()}")
         t = image.target
         return self._follow({"mediaType": t.media_type, "digest": t.digest, "size": t.size}, depth=0)
 
@@ -505,6 +537,29 @@ class ContainerdSource(ImageSource):
         return self.ctrd.open_blob(digest)
 
 
+class _NamedSource(RegistrySource):
+    """A plain NAME[:TAG] that containerd does not hold: its registry, with a
+    failure that also says what containerd was asked."""
+
+    def __init__(self, ref: str, platform_: Platform | None, options: RemoteOptions, tried: str) -> None:
+        self.tried = tried
+        try:
+            super().__init__(ref, platform_, options)
+        except D4CError as exc:
+            raise self._both_failed(exc) from None
+
+    def _both_failed(self, exc: D4CError) -> D4CError:
+        err = NotFound(f"{self.ref}: {self.tried}; registry: {exc}")
+        err.exit_code = exc.exit_code if exc.exit_code != NotFound.exit_code else err.exit_code
+        return err
+
+    def resolve(self) -> ResolvedImage:
+        try:
+            return super().resolve()
+        except D4CError as exc:
+            raise self._both_failed(exc) from None
+
+
 def open_source(ref: str, platform_: Platform | None = None,
                 options: RemoteOptions | None = None) -> ImageSource:
     """The source `ref` names (see the module docstring for the forms)."""
@@ -516,13 +571,13 @@ def open_source(ref: str, platform_: Platform | None = None,
         return ContainerdSource(rest, platform_, options)
     if transport == "name":
         # containerd first (if it runs here), then the image's registry
-        from ..errors import Unavailable
         src = ContainerdSource(rest, platform_, options)
         try:
             if src.exists():
                 return src
-        except Unavailable:
-            pass
+            tried = src.where()
+        except Unavailable as exc:
+            tried = str(exc)
         src.close()
-        return RegistrySource(rest, platform_, options)
+        return _NamedSource(rest, platform_, options, tried)
     return ImageSource(ref, platform_)
