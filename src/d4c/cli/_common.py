@@ -12,12 +12,40 @@ from ..errors import UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but usage errors are D4CErrors (one line, exit code 2)."""
+    """argparse, but usage errors are D4CErrors (one line, exit code 2), and a
+    flag the command does not know is named with its command, before anything
+    else is said of the line (`ctr-cli cdimg diff: unknown flag --oldImage`)."""
 
     def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self._where()}{message} (see --help)")
+
+    def _where(self) -> str:
         words = self.prog.split(" ", 1)
-        where = f"{words[1]}: " if len(words) > 1 else ""
-        raise UsageError(f"{where}{message} (see --help)")
+        return f"{words[1]}: " if len(words) > 1 else ""
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self._subparsers is not None:  # a group: its command's parser speaks for the flags
+            return super().parse_known_args(args, namespace)
+        words = list(sys.argv[1:] if args is None else args)
+        try:
+            parsed, extras = super().parse_known_args(words, namespace)
+        except UsageError:
+            self._refuse_unknown(words)
+            raise
+        self._refuse_unknown(extras)
+        return parsed, extras
+
+    def _refuse_unknown(self, words: list[str]) -> None:
+        known = list(self._option_string_actions)
+        for word in words:
+            if word == "--":
+                return
+            if not word.startswith("-") or word == "-" or self._negative_number_matcher.match(word):
+                continue
+            flag = word.split("=", 1)[0]
+            if flag in known or (flag.startswith("--") and any(k.startswith(flag) for k in known)):
+                continue
+            raise UsageError(f"{self._where()}unknown flag {flag} (see --help)")
 
 
 def common_parser() -> argparse.ArgumentParser:
