@@ -55,13 +55,18 @@ $(BINARIES) &: build/pyinstaller.spec $(shell find src -name '*.py' -o -name '*.
 	  --distpath dist build/pyinstaller.spec
 	for b in $(BINARIES); do cp dist/$$b .$$b.tmp && mv -f .$$b.tmp $$b; done  # a running binary is replaced, not overwritten
 
-# the offline edge bundle: binaries, install script, systemd units, INSTALL
+# the offline edge bundle: the programs, install script, systemd units, INSTALL
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' src/d4c/__init__.py)
 DIST := d4c-$(VERSION)-linux-x86_64.tar.gz
 dist: $(DIST)
+# one shared one-dir runtime (d4c/, made with the binaries) and the three names as links to
+# it: a call unpacks nothing, where a one-file binary unpacks ~90 MB at every start
 $(DIST): $(BINARIES) install_snapshotter.sh packaging/INSTALL $(wildcard systemd/*.service)
 	rm -rf build/dist && mkdir -p build/dist/d4c-$(VERSION)/systemd
-	cp $(BINARIES) install_snapshotter.sh packaging/INSTALL build/dist/d4c-$(VERSION)/
+	cp -a dist/d4c build/dist/d4c-$(VERSION)/d4c
+	for b in $(BINARIES); do ln -s d4c/d4c build/dist/d4c-$(VERSION)/$$b; done
+	cp install_snapshotter.sh build/dist/d4c-$(VERSION)/
+	sed 's/@VERSION@/$(VERSION)/g' packaging/INSTALL > build/dist/d4c-$(VERSION)/INSTALL
 	cp systemd/*.service build/dist/d4c-$(VERSION)/systemd/
 	tar -C build/dist --owner=0 --group=0 --sort=name -czf $@.tmp d4c-$(VERSION) && mv $@.tmp $@
 

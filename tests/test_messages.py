@@ -55,3 +55,44 @@ def test_a_missing_input_file_is_4_for_every_command(line: str, tmp_path) -> Non
     code, _, err = run_cli("-q", *line.format(m=MISSING, t=tmp_path).split())
     assert_one_line_error(code, err, EXIT_NOT_FOUND)
     assert MISSING in err
+
+
+def _subparsers(parser):  # type: ignore[no-untyped-def]
+    import argparse
+    return next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+
+
+def _shape(parser) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    """A parser's flags and, for a group, its commands' shapes."""
+    sub = _subparsers(parser)
+    flags = sorted(s for a in parser._actions for s in a.option_strings)
+    return {"flags": flags, "commands": {n: _shape(p) for n, p in sub.choices.items()} if sub else {}}
+
+
+def test_each_line_builds_the_commands_its_first_word_names() -> None:
+    """A call imports only its own command's module; the parser it builds for that
+    word must be the same as the full one (a command left out of the table would
+    vanish from its group)."""
+    from d4c.cli import MODULES_BY_WORD, build_parser
+    full = _subparsers(build_parser()).choices
+    assert set(full) == set(MODULES_BY_WORD)
+    for word in full:
+        lazy = _subparsers(build_parser(["-q", word, "--help"])).choices
+        assert _shape(lazy[word]) == _shape(full[word]), word
+
+
+def test_version_and_mount_servers_do_not_load_numpy() -> None:
+    """numpy is ~10 MiB of each FUSE server's memory and 80 ms of every start; only
+    the delta engine needs it, and a mount loads the engine at its first delta file."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom d4c.cli import main, build_parser\n"
+            "main(['-q', 'version'])\n"
+            "build_parser(['mount']).parse_args(['mount', '--cdimg', 'x', '/mnt'])\n"
+            "import d4c.llfs.serve, d4c.llfs.model, d4c.llfs.process, d4c.dimg\n"
+            "sys.stderr.write(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'grpc'))))\n")
+    import os
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == "", f"loaded: {p.stderr}"

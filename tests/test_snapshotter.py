@@ -302,8 +302,11 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
         tf.extractall(tmp_path / "unpacked", filter="data")
     [top] = os.listdir(tmp_path / "unpacked")
     d = str(tmp_path / "unpacked" / top)
-    assert sorted(os.listdir(d)) == ["INSTALL", "ctr-cli", "install_snapshotter.sh", "server", "snapshotter",
+    assert sorted(os.listdir(d)) == ["INSTALL", "ctr-cli", "d4c", "install_snapshotter.sh", "server", "snapshotter",
                                      "systemd"]
+    # one shared program: the three names are links to it
+    assert {os.readlink(os.path.join(d, n)) for n in ("ctr-cli", "snapshotter", "server")} == {"d4c/d4c"}
+    assert "@VERSION@" not in open(os.path.join(d, "INSTALL")).read()
     # a PATH with the system tools the programs call, and no python
     bindir = tmp_path / "bin"
     bindir.mkdir()

@@ -8,8 +8,6 @@ directories, xattr names, symlink targets) to dimg.py.  It runs without the GIL.
 _tables_py.py is the reference and must give the same rows and errors.
 """
 
-import numpy as np
-
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 
 API_VERSION = "1"
@@ -248,10 +246,12 @@ def scan_tree(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t count, Py_ssize
               Py_ssize_t max_name, uint64_t max_xattr_name, uint64_t max_xattr_value,
               uint64_t max_symlink):
     """Scan `count` entries from buf[pos:].  Returns (rows, end, error, index, value):
-    rows an int64 array of shape (count, 16); error 0, or the code of the first
+    rows an int64 memoryview of shape (count, 16); error 0, or the code of the first
     problem, at entry `index`, with the offending `value` where there is one."""
     cdef Reader r
-    rows = np.zeros((count, NCOL), dtype=np.int64)
+    # a plain int64 buffer: numpy is 10 MiB of every FUSE server's memory, and this is all it did here
+    rows = memoryview(bytearray(8 * count * NCOL)).cast("q", (count, NCOL)) if count else \
+        memoryview(b"").cast("q")
     cdef int64_t[:, ::1] view = rows
     cdef Py_ssize_t at
     r.buf = &buf[0] if buf.shape[0] else NULL

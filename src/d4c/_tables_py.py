@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
+import array
 
 API_VERSION = "1"
 
@@ -64,15 +64,15 @@ def _plain(path: bytes, max_name: int) -> bool:
 
 
 def scan_tree(buf: Any, pos: int, count: int, max_path: int, max_name: int, max_xattr_name: int,
-              max_xattr_value: int, max_symlink: int) -> tuple[np.ndarray, int, int, int, int]:
+              max_xattr_value: int, max_symlink: int) -> tuple[memoryview, int, int, int, int]:
     data = bytes(buf)
-    rows = np.zeros((count, NCOL), dtype=np.int64)
+    table = [[0] * NCOL for _ in range(count)]
     r = _Reader(data, pos)
     prev: bytes | None = None
     index = 0
     try:
         for index in range(count):
-            row = rows[index]
+            row = table[index]
             row[C_PATH_LEN] = -1
             off, n = r.span(max_path, E_PATH_LONG)
             path = data[off:off + n]
@@ -91,7 +91,7 @@ def scan_tree(buf: Any, pos: int, count: int, max_path: int, max_name: int, max_
                 raise _Stop(E_ROOT if index == 0 else E_ORDER)
             if t == T_HARDLINK:
                 link = r.uv()
-                if link >= index or rows[link, C_TYPE] in (T_DIR, T_HARDLINK):
+                if link >= index or table[link][C_TYPE] in (T_DIR, T_HARDLINK):
                     raise _Stop(E_LINK, link)
                 row[C_LINK] = link
                 continue
@@ -123,5 +123,11 @@ def scan_tree(buf: Any, pos: int, count: int, max_path: int, max_name: int, max_
                     raise _Stop(E_DEVICE)
                 row[C_MAJOR], row[C_MINOR] = major, minor
     except _Stop as stop:
-        return rows, r.pos, stop.code, index, stop.value
-    return rows, r.pos, 0, count, 0
+        return _rows(table), r.pos, stop.code, index, stop.value
+    return _rows(table), r.pos, 0, count, 0
+
+
+def _rows(table: list[list[int]]) -> memoryview:
+    """The rows as the compiled kernel gives them: an int64 memoryview, (count, NCOL)."""
+    flat = array.array("q", [v for row in table for v in row])
+    return memoryview(flat).cast("B").cast("q", (len(table), NCOL)) if table else memoryview(flat)

@@ -9,6 +9,7 @@ one-line system error; anything else is a bug and prints a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -16,16 +17,32 @@ import traceback
 
 from .. import errors
 from ..progress import set_quiet
-from . import (convert_cmd, diff_cmd, load_cmd, merge_cmd, mount_cmd, pack_cmd, patch_cmd, pull_cmd,
-               push_cmd, show_cmd, stat_cmd, unpack_cmd, util_cmd, version_cmd)
 from ._common import ArgumentParser, common_parser, finish_args
 
 PROG = "ctr-cli"
-COMMANDS = (version_cmd, convert_cmd, pack_cmd, unpack_cmd, show_cmd, diff_cmd, patch_cmd, merge_cmd,
-            mount_cmd, load_cmd, push_cmd, pull_cmd, stat_cmd, util_cmd)
+COMMANDS = ("version_cmd", "convert_cmd", "pack_cmd", "unpack_cmd", "show_cmd", "diff_cmd", "patch_cmd",
+            "merge_cmd", "mount_cmd", "load_cmd", "push_cmd", "pull_cmd", "stat_cmd", "util_cmd")
+# the modules that register the commands under a line's first word: a call imports
+# only its own command's module (`ctr-cli version` and every FUSE mount server,
+# which is `ctr-cli mount`, load none of the others' dependencies)
+MODULES_BY_WORD = {
+    "version": ("version_cmd",), "convert": ("convert_cmd",), "pack": ("pack_cmd",),
+    "unpack": ("unpack_cmd",), "mount": ("mount_cmd",), "umount": ("mount_cmd",), "load": ("load_cmd",),
+    "push": ("push_cmd",), "pull": ("pull_cmd",), "stat": ("stat_cmd",), "util": ("util_cmd",),
+    "dimg": ("show_cmd", "diff_cmd", "patch_cmd", "merge_cmd", "pack_cmd"),
+    "cdimg": ("show_cmd", "diff_cmd", "patch_cmd", "merge_cmd"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_modules(argv: list[str] | None) -> tuple[str, ...]:
+    """The command modules a line needs: its first word's, or all (help, a typo)."""
+    words = [w for w in argv or [] if w not in ("--debug", "--quiet", "-q")]
+    if words and words[0] in MODULES_BY_WORD:
+        return MODULES_BY_WORD[words[0]]
+    return COMMANDS
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     common = common_parser()
     parser = ArgumentParser(prog=PROG, parents=[common],
                             description="d4c: delta updates for container images")
@@ -41,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         gs = p.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", parser_class=ArgumentParser)
         gs.required = True
         group_subs[name] = gs
-    for module in COMMANDS:
-        module.register(sub, group_subs, common)
+    for name in command_modules(argv):
+        importlib.import_module(f"{__name__}.{name}").register(sub, group_subs, common)
     return parser
 
 
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
     except errors.UsageError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,8 +9,7 @@ import shutil
 import tempfile
 
 from ..errors import D4CError, SystemFailure, UsageError
-from ._common import positive_int
-from .util_cmd import parse_size
+from ._common import parse_size, positive_int
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -71,15 +70,18 @@ def run_mount(args: argparse.Namespace) -> int:
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
     ready_fd = args.ready_fd
 
-    from ..llfs.process import FAILED, READY
+    from ..llfs.process import FAILED, READY, bundle_is_temporary
 
     def ready() -> None:
         if ready_fd is not None:
-            # A frozen worker runs from its parent's unpacked bundle (PyInstaller
+            # A one-file worker runs from its parent's unpacked bundle (PyInstaller
             # passes it on: no second extraction, ~0.2 s instead of ~0.8 s to
-            # serve), and the parent removes it when it exits.  Everything a read
-            # may need later is loaded now; pure modules come from the executable.
-            importlib.import_module("d4c.delta")  # the engine and its codecs, for delta files
+            # serve), and the parent removes it when it exits: everything a read
+            # may need later is loaded now (pure modules come from the executable).
+            # Installed (one-dir) and from source, the engine and numpy load at the
+            # first delta file, and an idle mount keeps ~20 MiB less.
+            if bundle_is_temporary():
+                importlib.import_module("d4c.delta")
             os.write(ready_fd, READY)
             os.close(ready_fd)
 

@@ -7,22 +7,7 @@ import os
 
 from .. import delta
 from ..progress import human_bytes
-from ._common import add_threads
-
-
-def parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().rstrip("ib").rstrip("b")
-    try:
-        if t and t[-1] in units:
-            value = int(float(t[:-1]) * units[t[-1]])
-        else:
-            value = int(t)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
-    if not 0 < value < (1 << 62):
-        raise argparse.ArgumentTypeError(f"size out of range: {text!r}")
-    return value
+from ._common import add_threads, parse_size  # noqa: F401  (parse_size: other commands import it from here)
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

@@ -25,6 +25,15 @@ def reexec_command(module: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def bundle_is_temporary() -> bool:
+    """True in a one-file binary: its modules were unpacked to a directory that
+    goes away with the process that unpacked it."""
+    meipass = getattr(sys, "_MEIPASS", None)
+    if not getattr(sys, "frozen", False) or meipass is None:
+        return False
+    return not os.path.abspath(meipass).startswith(os.path.dirname(os.path.realpath(sys.executable)) + os.sep)
+
+
 def spawn_mount(prefix: list[str], paths: list[str], mountpoint: str, *, cache_dir: str | None = None,
                 cache_size: int | None = None, workers: int | None = None, log: str | None = None,
                 debug: bool = False, verified_bodies: bool = False) -> int:
