@@ -70,7 +70,7 @@ $(DIST): $(BINARIES) install_snapshotter.sh packaging/INSTALL $(wildcard systemd
 	cp systemd/*.service build/dist/d4c-$(VERSION)/systemd/
 	tar -C build/dist --owner=0 --group=0 --sort=name -czf $@.tmp d4c-$(VERSION) && mv $@.tmp $@
 
-bench: deps
+bench: deps dist
 	$(PIP) install -q -r requirements-bench.txt
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from . import delta_bench, image_bench, llfs_bench, pack_bench
+from . import delta_bench, footprint_bench, image_bench, llfs_bench, pack_bench
 
 
 def main() -> int:
@@ -12,6 +12,7 @@ def main() -> int:
     rc |= delta_bench.main()
     rc |= image_bench.main()
     rc |= llfs_bench.main()
+    rc |= footprint_bench.main()
     return rc
 
 

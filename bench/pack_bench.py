@@ -7,7 +7,6 @@ pack.json and pack.png (plot).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -19,10 +18,10 @@ from typing import Callable
 from d4c.cli import main as ctr_cli
 from d4c.progress import human_bytes
 
-from .plotting import pyplot
+from . import report
+from .plotting import bars, pyplot, save_figure
 
 CORPUS_CANDIDATES = ["/usr/lib/python3.11", "/usr/share/doc", "/usr/lib/x86_64-linux-gnu"]
-OUT = os.path.join(os.path.dirname(__file__), "results")
 
 
 RUNS = 3
@@ -51,7 +50,6 @@ def main() -> int:
     if corpus is None:
         print("no corpus directory found", file=sys.stderr)
         return 1
-    os.makedirs(OUT, exist_ok=True)
     work = tempfile.mkdtemp(prefix="d4c-bench-")
     try:
         # keep the corpus at its real path under a fake root, so relative symlinks stay inside
@@ -84,14 +82,9 @@ def main() -> int:
             lines.append(f"| {name} | {human_bytes(size) if size else '-'} | {secs:.2f} | "
                          f"{raw / secs / 1e6:.0f} | {secs / peer:.2f} |")
         text = "\n".join(lines) + "\n"
-        with open(os.path.join(OUT, "pack.md"), "w") as f:
-            f.write(text)
         data = {"corpus": corpus, "raw_bytes": raw,
                 "rows": [{"what": name, "size": size, "seconds": secs} for name, size, secs in rows]}
-        with open(os.path.join(OUT, "pack.json"), "w") as f:
-            json.dump(data, f, indent=1)
-        plot(data, os.path.join(OUT, "pack.png"))
-        print(text)
+        report.save("pack", text, data, plot)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
@@ -105,22 +98,14 @@ def plot(data: dict, path: str) -> None:  # type: ignore[type-arg]
     rows = data["rows"]
     color = ["#2a7" if r["what"].startswith("d4c") else "#888" for r in rows]
     fig, (speed, size) = plt.subplots(1, 2, figsize=(12, 4))
-    speed.barh(range(len(rows)), [data["raw_bytes"] / r["seconds"] / 1e6 for r in rows], color=color)
-    speed.set_yticks(range(len(rows)))
-    speed.set_yticklabels([r["what"] for r in rows], fontsize=8)
-    speed.invert_yaxis()
-    speed.set_xlabel("MB/s of the tree (higher is better)")
+    bars(speed, [r["what"] for r in rows], [data["raw_bytes"] / r["seconds"] / 1e6 for r in rows], color,
+         "MB/s of the tree (higher is better)")
     packed = [r for r in rows if r["size"]]
-    size.barh(range(len(packed)), [r["size"] / 2**20 for r in packed],
-              color=["#2a7" if r["what"].startswith("d4c") else "#888" for r in packed])
-    size.set_yticks(range(len(packed)))
-    size.set_yticklabels([r["what"] for r in packed], fontsize=8)
-    size.invert_yaxis()
-    size.set_xlabel(f"archive MiB (the tree: {data['raw_bytes'] / 2**20:.1f} MiB; lower is better)")
+    bars(size, [r["what"] for r in packed], [r["size"] / 2**20 for r in packed],
+         ["#2a7" if r["what"].startswith("d4c") else "#888" for r in packed],
+         f"archive MiB (the tree: {data['raw_bytes'] / 2**20:.1f} MiB; lower is better)")
     fig.suptitle(f"pack / unpack of {data['corpus']} against tar + zstd")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(plt, fig, path)
 
 
 if __name__ == "__main__":
