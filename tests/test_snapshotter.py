@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -246,6 +247,34 @@ def test_in_use_images_are_kept_and_dead_mounts_restored(daemons, chain) -> None
             break
         time.sleep(0.1)
     assert mounts_below(snap.root, "fuse.d4c") == [] and os.listdir(os.path.join(snap.root, "images")) == []
+
+
+def test_dead_mount_server_is_noticed_and_remounted(daemons, chain) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of an image's mount server while the snapshotter runs: the
+    snapshotter notices, mounts the image again at the same path, so that new
+    containers of it start within a bounded wait, and logs the containers that
+    were on the dead mount (their overlay keeps it: they fail until restarted)."""
+    ctrd, snap = daemons
+    code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+    assert code == 0, err
+    old = f"old-{ctrd.namespace}"
+    ctrd.ctr("run", "-d", "--snapshotter", "di3fs", "d4c-bb:1", old, "/bin/sleep", "300")
+    [server] = fuse_server_pids(snap.root)
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 20  # the watch runs every 2 s; a remount takes about a second
+    for attempt in itertools.count():
+        p = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", "d4c-bb:1", f"new{attempt}-{ctrd.namespace}",
+                     check=False)
+        if p.returncode == 0:
+            break
+        assert time.monotonic() < deadline, f"no new container within 20 s: {p.stderr}\n{snap.logs()}"
+        time.sleep(0.5)
+    assert p.stdout == "v1\n"
+    [again] = fuse_server_pids(snap.root)
+    assert again != server and len(mounts_below(snap.root, "fuse.d4c")) == 1  # the dead one was detached
+    line = next(x for x in snap.logs().splitlines() if "lost its mount server" in x)
+    assert old in line, snap.logs()
+    ctrd.remove_container(old)
 
 
 def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]

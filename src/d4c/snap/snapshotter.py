@@ -31,6 +31,8 @@ log = logging.getLogger("d4c.snap")
 IMAGE_LABEL = "containerd.io/snapshot/di3fs.image"     # "sha256:<id>": mount this image here
 MOUNT_LABEL = "containerd.io/snapshot/di3fs.mount"     # set by us: where the image is mounted
 VERIFY_THREADS = min(4, os.cpu_count() or 1)  # bodies checked at once when an image is loaded
+WATCH_INTERVAL = 2.0  # seconds between two checks of the mount servers (one statfs each)
+RETRY_AFTER = 30  # seconds before a mount that failed to come back is tried again
 
 
 @dataclass
@@ -65,6 +67,7 @@ class Snapshotter:
         os.chmod(self.root, 0o711)  # overlay and FUSE paths below must be reachable
         self.meta = Metadata(os.path.join(self.root, "metadata.db"))
         self._lock = threading.RLock()
+        self._retry_at: dict[int, float] = {}  # snapshot id -> when to try a failed remount again
 
     # ------------------------------------------------------------ paths
     def _dir(self, snap: Snapshot) -> str:
@@ -218,17 +221,69 @@ class Snapshotter:
         served, before containerd is answered."""
         with self._lock:
             for snap in self.meta.all():
-                if not snap.image:
-                    continue
-                target = self.fs_dir(snap)
-                if self.fs.alive(target):
-                    continue
-                self._unmount_if_mounted(target)
-                try:
-                    self.fs.mount(self._stack(snap.image), target, self._cache_dir(snap), self._log(snap))
-                except D4CError as exc:
-                    log.error("cannot restore the mount of snapshot %s: %s", snap.key, exc)
+                if snap.image and not self.fs.alive(self.fs_dir(snap)):
+                    self._remount(snap, "was not served when the snapshotter started")
             self.cleanup()
+
+    def watch(self, stop: threading.Event, interval: float = WATCH_INTERVAL) -> None:
+        """Until `stop` is set: every `interval` seconds, remount the image
+        snapshots whose server died (kill -9, the OOM killer) or whose mount went,
+        so that new containers of the image start again.  Containers already on a
+        dead mount keep failing (their overlay holds it): the log names them."""
+        while not stop.wait(interval):
+            try:
+                self.check_mounts()
+            except Exception:  # a bug must not end the watch
+                log.exception("checking the image mounts failed")
+
+    def check_mounts(self) -> list[str]:
+        """Remount every image snapshot whose mount is not served; their keys.
+        The servers are asked outside the lock (a busy one may take seconds to
+        answer statfs, and counts as alive): gRPC calls go on meanwhile."""
+        suspects = [s for s in self.meta.all() if s.image and not self.fs.alive(self.fs_dir(s))]
+        remounted = []
+        for suspect in suspects:
+            if self._retry_at.get(suspect.id, 0.0) > time.monotonic():
+                continue
+            with self._lock:
+                snap = next((s for s in self.meta.all() if s.id == suspect.id), None)
+                if snap is None or self.fs.alive(self.fs_dir(snap)):
+                    continue  # removed, or remounted, meanwhile
+                if self._remount(snap, "lost its mount server"):
+                    remounted.append(snap.key)
+        return remounted
+
+    def _remount(self, snap: Snapshot, why: str) -> bool:
+        """Mount an image snapshot's stack again at its path (a stale mount there
+        is detached first) and log which containers were on the old mount."""
+        target = self.fs_dir(snap)
+        users = self._users(snap)
+        try:
+            self._unmount_if_mounted(target)
+            self.fs.mount(self._stack(snap.image), target, self._cache_dir(snap), self._log(snap))
+        except D4CError as exc:
+            self._retry_at[snap.id] = time.monotonic() + RETRY_AFTER
+            log.error("cannot mount image sha256:%s of snapshot %s again (%s; next try in %d s): %s",
+                      snap.image, snap.key, why, RETRY_AFTER, exc)
+            return False
+        self._retry_at.pop(snap.id, None)
+        log.warning("image sha256:%s of snapshot %s %s: mounted again at %s; %s", snap.image, snap.key, why,
+                    target, "containers on the old mount, failing until they restart: " + ", ".join(users)
+                    if users else "no container was on it")
+        return True
+
+    def _users(self, snap: Snapshot) -> list[str]:
+        """Keys of the active snapshots (containers) on top of `snap`'s tree."""
+        below: dict[str, list[Snapshot]] = {}
+        for s in self.meta.all():
+            below.setdefault(s.parent, []).append(s)
+        found, todo = [], list(below.get(snap.key, []))
+        while todo:
+            s = todo.pop()
+            if s.kind == KIND_ACTIVE:
+                found.append(s.key)
+            todo.extend(below.get(s.key, []))
+        return sorted(found)
 
     # ------------------------------------------------------------ images
     def _take_image(self, hexid: str) -> list[str]:
