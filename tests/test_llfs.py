@@ -631,7 +631,7 @@ def test_overlay_on_the_mount(stack, tmp_path) -> None:  # type: ignore[no-untyp
     """The mount as an overlay lower layer: writes and copy-ups land in the upper
     dir, the lower never changes, programs run and setuid bits are kept."""
     fuse_ok()
-    with Mounted(stack[-1], str(tmp_path / "mnt")) as mnt:
+    with Mounted(stack[-1], str(tmp_path / "mnt"), "--allow-suid-dev") as mnt:
         before = snapshot_tree(mnt)
         upper, work, merged = (str(tmp_path / n) for n in ("upper", "work", "merged"))
         for d in (upper, work, merged):
@@ -957,3 +957,30 @@ def test_helper_wakes_on_another_cpu() -> None:
     assert pool.submit_elsewhere(lambda x: x * 2, 21).result(timeout=5) == 42
     with pytest.raises(ZeroDivisionError):
         pool.submit_elsewhere(lambda: 1 // 0).result(timeout=5)
+
+
+def test_mount_is_nosuid_nodev_unless_asked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`ctr-cli mount` as root served every local user (allow_other) with the
+    image's setuid bits and devices: `nobody` ran a setuid-root program from it
+    with euid 0.  Now nosuid,nodev by default; --allow-suid-dev keeps them."""
+    fuse_ok()
+    from privileges import NOBODY, as_nobody, mount_options, reachable_dir, setuid_tree
+    setuid_tree(str(tmp_path / "tree"))
+    image = str(tmp_path / "suid.dimg")
+    code, _, err = run_cli("pack", "--in", str(tmp_path / "tree"), "--out", image, "-q")
+    assert code == 0, err
+    with reachable_dir() as public:
+        for extra, euid in (([], NOBODY), (["--allow-suid-dev"], 0)):
+            with Mounted(image, os.path.join(public, "mnt"), *extra) as mnt:
+                p = as_nobody(os.path.join(mnt, "euid"))
+                assert p.returncode == 0, p.stderr
+                assert int(p.stdout) == euid
+                assert {"nosuid", "nodev"} <= mount_options(mnt) if not extra else \
+                    not {"nosuid", "nodev"} & mount_options(mnt)
+                assert "ro" in mount_options(mnt)
+                if extra:
+                    with open(os.path.join(mnt, "null"), "rb") as f:
+                        assert f.read() == b""
+                else:
+                    with pytest.raises(PermissionError):
+                        open(os.path.join(mnt, "null"), "rb")

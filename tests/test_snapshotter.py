@@ -319,6 +319,44 @@ def test_delta_of_a_file_over_64_mib_loads_and_runs(daemons, tmp_path) -> None: 
     assert out.split()[0] == hashlib.sha256(big).hexdigest()
 
 
+def test_image_mounts_keep_setuid_for_containers_and_only_root_reaches_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The snapshotter's image mounts honour setuid bits (a container whose image
+    sets user nobody runs a setuid-root program with euid 0) and serve every user, so no
+    local user may reach them: `nobody` cannot enter the mount, even when the
+    state directories were made world-readable before (an older version, an
+    admin's mkdir) and every directory above the root is reachable."""
+    need(IS_ROOT, "containerd, runc and FUSE mounts need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    import json
+    from privileges import NOBODY, as_nobody, mount_options, reachable_dir, setuid_tree
+    setuid_tree(str(tmp_path / "tree"))
+    config = str(tmp_path / "config.json")
+    with open(config, "w") as f:
+        json.dump({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+                   "config": {"Cmd": ["/euid"], "User": f"{NOBODY}:{NOBODY}"}}, f)
+    image = str(tmp_path / "suid.cdimg")
+    code, _, err = run_cli("pack", "--in", str(tmp_path / "tree"), "--config", config, "--out", image, "-q")
+    assert code == 0, err
+    with reachable_dir() as public:
+        base = os.path.join(public, "d")
+        os.makedirs(os.path.join(base, "run"))
+        for sub in ("", "snapshots"):
+            os.makedirs(os.path.join(base, "di3fs", sub), mode=0o755, exist_ok=True)
+            os.chmod(os.path.join(base, "di3fs", sub), 0o755)
+        with running(base, binary("snapshotter")) as (ctrd, snap):
+            code, _, err = load(ctrd, snap, "d4c-suid:1", image)
+            assert code == 0, err + snap.logs()
+            [mnt] = mounts_below(snap.root, "fuse.d4c")
+            assert not {"nosuid", "nodev"} & mount_options(mnt)
+            for probe in (["/bin/ls", mnt], [os.path.join(mnt, "euid")]):
+                p = as_nobody(*probe)
+                assert p.returncode != 0 and "Permission denied" in p.stderr, (probe, p.stdout, p.stderr)
+            out = ctrd.ctr("run", "--rm", "--allow-new-privs", "--snapshotter", "di3fs", "d4c-suid:1",
+                           f"suid-{ctrd.namespace}").stdout  # ctr sets no_new_privs by default
+            assert out == "0\n"
+
+
 def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
     script = os.path.join(os.path.dirname(__file__), "..", "install_snapshotter.sh")
     config = tmp_path / "etc" / "config.toml"

@@ -62,9 +62,11 @@ class Snapshotter:
     def __init__(self, root: str, fs: FileSystem) -> None:
         self.root = os.path.abspath(root)
         self.fs = fs
-        for sub in ("snapshots", "images", "incoming", "cache", "logs"):
+        # only root may enter: the image mounts honour setuid bits and device
+        # nodes (containers need them) and serve every user (allow_other)
+        for sub in ("", "snapshots", "images", "incoming", "cache", "logs"):
             os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o711)  # overlay and FUSE paths below must be reachable
+            os.chmod(os.path.join(self.root, sub), 0o700)  # also when an older version made it
         self.meta = Metadata(os.path.join(self.root, "metadata.db"))
         self._lock = threading.RLock()
         self._retry_at: dict[int, float] = {}  # snapshot id -> when to try a failed remount again
