@@ -984,3 +984,25 @@ def test_mount_is_nosuid_nodev_unless_asked(tmp_path) -> None:  # type: ignore[n
                 else:
                     with pytest.raises(PermissionError):
                         open(os.path.join(mnt, "null"), "rb")
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_corrupt_image_at_mount_exits_3(stack, tmp_path, background) -> None:  # type: ignore[no-untyped-def]
+    """A damaged header (past the preamble that resolving the stack reads) is a
+    corrupt input, exit 3 as the README says; with --background it came back
+    from the server process as 'mount ... failed', exit 5."""
+    fuse_ok()
+    from d4c.dimg import DIMG_PREAMBLE, read_info
+    fd = os.open(stack[-1], os.O_RDONLY)
+    try:
+        header_at = read_info(fd, stack[-1]).dimg_offset + DIMG_PREAMBLE.size
+    finally:
+        os.close(fd)
+    bad = damaged_copy(stack, str(tmp_path / "bad"), {stack[-1]: [header_at + 10]})
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.run([sys.executable, "-m", "d4c", "mount", *(["--background"] if background else []),
+                        "--cdimg", bad, mnt], capture_output=True, text=True, env=env, timeout=60)
+    assert_one_line_error(p.returncode, p.stderr, 3)
+    assert "corrupt image" in p.stderr and not os.path.ismount(mnt)

@@ -67,7 +67,12 @@ def run_mount(args: argparse.Namespace) -> int:
         raise UsageError(f"mount: {problem}")
     restricted = os.geteuid() == 0 and not args.allow_suid_dev  # a user's FUSE mount is nosuid,nodev anyway
     if args.background:
+        from ..llfs.model import open_images
         from ..llfs.process import reexec_command, spawn_mount
+        # a damaged header here, not in the server: its failure would reach us as
+        # 'mount failed' (exit 5), not as a corrupt image (exit 3)
+        for image in open_images(paths):
+            image.close()
         spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
                     verified_bodies=args.verified_bodies)
