@@ -88,6 +88,27 @@ def wait_redial(ctrd: Containerd) -> None:
     raise AssertionError("containerd does not reach the restarted snapshotter")
 
 
+def on_terminal(*args: str) -> tuple[int, str]:
+    """ctr-cli (from source) with its stderr on a pseudo-terminal: the exit code
+    and what the terminal showed."""
+    import pty
+    import sys
+    from daemons import SRC
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "d4c", *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=slave, env=dict(os.environ, PYTHONPATH=SRC))
+    os.close(slave)
+    shown = b""
+    try:
+        while chunk := os.read(master, 1 << 16):
+            shown += chunk
+    except OSError:  # EIO: the program closed the terminal
+        pass
+    finally:
+        os.close(master)
+    return proc.wait(timeout=300), shown.decode(errors="replace")
+
+
 def load(ctrd: Containerd, snap: Snapshotterd, name: str, path: str) -> tuple[int, str, str]:
     return run_cli("load", "--image", name, "--cdimg", path, "--address", ctrd.socket,
                    "--namespace", ctrd.namespace, "--snapshotter-root", snap.root, "-q")
@@ -163,11 +184,11 @@ def test_images_rm_frees_everything(daemons, chain) -> None:  # type: ignore[no-
 
 def test_bad_loads_leave_nothing(daemons, chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
     ctrd, snap = daemons
-    # a delta without its base
+    # a delta without its base: the base's file is named (convert wrote it one directory down)
     code, _, err = load(ctrd, snap, "d4c-bb:2", chain[1])
     assert_one_line_error(code, err)
-    assert "load that image first" in err
-    # a corrupted cdimg
+    assert f"load it first: ctr-cli load --image NAME:TAG --cdimg {chain[0]}" in err
+    # a corrupted body: the snapshotter's check refuses it, a corrupt input (3)
     bad = str(tmp_path / "bad.cdimg")
     with open(chain[0], "rb") as f:
         data = bytearray(f.read())
@@ -175,7 +196,9 @@ def test_bad_loads_leave_nothing(daemons, chain, tmp_path) -> None:  # type: ign
     with open(bad, "wb") as f:
         f.write(data)
     code, _, err = load(ctrd, snap, "d4c-bb:bad", bad)
-    assert_one_line_error(code, err)
+    assert_one_line_error(code, err, 3)
+    assert err.startswith(f"ctr-cli: corrupt image {bad}: /bin/busybox: ") and "incoming" not in err
+    assert err.endswith("(refused by the di3fs snapshotter)\n")
     # containerd down
     code, _, err = run_cli("load", "--image", "x:1", "--cdimg", chain[0], "--address",
                            str(tmp_path / "nope.sock"), "-q")
@@ -186,12 +209,31 @@ def test_bad_loads_leave_nothing(daemons, chain, tmp_path) -> None:  # type: ign
     assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.strip().count("\n") == 0
     assert ctrd.ctr("leases", "ls", "-q").stdout.strip() == ""
     assert os.listdir(os.path.join(snap.root, "incoming")) == []
-    # snapshotter down
+    # snapshotter down: containerd answers, and is not said to be unreachable
     snap.stop()
     code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
-    assert_one_line_error(code, err)
-    assert "snapshotter" in err
+    assert_one_line_error(code, err, 7)
+    assert "the di3fs snapshotter behind it does not" in err and "containerd is not reachable" not in err
     assert ctrd.ctr("images", "ls", "-q").stdout.strip() == ""
+
+
+def test_delta_before_its_base_names_the_base(daemons, chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The error for a delta whose base is not loaded names the base by the tag
+    it was loaded under (its image is still in containerd, its snapshot gone)
+    and by its file next to the delta, not only by id."""
+    ctrd, snap = daemons
+    code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+    assert code == 0, err
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(chain[1], alone / "delta.cdimg")
+    shutil.copy(chain[0], alone / "base.cdimg")
+    import json
+    shown = run_cli("cdimg", "show", "--cdimg", chain[0], "--json")[1]
+    ctrd.ctr("snapshots", "--snapshotter", "di3fs", "rm", json.loads(shown)["id"])
+    code, _, err = load(ctrd, snap, "d4c-bb:2", str(alone / "delta.cdimg"))
+    assert_one_line_error(code, err)
+    assert f"load it first: ctr-cli load --image d4c-bb:1 --cdimg {alone / 'base.cdimg'}" in err, err
 
 
 def test_ordinary_image_imports_and_runs(daemons, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -312,9 +354,14 @@ def test_delta_of_a_file_over_64_mib_loads_and_runs(daemons, tmp_path) -> None: 
     assert code == 0, err
     [decision] = [d for d in json.loads(out) if d["path"] == "/big"]
     assert decision["kind"] == "delta" and decision["size"] > ONE_SHOT_MAX
-    for name, path in (("d4c-big:1", cdimgs[0]), ("d4c-big:2", delta)):
-        code, _, err = load(ctrd, snap, name, path)
-        assert code == 0, err + snap.logs()
+    # on a terminal: quiet with -q; else the hand-over and the snapshotter's check show progress
+    common = ["--address", ctrd.socket, "--namespace", ctrd.namespace, "--snapshotter-root", snap.root]
+    code, shown = on_terminal("load", "--image", "d4c-big:1", "--cdimg", cdimgs[0], *common, "-q")
+    assert code == 0 and shown == "", shown + snap.logs()
+    code, shown = on_terminal("load", "--image", "d4c-big:2", "--cdimg", delta, *common)
+    assert code == 0, shown + snap.logs()
+    assert "handing delta.cdimg to the snapshotter" in shown
+    assert "checking delta.cdimg in the snapshotter  0 B/70.0 MiB (0%)" in shown, shown  # one body: 0 until done
     out = run(ctrd, "d4c-big:2", f"big-{ctrd.namespace}")
     assert out.split()[0] == hashlib.sha256(big).hexdigest()
 

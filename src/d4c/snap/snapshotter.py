@@ -24,6 +24,7 @@ from typing import Protocol
 from ..dimg import Image, check_bodies, format_id, read_info
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
+from ..tree import Entry, Storage
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 
 log = logging.getLogger("d4c.snap")
@@ -324,10 +325,14 @@ class Snapshotter:
         stack = [self.image_path(h) for h in self._chain(parent)] if parent else []
         images: list[Image] = []
         try:
-            for p in stack + [path]:
+            for p in stack:
                 images.append(Image(p, parent=images[-1] if images else None))
-            # a load on a thin link's device is mostly this check
-            check_bodies(images[-1], VERIFY_THREADS)
+            top = _CountedImage(path, parent=images[-1] if images else None)
+            images.append(top)
+            # a load on a thin link's device is mostly this check: `load` shows its progress
+            top.checked = _CheckProgress(check_progress_path(path), top)
+            with top.checked:
+                check_bodies(top, VERIFY_THREADS)
         finally:
             for image in images:
                 image.close()
@@ -415,6 +420,72 @@ class Snapshotter:
         if len(parents) == 1:
             return [Mount("bind", self.fs_dir(parents[0]), ["ro", "rbind"])]
         return [Mount("overlay", "overlay", [f"lowerdir={lower}"])]
+
+
+def check_progress_path(incoming: str) -> str:
+    """Where the check of an incoming image tells `load` how far it is."""
+    return incoming + ".checked"
+
+
+def read_check_progress(path: str) -> tuple[int, int] | None:
+    """(bytes checked, bytes to check), or None before the check starts."""
+    try:
+        with open(path) as f:
+            done, total = f.read().split()
+        return int(done), int(total)
+    except (OSError, ValueError):
+        return None
+
+
+class _CountedImage(Image):
+    """An image whose body checks are counted (check_bodies calls check_body)."""
+
+    checked: "_CheckProgress | None" = None
+
+    def check_body(self, entry: Entry) -> None:
+        super().check_body(entry)
+        if self.checked is not None:
+            self.checked.add(entry.size)
+
+
+class _CheckProgress:
+    """Bytes of an image's bodies checked so far, in a file `load` reads: written
+    whole and renamed, at most 5 times a second, removed at the end."""
+
+    def __init__(self, path: str, image: Image) -> None:
+        self.path = path
+        self.total = sum(e.size for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA))
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+            if time.monotonic() - self._last >= 0.2:
+                self._last = time.monotonic()
+                self._write()
+
+    def _write(self) -> None:
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{self.done} {self.total}\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # only the display suffers
+            log.debug("cannot write the check progress %s: %s", self.path, exc)
+
+    def __enter__(self) -> "_CheckProgress":
+        with self._lock:
+            self._write()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in (self.path, self.path + ".tmp"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
 
 
 class LlfsFileSystem:
