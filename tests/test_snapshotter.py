@@ -317,6 +317,15 @@ def test_dead_mount_server_is_noticed_and_remounted(daemons, chain) -> None:  # 
     line = next(x for x in snap.logs().splitlines() if "lost its mount server" in x)
     assert old in line, snap.logs()
     ctrd.remove_container(old)
+    # a mount that went (unmounted by hand) comes back too
+    [mnt] = mounts_below(snap.root, "fuse.d4c")
+    subprocess.run(["umount", "-l", mnt], check=True)
+    for _ in range(100):
+        if "lost its mount (unmounted)" in snap.logs():
+            break
+        time.sleep(0.2)
+    assert mounts_below(snap.root, "fuse.d4c") == [mnt], snap.logs()
+    assert run(ctrd, "d4c-bb:1", f"back-{ctrd.namespace}") == "v1\n"
 
 
 def test_delta_of_a_file_over_64_mib_loads_and_runs(daemons, tmp_path) -> None:  # type: ignore[no-untyped-def]

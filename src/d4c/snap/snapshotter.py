@@ -252,7 +252,8 @@ class Snapshotter:
                 snap = next((s for s in self.meta.all() if s.id == suspect.id), None)
                 if snap is None or self.fs.alive(self.fs_dir(snap)):
                     continue  # removed, or remounted, meanwhile
-                if self._remount(snap, "lost its mount server"):
+                why = "lost its mount server" if self.fs.mounted(self.fs_dir(snap)) else "lost its mount (unmounted)"
+                if self._remount(snap, why):
                     remounted.append(snap.key)
         return remounted
 
