@@ -631,7 +631,7 @@ def test_overlay_on_the_mount(stack, tmp_path) -> None:  # type: ignore[no-untyp
     """The mount as an overlay lower layer: writes and copy-ups land in the upper
     dir, the lower never changes, programs run and setuid bits are kept."""
     fuse_ok()
-    with Mounted(stack[-1], str(tmp_path / "mnt")) as mnt:
+    with Mounted(stack[-1], str(tmp_path / "mnt"), "--allow-suid-dev") as mnt:
         before = snapshot_tree(mnt)
         upper, work, merged = (str(tmp_path / n) for n in ("upper", "work", "merged"))
         for d in (upper, work, merged):
@@ -957,3 +957,52 @@ def test_helper_wakes_on_another_cpu() -> None:
     assert pool.submit_elsewhere(lambda x: x * 2, 21).result(timeout=5) == 42
     with pytest.raises(ZeroDivisionError):
         pool.submit_elsewhere(lambda: 1 // 0).result(timeout=5)
+
+
+def test_mount_is_nosuid_nodev_unless_asked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`ctr-cli mount` as root served every local user (allow_other) with the
+    image's setuid bits and devices: `nobody` ran a setuid-root program from it
+    with euid 0.  Now nosuid,nodev by default; --allow-suid-dev keeps them."""
+    fuse_ok()
+    from privileges import NOBODY, as_nobody, mount_options, reachable_dir, setuid_tree
+    setuid_tree(str(tmp_path / "tree"))
+    image = str(tmp_path / "suid.dimg")
+    code, _, err = run_cli("pack", "--in", str(tmp_path / "tree"), "--out", image, "-q")
+    assert code == 0, err
+    with reachable_dir() as public:
+        for extra, euid in (([], NOBODY), (["--allow-suid-dev"], 0)):
+            with Mounted(image, os.path.join(public, "mnt"), *extra) as mnt:
+                p = as_nobody(os.path.join(mnt, "euid"))
+                assert p.returncode == 0, p.stderr
+                assert int(p.stdout) == euid
+                assert {"nosuid", "nodev"} <= mount_options(mnt) if not extra else \
+                    not {"nosuid", "nodev"} & mount_options(mnt)
+                assert "ro" in mount_options(mnt)
+                if extra:
+                    with open(os.path.join(mnt, "null"), "rb") as f:
+                        assert f.read() == b""
+                else:
+                    with pytest.raises(PermissionError):
+                        open(os.path.join(mnt, "null"), "rb")
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_corrupt_image_at_mount_exits_3(stack, tmp_path, background) -> None:  # type: ignore[no-untyped-def]
+    """A damaged header (past the preamble that resolving the stack reads) is a
+    corrupt input, exit 3 as the README says; with --background it came back
+    from the server process as 'mount ... failed', exit 5."""
+    fuse_ok()
+    from d4c.dimg import DIMG_PREAMBLE, read_info
+    fd = os.open(stack[-1], os.O_RDONLY)
+    try:
+        header_at = read_info(fd, stack[-1]).dimg_offset + DIMG_PREAMBLE.size
+    finally:
+        os.close(fd)
+    bad = damaged_copy(stack, str(tmp_path / "bad"), {stack[-1]: [header_at + 10]})
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.run([sys.executable, "-m", "d4c", "mount", *(["--background"] if background else []),
+                        "--cdimg", bad, mnt], capture_output=True, text=True, env=env, timeout=60)
+    assert_one_line_error(p.returncode, p.stderr, 3)
+    assert "corrupt image" in p.stderr and not os.path.ismount(mnt)

@@ -12,18 +12,21 @@ mounting.  GC wiring: image -> manifest -> config -> snapshot, so
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
-import shutil
+import threading
 import uuid
 
 from . import paths
 from .containerd import Containerd
 from .dimg import Image, format_id, read_info
-from .errors import Conflict, D4CError, NotFound, Unavailable, UsageError, from_oserror
+from .errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
+from .fsutil import atomic_output, copy_range
+from .progress import Progress
 from .snap.api.types import descriptor_pb2
-from .snap.snapshotter import IMAGE_LABEL
+from .snap.snapshotter import IMAGE_LABEL, check_progress_path, read_check_progress
 
 SNAPSHOTTER = paths.SNAPSHOTTER_NAME
 DEFAULT_SNAPSHOTTER_ROOT = paths.SNAPSHOTTER_ROOT
@@ -31,6 +34,7 @@ MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
 IMAGE_REF_LABEL = "containerd.io/snapshot/di3fs.image"
+HAND_OVER_CHUNK = 8 << 20  # bytes copied between two progress updates
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
 
@@ -73,7 +77,7 @@ def load_image(path: str, name: str, *, address: str, namespace: str,
         ctrd.ping()  # containerd down: say so before anything else
         if info.parent_id is not None and not _snapshot_exists(ctrd, format_id(info.parent_id)):
             raise Conflict(f"{path} is a delta of image {format_id(info.parent_id)}, which is not loaded: "
-                           "load that image first")
+                           f"{_how_to_load(ctrd, path, info.parent_id)}")
         with ctrd.leased():
             config_digest = ctrd.write_blob(info.config_bytes,
                                             {f"containerd.io/gc.ref.snapshot.{SNAPSHOTTER}": image_id})
@@ -91,11 +95,110 @@ def _snapshot_exists(ctrd: Containerd, name: str) -> bool:
     try:
         return ctrd.snapshot_exists(SNAPSHOTTER, name)
     except Unavailable as exc:
-        raise _snapshotter_down(exc) from None
+        raise _snapshotter_down(ctrd, exc) from None
 
 
-def _snapshotter_down(exc: D4CError) -> D4CError:
-    return Unavailable(f"the {SNAPSHOTTER} snapshotter does not answer (is `snapshotter` running?): {exc}")
+def _snapshotter_down(ctrd: Containerd, exc: Unavailable) -> Unavailable:
+    """containerd answered the ping before: an unreachable snapshot service is
+    the snapshotter behind it, unless containerd itself went away meanwhile."""
+    try:
+        ctrd.ping()
+    except Unavailable:
+        return exc
+    return Unavailable(f"containerd at {ctrd.address} answers, but the {SNAPSHOTTER} snapshotter behind it does "
+                       f"not: is `snapshotter` running, on the socket containerd's proxy_plugins.{SNAPSHOTTER} "
+                       "names?")
+
+
+def _how_to_load(ctrd: Containerd, path: str, base_id: bytes) -> str:
+    """The command that loads a delta's base, with its file (a cdimg of that id
+    next to `path`, or one directory down as `convert --output DIR` writes it)
+    and its name (a containerd image that was loaded from it, when its snapshot
+    went) where known."""
+    from .snap.api import images_pb2
+    folder = os.path.dirname(os.path.abspath(path))
+    files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.cdimg"))) + \
+        sorted(glob.glob(os.path.join(glob.escape(folder), "*", "*.cdimg")))
+    found = next((f for f in files if os.path.isfile(f) and _image_id(f) == base_id), None)
+    try:
+        listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images").images
+    except D4CError:
+        listed = []
+    names = sorted(i.name for i in listed if i.labels.get(IMAGE_REF_LABEL) == format_id(base_id))
+    if found is None and not names:
+        return f"load that image first (no cdimg of that id is next to {path})"
+    return f"load it first: ctr-cli load --image {names[0] if names else 'NAME:TAG'} --cdimg {found or 'BASE.cdimg'}"
+
+
+def _image_id(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return read_info(fd, path).image_id
+    except D4CError:
+        return None  # not an image we can use: ignore it here
+    finally:
+        os.close(fd)
+
+
+def _hand_over(path: str, incoming: str) -> None:
+    """Copy the image into the snapshotter's incoming directory, under its final
+    name only when complete and on disk."""
+    size = os.path.getsize(path)
+    try:
+        src = open(path, "rb")
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read the image") from exc
+    with src, atomic_output(incoming, 0o600) as dst, \
+            Progress(f"handing {os.path.basename(path)} to the snapshotter", total_bytes=size) as progress:
+        for offset in range(0, size, HAND_OVER_CHUNK):
+            n = min(HAND_OVER_CHUNK, size - offset)
+            copy_range(src.fileno(), offset, n, dst)
+            progress.advance(n)
+
+
+def _prepare_checked(ctrd: Containerd, path: str, key: str, image_id: str, incoming: str) -> None:
+    """Prepare: the snapshotter checks every body and mounts the image.  On a
+    terminal the check's progress is shown (the snapshotter writes it next to
+    the incoming file; seconds on a device)."""
+    progress = Progress(f"checking {os.path.basename(path)} in the snapshotter")
+    done = threading.Event()
+
+    def show() -> None:
+        while not done.wait(0.1):
+            state = read_check_progress(check_progress_path(incoming))
+            if state is not None:
+                progress.total_bytes = state[1]
+                progress.advance(state[0] - progress.bytes)
+
+    watcher = threading.Thread(target=show, name="d4c-load-progress", daemon=True)
+    if progress.enabled:
+        watcher.start()
+    try:
+        ctrd.prepare(SNAPSHOTTER, key, {IMAGE_LABEL: image_id})
+    except Unavailable as exc:
+        raise _snapshotter_down(ctrd, exc) from None
+    except UsageError as exc:
+        # our request is well-formed and containerd knows the snapshotter (the
+        # Stat before worked): an invalid argument here is the image, which the
+        # snapshotter refused after its check (containerd keeps only the code)
+        raise CorruptImage(path, f"{_refusal(str(exc), incoming)} (refused by the {SNAPSHOTTER} snapshotter)") from None
+    finally:
+        done.set()
+        if watcher.is_alive():
+            watcher.join()
+        progress.done()
+
+
+def _refusal(message: str, incoming: str) -> str:
+    """The snapshotter's reason, without the names of its private copy and of the
+    call, which containerd puts around it: 'prepare snapshot KEY: corrupt image
+    INCOMING: REASON: invalid argument'."""
+    _, named, reason = message.partition(incoming + ": ")
+    reason = reason if named else message
+    return reason[:-len(": invalid argument")] if reason.endswith(": invalid argument") else reason
 
 
 def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, incoming_dir: str,
@@ -108,23 +211,11 @@ def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, inc
         raise NotFound(f"snapshotter state {root} not found: is `snapshotter` running with --root {root}?")
     handed = False
     if not os.path.exists(stored):
-        tmp = f"{incoming}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            shutil.copyfile(path, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.rename(tmp, incoming)
-        except OSError as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise from_oserror(exc, "cannot hand the image to the snapshotter") from exc
+        _hand_over(path, incoming)
         handed = True
     key = f"d4c-load-{uuid.uuid4().hex[:12]}"
     try:
-        try:
-            ctrd.prepare(SNAPSHOTTER, key, {IMAGE_LABEL: image_id})
-        except Unavailable as exc:
-            raise _snapshotter_down(exc) from None
+        _prepare_checked(ctrd, path, key, image_id, incoming)
         try:
             ctrd.commit(SNAPSHOTTER, image_id, key, {IMAGE_LABEL: image_id})
         except BaseException:

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from ..errors import D4CError, SystemFailure, UsageError
+from ..errors import D4CError, SystemFailure, UsageError, from_oserror
 from ._common import parse_size, positive_int
 
 
@@ -37,6 +37,10 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help="the images' bodies were checked against their digests when they were stored (the "
                    "di3fs snapshotter does so at load): unchanged files are served on zstd's frame checksums "
                    "without hashing them again; files rebuilt from deltas are always checked")
+    p.add_argument("--allow-suid-dev", "--suid", action="store_true",
+                   help="as root: let the image's setuid programs and device nodes work (default nosuid,nodev, "
+                   "since every local user can reach the mount); the di3fs snapshotter's mounts, in "
+                   "directories only root can enter, keep them for its containers")
     p.add_argument("--log", metavar="FILE", help="--background: append the server's log lines (e.g. "
                    "files that failed their digest) to FILE")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -60,11 +64,20 @@ def run_mount(args: argparse.Namespace) -> int:
     problem = fuse_problem()
     if problem:
         raise UsageError(f"mount: {problem}")
+    restricted = os.geteuid() == 0 and not args.allow_suid_dev  # a user's FUSE mount is nosuid,nodev anyway
     if args.background:
+        from ..llfs.model import open_images
         from ..llfs.process import reexec_command, spawn_mount
+        # a damaged header here, not in the server: its failure would reach us as
+        # 'mount failed' (exit 5), not as a corrupt image (exit 3)
+        for image in open_images(paths):
+            image.close()
         spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
                     verified_bodies=args.verified_bodies)
+        if os.geteuid() == 0 and args.allow_suid_dev:
+            # the server restricted its mount before it served (it is not told the option)
+            _set_suid_dev(args.mountpoint, True)
         return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
@@ -73,6 +86,8 @@ def run_mount(args: argparse.Namespace) -> int:
     from ..llfs.process import FAILED, READY, bundle_is_temporary
 
     def ready() -> None:
+        if restricted:
+            _set_suid_dev(args.mountpoint, False)  # before it serves: nothing ran from it yet
         if ready_fd is not None:
             # A one-file worker runs from its parent's unpacked bundle (PyInstaller
             # passes it on: no second extraction, ~0.2 s instead of ~0.8 s to
@@ -96,6 +111,15 @@ def run_mount(args: argparse.Namespace) -> int:
         if private:
             shutil.rmtree(cache_dir, ignore_errors=True)
     return 0
+
+
+def _set_suid_dev(mountpoint: str, allowed: bool) -> None:
+    from ..llfs.mounts import set_suid_dev, unmount
+    try:
+        set_suid_dev(mountpoint, allowed)
+    except OSError as exc:
+        unmount(mountpoint, lazy=True)  # a mount with the wrong flags must not stay
+        raise from_oserror(exc, "mount") from None
 
 
 def run_umount(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
     snapshotter [--address SOCK] [--root DIR] [--cache-size SIZE] [--debug]
 
-On start it restores every image mount before it answers containerd, and on
+On start it restores every image mount before it answers containerd; while it
+runs it watches the mount servers and mounts an image again when its server
+died (new containers start; the log names the ones on the dead mount); on
 SIGTERM/SIGINT it stops serving and leaves the mounts to running containers
 (the next start adopts them).  `snapshotter mount ...` is the FUSE server
 process of one mount (the daemon starts it; it is ctr-cli's `mount`).
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from concurrent import futures
 
 from .. import __version__, errors, paths
@@ -43,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "mount" in argv[:2] and argv[0] in ("mount", "-q", "--debug"):
         from ..cli import main as cli_main  # the FUSE server process of one mount
-        return cli_main(argv)
+        # containers need their image's setuid programs and devices; only root
+        # can enter the directories of these mounts (Snapshotter makes them 0700)
+        at = argv.index("mount") + 1
+        return cli_main(argv[:at] + ["--allow-suid-dev"] + argv[at:])
     return run_daemon(PROG, build_parser(), argv, serve)
 
 
@@ -66,6 +72,9 @@ def serve(args: argparse.Namespace) -> int:
         os.unlink(address)  # a previous run's socket: nobody listens on it
     core = Snapshotter(args.root, LlfsFileSystem(reexec_command("d4c.snap"), args.cache_size))
     core.restore()  # before containerd gets an answer
+    stop_watching = threading.Event()
+    watcher = threading.Thread(target=core.watch, args=(stop_watching,), name="d4c-watch", daemon=True)
+    watcher.start()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="snap"))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(core), server)
     if not server.add_insecure_port(f"unix://{address}"):
@@ -76,6 +85,8 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("d4c.snap").info("serving on %s (root %s)", address, os.path.abspath(args.root))
     wait_for_signal(signals)
     server.stop(grace=5).wait()
+    stop_watching.set()
+    watcher.join()
     core.meta.close()
     try:
         os.unlink(address)

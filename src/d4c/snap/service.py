@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from ..errors import AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
+from ..errors import EXIT_CORRUPT, AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from .api import snapshots_pb2 as pb
 from .api import snapshots_pb2_grpc as pb_grpc
 from .api.types import mount_pb2
@@ -39,6 +39,8 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
     for kind, code in CODES:
         if isinstance(exc, kind):
             return code
+    if isinstance(exc, D4CError) and exc.exit_code == EXIT_CORRUPT:  # a wrong base, an unknown version ...
+        return grpc.StatusCode.INVALID_ARGUMENT  # `load` reports it as a refused image
     return grpc.StatusCode.INTERNAL
 
 

@@ -24,6 +24,7 @@ from typing import Protocol
 from ..dimg import Image, check_bodies, format_id, read_info
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
+from ..tree import Entry, Storage
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 
 log = logging.getLogger("d4c.snap")
@@ -31,6 +32,8 @@ log = logging.getLogger("d4c.snap")
 IMAGE_LABEL = "containerd.io/snapshot/di3fs.image"     # "sha256:<id>": mount this image here
 MOUNT_LABEL = "containerd.io/snapshot/di3fs.mount"     # set by us: where the image is mounted
 VERIFY_THREADS = min(4, os.cpu_count() or 1)  # bodies checked at once when an image is loaded
+WATCH_INTERVAL = 2.0  # seconds between two checks of the mount servers (one statfs each)
+RETRY_AFTER = 30  # seconds before a mount that failed to come back is tried again
 
 
 @dataclass
@@ -60,11 +63,14 @@ class Snapshotter:
     def __init__(self, root: str, fs: FileSystem) -> None:
         self.root = os.path.abspath(root)
         self.fs = fs
-        for sub in ("snapshots", "images", "incoming", "cache", "logs"):
+        # only root may enter: the image mounts honour setuid bits and device
+        # nodes (containers need them) and serve every user (allow_other)
+        for sub in ("", "snapshots", "images", "incoming", "cache", "logs"):
             os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
-        os.chmod(self.root, 0o711)  # overlay and FUSE paths below must be reachable
+            os.chmod(os.path.join(self.root, sub), 0o700)  # also when an older version made it
         self.meta = Metadata(os.path.join(self.root, "metadata.db"))
         self._lock = threading.RLock()
+        self._retry_at: dict[int, float] = {}  # snapshot id -> when to try a failed remount again
 
     # ------------------------------------------------------------ paths
     def _dir(self, snap: Snapshot) -> str:
@@ -218,17 +224,70 @@ class Snapshotter:
         served, before containerd is answered."""
         with self._lock:
             for snap in self.meta.all():
-                if not snap.image:
-                    continue
-                target = self.fs_dir(snap)
-                if self.fs.alive(target):
-                    continue
-                self._unmount_if_mounted(target)
-                try:
-                    self.fs.mount(self._stack(snap.image), target, self._cache_dir(snap), self._log(snap))
-                except D4CError as exc:
-                    log.error("cannot restore the mount of snapshot %s: %s", snap.key, exc)
+                if snap.image and not self.fs.alive(self.fs_dir(snap)):
+                    self._remount(snap, "was not served when the snapshotter started")
             self.cleanup()
+
+    def watch(self, stop: threading.Event, interval: float = WATCH_INTERVAL) -> None:
+        """Until `stop` is set: every `interval` seconds, remount the image
+        snapshots whose server died (kill -9, the OOM killer) or whose mount went,
+        so that new containers of the image start again.  Containers already on a
+        dead mount keep failing (their overlay holds it): the log names them."""
+        while not stop.wait(interval):
+            try:
+                self.check_mounts()
+            except Exception:  # a bug must not end the watch
+                log.exception("checking the image mounts failed")
+
+    def check_mounts(self) -> list[str]:
+        """Remount every image snapshot whose mount is not served; their keys.
+        The servers are asked outside the lock (a busy one may take seconds to
+        answer statfs, and counts as alive): gRPC calls go on meanwhile."""
+        suspects = [s for s in self.meta.all() if s.image and not self.fs.alive(self.fs_dir(s))]
+        remounted = []
+        for suspect in suspects:
+            if self._retry_at.get(suspect.id, 0.0) > time.monotonic():
+                continue
+            with self._lock:
+                snap = next((s for s in self.meta.all() if s.id == suspect.id), None)
+                if snap is None or self.fs.alive(self.fs_dir(snap)):
+                    continue  # removed, or remounted, meanwhile
+                why = "lost its mount server" if self.fs.mounted(self.fs_dir(snap)) else "lost its mount (unmounted)"
+                if self._remount(snap, why):
+                    remounted.append(snap.key)
+        return remounted
+
+    def _remount(self, snap: Snapshot, why: str) -> bool:
+        """Mount an image snapshot's stack again at its path (a stale mount there
+        is detached first) and log which containers were on the old mount."""
+        target = self.fs_dir(snap)
+        users = self._users(snap)
+        try:
+            self._unmount_if_mounted(target)
+            self.fs.mount(self._stack(snap.image), target, self._cache_dir(snap), self._log(snap))
+        except D4CError as exc:
+            self._retry_at[snap.id] = time.monotonic() + RETRY_AFTER
+            log.error("cannot mount image sha256:%s of snapshot %s again (%s; next try in %d s): %s",
+                      snap.image, snap.key, why, RETRY_AFTER, exc)
+            return False
+        self._retry_at.pop(snap.id, None)
+        log.warning("image sha256:%s of snapshot %s %s: mounted again at %s; %s", snap.image, snap.key, why,
+                    target, "containers on the old mount, failing until they restart: " + ", ".join(users)
+                    if users else "no container was on it")
+        return True
+
+    def _users(self, snap: Snapshot) -> list[str]:
+        """Keys of the active snapshots (containers) on top of `snap`'s tree."""
+        below: dict[str, list[Snapshot]] = {}
+        for s in self.meta.all():
+            below.setdefault(s.parent, []).append(s)
+        found, todo = [], list(below.get(snap.key, []))
+        while todo:
+            s = todo.pop()
+            if s.kind == KIND_ACTIVE:
+                found.append(s.key)
+            todo.extend(below.get(s.key, []))
+        return sorted(found)
 
     # ------------------------------------------------------------ images
     def _take_image(self, hexid: str) -> list[str]:
@@ -267,10 +326,14 @@ class Snapshotter:
         stack = [self.image_path(h) for h in self._chain(parent)] if parent else []
         images: list[Image] = []
         try:
-            for p in stack + [path]:
+            for p in stack:
                 images.append(Image(p, parent=images[-1] if images else None))
-            # a load on a thin link's device is mostly this check
-            check_bodies(images[-1], VERIFY_THREADS)
+            top = _CountedImage(path, parent=images[-1] if images else None)
+            images.append(top)
+            # a load on a thin link's device is mostly this check: `load` shows its progress
+            top.checked = _CheckProgress(check_progress_path(path), top)
+            with top.checked:
+                check_bodies(top, VERIFY_THREADS)
         finally:
             for image in images:
                 image.close()
@@ -358,6 +421,72 @@ class Snapshotter:
         if len(parents) == 1:
             return [Mount("bind", self.fs_dir(parents[0]), ["ro", "rbind"])]
         return [Mount("overlay", "overlay", [f"lowerdir={lower}"])]
+
+
+def check_progress_path(incoming: str) -> str:
+    """Where the check of an incoming image tells `load` how far it is."""
+    return incoming + ".checked"
+
+
+def read_check_progress(path: str) -> tuple[int, int] | None:
+    """(bytes checked, bytes to check), or None before the check starts."""
+    try:
+        with open(path) as f:
+            done, total = f.read().split()
+        return int(done), int(total)
+    except (OSError, ValueError):
+        return None
+
+
+class _CountedImage(Image):
+    """An image whose body checks are counted (check_bodies calls check_body)."""
+
+    checked: "_CheckProgress | None" = None
+
+    def check_body(self, entry: Entry) -> None:
+        super().check_body(entry)
+        if self.checked is not None:
+            self.checked.add(entry.size)
+
+
+class _CheckProgress:
+    """Bytes of an image's bodies checked so far, in a file `load` reads: written
+    whole and renamed, at most 5 times a second, removed at the end."""
+
+    def __init__(self, path: str, image: Image) -> None:
+        self.path = path
+        self.total = sum(e.size for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA))
+        self.done = 0
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        with self._lock:
+            self.done += nbytes
+            if time.monotonic() - self._last >= 0.2:
+                self._last = time.monotonic()
+                self._write()
+
+    def _write(self) -> None:
+        tmp = self.path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{self.done} {self.total}\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # only the display suffers
+            log.debug("cannot write the check progress %s: %s", self.path, exc)
+
+    def __enter__(self) -> "_CheckProgress":
+        with self._lock:
+            self._write()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in (self.path, self.path + ".tmp"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
 
 
 class LlfsFileSystem:
