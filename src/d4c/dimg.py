@@ -282,9 +282,12 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
     file_type, kinds, u8, uvarint = EntryType.FILE, _STORAGE_KINDS, cur.u8, cur.uvarint
     empty, frame, shared, parent, delta = (Storage.EMPTY, Storage.FRAME, Storage.SHARED, Storage.PARENT,
                                            Storage.DELTA)
+    sizes: dict[bytes | None, int] = {}  # one content has one size: lookups by digest rely on it
     for index, e in enumerate(entries):
         if e.type is not file_type:
             continue
+        if sizes.setdefault(e.digest, e.size) != e.size:
+            fail(f"entry {e.path!r}: {e.size} bytes, but an earlier file with its digest has {sizes[e.digest]}")
         kind = kinds.get(u8())
         if kind is None:
             fail(f"entry {e.path!r}: unknown storage kind")
