@@ -3,7 +3,9 @@ each is refused with one line and the right exit code, or handled, and never tru
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -11,11 +13,14 @@ import zstandard
 
 from crafted import SHA_HELLO, dimg, file_extra, frame, tree, uv
 from helpers import assert_one_line_error, need, need_root, run_cli
+from ocibuild import Layout, M, layer_tar, sha
 
-from d4c.dimg import cdimg_preamble, dimg_preamble, image_id_of
+from d4c.dimg import cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
 from d4c.errors import EXIT_CORRUPT
+from d4c.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+MINUS_ONE = (1 << 32) - 1  # (uid_t)-1
 
 
 def run_module(*args: str, limit_as: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -81,3 +86,62 @@ def test_lying_size_is_refused_by_mount(tmp_path) -> None:  # type: ignore[no-un
     finally:
         if os.path.ismount(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def image_of(entries: list[Entry], bodies: dict[bytes, bytes] | None = None) -> bytes:
+    """A base dimg of these entries (the root first), encoded as d4c encodes
+    them but never checked: FILE entries are FRAME-stored with bodies[path]."""
+    body = b""
+    for e in entries:
+        if e.type == EntryType.FILE:
+            data = frame((bodies or {})[e.path])
+            e.storage, e.body_offset, e.body_length = Storage.FRAME, len(body), len(data)
+            body += data
+    return dimg(encode_tree(entries), encode_storage(entries), body)
+
+
+def raw_layout(path: str, layers: list[bytes]) -> str:
+    """An OCI layout of one image whose layers are these blobs, as given (tagged t)."""
+    layout = Layout(path)
+    descs = [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layout.blob(b), "size": len(b)}
+             for b in layers]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [sha(b) for b in layers]}}).encode()
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": layout.blob(config), "size": len(config)},
+                           "layers": descs}).encode()
+    layout.tag({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": layout.blob(manifest),
+                "size": len(manifest)}, "t")
+    layout.save()
+    return f"oci:{path}:t"
+
+
+def root_setuid_files(root: str) -> list[str]:
+    found = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if st.st_uid == 0 and st.st_mode & stat.S_ISUID:
+                found.append(os.path.join(dirpath, name))
+    return found
+
+
+def test_owner_minus_one_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """uid/gid 4294967295 is what chown reads as "leave unchanged": unpacked as
+    root, a 4755 file of that owner became a root setuid binary."""
+    need_root()
+    su = Entry(b"su", EntryType.FILE, mode=0o4755, uid=MINUS_ONE, gid=MINUS_ONE, size=5, digest=SHA_HELLO)
+    path = tmp_path / "minus1.dimg"
+    path.write_bytes(image_of([Entry(b"", EntryType.DIR), su], {b"su": b"hello"}))
+    code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "out"))
+    if os.path.exists(tmp_path / "out"):
+        assert root_setuid_files(str(tmp_path / "out")) == []
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "4294967295" in err and not os.path.exists(tmp_path / "out")
+    # the same owner in a layer tar, through convert
+    layer = layer_tar([M("su", data=b"hello", mode=0o4755, uid=MINUS_ONE, gid=MINUS_ONE)])
+    code, _, err = run_cli("convert", "--image", raw_layout(str(tmp_path / "lay"), [layer]), "--output",
+                           str(tmp_path / "img"), "--cdimg", "-q")
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "uid 4294967295 out of range" in err

@@ -55,7 +55,7 @@ STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of th
 ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
-_MAX_ID = (1 << 32) - 1
+NO_ID = (1 << 32) - 1  # uid/gid -1: chown cannot set it (an unpack as root would keep root, setuid bits too)
 
 
 def image_id_of(tree_table: bytes) -> bytes:
@@ -198,6 +198,8 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
     for index, (poff, plen, t, plain, link, mode, uid, gid, mtime, xoff, nx, size, doff, dlen,
                 major, minor) in enumerate(rows):
         path = buf[poff:poff + plen]
+        if uid == NO_ID or gid == NO_ID:
+            fail(f"entry {path!r}: owner {uid}:{gid} is (uid_t)-1, which chown reads as 'unchanged'")
         if not plain:
             problem = path_problem(path)
             if problem:

@@ -295,7 +295,8 @@ class Flattener:
     @staticmethod
     def _set_meta(inode: _Inode, member: tarfile.TarInfo) -> None:
         for value, what in ((member.uid, "uid"), (member.gid, "gid")):
-            if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+            # MAX_ID is (uid_t)-1: chown leaves such an owner unchanged (root, when unpacked as root)
+            if not isinstance(value, int) or not 0 <= value < MAX_ID:
                 raise BadInput(f"layer entry {member.name!r}: {what} {value!r} out of range")
         inode.mode = member.mode & 0o7777
         inode.uid, inode.gid = member.uid, member.gid
