@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,8 +16,9 @@ from crafted import SHA_HELLO, dimg, file_extra, frame, tree, uv
 from helpers import assert_one_line_error, need, need_root, run_cli
 from ocibuild import Layout, M, layer_tar, sha
 
-from d4c.dimg import cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
+from d4c.dimg import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
 from d4c.errors import EXIT_CORRUPT
+from d4c.imagedelta import close_all, open_stack
 from d4c.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
@@ -145,3 +147,59 @@ def test_owner_minus_one_is_refused(tmp_path) -> None:  # type: ignore[no-untype
                            str(tmp_path / "img"), "--cdimg", "-q")
     assert_one_line_error(code, err, EXIT_CORRUPT)
     assert "uid 4294967295 out of range" in err
+
+
+def flip_body_byte(stack: list[str], name: bytes) -> None:
+    """Flip a byte in the middle of what stack[-1] (on the images before it)
+    stores for /name: a frame or a delta payload."""
+    images = open_stack(stack)
+    try:
+        image = images[-1]
+        e = image.lookup(name)
+        start, length = ((e.body_offset, e.body_length) if e.storage == Storage.FRAME
+                         else (e.delta_steps[0].offset, e.delta_steps[0].length))
+        where = image.info.body_offset + start + length // 2
+    finally:
+        close_all(images)
+    path = stack[-1]
+    with open(path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x55]))
+
+
+def test_merge_checks_what_it_copies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """merge carried a corrupt delta body over with exit 0 (found only at patch)."""
+    text = os.urandom(200_000)
+    for n, files in enumerate([{"f": text}, {"f": text[:1000] + b"v2" + text[1000:]},
+                               {"f": text[:1000] + b"v3" + text[1000:], "new": os.urandom(50_000)}]):
+        root = tmp_path / f"t{n}"
+        root.mkdir()
+        for name, data in files.items():
+            (root / name).write_bytes(data)
+        code, _, err = run_cli("pack", "--in", str(root), "--out", str(tmp_path / f"{n}.dimg"), "-q")
+        assert code == 0, err
+    d = [str(tmp_path / f"{n}.dimg") for n in range(3)]
+    for a, b in ((0, 1), (1, 2)):
+        code, _, err = run_cli("dimg", "diff", "--oldDimg", d[a], "--newDimg", d[b], "--outDimg",
+                               str(tmp_path / f"d{a}{b}.dimg"), "-q")
+        assert code == 0, err
+    d01, d12 = str(tmp_path / "d01.dimg"), str(tmp_path / "d12.dimg")
+    merge = ("dimg", "merge", "--baseDimg", d[0], "--lowerDimg", d01, "--upperDimg", d12, "-q", "--outDimg")
+    code, _, err = run_cli(*merge, str(tmp_path / "good.dimg"))
+    assert code == 0, err  # the chain as made merges
+    with Image(d[0]) as base, Image(d01, parent=base) as lower:
+        assert lower.lookup(b"f").storage == Storage.DELTA
+        with Image(d12, parent=lower) as upper:
+            assert upper.lookup(b"new").storage == Storage.FRAME and upper.lookup(b"f").storage == Storage.DELTA
+    shutil.copy(d12, tmp_path / "keep.dimg")
+    flip_body_byte([d[0], d01, d12], b"new")  # a frame carried over as stored
+    code, _, err = run_cli(*merge, str(tmp_path / "m1.dimg"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "/new" in err and not (tmp_path / "m1.dimg").exists()
+    shutil.copy(tmp_path / "keep.dimg", d12)
+    flip_body_byte([d[0], d01], b"f")  # a delta step carried over into the merged chain
+    code, _, err = run_cli(*merge, str(tmp_path / "m2.dimg"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "/f" in err and not (tmp_path / "m2.dimg").exists()

@@ -4,8 +4,8 @@ A delta image (FORMAT.md, version 2) holds the complete tree of the new image
 and, per file, where its content comes from: nothing stored when the parent has
 that content anywhere (moved, renamed, duplicated files included), a binary
 delta against the best source file of the parent, or the whole file.  Merging
-never needs the file bodies of the base: deltas of deltas become chains of
-steps applied in order.
+makes no delta anew: deltas of deltas become chains of steps applied in order
+(what it carries over is checked, so the base's bodies are read for that).
 """
 
 from __future__ import annotations
@@ -298,11 +298,15 @@ class _Resolver:
 
 
 def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = DEFAULT_FRAME_LEVEL,
-                threads: int = 1, rediff: bool = False, config_from: Image | None = None) -> list[Decision]:
+                threads: int = 1, rediff: bool = False, config_from: Image | None = None,
+                check_copied: bool = True) -> list[Decision]:
     """Merge the deltas stack[1:] (each on the one before) into one delta on
-    stack[0].  Without `rediff` no content of the base is read: deltas are
-    chained; with it, chained files are diffed afresh against the base (smaller,
-    slower)."""
+    stack[0].  Without `rediff` deltas are chained, not diffed again; with it,
+    chained files are diffed afresh against the base (smaller, slower).
+    `check_copied`: every body carried over as stored is checked first (a chain
+    by applying it to the base's file), since nothing else would check it before
+    a patch or a mount; False only for inputs whose bodies were checked when they
+    were stored."""
     base, top = stack[0], stack[-1]
     config_bytes = _config_bytes(config_from or top, cdimg)
     coder = DeltaHeaderCoder(base.tree_table, len(top.tree_table))
@@ -349,8 +353,21 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             e.storage = Storage.FRAME
             progress.advance(0, 1)
 
-        origins = [(i, resolver.origin(len(stack) - 1, top.entries[i])) for i in todo]
-        run_parallel(rebuild, [(i, o) for i, o in origins if not copy(i, o)], threads)
+        def check(i: int) -> None:
+            image, e = top.resolve(top.entries[i])
+            image.check_body(image.holder(e))
+
+        copied: list[int] = []
+        to_rebuild: list[tuple[int, _Origin]] = []
+        for i in todo:
+            o = resolver.origin(len(stack) - 1, top.entries[i])
+            if copy(i, o):
+                copied.append(i)
+            else:
+                to_rebuild.append((i, o))
+        if check_copied:
+            run_parallel(check, copied, threads)
+        run_parallel(rebuild, to_rebuild, threads)
         _write_delta(entries, base, spool, top, coder, out_path, config_bytes)
     return decisions(entries, base)
 
