@@ -15,9 +15,10 @@ import zstandard
 from crafted import SHA_HELLO, dimg, file_extra, frame, tree, uv
 from helpers import assert_one_line_error, need, need_root, run_cli
 from ocibuild import Layout, M, layer_tar, sha
+from test_format import GOLDEN
 
 from d4c.dimg import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
-from d4c.errors import EXIT_CORRUPT
+from d4c.errors import EXIT_CORRUPT, EXIT_USAGE
 from d4c.imagedelta import close_all, open_stack
 from d4c.tree import Entry, EntryType, Storage
 
@@ -203,3 +204,25 @@ def test_merge_checks_what_it_copies(tmp_path) -> None:  # type: ignore[no-untyp
     code, _, err = run_cli(*merge, str(tmp_path / "m2.dimg"))
     assert_one_line_error(code, err, EXIT_CORRUPT)
     assert "/f" in err and not (tmp_path / "m2.dimg").exists()
+
+
+def test_output_that_is_an_input_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`cdimg diff --oldCdimg A --outCdimg A` replaced the base with a delta of itself."""
+    a, other = tmp_path / "a.cdimg", tmp_path / "other-name.cdimg"
+    shutil.copy(GOLDEN, a)
+    os.link(a, other)  # the same inode under another name
+    before = a.read_bytes()
+    d = str(tmp_path / "d.cdimg")
+    code, _, err = run_cli("cdimg", "diff", "--oldCdimg", str(a), "--newCdimg", GOLDEN, "--outCdimg", d, "-q")
+    assert code == 0, err
+    for args in (("cdimg", "diff", "--oldCdimg", str(a), "--newCdimg", GOLDEN, "--outCdimg", str(a)),
+                 ("cdimg", "diff", "--oldCdimg", GOLDEN, "--newCdimg", str(a), "--outCdimg", str(other)),
+                 ("cdimg", "patch", "--baseCdimg", str(a), "--diffCdimg", d, "--outCdimg", str(other)),
+                 ("cdimg", "patch", "--baseCdimg", str(a), "--diffCdimg", d, "--outCdimg", d),
+                 ("cdimg", "merge", "--baseCdimg", str(a), "--cdimgs", f"{d},{d}", "--outCdimg", d),
+                 ("util", "diff", "--old", str(a), "--new", GOLDEN, "--diff", str(other)),
+                 ("util", "patch", "--old", str(a), "--diff", d, "--new", str(a))):
+        code, _, err = run_cli(*args, "-q")
+        assert_one_line_error(code, err, EXIT_USAGE)
+        assert "is the input" in err
+        assert a.read_bytes() == before

@@ -11,7 +11,7 @@ from ..dimg import Image
 from ..imagedelta import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
 from ._common import add_threads, print_json, print_table
-from .util_cmd import parse_size
+from .util_cmd import parse_size, refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -58,6 +58,7 @@ def decision_rows(decisions: list[Decision]) -> list[tuple[str, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, [args.old, args.new])
     options = DiffOptions(mode=args.mode, encoding=args.deltaEncoding, level=args.level,
                           threads=args.threads, memory_limit=args.memory_limit)
     with Image(args.old) as old, Image(args.new) as new:

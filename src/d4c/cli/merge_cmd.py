@@ -10,6 +10,7 @@ from ..imagedelta import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_sta
 from ..progress import human_bytes
 from ._common import add_threads, positive_int, print_json, print_table
 from .diff_cmd import decision_rows
+from .util_cmd import refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -62,6 +63,7 @@ def inputs(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     paths = inputs(args)
     bases = args.bases or []
+    refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, bases + paths)
     stack = open_stack(bases[1:] + paths, bases[0] if bases else None)
     cdimg = args.kind == "cdimg"
     try:

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..imagedelta import BASE_LEVEL, close_all, open_stack, patch_image
 from ..unpack import unpack
 from ._common import add_threads
+from .util_cmd import refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -35,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.out) == bool(args.outDir):
         raise UsageError(f"{args.kind} patch: give one of --out{args.kind.capitalize()} FILE or --outDir DIR")
     bases = args.bases or []
+    if args.out:
+        refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, bases + [args.diff])
     stack = open_stack(bases[1:] + [args.diff], bases[0] if bases else None)
     try:
         top = stack[-1]
