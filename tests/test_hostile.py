@@ -226,3 +226,23 @@ def test_output_that_is_an_input_is_refused(tmp_path) -> None:  # type: ignore[n
         assert_one_line_error(code, err, EXIT_USAGE)
         assert "is the input" in err
         assert a.read_bytes() == before
+
+
+def test_show_escapes_control_characters(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A name with a newline printed raw faked a line of `show --entries`; an
+    escape sequence reached the terminal."""
+    fake = b"x\n-rwsr-xr-x     0     0          5 2020-01-01 00:00 fake"
+    names = [fake, b"y\x1b[2Jz", b"z\xe2\x80\xaeevil", b"zz\\x0a"]
+    entries = [Entry(b"", EntryType.DIR)] + sorted(
+        [Entry(n, EntryType.DIR) for n in names] + [Entry(b"zzz", EntryType.SYMLINK, target=b"t\r\nfake")],
+        key=lambda e: e.path)
+    path = tmp_path / "names.cdimg"
+    path.write_bytes(cdimg(image_of(entries)))
+    code, out, err = run_cli("cdimg", "show", "--entries", "--cdimg", str(path))
+    assert code == 0, err
+    listed = out.split("\n\n")[-1].splitlines()
+    assert len(listed) == len(entries), listed  # one line per entry, none faked
+    assert not any(line.startswith("-rwsr") for line in listed)
+    assert all(ord(c) >= 0x20 and c not in "\x7f\u202e" for c in out.replace("\n", ""))
+    assert "/x\\x0a-rwsr" in out and "/y\\x1b[2Jz" in out and "/z\\u202eevil" in out
+    assert "/zz\\\\x0a" in out and "-> t\\x0d\\x0afake" in out  # a literal backslash stays distinct
