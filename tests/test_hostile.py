@@ -246,3 +246,47 @@ def test_show_escapes_control_characters(tmp_path) -> None:  # type: ignore[no-u
     assert all(ord(c) >= 0x20 and c not in "\x7f\u202e" for c in out.replace("\n", ""))
     assert "/x\\x0a-rwsr" in out and "/y\\x1b[2Jz" in out and "/z\\u202eevil" in out
     assert "/zz\\\\x0a" in out and "-> t\\x0d\\x0afake" in out  # a literal backslash stays distinct
+
+
+def leftovers(directory: str) -> list[str]:
+    return [n for n in os.listdir(directory) if n.endswith(".tmp")]
+
+
+def test_deep_tree_failure_cleans_up(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A 1,200-deep chain of directories, then a body that fails its digest: the
+    cleanup recursed (RecursionError, exit 1, the .out.*.tmp tree left)."""
+    chain = [b"/".join([b"d"] * n) for n in range(1, 1201)]
+    entries = [Entry(b"", EntryType.DIR)] + [Entry(p, EntryType.DIR, mode=0o500) for p in chain]
+    entries.append(Entry(b"e", EntryType.FILE, size=5, digest=bytes(32)))  # after the chain, a wrong digest
+    path = tmp_path / "deep.dimg"
+    path.write_bytes(image_of(entries, {b"e": b"hello"}))
+    code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "digest mismatch" in err
+    assert leftovers(str(tmp_path)) == [] and not os.path.exists(tmp_path / "out")
+
+
+def test_device_numbers_linux_cannot_hold_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A device number >= 2^31 raised OverflowError in unpack (a traceback); majors
+    >= 4096 showed as 0 in the mount and made their directory EIO."""
+    for major, minor in ((1 << 31, 3), (4096, 0), (1, 1 << 20), (MINUS_ONE, MINUS_ONE)):
+        dev = Entry(b"dev", EntryType.CHARDEV, mode=0o600, rdev=(major, minor))
+        path = tmp_path / "dev.dimg"
+        path.write_bytes(image_of([Entry(b"", EntryType.DIR), dev]))
+        code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "out"))
+        assert_one_line_error(code, err, EXIT_CORRUPT)
+        assert "out of range" in err and not os.path.exists(tmp_path / "out")
+        assert leftovers(str(tmp_path)) == []
+    layer = layer_tar([M("dev", "char", dev=(4096, 1))])
+    code, _, err = run_cli("convert", "--image", raw_layout(str(tmp_path / "lay"), [layer]), "--output",
+                           str(tmp_path / "img"), "-q")
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert "device number 4096,1 out of range" in err
+    # the largest numbers Linux has still work
+    dev = Entry(b"dev", EntryType.CHARDEV, mode=0o600, rdev=(4095, (1 << 20) - 1))
+    path.write_bytes(image_of([Entry(b"", EntryType.DIR), dev]))
+    code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    if os.geteuid() == 0:
+        st = os.lstat(tmp_path / "out" / "dev")
+        assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (4095, (1 << 20) - 1)

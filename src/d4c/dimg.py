@@ -23,7 +23,7 @@ from . import accel
 from .codec import Cursor, Encoder
 from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, WrongBase, from_oserror
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
-                   DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
+                   DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
 from .zstdframes import declared_size, decode_frame, frame_length, read_bounded
 
@@ -231,6 +231,9 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
             if problem:
                 fail(f"entry {path!r}: {problem}")
         elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            problem = device_problem(major, minor)
+            if problem:
+                fail(f"entry {path!r}: {problem}")
             e.rdev = (major, minor)
         append(e)
     return entries

@@ -167,6 +167,17 @@ def symlink_problem(link_path: bytes, target: bytes) -> str | None:
     return None
 
 
+# what Linux can make a device node of (its dev_t has 12 bits of major, 20 of minor)
+MAX_MAJOR = (1 << 12) - 1
+MAX_MINOR = (1 << 20) - 1
+
+
+def device_problem(major: int, minor: int) -> str | None:
+    if not (0 <= major <= MAX_MAJOR and 0 <= minor <= MAX_MINOR):
+        return f"device number {major},{minor} out of range (Linux: major < 4096, minor < 2^20)"
+    return None
+
+
 def xattr_problem(name: bytes, value: bytes) -> str | None:
     if not name or len(name) > MAX_XATTR_NAME or b"\0" in name:
         return "bad xattr name"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tempfile
 
@@ -66,20 +65,57 @@ def unpack(image: Image, out: str, *, same_owner: bool | None = None) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """Remove a half-built tree, even where it already has its final (e.g. 0o000) modes."""
+    """Remove a half-built tree, even where it already has its final (e.g. 0o000)
+    modes.  Iterative, and with two descriptors at most, since an image's tree can
+    be 2,000 directories deep (os.walk and shutil.rmtree recurse: RecursionError)."""
     try:
         os.chmod(path, 0o700)
+        fd = os.open(path, _DIR_FLAGS)
     except OSError:
-        pass
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            child = os.path.join(dirpath, name)
-            if not os.path.islink(child):
-                try:
-                    os.chmod(child, 0o700)
-                except OSError:
-                    pass
-    shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        stack = [("", _unlink_files(fd))]  # per level: its name, its subdirectories still to remove
+        while True:
+            name, subdirs = stack[-1]
+            if subdirs:
+                sub = subdirs.pop()
+                os.chmod(sub, 0o700, dir_fd=fd)  # listed as a directory, not a link, in our private tree
+                child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                stack.append((sub, _unlink_files(fd)))
+                continue
+            stack.pop()
+            if not stack:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(name, dir_fd=fd)
+    except OSError as exc:
+        log.warning("cannot remove the temporary tree %s: %s", path, exc.strerror)
+        return
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        log.warning("cannot remove the temporary tree %s: %s", path, exc.strerror)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink what is not a directory in the directory `fd`; return its subdirectories."""
+    subdirs = []
+    with os.scandir(fd) as listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirs
 
 
 class _Materialiser:

@@ -33,7 +33,7 @@ import zstandard
 from ..bodies import BodySpool
 from ..errors import BadInput, D4CError
 from ..progress import Progress
-from ..tree import MAX_PATH, Entry, EntryType, canonicalize, symlink_problem, xattr_problem
+from ..tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
 from .source import HashingReader, Layer
 
 WHITEOUT = ".wh."
@@ -268,8 +268,9 @@ class Flattener:
                 raise BadInput(f"layer entry {name!r}: {problem}")
             self._set_meta(inode, member)
         elif member.ischr() or member.isblk():
-            if not (0 <= member.devmajor <= MAX_ID and 0 <= member.devminor <= MAX_ID):
-                raise BadInput(f"layer entry {name!r}: device number out of range")
+            problem = device_problem(member.devmajor, member.devminor)
+            if problem:
+                raise BadInput(f"layer entry {name!r}: {problem}")
             inode = _Inode(EntryType.CHARDEV if member.ischr() else EntryType.BLOCKDEV)
             inode.rdev = (member.devmajor, member.devminor)
             self._set_meta(inode, member)
