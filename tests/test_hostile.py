@@ -3,12 +3,15 @@ each is refused with one line and the right exit code, or handled, and never tru
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import zstandard
 
@@ -18,7 +21,7 @@ from ocibuild import Layout, M, layer_tar, sha
 from test_format import GOLDEN
 
 from d4c.dimg import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
-from d4c.errors import EXIT_CORRUPT, EXIT_USAGE
+from d4c.errors import EXIT_CORRUPT, EXIT_IO, EXIT_USAGE
 from d4c.imagedelta import close_all, open_stack
 from d4c.tree import Entry, EntryType, Storage
 
@@ -290,3 +293,69 @@ def test_device_numbers_linux_cannot_hold_are_refused(tmp_path) -> None:  # type
     if os.geteuid() == 0:
         st = os.lstat(tmp_path / "out" / "dev")
         assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (4095, (1 << 20) - 1)
+
+
+def test_xattr_too_large_for_the_file_system(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """ext4 refuses a 64 KiB xattr value with ENOSPC: it was reported as 'no space
+    left on device'."""
+    f = Entry(b"f", EntryType.FILE, mode=0o644, size=5, digest=SHA_HELLO, xattrs={b"user.big": b"x" * 65536})
+    path = tmp_path / "xattr.dimg"
+    path.write_bytes(image_of([Entry(b"", EntryType.DIR), f], {b"f": b"hello"}))
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.setxattr(probe, b"user.big", b"x" * 65536)
+        need(False, "this file system takes 64 KiB xattrs (the test needs one that refuses them, e.g. ext4)")
+    except OSError as exc:
+        need(exc.errno in (errno.ENOSPC, errno.E2BIG), f"xattrs refused otherwise here: {exc}")
+    code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, EXIT_IO)
+    assert "/f: xattr user.big of 65536 bytes is too large for this file system" in err
+    assert "no space" not in err and leftovers(str(tmp_path)) == [] and not os.path.exists(tmp_path / "out")
+
+
+def many_dirs(n: int, extra: list[bytes] = []) -> list[Entry]:  # noqa: B006 (never changed)
+    return [Entry(b"", EntryType.DIR)] + [Entry(p, EntryType.DIR) for p in
+                                          sorted([b"%06d" % i for i in range(n)] + extra)]
+
+
+def terminate_when(args: list[str], started) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    """Run `python -m d4c ARGS`; SIGTERM it once started() is true."""
+    p = subprocess.Popen([sys.executable, "-m", "d4c", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=SRC))
+    deadline = time.monotonic() + 60
+    while not started() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert p.poll() is None, "finished before it could be stopped: make the input larger"
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM left the .OUT.*.tmp trees of unpack and patch, and convert's empty output directory."""
+    base = tmp_path / "base.dimg"
+    base.write_bytes(image_of(many_dirs(50_000)))
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def temp_in_work() -> bool:
+        return any(n.startswith(".") for n in os.listdir(work))
+
+    for args in (["unpack", "--dimg", str(base), "--out", str(work / "out")],
+                 ["dimg", "patch", "--baseDimg", str(base), "--diffDimg", str(tmp_path / "top.dimg"),
+                  "--outDir", str(work / "out")]):
+        if args[0] == "dimg":
+            (tmp_path / "top.dimg").write_bytes(delta_dimg(encode_tree(many_dirs(50_000)),
+                                                           encode_tree(many_dirs(50_000, [b"new"])), b""))
+        p = terminate_when(args, temp_in_work)
+        assert os.listdir(work) == []
+        assert p.returncode == 143, p.stderr
+        assert p.stderr.strip() == "ctr-cli: terminated"
+    layer = layer_tar([M(f"{i:06d}", "dir", mode=0o755) for i in range(50_000)])
+    ref = raw_layout(str(tmp_path / "lay"), [layer])
+    p = terminate_when(["convert", "--image", ref, "--output", str(work / "img"), "--blob-cache", "none"],
+                       lambda: os.path.exists(work / "img"))
+    assert os.listdir(work) == []
+    assert p.returncode == 143, p.stderr

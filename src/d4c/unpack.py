@@ -18,7 +18,7 @@ import tempfile
 from .dimg import Image
 from .errors import OutputExists, SystemFailure, from_oserror
 from .progress import Progress
-from .tree import Entry, EntryType
+from .tree import Entry, EntryType, printable
 
 log = logging.getLogger(__name__)
 
@@ -233,12 +233,22 @@ class _Materialiser:
             else:
                 os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as exc:
+            shown = printable(name)
             if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
-                self.warn_once("xattr:" + name.decode(errors="replace"),
-                               f"cannot set xattr {name.decode(errors='replace')} "
-                               f"(first on {e.display()}): {exc.strerror}")
+                self.warn_once("xattr:" + shown, f"cannot set xattr {shown} (first on {e.display()}): {exc.strerror}")
                 return
+            if exc.errno == errno.E2BIG or (exc.errno == errno.ENOSPC and self._has_room(len(value))):
+                # ext4 says ENOSPC for a value larger than its xattr space (a block), not for a full disk
+                raise SystemFailure(f"{e.display()}: xattr {shown} of {len(value)} bytes is too large for "
+                                    "this file system") from exc
             raise
+
+    def _has_room(self, need: int) -> bool:
+        try:
+            st = os.fstatvfs(self.root_fd)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize > need + (1 << 20)
 
 
 _ZERO_CHUNK = bytes(1 << 20)
