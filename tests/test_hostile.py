@@ -359,3 +359,10 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path) -> None:  # type: ignore[no-unt
                        lambda: os.path.exists(work / "img"))
     assert os.listdir(work) == []
     assert p.returncode == 143, p.stderr
+
+
+def test_excluding_the_root_is_a_usage_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ref = raw_layout(str(tmp_path / "lay"), [layer_tar([M("a", data=b"a")])])
+    code, _, err = run_cli("convert", "--image", ref, "--output", str(tmp_path / "img"), "--excludes", "/", "-q")
+    assert_one_line_error(code, err, EXIT_USAGE)
+    assert "cannot exclude the root" in err and not os.path.exists(tmp_path / "img")

@@ -31,7 +31,7 @@ from typing import BinaryIO
 import zstandard
 
 from ..bodies import BodySpool
-from ..errors import BadInput, D4CError
+from ..errors import BadInput, UsageError
 from ..progress import Progress
 from ..tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
 from .source import HashingReader, Layer
@@ -361,7 +361,7 @@ class Flattener:
     def remove(self, path: str) -> bool:
         parts = _split(path)
         if not parts:
-            raise D4CError("cannot exclude the root")
+            raise UsageError(f"--excludes {path}: cannot exclude the root")
         node: _Node | None = self.root
         for part in parts[:-1]:
             node = node.children.get(part) if node and node.children is not None else None
