@@ -4,6 +4,7 @@ each is refused with one line and the right exit code, or handled, and never tru
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import time
 
 import zstandard
@@ -366,3 +368,77 @@ def test_excluding_the_root_is_a_usage_error(tmp_path) -> None:  # type: ignore[
     code, _, err = run_cli("convert", "--image", ref, "--output", str(tmp_path / "img"), "--excludes", "/", "-q")
     assert_one_line_error(code, err, EXIT_USAGE)
     assert "cannot exclude the root" in err and not os.path.exists(tmp_path / "img")
+
+
+CAP = 700 << 20  # address space for a d4c process in the bomb tests: ~250 MiB is what a small convert needs
+
+
+def zstd_stream(*parts: bytes | tuple[int, int]) -> bytes:
+    """zstd of the parts in order; (n, byte) stands for n copies of byte, fed a MiB
+    at a time, so gigabytes of it cost the test little memory."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(level=3).stream_writer(out, closefd=False) as w:
+        for part in parts:
+            if isinstance(part, tuple):
+                n, byte = part
+                chunk = bytes([byte]) * (1 << 20)
+                for _ in range(n >> 20):
+                    w.write(chunk)
+                w.write(chunk[:n & ((1 << 20) - 1)])
+            else:
+                w.write(part)
+    return out.getvalue()
+
+
+def tar_header(name: str, kind: bytes, size: int, fmt: int = tarfile.USTAR_FORMAT) -> bytes:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size = kind, size
+    return ti.tobuf(fmt)
+
+
+def test_huge_tar_headers_are_refused_before_they_are_read(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An 80 KB layout whose pax or GNU long-name header declares 2 GiB made convert use 4.3 GB."""
+    for kind in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+        size = 1 << 30
+        layer = zstd_stream(tar_header("././@Header", kind, size, tarfile.GNU_FORMAT), (size, 0x41))
+        assert len(layer) < 100_000
+        ref = raw_layout(str(tmp_path / f"lay{kind!r}"), [layer])
+        p = run_module("convert", "--image", ref, "--output", str(tmp_path / "img"), "--blob-cache", "none", "-q",
+                       limit_as=CAP)
+        assert_one_line_error(p.returncode, p.stderr, EXIT_CORRUPT)
+        assert f"header of {size} bytes" in p.stderr
+
+
+def _tar_number(n: int) -> bytes:
+    """A 12-byte tar number field: octal, or GNU's base-256 when it does not fit."""
+    return b"%011o\0" % n if n < 8 ** 11 else bytes([0x80]) + n.to_bytes(11, "big")
+
+
+def gnu_sparse_header(name: str, real_size: int, chunks: list[tuple[int, int]]) -> bytes:
+    """An old-GNU sparse member's header ('S'): up to four (offset, length) chunks in the header."""
+    stored = sum(n for _, n in chunks)
+    buf = bytearray(tar_header(name, tarfile.GNUTYPE_SPARSE, stored, tarfile.GNU_FORMAT))
+    for i, (offset, n) in enumerate(chunks):
+        buf[386 + 24 * i:386 + 24 * i + 24] = _tar_number(offset) + _tar_number(n)
+    buf[483:495] = _tar_number(real_size)
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf[:512])
+    return bytes(buf)
+
+
+def test_sparse_member_of_holes_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A 13 KB GNU sparse member declaring 64 GiB took 102 s (every hole read, hashed, compressed)."""
+    real = 64 << 30
+    data = b"x" * 1024
+    raw = gnu_sparse_header("holes", real, [(real - 1024, 1024)]) + data + bytes(1024)
+    ref = raw_layout(str(tmp_path / "lay"), [raw])
+    p = run_module("convert", "--image", ref, "--output", str(tmp_path / "img"), "--blob-cache", "none", "-q",
+                   limit_as=CAP, timeout=30)
+    assert_one_line_error(p.returncode, p.stderr, EXIT_CORRUPT)
+    assert "a sparse file of 68719476736 bytes with only 1024 bytes of data" in p.stderr
+    # a sparse file with a plausible share of data still converts
+    raw = gnu_sparse_header("some", 8 << 20, [(0, 4096), (4 << 20, 4096)]) + b"a" * 4096 + b"b" * 4096 + bytes(1024)
+    ref = raw_layout(str(tmp_path / "ok"), [raw])
+    p = run_module("convert", "--image", ref, "--output", str(tmp_path / "img2"), "--blob-cache", "none", "-q",
+                   limit_as=CAP)
+    assert p.returncode == 0, p.stderr
