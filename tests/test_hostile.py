@@ -4,6 +4,7 @@ each is refused with one line and the right exit code, or handled, and never tru
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import os
@@ -96,13 +97,15 @@ def test_lying_size_is_refused_by_mount(tmp_path) -> None:  # type: ignore[no-un
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def image_of(entries: list[Entry], bodies: dict[bytes, bytes] | None = None) -> bytes:
+def image_of(entries: list[Entry], bodies: dict[bytes, bytes] | None = None,
+             frames: dict[bytes, bytes] | None = None) -> bytes:
     """A base dimg of these entries (the root first), encoded as d4c encodes
-    them but never checked: FILE entries are FRAME-stored with bodies[path]."""
+    them but never checked: FILE entries are FRAME-stored with bodies[path]
+    (or the ready-made frames[path])."""
     body = b""
     for e in entries:
         if e.type == EntryType.FILE:
-            data = frame((bodies or {})[e.path])
+            data = (frames or {}).get(e.path) or frame((bodies or {})[e.path])
             e.storage, e.body_offset, e.body_length = Storage.FRAME, len(body), len(data)
             body += data
     return dimg(encode_tree(entries), encode_storage(entries), body)
@@ -442,3 +445,63 @@ def test_sparse_member_of_holes_is_refused(tmp_path) -> None:  # type: ignore[no
     p = run_module("convert", "--image", ref, "--output", str(tmp_path / "img2"), "--blob-cache", "none", "-q",
                    limit_as=CAP)
     assert p.returncode == 0, p.stderr
+
+
+def zeros_digest(n: int) -> bytes:
+    h = hashlib.sha256()
+    chunk = bytes(1 << 20)
+    for _ in range(n >> 20):
+        h.update(chunk)
+    return h.digest()
+
+
+GIB = 1 << 30
+
+
+def small_old_image(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    old = tmp_path / "old.dimg"
+    old.write_bytes(image_of([Entry(b"", EntryType.DIR), Entry(b"big", EntryType.FILE, size=1,
+                                                                 digest=hashlib.sha256(b"x").digest())],
+                             {b"big": b"x"}))
+    return str(old)
+
+
+def test_diff_memory_is_bounded_by_the_limit_not_by_declared_sizes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An 850 KB image declaring a 16 GiB file made `cdimg diff --memory-limit 256M`
+    reach 5.7 GB: the whole file was read to diff it.  Here 1 GiB of zeros (a
+    1 MB image) under a 700 MiB address-space cap."""
+    old = small_old_image(tmp_path)
+    new = tmp_path / "new.dimg"
+    big = Entry(b"big", EntryType.FILE, size=GIB, digest=zeros_digest(GIB))
+    new.write_bytes(image_of([Entry(b"", EntryType.DIR), big], frames={b"big": zstd_stream((GIB, 0))}))
+    assert new.stat().st_size < 1_000_000
+    out = str(tmp_path / "d.dimg")
+    p = run_module("dimg", "diff", "--oldDimg", old, "--newDimg", str(new), "--outDimg", out, "--memory-limit",
+                   "256M", "--level", "1", "-q", limit_as=CAP)
+    assert p.returncode == 0, p.stderr
+    with Image(old) as base, Image(out, parent=base) as delta:
+        assert delta.lookup(b"big").storage == Storage.FRAME  # stored whole: too big to diff in 256M
+    # and back: patch streams what is stored whole
+    p = run_module("dimg", "patch", "--baseDimg", old, "--diffDimg", out, "--outDimg", str(tmp_path / "p.dimg"),
+                   "--level", "1", "-q", limit_as=CAP)
+    assert p.returncode == 0, p.stderr
+    with Image(str(tmp_path / "p.dimg")) as patched:
+        assert patched.info.image_id == Image(str(new)).info.image_id
+
+
+def test_patch_refuses_a_rebuild_beyond_its_memory_limit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A 270 KB delta whose step declares 8 GiB made patch run out of memory."""
+    old = small_old_image(tmp_path)
+    with Image(old) as base:
+        parent_tree = base.tree_table
+    payload = zstd_stream((GIB, 0))  # a prefix-method payload that really makes 1 GiB
+    t = encode_tree([Entry(b"", EntryType.DIR), Entry(b"big", EntryType.FILE, size=GIB, digest=bytes(32))])
+    storage = bytes([4]) + uv(1) + uv(1) + bytes([2]) + uv(len(payload))
+    top = tmp_path / "top.dimg"
+    top.write_bytes(delta_dimg(parent_tree, t, storage, payload))
+    for limit, flags in ((CAP, []), (256 << 20, ["--memory-limit", "256M"])):  # by default, the rlimit's
+        p = run_module("dimg", "patch", "--baseDimg", old, "--diffDimg", str(top), "--outDimg",
+                       str(tmp_path / "p.dimg"), *flags, "-q", limit_as=CAP)
+        assert_one_line_error(p.returncode, p.stderr, EXIT_IO)
+        assert f"/big: rebuilding it needs 1073741825 bytes of memory, more than the limit of {limit}" in p.stderr
+        assert not (tmp_path / "p.dimg").exists()

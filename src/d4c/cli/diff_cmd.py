@@ -38,7 +38,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--level", type=int, default=DEFAULT_FRAME_LEVEL, metavar="L",
                        help=f"zstd level for files stored whole (default {DEFAULT_FRAME_LEVEL})")
         p.add_argument("--memory-limit", type=parse_size, default=delta.DEFAULT_MEMORY_LIMIT, metavar="SIZE",
-                       help="cap on diff memory over all threads; larger files are diffed in windows (default 2G)")
+                       help="cap on diff memory over all threads; larger files are diffed in windows, and a file whose "
+                       "old and new versions together exceed it is stored whole (default 2G)")
         p.add_argument("--json", action="store_true", help="print the per-file decisions as JSON")
         add_threads(p)
         p.set_defaults(func=run, kind=kind)
