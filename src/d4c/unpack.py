@@ -254,8 +254,10 @@ class _Materialiser:
 _ZERO_CHUNK = bytes(1 << 20)
 
 
-def _zeros(n: int) -> bytes | memoryview:
-    return memoryview(_ZERO_CHUNK)[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
+def _zeros(n: int) -> bytes:
+    """n zero bytes to compare a chunk with: bytes, since bytes == memoryview compares
+    element by element (a 16 GiB file of holes took 47 s, 5.6 of 7.4 s per 2 GiB)."""
+    return _ZERO_CHUNK if n == len(_ZERO_CHUNK) else bytes(n)
 
 
 def _write_all(fd: int, data: bytes) -> None:
