@@ -101,10 +101,12 @@ def image_of(entries: list[Entry], bodies: dict[bytes, bytes] | None = None,
              frames: dict[bytes, bytes] | None = None) -> bytes:
     """A base dimg of these entries (the root first), encoded as d4c encodes
     them but never checked: FILE entries are FRAME-stored with bodies[path]
-    (or the ready-made frames[path])."""
+    (or the ready-made frames[path]), EMPTY when they claim size 0."""
     body = b""
     for e in entries:
-        if e.type == EntryType.FILE:
+        if e.type == EntryType.FILE and e.size == 0:
+            e.storage = Storage.EMPTY
+        elif e.type == EntryType.FILE:
             data = (frames or {}).get(e.path) or frame((bodies or {})[e.path])
             e.storage, e.body_offset, e.body_length = Storage.FRAME, len(body), len(data)
             body += data
