@@ -419,6 +419,9 @@ class Flattener:
         return True
 
     def entries(self) -> list[Entry]:
+        """The flattened tree as image entries.  The tree is taken apart on the way
+        (a node goes once its entry is made): with a million entries, holding both
+        is what the memory goes to.  Call it last."""
         out: list[Entry] = []
 
         stack: list[tuple[_Node, bytes]] = [(self.root, b"")]
@@ -438,7 +441,8 @@ class Flattener:
             if len(path) > MAX_PATH:
                 raise BadInput(f"{path[:64]!r}...: path too long (through symlinked directories)")
             out.append(e)
-            for name, child in (node.children or {}).items():
+            children, node.children = node.children, None
+            for name, child in (children or {}).items():
                 stack.append((child, path + b"/" + name if path else name))
         return canonicalize(out)
 
