@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
+import subprocess
 import tempfile
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import run_cli
 from test_format import GOLDEN
+from test_hostile import MINUS_ONE, image_of
 
 from d4c.dimg import Image, decode_header
 from d4c.errors import D4CError
+from d4c.tree import Entry, EntryType
 
 with open(GOLDEN, "rb") as _f:
     SEED = _f.read()
@@ -56,3 +62,82 @@ def test_header_decoder_on_random_tables(table: bytes) -> None:
         decode_header(table, "fuzz", 0)
     except D4CError:
         pass
+
+
+# ---------------------------------------------------------------- crafted trees
+# Entries that lie in the ways the field found: sizes that do not match their
+# digest (or another file's size for the same digest), owner -1, device numbers
+# Linux cannot hold, deep directory chains.  Whatever is drawn, an image either
+# refuses with a D4CError or holds only what unpack and the mount can honour.
+
+_CONTENTS = [b"hello", b"x" * 700, b""]
+_OWNERS = st.sampled_from([0, 1000, MINUS_ONE - 1, MINUS_ONE])
+_DEVICES = st.tuples(st.sampled_from([0, 1, 4095, 4096, 1 << 31, MINUS_ONE]),
+                     st.sampled_from([0, 3, (1 << 20) - 1, 1 << 20, MINUS_ONE]))
+
+
+@st.composite
+def crafted_trees(draw) -> tuple[list[Entry], dict[bytes, bytes]]:  # type: ignore[no-untyped-def]
+    depth = draw(st.integers(0, 1500))
+    chain = [b"/".join([b"d"] * n) for n in range(1, depth + 1)]
+    deepest = chain[-1] + b"/" if chain else b""
+    entries = [Entry(b"", EntryType.DIR, uid=draw(_OWNERS), gid=draw(_OWNERS))]
+    entries += [Entry(p, EntryType.DIR, mode=0o700) for p in chain]
+    bodies = {}
+    for k in range(draw(st.integers(0, 4))):
+        content = draw(st.sampled_from(_CONTENTS))
+        claimed = draw(st.sampled_from([len(content), len(content) + 5, 0, 1 << 40]))
+        digest = hashlib.sha256(draw(st.sampled_from(_CONTENTS))).digest()
+        path = deepest + b"f%d" % k
+        entries.append(Entry(path, EntryType.FILE, mode=0o4755, uid=draw(_OWNERS), gid=draw(_OWNERS),
+                             size=claimed, digest=digest))
+        bodies[path] = content
+    if draw(st.booleans()):
+        entries.append(Entry(deepest + b"zdev", EntryType.CHARDEV, uid=draw(_OWNERS), rdev=draw(_DEVICES)))
+    return entries, bodies
+
+
+@FUZZ
+@given(crafted_trees())
+def test_crafted_trees_are_refused_or_honest(tree_and_bodies) -> None:  # type: ignore[no-untyped-def]
+    entries, bodies = tree_and_bodies
+    data = image_of(entries, bodies)
+    with tempfile.NamedTemporaryFile(suffix=".dimg") as f:
+        f.write(data)
+        f.flush()
+        try:
+            with Image(f.name) as image:
+                sizes: dict[bytes | None, int] = {}
+                for e in image.entries:
+                    assert MINUS_ONE not in (e.uid, e.gid)
+                    assert e.rdev[0] < 4096 and e.rdev[1] < 1 << 20
+                    if e.type == EntryType.FILE:
+                        assert sizes.setdefault(e.digest, e.size) == e.size
+                        if e.size:
+                            image.read_body(e)  # only an honest body gets past this
+        except D4CError:
+            pass
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 40))
+@given(crafted_trees())
+def test_crafted_trees_unpack_or_leave_nothing(tree_and_bodies) -> None:  # type: ignore[no-untyped-def]
+    """Unpacked, an image gives exactly its owners (never root for -1) or one
+    line and nothing on disk, however deep its tree."""
+    entries, bodies = tree_and_bodies
+    tmp = tempfile.mkdtemp()
+    try:
+        path = os.path.join(tmp, "x.dimg")
+        with open(path, "wb") as f:
+            f.write(image_of(entries, bodies))
+        code, _, err = run_cli("unpack", "--dimg", path, "--out", os.path.join(tmp, "out"), "-q")
+        if code:
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            assert sorted(os.listdir(tmp)) == ["x.dimg"]
+        elif os.geteuid() == 0:
+            for e in entries:
+                if e.type == EntryType.FILE:
+                    st_ = os.lstat(os.path.join(tmp, "out", e.path.decode()))
+                    assert (st_.st_uid, st_.st_gid, stat.S_IMODE(st_.st_mode)) == (e.uid, e.gid, e.mode)
+    finally:
+        subprocess.run(["rm", "-rf", tmp], check=True)  # shutil.rmtree recurses: a deep tree is too deep for it

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import shutil
 import subprocess
 
 from conftest import HAS_BUSYBOX, HAS_SKOPEO, HAS_UMOCI
-from helpers import diff_trees, need, need_root, run_cli, snapshot_tree
+from helpers import assert_one_line_error, diff_trees, need, need_root, run_cli, snapshot_tree
 from ocibuild import M, layer_tar
+from test_hostile import raw_layout
 
 
 def sh(*args: str, cwd: str | None = None) -> None:
@@ -107,3 +110,46 @@ def test_umoci_image_through_skopeo_archives(tmp_path) -> None:  # type: ignore[
         assert code == 0, err
         ids.add(out.strip())
     assert len(ids) == 1, ids
+
+
+def test_umoci_insert_layers_convert(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`umoci insert` (0.4.7) writes layers without the tar padding after the last
+    member's data and without end-of-archive blocks; containerd runs such images,
+    d4c refused them as 'damaged layer (unexpected end of data)'.  A layer cut
+    inside a member is still refused."""
+    need(HAS_UMOCI, "needs umoci")
+    lay = str(tmp_path / "layout")
+    sh("umoci", "init", "--layout", lay)
+    sh("umoci", "new", "--image", f"{lay}:t")
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "hello").write_bytes(b"hello\n")
+    (src / "sub" / "odd").write_bytes(b"x" * 1001)
+    sh("umoci", "insert", "--image", f"{lay}:t", str(src / "hello"), "/hello")
+    sh("umoci", "insert", "--image", f"{lay}:t", str(src), "/data")
+    code, _, err = run_cli("convert", "--image", f"oci:{lay}:t", "--output", str(tmp_path / "img"), "--cdimg", "-q")
+    assert code == 0, err
+    code, _, err = run_cli("unpack", "--cdimg", str(tmp_path / "img" / "image.cdimg"), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert (tmp_path / "out" / "hello").read_bytes() == b"hello\n"
+    assert (tmp_path / "out" / "data" / "sub" / "odd").read_bytes() == b"x" * 1001
+    # the layers really lack what tar writers put at the end
+    layers = [gzip.decompress(read_blob(lay, d["digest"])) for d in manifest(lay)["layers"]]
+    assert len(layers[0]) % 512 and not layers[0].endswith(bytes(1024))
+    # cut inside the last member's data, or right after its header: damaged
+    for cut in (len(layers[0]) - 3, 512):
+        ref = raw_layout(str(tmp_path / f"cut{cut}"), [layers[0][:cut]])
+        code, _, err = run_cli("convert", "--image", ref, "--output", str(tmp_path / f"img{cut}"), "-q")
+        assert_one_line_error(code, err, 3)
+        assert "damaged layer (unexpected end of data)" in err
+
+
+def read_blob(layout: str, digest: str) -> bytes:
+    with open(os.path.join(layout, "blobs", "sha256", digest[7:]), "rb") as f:
+        return f.read()
+
+
+def manifest(layout: str) -> dict:
+    with open(os.path.join(layout, "index.json")) as f:
+        desc = json.load(f)["manifests"][0]
+    return json.loads(read_blob(layout, desc["digest"]))

@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import os
+import resource
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ import zstandard
 
 from . import accel
 from .codec import Cursor, Encoder
-from .errors import CorruptImage, MissingBase, NotFound, UnsupportedVersion, WrongBase, from_oserror
+from .errors import (CorruptImage, MissingBase, NotFound, SystemFailure, UnsupportedVersion, WrongBase,
+                     from_oserror)
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
-                   DeltaStep, Entry, EntryType, Storage, path_problem, symlink_problem)
+                   DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
 from .zstdframes import declared_size, decode_frame, frame_length, read_bounded
 
@@ -55,7 +57,7 @@ STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of th
 ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
-_MAX_ID = (1 << 32) - 1
+NO_ID = (1 << 32) - 1  # uid/gid -1: chown cannot set it (an unpack as root would keep root, setuid bits too)
 
 
 def image_id_of(tree_table: bytes) -> bytes:
@@ -198,6 +200,8 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
     for index, (poff, plen, t, plain, link, mode, uid, gid, mtime, xoff, nx, size, doff, dlen,
                 major, minor) in enumerate(rows):
         path = buf[poff:poff + plen]
+        if uid == NO_ID or gid == NO_ID:
+            fail(f"entry {path!r}: owner {uid}:{gid} is (uid_t)-1, which chown reads as 'unchanged'")
         if not plain:
             problem = path_problem(path)
             if problem:
@@ -229,6 +233,9 @@ def _build_entries(buf: bytes, rows: list[list[int]], fail: Any) -> list[Entry]:
             if problem:
                 fail(f"entry {path!r}: {problem}")
         elif etype in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+            problem = device_problem(major, minor)
+            if problem:
+                fail(f"entry {path!r}: {problem}")
             e.rdev = (major, minor)
         append(e)
     return entries
@@ -282,9 +289,12 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
     file_type, kinds, u8, uvarint = EntryType.FILE, _STORAGE_KINDS, cur.u8, cur.uvarint
     empty, frame, shared, parent, delta = (Storage.EMPTY, Storage.FRAME, Storage.SHARED, Storage.PARENT,
                                            Storage.DELTA)
+    sizes: dict[bytes | None, int] = {}  # one content has one size: lookups by digest rely on it
     for index, e in enumerate(entries):
         if e.type is not file_type:
             continue
+        if sizes.setdefault(e.digest, e.size) != e.size:
+            fail(f"entry {e.path!r}: {e.size} bytes, but an earlier file with its digest has {sizes[e.digest]}")
         kind = kinds.get(u8())
         if kind is None:
             fail(f"entry {e.path!r}: unknown storage kind")
@@ -372,6 +382,16 @@ class ImageInfo:
         return self.dimg_offset + DIMG_PREAMBLE.size + self.header_csize
 
 
+def _memory_available() -> int:
+    """The machine's memory, or the address-space limit of this process if lower."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        physical = 1 << 40
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return physical if soft == resource.RLIM_INFINITY else min(physical, soft)
+
+
 class Image:
     """An open dimg or cdimg file: validated header, entries, body streams.
 
@@ -379,6 +399,10 @@ class Image:
     entries needs the parent (an open Image whose id is the delta's parent id);
     without it only `info` is available.
     """
+
+    # what read_body may hold at once (a rebuild holds its source and its result):
+    # a file's declared size is not what its image can hold (a 270 KB delta declared 8 GiB)
+    memory_limit: int = _memory_available()
 
     def __init__(self, path: str, parent: "Image | None" = None) -> None:
         self.path = path
@@ -496,6 +520,7 @@ class Image:
         image, e = self.resolve(entry)
         e = image.holder(e)
         if e.storage == Storage.FRAME:
+            image.check_memory(e, e.size)
             if e.size > ONE_SHOT_MAX:
                 with image.open_body(e) as r:
                     return r.read()
@@ -504,6 +529,11 @@ class Image:
                 image.check_digest(e, data)
             return data
         return image._rebuild(e)
+
+    def check_memory(self, entry: Entry, need: int) -> None:
+        if need > self.memory_limit:
+            raise SystemFailure(f"{self.path}: {entry.display()}: rebuilding it needs {need} bytes of memory, "
+                                f"more than the limit of {self.memory_limit} (--memory-limit)")
 
     def check_body(self, entry: Entry) -> None:
         """Check one body this image stores (FRAME or DELTA) against its size and
@@ -581,6 +611,8 @@ class Image:
         from . import delta  # the engine is only needed for delta images
         assert self.parent is not None and entry.storage == Storage.DELTA
         source = self.parent.entries[entry.delta_source]
+        sizes = [source.size] + [step.size for step in entry.delta_steps]
+        self.check_memory(entry, max(a + b for a, b in zip(sizes, sizes[1:])))
         data = self.parent.read_body(source)
         size, digest = source.size, source.digest or b""
         for step in entry.delta_steps:

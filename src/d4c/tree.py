@@ -9,6 +9,7 @@ always comes first, which lets readers and unpackers work in one pass.
 from __future__ import annotations
 
 import enum
+import re
 import stat
 from dataclasses import dataclass, field
 
@@ -98,7 +99,29 @@ class Entry:
         return self.path.rsplit(b"/", 1)[0] if b"/" in self.path else b""
 
     def display(self) -> str:
-        return "/" + self.path.decode("utf-8", "backslashreplace")
+        return "/" + printable(self.path)
+
+
+# what a name must not put raw on a terminal or in a one-line error: C0/C1 controls and DEL
+# (a newline fakes a line), Unicode line separators and bidi overrides; backslash, so the
+# escapes are unambiguous; bytes that are not UTF-8 (surrogateescape's lone surrogates)
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u2028\u2029\u202a-\u202e\u2066-\u2069\udc80-\udcff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = ord(match.group())
+    if c == 0x5C:
+        return "\\\\"
+    if 0xDC80 <= c <= 0xDCFF:
+        return f"\\x{c - 0xDC00:02x}"
+    return f"\\x{c:02x}" if c < 0x80 else f"\\u{c:04x}"
+
+
+def printable(raw: bytes) -> str:
+    """A name or link target for people: UTF-8 as it is, everything that could
+    fake a line or hide text escaped (\\xNN, \\uNNNN, \\\\), never raw."""
+    text = raw.decode("utf-8", "surrogateescape")
+    return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
 
 
 def path_problem(path: bytes) -> str | None:
@@ -141,6 +164,17 @@ def symlink_problem(link_path: bytes, target: bytes) -> str | None:
                 return "symlink target escapes the image root"
         elif part not in (b"", b"."):
             depth += 1
+    return None
+
+
+# what Linux can make a device node of (its dev_t has 12 bits of major, 20 of minor)
+MAX_MAJOR = (1 << 12) - 1
+MAX_MINOR = (1 << 20) - 1
+
+
+def device_problem(major: int, minor: int) -> str | None:
+    if not (0 <= major <= MAX_MAJOR and 0 <= minor <= MAX_MINOR):
+        return f"device number {major},{minor} out of range (Linux: major < 4096, minor < 2^20)"
     return None
 
 

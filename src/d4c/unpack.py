@@ -12,14 +12,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import stat
 import tempfile
 
 from .dimg import Image
 from .errors import OutputExists, SystemFailure, from_oserror
 from .progress import Progress
-from .tree import Entry, EntryType
+from .tree import Entry, EntryType, printable
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +65,57 @@ def unpack(image: Image, out: str, *, same_owner: bool | None = None) -> None:
 
 
 def _remove_tree(path: str) -> None:
-    """Remove a half-built tree, even where it already has its final (e.g. 0o000) modes."""
+    """Remove a half-built tree, even where it already has its final (e.g. 0o000)
+    modes.  Iterative, and with two descriptors at most, since an image's tree can
+    be 2,000 directories deep (os.walk and shutil.rmtree recurse: RecursionError)."""
     try:
         os.chmod(path, 0o700)
+        fd = os.open(path, _DIR_FLAGS)
     except OSError:
-        pass
-    for dirpath, dirnames, _ in os.walk(path):
-        for name in dirnames:
-            child = os.path.join(dirpath, name)
-            if not os.path.islink(child):
-                try:
-                    os.chmod(child, 0o700)
-                except OSError:
-                    pass
-    shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        stack = [("", _unlink_files(fd))]  # per level: its name, its subdirectories still to remove
+        while True:
+            name, subdirs = stack[-1]
+            if subdirs:
+                sub = subdirs.pop()
+                os.chmod(sub, 0o700, dir_fd=fd)  # listed as a directory, not a link, in our private tree
+                child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                stack.append((sub, _unlink_files(fd)))
+                continue
+            stack.pop()
+            if not stack:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            os.rmdir(name, dir_fd=fd)
+    except OSError as exc:
+        log.warning("cannot remove the temporary tree %s: %s", path, exc.strerror)
+        return
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError as exc:
+        log.warning("cannot remove the temporary tree %s: %s", path, exc.strerror)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _unlink_files(fd: int) -> list[str]:
+    """Unlink what is not a directory in the directory `fd`; return its subdirectories."""
+    subdirs = []
+    with os.scandir(fd) as listing:
+        for entry in listing:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirs
 
 
 class _Materialiser:
@@ -197,19 +233,31 @@ class _Materialiser:
             else:
                 os.setxattr(target, name, value, follow_symlinks=False)
         except OSError as exc:
+            shown = printable(name)
             if exc.errno in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EINVAL):
-                self.warn_once("xattr:" + name.decode(errors="replace"),
-                               f"cannot set xattr {name.decode(errors='replace')} "
-                               f"(first on {e.display()}): {exc.strerror}")
+                self.warn_once("xattr:" + shown, f"cannot set xattr {shown} (first on {e.display()}): {exc.strerror}")
                 return
+            if exc.errno == errno.E2BIG or (exc.errno == errno.ENOSPC and self._has_room(len(value))):
+                # ext4 says ENOSPC for a value larger than its xattr space (a block), not for a full disk
+                raise SystemFailure(f"{e.display()}: xattr {shown} of {len(value)} bytes is too large for "
+                                    "this file system") from exc
             raise
+
+    def _has_room(self, need: int) -> bool:
+        try:
+            st = os.fstatvfs(self.root_fd)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize > need + (1 << 20)
 
 
 _ZERO_CHUNK = bytes(1 << 20)
 
 
-def _zeros(n: int) -> bytes | memoryview:
-    return memoryview(_ZERO_CHUNK)[:n] if n <= len(_ZERO_CHUNK) else bytes(n)
+def _zeros(n: int) -> bytes:
+    """n zero bytes to compare a chunk with: bytes, since bytes == memoryview compares
+    element by element (a 16 GiB file of holes took 47 s, 5.6 of 7.4 s per 2 GiB)."""
+    return _ZERO_CHUNK if n == len(_ZERO_CHUNK) else bytes(n)
 
 
 def _write_all(fd: int, data: bytes) -> None:

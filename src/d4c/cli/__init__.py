@@ -12,7 +12,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from .. import errors
@@ -20,6 +22,7 @@ from ..progress import set_quiet
 from ._common import ArgumentParser, common_parser, finish_args
 
 PROG = "ctr-cli"
+EXIT_TERMINATED = 128 + signal.SIGTERM
 COMMANDS = ("version_cmd", "convert_cmd", "pack_cmd", "unpack_cmd", "show_cmd", "diff_cmd", "patch_cmd",
             "merge_cmd", "mount_cmd", "load_cmd", "push_cmd", "pull_cmd", "stat_cmd", "util_cmd")
 # the modules that register the commands under a line's first word: a call imports
@@ -78,7 +81,26 @@ class _Formatter(logging.Formatter):
         return prefix + record.getMessage()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM unwinds like Ctrl-C, so every cleanup of a half-written output runs
+    (the default action ends the process where it stands)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     try:
@@ -98,9 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return errors.EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else errors.EXIT_INTERRUPTED
     except BrokenPipeError:
         # `ctr-cli ... | head`: the reader left; say nothing, like other tools
         try:

@@ -11,7 +11,7 @@ from ..dimg import Image
 from ..imagedelta import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
 from ._common import add_threads, print_json, print_table
-from .util_cmd import parse_size
+from .util_cmd import parse_size, refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -38,7 +38,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--level", type=int, default=DEFAULT_FRAME_LEVEL, metavar="L",
                        help=f"zstd level for files stored whole (default {DEFAULT_FRAME_LEVEL})")
         p.add_argument("--memory-limit", type=parse_size, default=delta.DEFAULT_MEMORY_LIMIT, metavar="SIZE",
-                       help="cap on diff memory over all threads; larger files are diffed in windows (default 2G)")
+                       help="cap on diff memory over all threads; larger files are diffed in windows, and a file whose "
+                       "old and new versions together exceed it is stored whole (default 2G)")
         p.add_argument("--json", action="store_true", help="print the per-file decisions as JSON")
         add_threads(p)
         p.set_defaults(func=run, kind=kind)
@@ -58,6 +59,7 @@ def decision_rows(decisions: list[Decision]) -> list[tuple[str, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, [args.old, args.new])
     options = DiffOptions(mode=args.mode, encoding=args.deltaEncoding, level=args.level,
                           threads=args.threads, memory_limit=args.memory_limit)
     with Image(args.old) as old, Image(args.new) as new:

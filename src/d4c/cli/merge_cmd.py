@@ -10,6 +10,7 @@ from ..imagedelta import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_sta
 from ..progress import human_bytes
 from ._common import add_threads, positive_int, print_json, print_table
 from .diff_cmd import decision_rows
+from .util_cmd import refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -17,9 +18,9 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         order = "upper first (as the original)" if kind == "dimg" else "lowest first"
         p = groups[kind].add_parser(
             "merge", parents=[common], help=f"merge consecutive delta {kind}s into one",
-            description="Merges A->B, B->C, ... into A->C without reading any file body of A: "
-            "files stored in a delta are carried over, deltas of deltas are chained (--rediff diffs "
-            "them afresh against A: smaller, slower). Reading the deltas' trees needs A's tree, so "
+            description="Merges A->B, B->C, ... into A->C: files stored in a delta are carried over, "
+            "deltas of deltas are chained (--rediff diffs them afresh against A: smaller, slower); "
+            "whatever is carried over is checked first (a chain by applying it to A's file). Reading the deltas' trees needs A's tree, so "
             "give A with --base when the lowest input is a delta. If the lowest input is a full "
             "image, the result is the full top image.")
         p.add_argument(f"--lower{flag}", dest="lower", metavar="FILE", help="the lower delta (two-input form)")
@@ -62,6 +63,7 @@ def inputs(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     paths = inputs(args)
     bases = args.bases or []
+    refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, bases + paths)
     stack = open_stack(bases[1:] + paths, bases[0] if bases else None)
     cdimg = args.kind == "cdimg"
     try:

@@ -10,6 +10,7 @@ from ..errors import UsageError
 from ..imagedelta import BASE_LEVEL, close_all, open_stack, patch_image
 from ..unpack import unpack
 from ._common import add_threads
+from .util_cmd import parse_size, refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -27,6 +28,10 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--level", type=int, default=BASE_LEVEL, metavar="L",
                        help=f"zstd level for the bodies of the new image (default {BASE_LEVEL}, as convert)")
         p.add_argument("--no-same-owner", action="store_true", help="--outDir: do not restore owners")
+        p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
+                       help="refuse a file whose rebuild from deltas would hold more than this in memory "
+                       "(default: the machine's memory, or the address-space limit); files stored whole "
+                       "stream in bounded memory")
         add_threads(p)
         p.set_defaults(func=run, kind=kind)
 
@@ -35,8 +40,13 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.out) == bool(args.outDir):
         raise UsageError(f"{args.kind} patch: give one of --out{args.kind.capitalize()} FILE or --outDir DIR")
     bases = args.bases or []
+    if args.out:
+        refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, bases + [args.diff])
     stack = open_stack(bases[1:] + [args.diff], bases[0] if bases else None)
     try:
+        if args.memory_limit is not None:
+            for image in stack:
+                image.memory_limit = args.memory_limit
         top = stack[-1]
         top.entries  # a missing base is reported before anything is written
         if args.out:

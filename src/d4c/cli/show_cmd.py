@@ -12,7 +12,7 @@ from ..dimg import Image, format_id
 from ..imagedelta import close_all, decisions, open_stack
 from ..errors import UsageError
 from ..progress import human_bytes
-from ..tree import S_IFMT_OF, Entry, EntryType, Storage
+from ..tree import S_IFMT_OF, Entry, EntryType, Storage, printable
 from ._common import print_json, print_table
 
 
@@ -73,14 +73,14 @@ def entry_json(e: Entry, image: Image) -> dict[str, Any]:
     d: dict[str, Any] = {"path": e.display(), "type": e.type.name.lower(), "mode": oct(e.mode),
                          "uid": e.uid, "gid": e.gid, "mtimeNs": e.mtime_ns}
     if e.xattrs:
-        d["xattrs"] = {k.decode(errors="backslashreplace"): v.hex() for k, v in e.xattrs.items()}
+        d["xattrs"] = {printable(k): v.hex() for k, v in e.xattrs.items()}
     if e.type == EntryType.FILE:
         d.update(size=e.size, digest=format_id(e.digest or b""), storage=e.storage.name.lower(),
                  storedSize=e.body_length if e.storage == Storage.FRAME else sum(s.length for s in e.delta_steps))
         if e.storage == Storage.DELTA and image.parent is not None:
             d.update(deltaSource=image.parent.entries[e.delta_source].display(), deltaSteps=len(e.delta_steps))
     elif e.type == EntryType.SYMLINK:
-        d["target"] = e.target.decode(errors="backslashreplace")
+        d["target"] = printable(e.target)
     elif e.type == EntryType.HARDLINK:
         d["linkTo"] = image.entries[e.link].display()
     elif e.type in (EntryType.CHARDEV, EntryType.BLOCKDEV):
@@ -146,7 +146,7 @@ def _ls_line(e: Entry, image: Image) -> str:
             tail += f" from {image.parent.entries[e.delta_source].display()}"
         tail += "]"
     if e.type == EntryType.SYMLINK:
-        tail = " -> " + e.target.decode(errors="backslashreplace")
+        tail = " -> " + printable(e.target)
     elif e.type == EntryType.HARDLINK:
         tail = " link to " + image.entries[e.link].display()
     return f"{mode} {e.uid:>5} {e.gid:>5} {size:>10} {when} {e.display()}{tail}"

@@ -6,8 +6,25 @@ import argparse
 import os
 
 from .. import delta
+from ..errors import UsageError
 from ..progress import human_bytes
 from ._common import add_threads, parse_size  # noqa: F401  (parse_size: other commands import it from here)
+
+
+def refuse_output_over_input(flag: str, out: str, inputs: list[str]) -> None:
+    """An output that is one of the inputs (the same inode, whatever the name)
+    would replace the input it is made from, e.g. a base by a delta of itself."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return  # not there yet: the output's own errors come when it is written
+    for path in inputs:
+        try:
+            other = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            raise UsageError(f"{flag} {out} is the input {path}: write the output elsewhere")
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -36,6 +53,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def run_diff(args: argparse.Namespace) -> int:
+    refuse_output_over_input("--diff", args.diff, [args.old, args.new])
     level = args.level if args.level is not None else (delta.FAST_LEVEL if args.fast else delta.DEFAULT_LEVEL)
     size = delta.diff_files(args.old, args.new, args.diff, level=level, threads=args.threads,
                             memory_limit=args.memory_limit, fast=args.fast)
@@ -46,5 +64,6 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def run_patch(args: argparse.Namespace) -> int:
+    refuse_output_over_input("--new", args.new, [args.old, args.diff])
     delta.apply_files(args.old, args.diff, args.new, max_size=args.max_size)
     return 0

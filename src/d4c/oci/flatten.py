@@ -31,9 +31,9 @@ from typing import BinaryIO
 import zstandard
 
 from ..bodies import BodySpool
-from ..errors import BadInput, D4CError
+from ..errors import BadInput, UsageError
 from ..progress import Progress
-from ..tree import MAX_PATH, Entry, EntryType, canonicalize, symlink_problem, xattr_problem
+from ..tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
 from .source import HashingReader, Layer
 
 WHITEOUT = ".wh."
@@ -41,6 +41,9 @@ OPAQUE = ".wh..wh..opq"
 MAX_SYMLINK_HOPS = 40
 MAX_ID = (1 << 32) - 1
 INLINE_LIMIT = 4 << 20  # bodies up to this size are compressed on worker threads
+MAX_TAR_HEADER = 1 << 20  # pax and GNU long-name headers are read whole: real ones are a few KiB
+SPARSE_MAX_RATIO = 1024  # a sparse member may declare this many times its data (plus SPARSE_SLACK)
+SPARSE_SLACK = 64 << 20
 
 
 class _Inode:
@@ -114,6 +117,45 @@ def _xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
             raise BadInput(f"layer entry {member.name!r}: {problem}")
         out[name] = data
     return out
+
+
+class _LayerTarInfo(tarfile.TarInfo):
+    """tarfile's member header, but the headers it reads whole into memory (pax,
+    GNU long names) are refused beyond MAX_TAR_HEADER before they are read: a
+    compressed layer of 80 KB could declare and hold a 2 GiB one."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _WHOLE_HEADERS and self.size > MAX_TAR_HEADER:
+            raise BadInput(f"layer entry header of {self.size} bytes (type {self.type!r}): over the "
+                           f"{MAX_TAR_HEADER >> 20} MiB a tar header may take")
+        return super()._proc_member(tf)  # type: ignore[misc]
+
+
+_WHOLE_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                  tarfile.SOLARIS_XHDTYPE)
+
+
+def _next_member(tf: tarfile.TarFile, previous: tarfile.TarInfo | None) -> tarfile.TarInfo | None:
+    """The next member of a streamed layer, or None at its end.  A layer may end
+    right after its last member's data, without the padding to 512 bytes and the
+    end-of-archive blocks (umoci insert writes such layers, and containerd takes
+    them); one that ends inside a member's data is still damaged."""
+    stream = tf.fileobj
+    if previous is not None and tf.offset > stream.tell():  # the previous member's padding is ahead
+        stream.seek(tf.offset)  # a stream reads forward and stops at its end
+        reached = stream.tell()
+        if reached < tf.offset:
+            if previous.isreg() and reached < previous.offset_data + _stored_size(previous):
+                raise tarfile.ReadError("unexpected end of data")
+            return None
+    member = tf.next()
+    tf.members.clear()  # a streamed layer is read once: 1e6 kept members took gigabytes
+    return member
+
+
+def _stored_size(member: tarfile.TarInfo) -> int:
+    """The bytes a member's data takes in the archive (a sparse member's size is its file's)."""
+    return sum(n for _, n in member.sparse) if member.sparse is not None else member.size
 
 
 def open_layer_stream(raw: BinaryIO) -> BinaryIO:
@@ -254,6 +296,11 @@ class Flattener:
         if member.isreg():
             if not 0 <= member.size < (1 << 63):
                 raise BadInput(f"layer entry {name!r}: size out of range")
+            stored = _stored_size(member)
+            if member.sparse is not None and member.size > stored * SPARSE_MAX_RATIO + SPARSE_SLACK:
+                # every byte of its holes would be read, hashed and compressed (64 GiB: 102 s)
+                raise BadInput(f"layer entry {name!r}: a sparse file of {member.size} bytes with only "
+                               f"{stored} bytes of data")
             inode = _Inode(EntryType.FILE)
             inode.size = member.size
             self._set_meta(inode, member)
@@ -268,8 +315,9 @@ class Flattener:
                 raise BadInput(f"layer entry {name!r}: {problem}")
             self._set_meta(inode, member)
         elif member.ischr() or member.isblk():
-            if not (0 <= member.devmajor <= MAX_ID and 0 <= member.devminor <= MAX_ID):
-                raise BadInput(f"layer entry {name!r}: device number out of range")
+            problem = device_problem(member.devmajor, member.devminor)
+            if problem:
+                raise BadInput(f"layer entry {name!r}: {problem}")
             inode = _Inode(EntryType.CHARDEV if member.ischr() else EntryType.BLOCKDEV)
             inode.rdev = (member.devmajor, member.devminor)
             self._set_meta(inode, member)
@@ -295,7 +343,8 @@ class Flattener:
     @staticmethod
     def _set_meta(inode: _Inode, member: tarfile.TarInfo) -> None:
         for value, what in ((member.uid, "uid"), (member.gid, "gid")):
-            if not isinstance(value, int) or not 0 <= value <= MAX_ID:
+            # MAX_ID is (uid_t)-1: chown leaves such an owner unchanged (root, when unpacked as root)
+            if not isinstance(value, int) or not 0 <= value < MAX_ID:
                 raise BadInput(f"layer entry {member.name!r}: {what} {value!r} out of range")
         inode.mode = member.mode & 0o7777
         inode.uid, inode.gid = member.uid, member.gid
@@ -329,8 +378,9 @@ class Flattener:
         try:
             stream = HashingReader(open_layer_stream(raw), layer.diff_id, f"{label} content")
             try:
-                tf = tarfile.open(fileobj=stream, mode="r|")  # type: ignore[call-overload]
-                for member in tf:
+                tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)  # type: ignore[call-overload]
+                member = None
+                while (member := _next_member(tf, member)) is not None:
                     self._apply_member(member, tf)
                 stream.verify()
                 raw.verify()
@@ -359,7 +409,7 @@ class Flattener:
     def remove(self, path: str) -> bool:
         parts = _split(path)
         if not parts:
-            raise D4CError("cannot exclude the root")
+            raise UsageError(f"--excludes {path}: cannot exclude the root")
         node: _Node | None = self.root
         for part in parts[:-1]:
             node = node.children.get(part) if node and node.children is not None else None
@@ -369,6 +419,9 @@ class Flattener:
         return True
 
     def entries(self) -> list[Entry]:
+        """The flattened tree as image entries.  The tree is taken apart on the way
+        (a node goes once its entry is made): with a million entries, holding both
+        is what the memory goes to.  Call it last."""
         out: list[Entry] = []
 
         stack: list[tuple[_Node, bytes]] = [(self.root, b"")]
@@ -388,7 +441,8 @@ class Flattener:
             if len(path) > MAX_PATH:
                 raise BadInput(f"{path[:64]!r}...: path too long (through symlinked directories)")
             out.append(e)
-            for name, child in (node.children or {}).items():
+            children, node.children = node.children, None
+            for name, child in (children or {}).items():
                 stack.append((child, path + b"/" + name if path else name))
         return canonicalize(out)
 
