@@ -513,6 +513,11 @@ def test_offline_bundle_runs_the_flow(tmp_path) -> None:  # type: ignore[no-unty
             cli("pull", "--image", "bundle:1", *common)
             cli("pull", "--image", "bundle:2", *common)
             assert run(ctrd, "bundle:2", f"bundle-{ctrd.namespace}") == "v2\n"
+            # the bundle's one program serves the snapshotter's mounts with setuid and devices kept
+            with open("/proc/mounts") as f:
+                image_mounts = [line.split() for line in f if line.split()[1].startswith(snap.root)
+                                and line.split()[2] == "fuse.d4c"]
+            assert image_mounts and not any({"nosuid", "nodev"} & set(m[3].split(",")) for m in image_mounts)
             assert namespace_cgroups(ctrd.namespace)  # runc made them
         finally:
             srv.stop()

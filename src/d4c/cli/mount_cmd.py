@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 
-from ..errors import D4CError, SystemFailure, UsageError, from_oserror
+from ..errors import D4CError, SystemFailure, UsageError
 from ._common import parse_size, positive_int
 
 
@@ -64,7 +64,6 @@ def run_mount(args: argparse.Namespace) -> int:
     problem = fuse_problem()
     if problem:
         raise UsageError(f"mount: {problem}")
-    restricted = os.geteuid() == 0 and not args.allow_suid_dev  # a user's FUSE mount is nosuid,nodev anyway
     if args.background:
         from ..llfs.model import open_images
         from ..llfs.process import reexec_command, spawn_mount
@@ -74,10 +73,7 @@ def run_mount(args: argparse.Namespace) -> int:
             image.close()
         spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
-                    verified_bodies=args.verified_bodies)
-        if os.geteuid() == 0 and args.allow_suid_dev:
-            # the server restricted its mount before it served (it is not told the option)
-            _set_suid_dev(args.mountpoint, True)
+                    verified_bodies=args.verified_bodies, suid_dev=args.allow_suid_dev)
         return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
@@ -86,8 +82,6 @@ def run_mount(args: argparse.Namespace) -> int:
     from ..llfs.process import FAILED, READY, bundle_is_temporary
 
     def ready() -> None:
-        if restricted:
-            _set_suid_dev(args.mountpoint, False)  # before it serves: nothing ran from it yet
         if ready_fd is not None:
             # A one-file worker runs from its parent's unpacked bundle (PyInstaller
             # passes it on: no second extraction, ~0.2 s instead of ~0.8 s to
@@ -102,7 +96,7 @@ def run_mount(args: argparse.Namespace) -> int:
 
     try:
         serve(paths, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies), ready=ready,
-              workers=args.workers)
+              workers=args.workers, suid_dev=args.allow_suid_dev)
     except D4CError as exc:
         if ready_fd is not None:
             os.write(ready_fd, FAILED + str(exc).encode(errors="replace")[:4000])
@@ -111,15 +105,6 @@ def run_mount(args: argparse.Namespace) -> int:
         if private:
             shutil.rmtree(cache_dir, ignore_errors=True)
     return 0
-
-
-def _set_suid_dev(mountpoint: str, allowed: bool) -> None:
-    from ..llfs.mounts import set_suid_dev, unmount
-    try:
-        set_suid_dev(mountpoint, allowed)
-    except OSError as exc:
-        unmount(mountpoint, lazy=True)  # a mount with the wrong flags must not stay
-        raise from_oserror(exc, "mount") from None
 
 
 def run_umount(args: argparse.Namespace) -> int:

@@ -147,20 +147,3 @@ def clear_stale(path: str) -> bool:
         unmount(path, lazy=True)
         return True
     return False
-
-
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 1, 2, 4, 32, 4096
-
-
-def set_suid_dev(path: str, allowed: bool) -> None:
-    """Let the read-only mount at `path` honour setuid bits and device nodes, or
-    not (nosuid,nodev): only the flags of this mount point change (MS_REMOUNT |
-    MS_BIND), which the kernel does without asking the file system, so it works
-    before the FUSE server serves.  A mount a user can reach must not hand out
-    an image's setuid-root programs or devices to every local user."""
-    import ctypes  # here: 0.7 MiB that the snapshotter's mount servers, which never call this, do not carry
-    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | (0 if allowed else MS_NOSUID | MS_NODEV)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(None, os.fsencode(path), None, ctypes.c_ulong(flags), None) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"cannot set the mount flags: {os.strerror(code)}", path)

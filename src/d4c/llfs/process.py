@@ -36,7 +36,7 @@ def bundle_is_temporary() -> bool:
 
 def spawn_mount(prefix: list[str], paths: list[str], mountpoint: str, *, cache_dir: str | None = None,
                 cache_size: int | None = None, workers: int | None = None, log: str | None = None,
-                debug: bool = False, verified_bodies: bool = False) -> int:
+                debug: bool = False, verified_bodies: bool = False, suid_dev: bool = False) -> int:
     """Mount the stack `paths` (base first) at `mountpoint` in a new process started
     with `prefix` + mount arguments; returns its pid once the mount serves."""
     read_end, write_end = os.pipe()
@@ -53,6 +53,8 @@ def spawn_mount(prefix: list[str], paths: list[str], mountpoint: str, *, cache_d
         cmd += ["--workers", str(workers)]
     if verified_bodies:
         cmd += ["--verified-bodies"]
+    if suid_dev:
+        cmd += ["--allow-suid-dev"]
     cmd += ["--ready-fd", str(write_end), os.path.abspath(mountpoint)]
     try:
         with open(os.devnull, "rb") as null_in, open(log or os.devnull, "ab") as out:

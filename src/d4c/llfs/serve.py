@@ -36,8 +36,11 @@ def fuse_problem() -> str | None:
 
 
 def serve(paths: list[str], mountpoint: str, options: Options, *,
-          ready: Callable[[], None] = lambda: None, workers: int | None = None) -> None:
-    """Mount the stack `paths` (base first) read-only and serve until unmounted."""
+          ready: Callable[[], None] = lambda: None, workers: int | None = None, suid_dev: bool = False) -> None:
+    """Mount the stack `paths` (base first) read-only and serve until unmounted.
+    suid_dev: honour the images' setuid programs and device nodes (as root only:
+    for containers, under directories only root can enter); by default they are
+    inert, as any local user may reach an allow_other mount."""
     problem = fuse_problem()
     if problem:
         raise Unsupported(f"cannot mount: {problem}")
@@ -46,10 +49,8 @@ def serve(paths: list[str], mountpoint: str, options: Options, *,
     images = open_images(paths)
     fs = ImageFS(images, options)
     fuse_options = set(llfuse.default_options) | {"fsname=d4c", "subtype=d4c", "ro"}
-    if os.geteuid() == 0:
-        # containerd and the container's users read it; an image's setuid programs and
-        # device nodes must work as they would from an unpacked layer
-        fuse_options |= {"allow_other", "suid", "dev"}
+    if os.geteuid() == 0:  # containerd and the container's users read it
+        fuse_options |= {"allow_other"} | ({"suid", "dev"} if suid_dev else {"nosuid", "nodev"})
     try:
         llfuse.init(Operations(fs), mountpoint, sorted(fuse_options))
     except BaseException:

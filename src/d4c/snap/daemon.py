@@ -46,10 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "mount" in argv[:2] and argv[0] in ("mount", "-q", "--debug"):
         from ..cli import main as cli_main  # the FUSE server process of one mount
-        # containers need their image's setuid programs and devices; only root
-        # can enter the directories of these mounts (Snapshotter makes them 0700)
-        at = argv.index("mount") + 1
-        return cli_main(argv[:at] + ["--allow-suid-dev"] + argv[at:])
+        return cli_main(argv)
     return run_daemon(PROG, build_parser(), argv, serve)
 
 

@@ -498,9 +498,11 @@ class LlfsFileSystem:
 
     def mount(self, paths: list[str], mountpoint: str, cache_dir: str, log_path: str) -> None:
         from ..llfs.process import spawn_mount
-        # every body of a stored image was checked at load (_verify): reads need not hash it again
+        # every body of a stored image was checked at load (_verify): reads need not hash it again;
+        # containers need their image's setuid programs and devices, and only root can enter
+        # the directories of these mounts (0700)
         spawn_mount(self.command, paths, mountpoint, cache_dir=cache_dir, cache_size=self.cache_size,
-                    log=log_path, verified_bodies=True)
+                    log=log_path, verified_bodies=True, suid_dev=True)
 
     def unmount(self, mountpoint: str) -> None:
         p = mounts.detach(mountpoint)
