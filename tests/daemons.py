@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -431,8 +432,8 @@ class CuttingProxy:
         self.sent = 0
         self.cuts = 0
         self.requests: list[bytes] = []
-        self.on_cut: "Callable[[], None] | None" = None
-        self.on_request: "Callable[[bytes], None] | None" = None
+        self.on_cut: Callable[[], None] | None = None
+        self.on_request: Callable[[bytes], None] | None = None
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
         self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"

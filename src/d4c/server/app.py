@@ -38,6 +38,7 @@ from .store import Artifact, Store, check_tag
 log = logging.getLogger("d4c.server")
 MAX_UPLOAD = 64 << 30
 COPY = 1 << 20
+SEND = 64 << 10
 STATUS = [(NotFound, 404), (Conflict, 409), (AlreadyExists, 409), (UsageError, 400), (BadInput, 400),
           (CorruptImage, 400)]
 BACKLOG = 1024           # the kernel caps it at net.core.somaxconn
@@ -385,7 +386,8 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
                 f.seek(start)
                 left = end - start + 1
                 while left:
-                    chunk = f.read(min(COPY, left))
+                    # small pieces: the idle timeout bounds each, so a thin link is not cut for being thin
+                    chunk = f.read(min(SEND, left))
                     if not chunk:
                         break
                     try:
@@ -435,23 +437,34 @@ class PooledHTTPServer(http.server.HTTPServer):
     def _park_loop(self) -> None:
         tick = min(0.5, self.idle_timeout / 4)
         while not self._closing:
-            ready = self._selector.select(timeout=tick)
-            for key, _ in ready:
-                if key.fileobj is self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        self._wake_r.recv(4096)
-                    continue
-                self._selector.unregister(key.fileobj)
-                self._pool.submit(self._serve, key.fileobj, key.data[0])
-            now = time.monotonic()
-            with self._incoming_lock:
-                incoming, self._incoming = self._incoming, []
-            for sock, address in incoming:
+            try:
+                self._park_once(tick)
+            except Exception:  # this thread ending would stop the server answering anyone
+                log.exception("the connection waiter failed; continuing")
+
+    def _park_once(self, tick: float) -> None:
+        """Hand the connections that sent something to the workers, take in new
+        ones, close those silent past their deadline."""
+        ready = self._selector.select(timeout=tick)
+        for key, _ in ready:
+            if key.fileobj is self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(4096)
+                continue
+            self._selector.unregister(key.fileobj)
+            self._pool.submit(self._serve, key.fileobj, key.data[0])
+        now = time.monotonic()
+        with self._incoming_lock:
+            incoming, self._incoming = self._incoming, []
+        for sock, address in incoming:
+            try:
                 self._selector.register(sock, selectors.EVENT_READ, (address, now + self.idle_timeout))
-            for key in list(self._selector.get_map().values()):
-                if key.data is not None and key.data[1] < now:
-                    self._selector.unregister(key.fileobj)
-                    self.shutdown_request(key.fileobj)
+            except (ValueError, OSError):  # closed meanwhile
+                self.shutdown_request(sock)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None and key.data[1] < now:
+                self._selector.unregister(key.fileobj)
+                self.shutdown_request(key.fileobj)
 
     def _serve(self, request: socket.socket, client_address: Any) -> None:
         with self._incoming_lock:
