@@ -220,6 +220,30 @@ def test_500_idle_connections_hold_no_thread_and_are_closed(tmp_path, stack) -> 
         srv.stop()
 
 
+def test_one_worker_serves_past_kept_alive_and_half_sent_heads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A connection waiting for its next request, or still sending its head,
+    holds no worker: with one worker, others are still served at once."""
+    from d4c.transfer import Client
+    srv = start_server(str(tmp_path), "--workers", "1", "--idle-timeout", "30")
+    kept = http.client.HTTPConnection(srv.host, timeout=10)
+    host, port = srv.host.split(":")
+    slow = socket.create_connection((host, int(port)))
+    try:
+        for _ in range(2):  # keep-alive works, and the connection then stays open
+            kept.request("GET", "/v1/tags")
+            resp = kept.getresponse()
+            assert resp.status == 200 and json.loads(resp.read()) == {}
+        slow.sendall(b"GET /v1/tags HTTP/1.1\r\nHost: x\r\n")  # a head that never ends
+        for _ in range(3):  # each would wait 30 s for the one worker
+            assert Client(srv.host, timeout=5, retry_time=0).get_json("/v1/tags", "tags") == {}
+        kept.request("GET", "/v1/tags")
+        assert kept.getresponse().status == 200
+    finally:
+        kept.close()
+        slow.close()
+        srv.stop()
+
+
 # ---------------------------------------------------------------- 3. retries, resumption
 
 def test_a_link_that_drops_every_500_kb_completes(server, big_tagged, tmp_path) -> None:  # type: ignore[no-untyped-def]
