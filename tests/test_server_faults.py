@@ -331,6 +331,36 @@ def test_a_rerun_resumes_the_partial_download(server, big_tagged, tmp_path) -> N
         proxy.stop()
 
 
+def test_a_full_local_disk_stops_the_pull_at_once(server, big_tagged, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Our own disk refusing is no link fault: no retries, exit 5, the partial kept."""
+    need_root()
+    small = str(tmp_path / "small")
+    os.makedirs(small)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small], check=True)
+    try:
+        out = os.path.join(small, "big.cdimg")
+        code, _, err = pull(server.host, "big:1", out, "--retry-time", "20")
+        assert_one_line_error(code, err, 5)
+        assert "No space left on device" in err
+        assert not os.path.exists(out) and os.path.exists(out + ".partial")
+    finally:
+        subprocess.run(["umount", "-l", small], check=False)
+
+
+def test_two_pulls_never_write_one_partial_file(server, big_tagged, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import fcntl
+    out = str(tmp_path / "big.cdimg")
+    with open(out + ".partial", "ab") as held:  # as the first pull holds it
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        code, _, err = pull(server.host, "big:1", out)
+        assert_one_line_error(code, err, 1)
+        assert "another pull is writing" in err
+    assert os.path.getsize(out + ".partial") == 0
+    code, _, err = pull(server.host, "big:1", out)
+    assert code == 0, err
+    assert read(out) == read(big_tagged)
+
+
 # ---------------------------------------------------------------- 4. aborted and failed uploads
 
 def test_a_reset_upload_leaves_no_temp_file(server, big) -> None:  # type: ignore[no-untyped-def]
@@ -399,7 +429,11 @@ def test_a_restart_never_adopts_a_merge_temp_file(tmp_path, stack) -> None:  # t
         for name in leftovers:
             with open(os.path.join(merged, name), "wb") as f:
                 f.write(b"half a merge")
+        fetched = os.path.join(srv.root, "artifacts", f"{first['sha256']}.cdimg.part-77")  # a registry fetch
+        with open(fetched, "wb") as f:
+            f.write(b"half a fetch")
         srv.start()
+        assert not os.path.exists(fetched)
         assert sorted(os.listdir(merged)) == [f"{key}-{first['sha256']}.cdimg"]  # the finished merge stays
         again = plan(srv.host, "d4c-app:4", image_id(stack[0]))
         assert again["sha256"] == first["sha256"]

@@ -6,13 +6,14 @@ only once its digest (and, where the client can, every body) is checked."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.client
 import json
 import os
 import time
 import urllib.parse
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from .errors import (BadInput, Conflict, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable, UsageError,
                      from_oserror)
@@ -159,35 +160,45 @@ class Client:
         gets its final name.  NotFound when the server no longer has the payload."""
         partial = out_path + ".partial"
         wire = 0
-        for fresh in (False, True):
-            try:
-                wire += self._fetch_into(url, size, partial, fresh)
-            except OSError as exc:
-                raise from_oserror(exc, f"cannot write {partial}") from exc
-            if _sha256_of(partial) == digest:
-                break
-            os.unlink(partial)
-            if fresh or wire == size:  # nothing was resumed: the server sent other bytes
-                raise BadInput("server: the downloaded update does not match its digest")
-            # a partial of another payload (the update changed since): from byte 0 again
         try:
-            if check is not None:
-                check(partial)
-            os.replace(partial, out_path)
-        except D4CError:
-            os.unlink(partial)  # a second download would bring the same bytes
-            raise
+            os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
+            out = open(partial, "ab")
         except OSError as exc:
-            raise from_oserror(exc, f"cannot write {out_path}") from exc
+            raise from_oserror(exc, "cannot write") from exc
+        with out:  # locked until it has its final name: a second pull must not append to it
+            try:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Conflict(f"another pull is writing {partial}") from None
+            for fresh in (False, True):
+                try:
+                    if fresh:
+                        out.truncate(0)
+                    wire += self._fetch_into(url, size, out)
+                except OSError as exc:
+                    raise from_oserror(exc, f"cannot write {partial}") from exc
+                if _sha256_of(partial) == digest:
+                    break
+                if fresh or wire == size:  # nothing was resumed: the server sent other bytes
+                    os.unlink(partial)
+                    raise BadInput("server: the downloaded update does not match its digest")
+                # a partial of another payload (the update changed since): from byte 0 again
+            try:
+                if check is not None:
+                    check(partial)
+                os.replace(partial, out_path)
+            except D4CError:
+                os.unlink(partial)  # a second download would bring the same bytes
+                raise
+            except OSError as exc:
+                raise from_oserror(exc, f"cannot write {out_path}") from exc
         return wire
 
-    def _fetch_into(self, url: str, size: int, partial: str, fresh: bool) -> int:
-        """Append to `partial` until it holds `size` bytes; returns the bytes received."""
+    def _fetch_into(self, url: str, size: int, out: BinaryIO) -> int:
+        """Append to `out` until it holds `size` bytes; returns the bytes received."""
         wire = 0
-        mode = "wb" if fresh else "ab"
-        os.makedirs(os.path.dirname(os.path.abspath(partial)), exist_ok=True)
-        with open(partial, mode) as out, Progress("pulling", total_bytes=size) as progress:
-            got = out.tell()
+        with Progress("pulling", total_bytes=size) as progress:
+            got = out.seek(0, os.SEEK_END)
             if got > size:
                 out.truncate(0)
                 got = 0
@@ -214,7 +225,10 @@ class Client:
                         chunk = resp.read1(min(CHUNK, size - got))  # what arrived: kept even if the link then stalls
                         if not chunk:
                             break
-                        out.write(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as exc:  # our disk, not the link: no retry helps
+                            raise from_oserror(exc, f"cannot write {out.name}") from exc
                         got += len(chunk)
                         moved += len(chunk)
                         progress.advance(len(chunk))
@@ -230,7 +244,7 @@ class Client:
                     retry.progressed()
                 if (failure is not None and self._gives_up(failure)) or not retry.wait():
                     raise Unavailable(f"download from {self.host}:{self.port} stopped at byte {got} of {size} "
-                                      f"({failure or 'connection closed'}); kept in {partial}: "
+                                      f"({failure or 'connection closed'}); kept in {out.name}: "
                                       "run the same pull again to resume")
             out.flush()
             os.fsync(out.fileno())

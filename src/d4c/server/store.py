@@ -25,6 +25,8 @@ from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, Usage
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
 
+ARTIFACT_NAME = re.compile(r"^[0-9a-f]{64}\.cdimg$")
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
     digest TEXT PRIMARY KEY,      -- sha256 hex of the file
@@ -64,6 +66,9 @@ class Store:
             os.makedirs(d, exist_ok=True)
         for name in os.listdir(self.tmp):  # uploads a crash interrupted
             os.unlink(os.path.join(self.tmp, name))
+        for name in os.listdir(self.dir):  # fetches from the shared registry a crash interrupted
+            if not ARTIFACT_NAME.match(name):
+                os.unlink(os.path.join(self.dir, name))
         self._db = sqlite3.connect(os.path.join(self.root, "index.db"), check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
