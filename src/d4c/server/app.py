@@ -1,9 +1,9 @@
 """The update server's HTTP API (docs/API.md), on the standard library's HTTP
 server with a bounded pool of workers: a connection waits in a selector (no
-thread) until it has sent its request, so idle connections cost no thread, a
-slow client never blocks another, and a burst of clients queues in a deep
-backlog instead of being reset; the same merge asked twice at once is
-computed once.
+thread) until it has sent a whole request head, and again between kept-alive
+requests, so idle and slow connections cost no thread and block no one; a
+burst of clients queues in a deep backlog instead of being reset; the same
+merge asked twice at once is computed once.
 
     POST /v1/push?tag=NAME:TAG      body: a cdimg (base or delta)   -> 201 {artifact}
     GET  /v1/tags                                                    -> {tag: id}
@@ -438,6 +438,8 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
 
         def do_GET(self) -> None:  # noqa: N802
             path, query = self._route()
+            if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
+                self.close_connection = True  # a body we do not read must not be taken for the next request
             try:
                 if path == "/v1/tags":
                     self._json(200, {t: "sha256:" + i for t, i in store.tags().items()})
