@@ -158,28 +158,33 @@ def test_uploads_with_a_corrupt_body_are_refused(server, images, stack, tmp_path
     assert read(out) == read(stack[0])
 
 
-def test_pull_output_refuses_a_corrupt_stored_image(tmp_path, images) -> None:  # type: ignore[no-untyped-def]
-    """A store that holds a damaged file (written before uploads were checked):
-    `pull --output` must not exit 0 with it, though its digest matches."""
+def test_pull_output_refuses_a_corrupt_stored_image(tmp_path, images, stack) -> None:  # type: ignore[no-untyped-def]
+    """A store that holds damaged files (written before uploads were checked):
+    `pull --output` must not exit 0 with one, though its digest matches."""
     import hashlib
     srv = start_server(str(tmp_path))
     srv.stop()
-    bad = read(body_flipped(images[0], str(tmp_path / "bad.cdimg"), Storage.FRAME))
-    digest = hashlib.sha256(bad).hexdigest()
-    with open(os.path.join(srv.root, "artifacts", digest + ".cdimg"), "wb") as f:
-        f.write(bad)
     db = sqlite3.connect(os.path.join(srv.root, "index.db"))
-    db.execute("INSERT INTO artifacts VALUES (?, ?, '', ?)", (digest, image_id(images[0]), len(bad)))
-    db.execute("INSERT INTO tags VALUES ('d4c-app:1', ?)", (image_id(images[0]),))
+    planted = [(body_flipped(images[0], str(tmp_path / "bad.cdimg"), Storage.FRAME), "", "d4c-app:1"),
+               (body_flipped(stack[1], str(tmp_path / "bad-delta.cdimg"), Storage.DELTA, stack[0]),
+                image_id(images[0]), "d4c-app:2")]
+    for path, parent, tag in planted:
+        bad = read(path)
+        digest = hashlib.sha256(bad).hexdigest()
+        with open(os.path.join(srv.root, "artifacts", digest + ".cdimg"), "wb") as f:
+            f.write(bad)
+        db.execute("INSERT INTO artifacts VALUES (?, ?, ?, ?)", (digest, image_id(path), parent, len(bad)))
+        db.execute("INSERT INTO tags VALUES (?, ?)", (tag, image_id(path)))
     db.commit()
     db.close()
     srv.start()
     try:
-        out = str(tmp_path / "1.cdimg")
-        code, _, err = pull(srv.host, "d4c-app:1", out)
-        assert_one_line_error(code, err, 3)
-        assert "damaged" in err
-        assert not os.path.exists(out) and not os.path.exists(out + ".partial")
+        for tag, have in (("d4c-app:1", ()), ("d4c-app:2", ("--have", stack[0]))):
+            out = str(tmp_path / f"{tag}.cdimg")
+            code, _, err = pull(srv.host, tag, out, *have)
+            assert_one_line_error(code, err, 3)
+            assert "damaged" in err
+            assert not os.path.exists(out) and not os.path.exists(out + ".partial")
     finally:
         srv.stop()
 

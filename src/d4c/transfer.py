@@ -15,8 +15,8 @@ import time
 import urllib.parse
 from typing import Any, BinaryIO, Callable
 
-from .errors import (BadInput, Conflict, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable, UsageError,
-                     from_oserror)
+from .errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
+                     UsageError, from_oserror)
 from .progress import Progress
 
 CHUNK = 1 << 20
@@ -298,7 +298,7 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
                 return
         images.append(Image(path, parent=images[0] if images else None))
         check_bodies(images[-1], os.cpu_count() or 1)
-    except CorruptImage as exc:
+    except (CorruptImage, CorruptDelta) as exc:
         raise CorruptImage(f"the update to {plan.get('tag')} from the server",
                            f"{exc.args[-1] if exc.args else exc} (the server stores a damaged file)") from None
     finally:
