@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Callable
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -413,3 +414,122 @@ class DropProxy(_Loopback):
                 reply_cut(self, status, rheaders, ("content-type", "content-range", "accept-ranges"), body, cut)
 
         self._serve(Handler)
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of `upstream`, for link faults: it cuts
+    each connection (closes it, mid-answer) once it has passed `cut_every` bytes
+    to the client (None: never), resets every new connection while `down`, and
+    counts what it passed.  `on_cut` runs after each cut; `on_request(first_line)` before a
+    request is forwarded."""
+
+    def __init__(self, upstream: str, cut_every: int | None = None) -> None:
+        import socket
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_every = cut_every
+        self.down = False
+        self.sent = 0
+        self.cuts = 0
+        self.requests: list[bytes] = []
+        self.on_cut: Callable[[], None] | None = None
+        self.on_request: Callable[[bytes], None] | None = None
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self._stopped = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @staticmethod
+    def _reset(sock) -> None:  # type: ignore[no-untyped-def]
+        import socket
+        import struct
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self.down:
+                self._reset(client)
+                continue
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client) -> None:  # type: ignore[no-untyped-def]
+        import socket
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=30)
+        except OSError:
+            self._reset(client)
+            return
+        threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
+        passed = 0
+        try:
+            while True:
+                data = upstream.recv(1 << 16)
+                if not data:
+                    break
+                limit = self.cut_every
+                if limit is not None and passed + len(data) >= limit:
+                    client.sendall(data[:limit - passed])
+                    with self._lock:
+                        self.sent += limit - passed
+                        self.cuts += 1
+                    client.shutdown(socket.SHUT_WR)  # a reset would drop what is still in flight
+                    client.close()
+                    upstream.close()
+                    if self.on_cut:
+                        self.on_cut()
+                    return
+                client.sendall(data)
+                passed += len(data)
+                with self._lock:
+                    self.sent += len(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            client.shutdown(2)
+        client.close()
+        upstream.close()
+
+    def _up(self, client, upstream) -> None:  # type: ignore[no-untyped-def]
+        try:
+            while True:
+                data = client.recv(1 << 16)
+                if not data:
+                    break
+                if data[:4] in (b"GET ", b"POST"):
+                    line = data.split(b"\r\n", 1)[0]
+                    self.requests.append(line)
+                    if self.on_request:
+                        self.on_request(line)
+                upstream.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            upstream.shutdown(1)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._listener.close()
+
+
+def thread_count(pid: int) -> int:
+    """Threads of `pid` and its descendants (a one-file binary runs its program as a child)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass
+    return total

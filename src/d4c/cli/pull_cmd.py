@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import tempfile
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     from ..paths import CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE, SNAPSHOTTER_ROOT
+    from ..transfer import RETRY_TIME
     p = sub.add_parser(
         "pull", parents=[common], help="download the update to an image and load it",
         description="Asks the server for the smallest update from the images this machine holds "
-        "(in containerd, or named with --have) to NAME:TAG, downloads it (resuming after a dropped "
-        "connection), checks it, and loads it; with --output only saves it.")
+        "(in containerd, or named with --have) to NAME:TAG, downloads it (retrying and resuming "
+        "for as long as the link makes progress; an interrupted download is kept in FILE.partial "
+        "and resumed by the next pull), checks it, and loads it; with --output only saves it.")
     p.add_argument("--image", required=True, metavar="NAME:TAG")
     p.add_argument("--host", "--serverHost", dest="host", default="localhost:8081", metavar="HOST:PORT")
     p.add_argument("--output", metavar="FILE", help="only download, to FILE (carry it to the device, then load)")
     p.add_argument("--have", action="append", default=[], metavar="ID|CDIMG",
                    help="an image the device holds (repeatable); default: ask containerd")
+    p.add_argument("--retry-time", type=float, default=RETRY_TIME, metavar="SECONDS",
+                   help=f"give up after this long without progress (default {RETRY_TIME:g}); "
+                   "every connection that moves data starts it again")
     p.add_argument("--expectedDimgsNum", type=int, default=0, metavar="N",
                    help="fail unless the server used exactly N stored images (tests)")
     p.add_argument("--address", default=CONTAINERD_ADDRESS)
@@ -27,30 +32,47 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.set_defaults(func=run)
 
 
+def pull_cache_dir() -> str:
+    """Where a pull that loads keeps its download until loaded (and a partial
+    one for the next run): the user's cache, not a temp dir that dies with us."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "d4c", "pulls")
+
+
 def run(args: argparse.Namespace) -> int:
-    from ..errors import Conflict
+    from ..errors import UsageError
     from ..server.store import check_tag
-    from ..transfer import Client, have_ids, local_images
+    from ..transfer import Client, check_update, have_files, local_images
     check_tag(args.image)
-    have = have_ids(args.have) if args.have or args.output else local_images(args.address, args.namespace)
-    client = Client(args.host)
-    query = "&".join([f"tag={args.image}"] + [f"have=sha256:{h}" for h in sorted(have)])
-    plan = client.get_json(f"/v1/update?{query}", f"update to {args.image}")
+    if args.retry_time < 0:
+        raise UsageError("--retry-time must not be negative")
+    files = have_files(args.have) if args.have or args.output else dict.fromkeys(
+        local_images(args.address, args.namespace), "")
+    client = Client(args.host, retry_time=args.retry_time)
+    known = {k: v for k, v in files.items() if v}
+
+    def check(path: str, plan: dict) -> None:  # type: ignore[type-arg]
+        check_update(path, plan, known)
+
+    if args.output:
+        plan, wire = client.fetch_update(args.image, set(files), args.output, args.expectedDimgsNum, check)
+    else:
+        from ..load import load_image
+        cache = pull_cache_dir()
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        path = os.path.join(cache, f"{args.image.replace('/', '_')}.cdimg")
+        plan, wire = client.fetch_update(args.image, set(files), path, args.expectedDimgsNum)
+        if not plan.get("upToDate"):
+            try:
+                load_image(path, args.image, address=args.address, namespace=args.namespace,
+                           snapshotter_root=args.snapshotter_root)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
     if plan.get("upToDate"):
         if not args.quiet:
             print(f"{args.image}: up to date ({plan['to']})")
         return 0
-    if args.expectedDimgsNum and plan["dimgs"] != args.expectedDimgsNum:
-        raise Conflict(f"the server used {plan['dimgs']} stored images, expected {args.expectedDimgsNum}")
-    if args.output:
-        wire = client.download(plan["url"], plan["sha256"], plan["size"], args.output)
-    else:
-        from ..load import load_image
-        with tempfile.TemporaryDirectory(prefix="d4c-pull-") as tmp:
-            path = os.path.join(tmp, "update.cdimg")
-            wire = client.download(plan["url"], plan["sha256"], plan["size"], path)
-            load_image(path, args.image, address=args.address, namespace=args.namespace,
-                       snapshotter_root=args.snapshotter_root)
     if not args.quiet:
         print(f"{args.image}: {plan['to']} from {plan['from'] or 'nothing'}: {plan['size']} bytes "
               f"({plan['dimgs']} stored images merged), {wire} bytes downloaded")

@@ -1,6 +1,7 @@
 """`server`: stores images and deltas, answers updates with the cheapest merged delta.
 
     server [--port 8081] [--host 127.0.0.1] [--root DIR] [--cache-size 8G] [--threadNum N]
+           [--workers 64] [--idle-timeout 60] [--pin-time 600]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ PROG = "server"
 def main(argv: list[str] | None = None) -> int:
     from ..cli._common import ArgumentParser
     from ..cli.util_cmd import parse_size
+    from .app import IDLE_TIMEOUT, PIN_TIME, WORKERS
     p = ArgumentParser(prog=PROG, description="The d4c update server (HTTP API: docs/API.md).")
     p.add_argument("--port", type=int, default=8081, help="port (default 8081)")
     p.add_argument("--host", default="127.0.0.1",
@@ -25,6 +27,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="bound of the merged-delta cache (default 8G)")
     p.add_argument("--threadNum", "--thread-num", dest="threads", type=int, default=2, metavar="N",
                    help="worker threads of one merge")
+    p.add_argument("--workers", type=int, default=WORKERS, metavar="N",
+                   help=f"threads serving requests (default {WORKERS}); connections beyond them wait, "
+                   "idle ones cost no thread")
+    p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, metavar="SECONDS",
+                   help=f"close a connection silent for this long, before or inside a request "
+                   f"(default {IDLE_TIMEOUT:g})")
+    p.add_argument("--pin-time", type=float, default=PIN_TIME, metavar="SECONDS",
+                   help=f"keep a planned merge cached this long for its download (default {PIN_TIME:g})")
     p.add_argument("--storage", metavar="registry://HOST[:PORT]/REPO",
                    help="keep artifacts and tags in an OCI registry shared by several servers "
                    "(default: only in --root)")
@@ -36,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args) -> int:  # type: ignore[no-untyped-def]
     from .app import serve
+    if args.workers < 1 or args.idle_timeout <= 0 or args.pin_time < 0:
+        from ..errors import UsageError
+        raise UsageError("--workers must be at least 1, --idle-timeout above 0, --pin-time not negative")
     serve(args.root, args.host, args.port, args.cache_size, args.threads, args.storage,
-          args.storage_plain_http)
+          args.storage_plain_http, args.workers, args.idle_timeout, args.pin_time)
     return 0

@@ -15,6 +15,7 @@ import http.client
 import json
 import os
 import urllib.parse
+import uuid
 from typing import Any
 
 from ..errors import BadInput, NotFound, Unavailable
@@ -115,7 +116,7 @@ class RegistryBackend:
 
     def fetch(self, file_digest: str, dest: str) -> None:
         """Bring an artifact's file to `dest` (checked against its digest)."""
-        tmp = f"{dest}.part-{os.getpid()}"
+        tmp = f"{dest}.part-{uuid.uuid4().hex}"  # two requests may fetch the same artifact at once
         h = hashlib.sha256()
         try:
             with self.reader.open_blob("sha256:" + file_digest) as src, open(tmp, "wb") as out:

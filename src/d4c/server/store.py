@@ -8,6 +8,8 @@ once stored); the index is sqlite.  Each artifact is an edge parent -> image
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import heapq
 import os
@@ -16,11 +18,14 @@ import sqlite3
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Iterator
 
-from ..dimg import format_id, read_info
-from ..errors import BadInput, Conflict, NotFound, UsageError
+from ..dimg import check_bodies, format_id, read_info
+from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
+
+ARTIFACT_NAME = re.compile(r"^[0-9a-f]{64}\.cdimg$")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -49,9 +54,11 @@ def check_tag(tag: str) -> str:
 
 
 class Store:
-    def __init__(self, root: str, backend=None) -> None:  # type: ignore[no-untyped-def]
-        """`backend`: a RegistryBackend shared by replicas; None keeps everything here."""
+    def __init__(self, root: str, backend=None, threads: int = 1) -> None:  # type: ignore[no-untyped-def]
+        """`backend`: a RegistryBackend shared by replicas; None keeps everything here.
+        `threads`: for the body check of an upload."""
         self.backend = backend
+        self.threads = threads
         self.root = os.path.abspath(root)
         self.dir = os.path.join(self.root, "artifacts")
         self.tmp = os.path.join(self.root, "tmp")
@@ -59,6 +66,9 @@ class Store:
             os.makedirs(d, exist_ok=True)
         for name in os.listdir(self.tmp):  # uploads a crash interrupted
             os.unlink(os.path.join(self.tmp, name))
+        for name in os.listdir(self.dir):  # fetches from the shared registry a crash interrupted
+            if not ARTIFACT_NAME.match(name):
+                os.unlink(os.path.join(self.dir, name))
         self._db = sqlite3.connect(os.path.join(self.root, "index.db"), check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -82,11 +92,30 @@ class Store:
     def sync(self) -> None:
         """Take in what other replicas stored in the shared registry."""
         artifacts, tags = self.backend.listing()
-        with self._lock:
+        with self._transaction():
             for row in artifacts:
                 self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)", row)
             for name, image in tags.items():
                 self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (name, image))
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One sqlite transaction (the connection is in autocommit mode): an
+        artifact and its tag are stored together or not at all.  A full disk
+        is an OSError(ENOSPC), as it is for the files."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                if "full" in str(exc):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from exc
+                raise
 
     def temp_path(self) -> str:
         return os.path.join(self.tmp, uuid.uuid4().hex)
@@ -94,7 +123,9 @@ class Store:
     # ---------------------------------------------------------------- writes
     def add(self, tmp: str, tag: str | None = None) -> Artifact:
         """Adopt an uploaded file (already fully written to `tmp`): checked as a
-        cdimg whose parent the store knows, stored under its digest.  Idempotent."""
+        cdimg whose parent the store knows, every body checked as `load` checks
+        it (a corrupt copy must never be served in place of a good one), stored
+        under its digest.  Idempotent; `tmp` is gone afterwards, whatever happens."""
         from ..imagedelta import close_all, open_stack
         try:
             if tag is not None:
@@ -112,11 +143,11 @@ class Store:
             if parent and not self._artifacts_for(parent):
                 raise Conflict(f"upload: a delta of {format_id(info.parent_id or b'')}, which this server "
                                "does not have: push that image first")
-            # the whole header, read against its parent's tree (ids, entries)
+            # the whole header, read against its parent's tree (ids, entries), and every body
             below = [self.path(a.digest) for a in self.chain_to(parent)] if parent else []
             stack = open_stack(below[1:] + [tmp], below[0] if below else None)
             try:
-                stack[-1].entries
+                check_bodies(stack[-1], self.threads)
             finally:
                 close_all(stack)
             h = hashlib.sha256()
@@ -127,19 +158,24 @@ class Store:
             artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
             with self._lock:
                 final = os.path.join(self.dir, digest + ".cdimg")
-                if not os.path.exists(final):
+                if not os.path.exists(final):  # a stored file is never replaced
                     os.rename(tmp, final)
                 if self.backend is not None:  # shared first: a replica may answer the next request
                     self.backend.add_artifact(final, image, parent, digest, artifact.size)
                     if tag:
                         self.backend.set_tag(tag, image)
-                self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
-                                 (digest, image, parent, artifact.size))
-                if tag:
-                    self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
+                with self._transaction():
+                    self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
+                                     (digest, image, parent, artifact.size))
+                    if tag:
+                        self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
             return artifact
+        except D4CError as exc:  # named as the client knows it, not by our temp path
+            if exc.exit_code == EXIT_CORRUPT and not isinstance(exc, BadInput):
+                raise BadInput(str(exc).replace(tmp, "upload")) from None
+            raise
         finally:
-            if os.path.exists(tmp):
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
     # ---------------------------------------------------------------- reads
