@@ -517,3 +517,22 @@ def test_holes_are_found_by_bytes_comparison() -> None:
     for n in (1, 4096, 1 << 20, (1 << 20) + 1):
         zeros = _zeros(n)
         assert type(zeros) is bytes and zeros == bytes(n)
+
+
+def test_mount_refuses_device_numbers_linux_cannot_hold(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Through the mount, a major >= 4096 showed as 0 and made its directory EIO."""
+    need_root()
+    need(os.path.exists("/dev/fuse"), "/dev/fuse is missing")
+    d = Entry(b"d", EntryType.DIR)
+    dev = Entry(b"d/dev", EntryType.CHARDEV, mode=0o600, rdev=(4096, 1))
+    path = tmp_path / "dev.cdimg"
+    path.write_bytes(cdimg(image_of([Entry(b"", EntryType.DIR), d, dev])))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = run_module("mount", "--background", "--cdimg", str(path), str(mnt), timeout=60)
+    try:
+        assert p.returncode != 0, "mounted an image whose device number Linux cannot hold"
+        assert "device number 4096,1 out of range" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        if os.path.ismount(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)

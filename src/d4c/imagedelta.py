@@ -19,8 +19,8 @@ from typing import Any, Callable, Iterable
 
 from . import delta
 from .bodies import READ_CHUNK, BodySpool
-from .dimg import (MAX_DELTA_STEPS, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble, dimg_size_of,
-                   encode_delta_header, with_layer_id, write_dimg_to)
+from .dimg import (MAX_DELTA_STEPS, ONE_SHOT_MAX, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble,
+                   dimg_size_of, encode_delta_header, with_layer_id, write_dimg_to)
 from .errors import CorruptImage, UsageError
 from .fsutil import atomic_output
 from .pack import run_parallel
@@ -137,9 +137,9 @@ def _stream_content(spool: BodySpool, image: Image, entry: Entry, what: str) -> 
     that by its memory limit)."""
     stored, e = image.resolve(entry)
     e = stored.holder(e)
-    if e.storage == Storage.FRAME:
+    if e.storage == Storage.FRAME and e.size > ONE_SHOT_MAX:
         spool.add_chunks(stored.body_chunks(e), e.size, what)
-    else:
+    else:  # small bodies decode in one call, faster than a stream
         _add_content(spool, image.read_body(entry), what)
 
 
