@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -265,3 +267,24 @@ def test_review_regressions(tmp_path) -> None:  # type: ignore[no-untyped-def]
         d.mkdir()
         (d / "index.json").write_text(index)
         _fails(tmp_path, f"oci:{d}", "ctr-cli")
+
+
+def test_a_layer_blob_that_is_not_a_regular_file_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A FIFO (convert hung forever in open) or a link to /dev/zero (it read without
+    end) as a layer blob: a one-line 'not a regular file', exit 3, and no output."""
+    for i, make in enumerate((lambda p: os.mkfifo(p), lambda p: os.symlink("/dev/zero", p))):
+        lay = Layout(str(tmp_path / f"l{i}"))
+        desc = lay.image([([M("f", data=b"x" * 1000)], "gzip")])
+        lay.tag(desc, "t")
+        lay.save()
+        manifest = json.load(open(os.path.join(lay.path, "blobs", "sha256", desc["digest"][7:])))
+        blob = os.path.join(lay.path, "blobs", "sha256", manifest["layers"][0]["digest"][7:])
+        os.unlink(blob)
+        make(blob)
+        out = str(tmp_path / f"out{i}")
+        p = subprocess.run([sys.executable, "-m", "d4c", "convert", "--image", f"oci:{lay.path}:t", "--output", out,
+                            "-q"], capture_output=True, text=True, timeout=30,
+                           env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))
+        assert_one_line_error(p.returncode, p.stderr, 3)
+        assert "is not a regular file" in p.stderr
+        assert not os.path.exists(out)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import tarfile
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -189,18 +190,32 @@ class _Store:
         if norm.startswith("..") or os.path.isabs(norm):
             raise BadInput(f"{self.path}: refusing path {name!r} outside the image")
         if self.tar is None:
-            try:
-                return open(os.path.join(self.path, norm), "rb")
-            except FileNotFoundError:
-                raise NotFound(f"{self.path}: missing {name}") from None
-            except OSError as exc:
-                raise from_oserror(exc, "cannot read image") from exc
+            return self._open_regular(norm, name)
         m = self.members.get(norm)
         if m is None or not m.isfile():
             raise NotFound(f"{self.path}: missing {name}")
         f = self.tar.extractfile(m)
         assert f is not None
         return f  # type: ignore[return-value]
+
+    def _open_regular(self, norm: str, name: str) -> BinaryIO:
+        """A blob of a layout directory, refused unless it is a regular file: a FIFO
+        or a link to /dev/zero would hang convert or feed it without end.  Opened
+        without blocking, so a FIFO cannot stop us before we look at it."""
+        try:
+            fd = os.open(os.path.join(self.path, norm), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"{self.path}: missing {name}") from None
+        except OSError as exc:
+            raise from_oserror(exc, "cannot read image") from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BadInput(f"{self.path}: {name} is not a regular file")
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
 
     def read(self, name: str, limit: int = MAX_JSON) -> bytes:
         with self.open(name) as f:

@@ -146,7 +146,9 @@ class Updates:
             stack = open_stack(files[1:], files[0])
             try:
                 if start:
-                    merge_stack(stack[len(below) - 1:], tmp, cdimg=True, threads=self.threads)
+                    # every stored body was checked at upload (Store.add), and a device checks
+                    # what it loads: checking the copied bodies again would only slow merges
+                    merge_stack(stack[len(below) - 1:], tmp, cdimg=True, threads=self.threads, check_copied=False)
                 else:
                     patch_image(stack[-1], tmp, cdimg=True, threads=self.threads)
             finally:
