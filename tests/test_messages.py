@@ -44,7 +44,7 @@ MISSING = "/nonexistent/d4c-input"
     "pack --config {m} --dimg {m} --out {t}/o",
     "mount --cdimg {m} {t}",
     "load --image a:b --cdimg {m}",
-    "push --cdimg {m} --host 127.0.0.1:9",
+    "push --cdimg {m} --serverHost 127.0.0.1:9",
     "util diff --old {m} --new {m} --diff {t}/o",
     "util patch --old {m} --diff {m} --new {t}/o",
     "stat diff --cdimg {m} --baseCdimg {m}",
@@ -96,3 +96,13 @@ def test_version_and_mount_servers_do_not_load_numpy() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stderr == "", f"loaded: {p.stderr}"
+
+
+def test_pull_have_a_missing_file_is_4(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli("-q", "pull", "--image", "a:1", "--host", "127.0.0.1:9", "--have", MISSING,
+                           "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, EXIT_NOT_FOUND)
+    assert MISSING in err
+    code, _, err = run_cli("-q", "pull", "--image", "a:1", "--host", "127.0.0.1:9", "--have", "sha256:12",
+                           "--output", str(tmp_path / "o"))
+    assert_one_line_error(code, err, EXIT_USAGE)

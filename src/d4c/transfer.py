@@ -336,6 +336,8 @@ def have_files(values: list[str]) -> dict[str, str]:
                 os.close(fd)
         else:
             hexid = v.split(":", 1)[-1]
+            if len(hexid) != 64 and os.sep in v:  # it names a file, which is not there
+                raise NotFound(f"--have {v}: no such image file")
             if len(hexid) != 64:
                 raise UsageError(f"--have {v!r}: neither an image file nor an image id")
             out.setdefault(hexid, "")
