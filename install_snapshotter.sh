@@ -56,13 +56,14 @@ restart() {
         return 0
     fi
     if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1 \
-            && systemctl is-active --quiet containerd 2>/dev/null; then
+            && systemctl cat containerd >/dev/null 2>&1; then  # its unit, running or stopped
         echo "restarting containerd (systemctl restart containerd)"
         systemctl restart containerd
         return 0
     fi
     if pid=$(containerd_pid); then
-        log=$(readlink "/proc/$pid/fd/1" 2>/dev/null || true)
+        log=$(readlink "/proc/$pid/fd/2" 2>/dev/null || true)  # containerd logs to stderr
+        [ -f "$log" ] || log=$(readlink "/proc/$pid/fd/1" 2>/dev/null || true)
         [ -f "$log" ] || log=/dev/null
         echo "containerd (pid $pid) does not run under systemd; restart it with:"
         echo "  kill $pid; while kill -0 $pid 2>/dev/null; do sleep 0.2; done; nohup $(quoted_cmdline "$pid")>>'$log' 2>&1 &"

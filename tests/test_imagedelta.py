@@ -367,3 +367,34 @@ def test_stat(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     else:
         assert_one_line_error(code, err)
         assert "matplotlib" in err and not os.path.exists(png)
+
+
+def test_memory_budget_holds_threads_to_the_limit() -> None:
+    """Diff threads share --memory-limit: shares that do not fit beside each other
+    take turns, and a share larger than the limit still runs, alone."""
+    import threading
+    import time
+
+    from d4c.imagedelta import MemoryBudget
+    budget = MemoryBudget(100)
+    held, over, lock = [0, 0], [], threading.Lock()  # bytes and holders now; sums seen over the limit
+
+    def hold(n: int) -> None:
+        with budget.held(n):
+            with lock:
+                held[0] += n
+                held[1] += 1
+                if held[0] > 100:
+                    over.append((held[0], held[1]))
+            time.sleep(0.05)
+            with lock:
+                held[0] -= n
+                held[1] -= 1
+
+    workers = [threading.Thread(target=hold, args=(n,)) for n in (60, 60, 30, 150, 10)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=10)
+    assert not any(w.is_alive() for w in workers)
+    assert over == [(150, 1)] and budget.used == 0  # only the 150 passed the limit, and alone

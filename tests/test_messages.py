@@ -15,11 +15,18 @@ from d4c.errors import EXIT_NOT_FOUND, EXIT_USAGE
     ("cdimg diff --oldCdimg a --newCdimg b --outCdimg c --threads=3", "cdimg diff", "--threads"),
     ("convert --image x --output y --cdimgs", "convert", "--cdimgs"),
     ("version --nope", "version", "--nope"),
+    ("cdimg --bogus diff", "cdimg", "--bogus"),
 ])
 def test_unknown_flag_is_named_with_its_command(line: str, command: str, flag: str) -> None:
     code, _, err = run_cli(*line.split())
     assert_one_line_error(code, err, EXIT_USAGE)
     assert f"ctr-cli: {command}: unknown flag {flag} " in err
+
+
+def test_unknown_flag_before_the_command() -> None:
+    code, _, err = run_cli("--nope", "version")
+    assert_one_line_error(code, err, EXIT_USAGE)
+    assert "ctr-cli: unknown flag --nope " in err
 
 
 def test_known_flags_and_abbreviations_still_parse(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -517,6 +517,10 @@ def test_suffix_ranges_and_two_content_lengths(server, stack) -> None:  # type: 
         answer = b"".join(iter(lambda: s.recv(65536), b""))  # until the server closes
     assert answer.startswith(b"HTTP/1.1 400"), answer
     assert b"Content-Length" in answer.split(b"\r\n\r\n", 1)[1]
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # a digit int() refuses gets an answer
+        s.sendall(b"POST /v1/push HTTP/1.1\r\nHost: x\r\nContent-Length: \xb2\r\n\r\n0")
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.1 411"), answer
 
 
 def test_a_tag_and_its_artifact_are_stored_together(tmp_path, images) -> None:  # type: ignore[no-untyped-def]

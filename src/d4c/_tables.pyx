@@ -250,14 +250,13 @@ def scan_tree(const uint8_t[::1] buf, Py_ssize_t pos, Py_ssize_t count, Py_ssize
     problem, at entry `index`, with the offending `value` where there is one."""
     cdef Reader r
     # a plain int64 buffer: numpy is 10 MiB of every FUSE server's memory, and this is all it did here
-    rows = memoryview(bytearray(8 * count * NCOL)).cast("q", (count, NCOL)) if count else \
-        memoryview(b"").cast("q")
+    if count == 0:  # a shape with a zero cannot be cast
+        return memoryview(bytearray()).cast("q"), pos, 0, 0, 0
+    rows = memoryview(bytearray(8 * count * NCOL)).cast("q", (count, NCOL))
     cdef int64_t[:, ::1] view = rows
     cdef Py_ssize_t at
     r.buf = &buf[0] if buf.shape[0] else NULL
     r.pos, r.end, r.err, r.value = pos, buf.shape[0], 0, 0
-    if count == 0:
-        return rows, pos, 0, 0, 0
     with nogil:
         at = _scan(&r, count, &view[0, 0], max_path, max_name, max_xattr_name, max_xattr_value,
                    max_symlink)

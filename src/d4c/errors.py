@@ -17,6 +17,7 @@ EXIT_IO = 5             # the system refused (permissions, full disk, ...)
 EXIT_UNSUPPORTED = 6    # valid input we do not handle (yet)
 EXIT_UNREACHABLE = 7    # a server, registry or daemon that cannot be reached
 EXIT_INTERRUPTED = 130  # Ctrl-C
+EXIT_TERMINATED = 143   # SIGTERM (128 + 15), cleaned up as for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE)
 
 

@@ -10,12 +10,14 @@ makes no delta anew: deltas of deltas become chains of steps applied in order
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from . import delta
 from .bodies import READ_CHUNK, BodySpool
@@ -31,6 +33,7 @@ from .writer import save_image
 MODES = ("binary-diff", "file-diff")
 ENCODINGS = {"d4c": "d4c", "bsdiffx": "d4c", "fast": "fast", "xdelta3": "fast", "mixed": "mixed"}
 MIXED_FAST_ABOVE = 512 << 20     # `mixed`: the original switched to xdelta3 above 512 MiB
+MIN_DIFF_MEMORY = 16 << 20       # a diff's working set below this cannot hold one small segment: store whole
 DEFAULT_FRAME_LEVEL = 19         # whole files in a delta: made once, shipped many times
 BASE_LEVEL = 3                   # what convert uses: patch rebuilds bodies at this level
 
@@ -186,6 +189,7 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
     finder = SourceFinder(old)
     threads = max(1, options.threads)
     per_worker_memory = max(64 << 20, options.memory_limit // threads)
+    budget = MemoryBudget(options.memory_limit)
     # biggest first: the long diffs start early and the threads finish together
     todo.sort(key=lambda i: -entries[i].size)
     progress = Progress("diffing", total_bytes=sum(entries[i].size for i in todo))
@@ -194,19 +198,23 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
         def one(i: int) -> None:
             e = entries[i]
             source = finder.find(e) if options.mode == "binary-diff" else -1
-            if source < 0 or e.size + old.entries[source].size > options.memory_limit:
-                # stored whole, streamed: what a file declares never sizes an allocation
-                # (an 850 KB image declaring a 16 GiB file took 5.7 GB under --memory-limit 256M)
+            # both bodies and the diff's working set count against --memory-limit,
+            # over all threads (a shared budget): what does not fit even alone is
+            # stored whole, streamed, so what a file declares never sizes an allocation
+            # (an 850 KB image declaring a 16 GiB file took 5.7 GB under --memory-limit 256M)
+            bodies = e.size + old.entries[source].size if source >= 0 else 0
+            work = min(per_worker_memory, options.memory_limit - bodies)
+            if source < 0 or work < MIN_DIFF_MEMORY:
                 _stream_content(spool, new, new.entries[i], e.display())
                 e.storage = Storage.FRAME
                 progress.advance(e.size, 1)
                 return
-            content = new.read_body(new.entries[i])
-            if source >= 0:
+            with budget.held(bodies + work):
+                content = new.read_body(new.entries[i])
                 src = old.entries[source]
                 fast = encoding == "fast" or (encoding == "mixed" and e.size > MIXED_FAST_ABOVE)
                 made = delta.diff(old.read_body(src), content, level=options.delta_level, threads=1,
-                                  memory_limit=per_worker_memory, fast=fast)
+                                  memory_limit=work, fast=fast)
                 method, payload = delta.payload_of(made)
                 if method != delta.METHOD_WHOLE:
                     key = (e.digest, 0)
@@ -215,7 +223,7 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
                     e.delta_steps = [DeltaStep(method, len(payload), e.size, e.digest or b"", key=key)]
                     progress.advance(e.size, 1)
                     return
-            _add_content(spool, content, e.display())
+                _add_content(spool, content, e.display())
             e.storage = Storage.FRAME
             progress.advance(e.size, 1)
 
@@ -225,6 +233,27 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
 
 
 _KIND_NAMES = {k: k.name.lower() for k in Storage}
+
+
+class MemoryBudget:
+    """Bytes that threads hold at once, at most `limit`: a thread waits until its
+    share fits beside the others' (one that fits alone always gets in at last)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def held(self, n: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
 
 
 def decisions(entries: list[Entry], parent: Image | None) -> list[Decision]:

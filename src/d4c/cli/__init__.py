@@ -22,7 +22,6 @@ from ..progress import set_quiet
 from ._common import ArgumentParser, common_parser, finish_args
 
 PROG = "ctr-cli"
-EXIT_TERMINATED = 128 + signal.SIGTERM
 COMMANDS = ("version_cmd", "convert_cmd", "pack_cmd", "unpack_cmd", "show_cmd", "diff_cmd", "patch_cmd",
             "merge_cmd", "mount_cmd", "load_cmd", "push_cmd", "pull_cmd", "stat_cmd", "util_cmd")
 # the modules that register the commands under a line's first word: a call imports
@@ -123,7 +122,7 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         print(f"{PROG}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return EXIT_TERMINATED if terminated else errors.EXIT_INTERRUPTED
+        return errors.EXIT_TERMINATED if terminated else errors.EXIT_INTERRUPTED
     except BrokenPipeError:
         # `ctr-cli ... | head`: the reader left; say nothing, like other tools
         try:
@@ -136,6 +135,6 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         print(f"{PROG}: {errors.from_oserror(exc, 'system error')}", file=sys.stderr)
         return errors.EXIT_IO
-    except MemoryError:
+    except MemoryError:  # the system refused: a limit on this process or the machine
         print(f"{PROG}: out of memory", file=sys.stderr)
-        return errors.EXIT_ERROR
+        return errors.EXIT_IO

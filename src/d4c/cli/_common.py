@@ -24,9 +24,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return f"{words[1]}: " if len(words) > 1 else ""
 
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        if self._subparsers is not None:  # a group: its command's parser speaks for the flags
-            return super().parse_known_args(args, namespace)
         words = list(sys.argv[1:] if args is None else args)
+        if self._subparsers is not None:  # a group: its flags are those before the command word
+            self._refuse_unknown(words[:next((i for i, w in enumerate(words) if not w.startswith("-")), len(words))])
+            return super().parse_known_args(words, namespace)
         try:
             parsed, extras = super().parse_known_args(words, namespace)
         except UsageError:

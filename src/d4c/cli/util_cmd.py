@@ -8,7 +8,7 @@ import os
 from .. import delta
 from ..errors import UsageError
 from ..progress import human_bytes
-from ._common import add_threads, parse_size  # noqa: F401  (parse_size: other commands import it from here)
+from ._common import add_threads, parse_size  # noqa: F401  (diff and patch import parse_size from here)
 
 
 def refuse_output_over_input(flag: str, out: str, inputs: list[str]) -> None:

@@ -469,7 +469,8 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             if len(lengths) > 1:  # which one frames the body is ambiguous: request smuggling
                 self._refuse(400, "more than one Content-Length header")
                 return
-            if not lengths or not lengths[0].isdigit() or self.headers.get("Transfer-Encoding"):
+            plain = bool(lengths) and lengths[0].isascii() and lengths[0].isdigit()  # not '²', which int() refuses
+            if not plain or self.headers.get("Transfer-Encoding"):
                 self._refuse(411, "Content-Length required")
                 return
             size = int(lengths[0])
