@@ -392,6 +392,21 @@ class Server:
     def stop(self) -> None:
         terminate(self.proc)
 
+    def kill(self) -> None:
+        """kill -9 the server: its whole process group, as a one-file binary is a
+        bootloader and the process it runs (killing the first leaves the second serving)."""
+        import socket
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + 10  # the process it ran may still be dying, and listening
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"server on port {self.port} still answers after kill -9")
+
 
 class DropProxy(_Loopback):
     """Forwards to `upstream`, but cuts the first payload download after `after` bytes."""

@@ -424,8 +424,7 @@ def test_a_restart_never_adopts_a_merge_temp_file(tmp_path, stack) -> None:  # t
             code, _, err = push(srv.host, path, f"d4c-app:{i + 1}")
             assert code == 0, err
         first = plan(srv.host, "d4c-app:4", image_id(stack[0]))
-        srv.proc.kill()  # type: ignore[union-attr]
-        srv.proc.wait()  # type: ignore[union-attr]
+        srv.kill()
         merged = os.path.join(srv.root, "merged")
         key = f"{image_id(stack[0])}-{image_id(stack[3])}"
         # what a kill -9 mid-merge leaves: the merge's output under its temp names (the
