@@ -31,6 +31,7 @@ from typing import BinaryIO
 import zstandard
 
 from ..bodies import BodySpool
+from ..dimg import MAX_ENTRIES
 from ..errors import BadInput, UsageError
 from ..progress import Progress
 from ..tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
@@ -198,6 +199,7 @@ class Flattener:
         self.pool = ThreadPoolExecutor(max_workers=max(threads, 1), thread_name_prefix="d4c")
         self.inflight = threading.BoundedSemaphore(max(threads, 1) * 2)
         self.layer = 0
+        self.members = 0  # of every layer so far
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -387,6 +389,10 @@ class Flattener:
                 tf = tarfile.open(fileobj=stream, mode="r|", tarinfo=_LayerTarInfo)  # type: ignore[call-overload]
                 member = None
                 while (member := _next_member(tf, member)) is not None:
+                    self.members += 1
+                    if self.members > MAX_ENTRIES:  # refused now, not after all of them were made
+                        raise BadInput(f"{label}: the layers hold more than {MAX_ENTRIES:,} entries, "
+                                       "the most an image may hold")
                     self._apply_member(member, tf)
                 stream.verify()
                 raw.verify()
