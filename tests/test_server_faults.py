@@ -497,6 +497,74 @@ def test_pull_plans_again_when_its_payload_is_gone(tmp_path, stack, images) -> N
         srv.stop()
 
 
+def _stored(tmp_path, stack) -> Store:  # type: ignore[no-untyped-def]
+    store = Store(str(tmp_path / "store"))
+    for i, path in enumerate(stack):
+        tmp = store.temp_path()
+        shutil.copyfile(path, tmp)
+        store.add(tmp, f"d4c-app:{i + 1}")
+    return store
+
+
+def test_a_merge_is_pinned_before_another_plan_can_evict_it(tmp_path, stack) -> None:  # type: ignore[no-untyped-def]
+    """Another client's plan right after this plan's merge was built, with a cache of one
+    byte: it evicted the unpinned merge and this plan announced an empty digest."""
+    from d4c.server.app import Updates
+    store = _stored(tmp_path, stack)
+    have = {image_id(stack[0])}
+
+    class Racing(Updates):
+        raced = False
+
+        def _build(self, key, start, path):  # type: ignore[no-untyped-def]
+            made = super()._build(key, start, path)
+            if not self.raced:
+                self.raced = True
+                self.plan("d4c-app:4", have)  # another merge, and its eviction
+            return made
+
+    try:
+        updates = Racing(store, cache_limit=1)
+        p = updates.plan("d4c-app:3", have)
+        assert updates.raced and p["sha256"] and p["size"] > 0, p
+        assert os.path.getsize(updates.payload(p["sha256"])) == p["size"]
+    finally:
+        store.close()
+
+
+def test_a_payload_evicted_before_it_is_opened_is_404(tmp_path, stack) -> None:  # type: ignore[no-untyped-def]
+    """It was a 500, and pull exited 1 instead of asking for the update again."""
+    from d4c.server.app import PooledHTTPServer, Updates, make_handler
+    store = _stored(tmp_path, stack)
+
+    class EvictsOnce(Updates):
+        evicted = False
+
+        def payload(self, digest: str) -> str:
+            path = super().payload(digest)
+            if "/merged/" in path and not self.evicted:  # a concurrent merge's eviction, right now
+                self.evicted = True
+                with self._lock:
+                    self._cached.pop(os.path.basename(path)[:-6])
+                    os.unlink(path)
+            return path
+
+    updates = EvictsOnce(store, cache_limit=1)
+    srv = PooledHTTPServer(("127.0.0.1", 0), make_handler(store, updates))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    host = f"127.0.0.1:{srv.server_address[1]}"
+    try:
+        out = str(tmp_path / "o.cdimg")
+        code, _, err = run_cli("-q", "pull", "--image", "d4c-app:3", "--host", host, "--output", out,
+                               "--have", stack[0], "--retry-time", "10")
+        assert updates.evicted and code == 0, err
+        assert image_id(out) == image_id(stack[2])
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        store.close()
+
+
 # ---------------------------------------------------------------- 7. minor
 
 def test_suffix_ranges_and_two_content_lengths(server, stack) -> None:  # type: ignore[no-untyped-def]
@@ -531,6 +599,7 @@ def test_a_tag_and_its_artifact_are_stored_together(tmp_path, images) -> None:  
         with pytest.raises(sqlite3.DatabaseError):
             store.add(tmp, "d4c-app:1")
         assert store.artifacts() == [] and store.tags() == {}
+        assert os.listdir(store.dir) == []  # and no file the index does not know stays behind
         store._db.execute("DROP TRIGGER no_tags")
         tmp = store.temp_path()
         shutil.copyfile(images[0], tmp)

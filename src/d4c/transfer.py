@@ -61,7 +61,8 @@ class _Retry:
 class Client:
     def __init__(self, server: str, timeout: float = 120.0, retry_time: float = RETRY_TIME) -> None:
         self.host, self.port = _split(server)
-        self.timeout = timeout
+        # one attempt never outlasts the time a pull may go without progress
+        self.timeout = min(timeout, max(5.0, retry_time))
         self.retry_time = retry_time
         self.reached = False   # a server that answered once is worth waiting for when it goes away
 
@@ -257,20 +258,30 @@ class Client:
         evicted before the download (404).  The plan is {"upToDate": True} and
         nothing is written when there is nothing to fetch."""
         query = "&".join([f"tag={urllib.parse.quote(tag)}"] + [f"have=sha256:{h}" for h in sorted(have)])
-        for attempt in range(REPLANS + 1):
+        replans = 0
+        while True:
             plan = self.get_json(f"/v1/update?{query}", f"update to {tag}")
             if plan.get("upToDate"):
                 return plan, 0
             if expected_dimgs and plan["dimgs"] != expected_dimgs:
                 raise Conflict(f"the server used {plan['dimgs']} stored images, expected {expected_dimgs}")
+            before = _size_or_zero(out_path + ".partial")
             try:
                 wire = self.download(plan["url"], plan["sha256"], plan["size"], out_path,
                                      (lambda path: check(path, plan)) if check else None)
                 return plan, wire
             except NotFound:
-                if attempt == REPLANS:
+                # a download that moved data before its payload went is not a failure to count
+                replans = 0 if _size_or_zero(out_path + ".partial") > before else replans + 1
+                if replans > REPLANS:
                     raise
-        raise AssertionError("unreachable")
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def _sha256_of(path: str) -> str:

@@ -101,8 +101,7 @@ class Updates:
             found = self._find(key)
             if found:
                 return found
-            self._build(key, start, path)
-            return self._find(key) or ("", 0)
+            return self._build(key, start, path)
 
     def _find(self, key: str) -> tuple[str, int] | None:
         """The cached merge for `key`, pinned for the download its plan announces."""
@@ -135,8 +134,10 @@ class Updates:
                     else:
                         del self._pins[name]
 
-    def _build(self, key: str, start: str, path: list[Artifact]) -> None:
-        """Merge the chain (never touching stored artifacts) into the cache."""
+    def _build(self, key: str, start: str, path: list[Artifact]) -> tuple[str, int]:
+        """Merge the chain (never touching stored artifacts) into the cache; the
+        merge is pinned before the lock is let go, so another plan's eviction
+        cannot take it before this plan is answered."""
         from ..imagedelta import close_all, merge_stack, open_stack, patch_image
         self.merges += 1
         below = self.store.chain_to(start) if start else []
@@ -163,8 +164,10 @@ class Updates:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         with self._lock:
-            self._cached[name] = os.path.getsize(os.path.join(self.dir, name + ".cdimg"))
+            size = self._cached[name] = os.path.getsize(os.path.join(self.dir, name + ".cdimg"))
+            self._pin(name)
             self._evict(keep=name)
+        return name.rsplit("-", 1)[1], size
 
     def _evict(self, keep: str) -> None:
         """Oldest first, down to the budget; pinned payloads stay (the cache may
@@ -190,6 +193,8 @@ class Updates:
         with self._lock:
             for name in self._cached:
                 if name.endswith("-" + digest):
+                    if name in self._pins:  # a download in progress keeps its pin for another pin_time
+                        self._pins[name] = (self._pins[name][0], time.monotonic() + self.pin_time)
                     return os.path.join(self.dir, name + ".cdimg")
         raise NotFound(f"no payload {digest!r} (evicted from the cache: ask for the update again)")
 
@@ -539,7 +544,15 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
 
         def _send_file(self, path: str) -> bool:
             """Send `path` (or the range asked for); True when its last byte was sent."""
-            size = os.path.getsize(path)
+            try:
+                f = open(path, "rb")  # held open: an eviction from now on cannot take it away
+            except FileNotFoundError:  # evicted between its lookup and here
+                raise NotFound("payload evicted from the cache: ask for the update again") from None
+            with f:
+                return self._send_open(f)
+
+        def _send_open(self, f: Any) -> bool:
+            size = os.fstat(f.fileno()).st_size
             start, end = 0, size - 1
             rng = self.headers.get("Range", "")
             status = 200
@@ -569,19 +582,18 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
-            with open(path, "rb") as f:
-                f.seek(start)
-                left = end - start + 1
-                while left:
-                    # small pieces: the idle timeout bounds each, so a thin link is not cut for being thin
-                    chunk = f.read(min(SEND, left))
-                    if not chunk:
-                        break
-                    try:
-                        self.wfile.write(chunk)
-                    except OSError as exc:  # the client went away (it resumes with a Range)
-                        raise ClientGone(str(exc)) from exc
-                    left -= len(chunk)
+            f.seek(start)
+            left = end - start + 1
+            while left:
+                # small pieces: the idle timeout bounds each, so a thin link is not cut for being thin
+                chunk = f.read(min(SEND, left))
+                if not chunk:
+                    break
+                try:
+                    self.wfile.write(chunk)
+                except OSError as exc:  # the client went away (it resumes with a Range)
+                    raise ClientGone(str(exc)) from exc
+                left -= len(chunk)
             return end == size - 1 and not left
 
     return Handler

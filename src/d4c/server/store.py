@@ -158,17 +158,24 @@ class Store:
             artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
             with self._lock:
                 final = os.path.join(self.dir, digest + ".cdimg")
-                if not os.path.exists(final):  # a stored file is never replaced
+                placed = not os.path.exists(final)  # a stored file is never replaced
+                if placed:
                     os.rename(tmp, final)
-                if self.backend is not None:  # shared first: a replica may answer the next request
-                    self.backend.add_artifact(final, image, parent, digest, artifact.size)
-                    if tag:
-                        self.backend.set_tag(tag, image)
-                with self._transaction():
-                    self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
-                                     (digest, image, parent, artifact.size))
-                    if tag:
-                        self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
+                try:
+                    if self.backend is not None:  # shared first: a replica may answer the next request
+                        self.backend.add_artifact(final, image, parent, digest, artifact.size)
+                        if tag:
+                            self.backend.set_tag(tag, image)
+                    with self._transaction():
+                        self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
+                                         (digest, image, parent, artifact.size))
+                        if tag:
+                            self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
+                except BaseException:
+                    if placed:  # nothing of a failed upload is kept: no file the index does not know
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(final)
+                    raise
             return artifact
         except D4CError as exc:  # named as the client knows it, not by our temp path
             if exc.exit_code == EXIT_CORRUPT and not isinstance(exc, BadInput):
