@@ -16,7 +16,7 @@ import resource
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -633,13 +633,23 @@ class Image:
         return data
 
 
-def check_bodies(image: Image, threads: int = 1) -> None:
-    """Check every body `image` stores itself (not its parents'): what the
-    snapshotter's load and the server's upload make sure of before they keep an
-    image.  zstd, sha256 and the patch kernel release the GIL, so threads help."""
+def stored_bodies(image: Image) -> list[Entry]:
+    """The entries whose bodies `image` stores itself (not its parents')."""
+    return [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA)]
+
+
+def check_bodies(image: Image, threads: int = 1, checked: Callable[[int], None] | None = None) -> None:
+    """Check every body `image` stores itself: what the snapshotter's load and
+    the server's upload make sure of before they keep an image.  zstd, sha256
+    and the patch kernel release the GIL, so threads help.  `checked` is told
+    the size of each body once it passed (from the checking thread)."""
     from .pack import run_parallel
-    run_parallel(image.check_body, [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA)],
-                 threads)
+
+    def check(e: Entry) -> None:
+        image.check_body(e)
+        if checked is not None:
+            checked(e.size)
+    run_parallel(check, stored_bodies(image), threads)
 
 
 def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:

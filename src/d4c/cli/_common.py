@@ -90,6 +90,22 @@ def parse_size(text: str) -> int:
     return value
 
 
+def refuse_output_over_input(flag: str, out: str, inputs: list[str]) -> None:
+    """An output that is one of the inputs (the same inode, whatever the name)
+    would replace the input it is made from, e.g. a base by a delta of itself."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return  # not there yet: the output's own errors come when it is written
+    for path in inputs:
+        try:
+            other = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            raise UsageError(f"{flag} {out} is the input {path}: write the output elsewhere")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

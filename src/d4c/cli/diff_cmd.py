@@ -10,8 +10,7 @@ from .. import delta
 from ..dimg import Image
 from ..imagedelta import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
-from ._common import add_threads, print_json, print_table
-from .util_cmd import parse_size, refuse_output_over_input
+from ._common import add_threads, parse_size, print_json, print_table, refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

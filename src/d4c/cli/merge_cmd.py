@@ -8,9 +8,8 @@ import os
 from ..errors import UsageError
 from ..imagedelta import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_stack, open_stack, patch_image
 from ..progress import human_bytes
-from ._common import add_threads, positive_int, print_json, print_table
+from ._common import add_threads, positive_int, print_json, print_table, refuse_output_over_input
 from .diff_cmd import decision_rows
-from .util_cmd import refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -20,7 +19,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
             "merge", parents=[common], help=f"merge consecutive delta {kind}s into one",
             description="Merges A->B, B->C, ... into A->C: files stored in a delta are carried over, "
             "deltas of deltas are chained (--rediff diffs them afresh against A: smaller, slower); "
-            "whatever is carried over is checked first (a chain by applying it to A's file). Reading the deltas' trees needs A's tree, so "
+            "whatever is carried over is checked first (a chain by applying it to A's file). "
+            "Reading the deltas' trees needs A's tree, so "
             "give A with --base when the lowest input is a delta. If the lowest input is a full "
             "image, the result is the full top image.")
         p.add_argument(f"--lower{flag}", dest="lower", metavar="FILE", help="the lower delta (two-input form)")

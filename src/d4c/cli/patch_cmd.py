@@ -9,8 +9,7 @@ import tempfile
 from ..errors import UsageError
 from ..imagedelta import BASE_LEVEL, close_all, open_stack, patch_image
 from ..unpack import unpack
-from ._common import add_threads
-from .util_cmd import parse_size, refuse_output_over_input
+from ._common import add_threads, parse_size, refuse_output_over_input
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

@@ -21,10 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..dimg import Image, check_bodies, format_id, read_info
+from ..dimg import Image, check_bodies, format_id, read_info, stored_bodies
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
-from ..tree import Entry, Storage
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 
 log = logging.getLogger("d4c.snap")
@@ -328,12 +327,11 @@ class Snapshotter:
         try:
             for p in stack:
                 images.append(Image(p, parent=images[-1] if images else None))
-            top = _CountedImage(path, parent=images[-1] if images else None)
+            top = Image(path, parent=images[-1] if images else None)
             images.append(top)
             # a load on a thin link's device is mostly this check: `load` shows its progress
-            top.checked = _CheckProgress(check_progress_path(path), top)
-            with top.checked:
-                check_bodies(top, VERIFY_THREADS)
+            with _CheckProgress(check_progress_path(path), top) as progress:
+                check_bodies(top, VERIFY_THREADS, checked=progress.add)
         finally:
             for image in images:
                 image.close()
@@ -438,24 +436,13 @@ def read_check_progress(path: str) -> tuple[int, int] | None:
         return None
 
 
-class _CountedImage(Image):
-    """An image whose body checks are counted (check_bodies calls check_body)."""
-
-    checked: "_CheckProgress | None" = None
-
-    def check_body(self, entry: Entry) -> None:
-        super().check_body(entry)
-        if self.checked is not None:
-            self.checked.add(entry.size)
-
-
 class _CheckProgress:
     """Bytes of an image's bodies checked so far, in a file `load` reads: written
     whole and renamed, at most 5 times a second, removed at the end."""
 
     def __init__(self, path: str, image: Image) -> None:
         self.path = path
-        self.total = sum(e.size for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA))
+        self.total = sum(e.size for e in stored_bodies(image))
         self.done = 0
         self._last = 0.0
         self._lock = threading.Lock()
