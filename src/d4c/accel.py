@@ -1,60 +1,83 @@
 """Which kernels run: the compiled Cython modules, or the pure-Python references.
 
-The compiled kernels are required (like zstandard requires its C extension);
-`D4C_PUREPYTHON=1` selects the references explicitly, for tests and debugging.
-Python and Cython sides must agree on API_VERSION, or a stale build would run
-with new Python code.
+The compiled kernels are required (like zstandard requires its C extension).
+`D4C_PUREPYTHON=1` selects the references, for tests and debugging from the
+source tree only: they are orders of magnitude slower and unbounded in memory
+(a 70 MiB diff needed 23 GB), so the frozen programs ignore it and do not ship
+them.  Each kernel loads at its first use (`accel.patch`, `accel.chunker`,
+`accel.tables`): a FUSE mount server needs only the table scanner until it
+rebuilds a file.  Python and Cython sides must agree on API_VERSION, or a stale
+build would run with new Python code.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 from types import ModuleType
+from typing import Any
 
 from .errors import ExtensionMismatch
 
 # what the Python side expects of each kernel module
 API_VERSIONS = {"_patch": "4", "_chunker": "1", "_tables": "1"}
-
-backend: str
-import_error: str | None = None
-patch: ModuleType
-chunker: ModuleType
-tables: ModuleType
+_loaded: dict[str, ModuleType] = {}
+_errors: dict[str, str] = {}
 
 
-def _load() -> None:
-    global backend, import_error, patch, chunker, tables
-    if os.environ.get("D4C_PUREPYTHON"):
-        from . import _chunker_py, _patch_py, _tables_py
-        backend, patch, chunker, tables = "python", _patch_py, _chunker_py, _tables_py
-        return
+def pure_python() -> bool:
+    """The references were asked for (never in a frozen program)."""
+    return bool(os.environ.get("D4C_PUREPYTHON")) and not getattr(sys, "frozen", False)
+
+
+def kernel(name: str) -> ModuleType:
+    """The kernel module `name` (`_patch`, `_chunker`, `_tables`), loaded once."""
+    mod = _loaded.get(name)
+    if mod is None:
+        if pure_python():
+            mod = importlib.import_module(f"{__package__}.{name}_py")
+        else:
+            try:
+                mod = importlib.import_module(f"{__package__}.{name}")
+            except ImportError as exc:
+                _errors[name] = str(exc)
+                raise ExtensionMismatch(f"cannot import {name}: {exc}; run `make deps`") from None
+            version = getattr(mod, "API_VERSION", None)
+            if version != API_VERSIONS[name]:
+                raise ExtensionMismatch(f"{mod.__name__} has API {version}, expected {API_VERSIONS[name]}")
+        _loaded[name] = mod
+    return mod
+
+
+def __getattr__(attr: str) -> Any:
+    if attr in ("patch", "chunker", "tables"):
+        return kernel("_" + attr)
+    if attr == "backend":
+        return _backend()
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def _backend() -> str:
+    if pure_python():
+        return "python"
     try:
-        from . import _chunker, _patch, _tables  # type: ignore[attr-defined]
-    except ImportError as exc:
-        from . import _chunker_py, _patch_py, _tables_py
-        backend, patch, chunker, tables = "missing", _patch_py, _chunker_py, _tables_py
-        import_error = str(exc)
-        return
-    backend, patch, chunker, tables = "compiled", _patch, _chunker, _tables
+        check()
+    except ExtensionMismatch:
+        return "missing"
+    return "compiled"
 
 
 def check() -> None:
-    """Raise unless usable compiled kernels (or the explicit pure mode) are loaded."""
-    if backend == "missing":
-        raise ExtensionMismatch(f"cannot import them: {import_error}")
-    for name, mod in (("_patch", patch), ("_chunker", chunker), ("_tables", tables)):
-        version = getattr(mod, "API_VERSION", None)
-        if version != API_VERSIONS[name]:
-            raise ExtensionMismatch(f"{mod.__name__} has API {version}, expected {API_VERSIONS[name]}")
+    """Raise unless every kernel loads (compiled, or the references when asked for)."""
+    for name in API_VERSIONS:
+        kernel(name)
 
 
 def describe() -> str:
+    backend = _backend()
     if backend == "compiled":
         return "compiled (Cython)"
     if backend == "python":
         return "pure Python (D4C_PUREPYTHON is set)"
-    return f"missing ({import_error}); run `make deps`"
-
-
-_load()
+    return f"missing ({'; '.join(_errors.values())}); run `make deps`"

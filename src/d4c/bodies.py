@@ -9,9 +9,7 @@ read chunk size times the number of threads, whatever the file sizes.
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
@@ -20,6 +18,7 @@ import zstandard
 
 from .errors import BadInput
 from .fsutil import copy_range
+from .digests import sha256
 
 DEFAULT_LEVEL = 3
 READ_CHUNK = 1 << 20
@@ -55,6 +54,7 @@ class BodySpool:
     def _mine(self) -> tuple[int, BinaryIO, zstandard.ZstdCompressor]:
         mine = getattr(self._local, "mine", None)
         if mine is None:
+            import tempfile  # writers only
             f = tempfile.TemporaryFile(dir=self._tmpdir, prefix="d4c-spool-")
             with self._lock:
                 self._files.append(f)
@@ -72,10 +72,10 @@ class BodySpool:
             for chunk in chunks:
                 if chunk:
                     raise BadInput(f"{what}: changed while reading (grew)")
-            return Body(hashlib.sha256(b"").digest(), 0)
+            return Body(sha256(b"").digest(), 0)
         index, f, cctx = self._mine()
         start = f.seek(0, os.SEEK_END)
-        h = hashlib.sha256()
+        h = sha256()
         seen = 0
         cobj = cctx.compressobj(size=min(size, FRAME_CHUNK))
         frame_end = min(size, FRAME_CHUNK)

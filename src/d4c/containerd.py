@@ -9,7 +9,6 @@ Conflict, with containerd's own message.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 import uuid
 from typing import Any, Iterator
@@ -22,6 +21,7 @@ from .errors import AlreadyExists, Conflict, D4CError, NotFound, Unavailable, Us
 from .snap.api import content_pb2, content_pb2_grpc, images_pb2, images_pb2_grpc, leases_pb2, leases_pb2_grpc
 from .snap.api import snapshots_pb2, snapshots_pb2_grpc
 from .snap.api.types import descriptor_pb2
+from .digests import sha256
 
 DEFAULT_ADDRESS = paths.CONTAINERD_ADDRESS
 DEFAULT_NAMESPACE = paths.CONTAINERD_NAMESPACE
@@ -97,7 +97,7 @@ class Containerd:
     # content
     def write_blob(self, data: bytes, labels: dict[str, str]) -> str:
         """Store `data` (idempotent: an existing blob only gets the labels)."""
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = "sha256:" + sha256(data).hexdigest()
         ref = f"d4c-{digest[7:23]}-{uuid.uuid4().hex[:8]}"
 
         def requests() -> Iterator[Any]:

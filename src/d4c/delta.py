@@ -36,6 +36,7 @@ from .errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
 from .fsutil import atomic_output
 from .progress import Progress
 from .zstdframes import read_bounded
+from .digests import sha256
 
 MAGIC = b"D4C-DLTA"
 VERSION = 1
@@ -395,22 +396,22 @@ def _runs_slice(runs: Runs, begin: int, length: int, fail) -> np.ndarray:  # typ
 def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
          threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> bytes:
     """A delta that turns old into new.  `fast` uses zstd's prefix mode only."""
-    accel.check()
+    accel.kernel("_patch")
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
     if not 1 <= level <= 22:
         raise D4CError(f"compression level {level} out of range 1..22")
     if fast:
-        head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
+        head = (len(old), len(new), sha256(old).digest(), sha256(new).digest())
         return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
                                                                  if level == DEFAULT_LEVEL else level)
     if threads > 1 and len(old) + len(new) >= SEGMENT_TARGET:
         # the digests are serial work: hash on the side while the segments are scanned
         with ThreadPoolExecutor(max_workers=1) as pool:
-            digests = pool.submit(lambda: (hashlib.sha256(old).digest(), hashlib.sha256(new).digest()))
+            digests = pool.submit(lambda: (sha256(old).digest(), sha256(new).digest()))
             sa_payload = _sa_payload(old, new, level, threads, memory_limit)
             head = (len(old), len(new), *digests.result())
     else:
-        head = (len(old), len(new), hashlib.sha256(old).digest(), hashlib.sha256(new).digest())
+        head = (len(old), len(new), sha256(old).digest(), sha256(new).digest())
         sa_payload = _sa_payload(old, new, level, threads, memory_limit)
     candidates = [_preamble(METHOD_SA, *head) + sa_payload] if sa_payload is not None else []
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
@@ -648,7 +649,7 @@ def apply(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int |
 def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int | None = None,
                     source: str = "delta") -> memoryview:
     """Like apply(), without the final copy: memory stays old + new (+ the delta)."""
-    accel.check()
+    accel.kernel("_patch")
     old, delta = memoryview(old).cast("B"), memoryview(delta).cast("B")
     info = read_info(delta, source)
     limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
@@ -659,7 +660,7 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
         raise wrong_source
     # hash the old file on another core while the streams decompress (both release the GIL)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        old_ok = pool.submit(lambda: info.method == METHOD_WHOLE or hashlib.sha256(old).digest() == info.old_digest)
+        old_ok = pool.submit(lambda: info.method == METHOD_WHOLE or sha256(old).digest() == info.old_digest)
         try:
             payload = delta[PREAMBLE.size:]
             if info.method == METHOD_WHOLE:
@@ -675,7 +676,7 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
             raise
         if not old_ok.result():
             raise wrong_source
-    if hashlib.sha256(new).digest() != info.new_digest:
+    if sha256(new).digest() != info.new_digest:
         raise CorruptDelta(source, "result does not match its digest")
     return new
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import os
 import resource
@@ -28,6 +27,7 @@ from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VA
                    DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
 from .zstdframes import declared_size, decode_frame, frame_length, read_bounded
+from .digests import light_sha256, sha256
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -62,7 +62,7 @@ NO_ID = (1 << 32) - 1  # uid/gid -1: chown cannot set it (an unpack as root woul
 
 def image_id_of(tree_table: bytes) -> bytes:
     """The image id: sha256 over the canonical tree table (storage excluded)."""
-    return hashlib.sha256(ID_DOMAIN + tree_table).digest()
+    return light_sha256(ID_DOMAIN + tree_table).digest()
 
 
 def format_id(digest: bytes) -> str:
@@ -364,7 +364,7 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
         fail("body section size does not match the storage table")
 
 
-EMPTY_DIGEST = hashlib.sha256(b"").digest()
+EMPTY_DIGEST = light_sha256(b"").digest()
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 _STORAGE_KINDS = {int(k): k for k in Storage}
 
@@ -612,7 +612,7 @@ class Image:
             raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
 
     def check_digest(self, entry: Entry, data: bytes | memoryview) -> None:
-        if hashlib.sha256(data).digest() != entry.digest:
+        if sha256(data).digest() != entry.digest:
             raise CorruptImage(self.path, f"{entry.display()}: content digest mismatch")
 
     def read_delta_payload(self, step: DeltaStep) -> bytes:
@@ -702,10 +702,10 @@ def read_info(fd: int, source: str) -> ImageInfo:
         if cusize > MAX_CONFIG_USIZE or ccsize > size:
             raise CorruptImage(source, "config length out of range")
         ccomp = _pread_exact(fd, ccsize, CDIMG_PREAMBLE.size, source)
-        if hashlib.sha256(head[:CDIMG_PREAMBLE.size - 32] + ccomp).digest() != pre_digest:
+        if light_sha256(head[:CDIMG_PREAMBLE.size - 32] + ccomp).digest() != pre_digest:
             raise CorruptImage(source, "cdimg preamble digest mismatch")
         config_bytes = _decompress_bounded(ccomp, cusize, source, "config")
-        if hashlib.sha256(config_bytes).digest() != config_digest:
+        if light_sha256(config_bytes).digest() != config_digest:
             raise CorruptImage(source, "config digest mismatch")
         try:
             config = json.loads(config_bytes)
@@ -752,7 +752,7 @@ def _read_tables(fd: int, source: str, info: ImageInfo,
     base = info.dimg_offset
     pre = _pread_exact(fd, DIMG_PREAMBLE.size, base, source)
     hcomp = _pread_exact(fd, info.header_csize, base + DIMG_PREAMBLE.size, source)
-    if hashlib.sha256(pre[:DIMG_PREAMBLE.size - 32] + hcomp).digest() != info.header_digest:
+    if light_sha256(pre[:DIMG_PREAMBLE.size - 32] + hcomp).digest() != info.header_digest:
         raise CorruptImage(source, "header digest mismatch")
     header = _decompress_bounded(hcomp, info.header_usize, source, "header",
                                  header_dictionary(parent.tree_table if parent is not None else None))
@@ -781,7 +781,7 @@ class BodyReader:
             closefd=False)
         self._size = size
         self._digest = digest
-        self._hash = hashlib.sha256()
+        self._hash = sha256()
         self._seen = 0
         self._done = False
         self._source = source
@@ -870,7 +870,7 @@ def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
     fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
     unsigned = fields[:DIMG_PREAMBLE.size - 32]
-    return unsigned + hashlib.sha256(unsigned + header_comp).digest()
+    return unsigned + sha256(unsigned + header_comp).digest()
 
 
 def canonical_config(config: dict[str, Any]) -> bytes:
@@ -881,9 +881,9 @@ def canonical_config(config: dict[str, Any]) -> bytes:
 def cdimg_preamble(config_bytes: bytes, dimg_size: int) -> bytes:
     ccomp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(config_bytes)
     fields = CDIMG_PREAMBLE.pack(CDIMG_MAGIC, CDIMG_VERSION, 0, 0, len(ccomp), len(config_bytes),
-                                 dimg_size, hashlib.sha256(config_bytes).digest(), ZERO_ID)
+                                 dimg_size, sha256(config_bytes).digest(), ZERO_ID)
     unsigned = fields[:CDIMG_PREAMBLE.size - 32]
-    return unsigned + hashlib.sha256(unsigned + ccomp).digest() + ccomp
+    return unsigned + sha256(unsigned + ccomp).digest() + ccomp
 
 
 def with_layer_id(config: dict[str, Any], image_id: bytes) -> dict[str, Any]:

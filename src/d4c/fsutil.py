@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
 from typing import BinaryIO, Iterator
 
 from .errors import D4CError, SystemFailure, from_oserror
@@ -23,6 +22,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(directory, exist_ok=True)
+        import tempfile  # not loaded by a mount server that never writes
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     except OSError as exc:
         raise from_oserror(exc, "cannot create output") from exc

@@ -7,7 +7,6 @@ only once its digest (and, where the client can, every body) is checked."""
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import http.client
 import json
 import os
@@ -18,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 from .errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
                      UsageError, from_oserror)
 from .progress import Progress
+from .digests import path_sha256
 
 CHUNK = 1 << 20
 RETRY_TIME = 300.0       # seconds of retrying without a byte of progress before pull gives up
@@ -285,11 +285,7 @@ def _size_or_zero(path: str) -> int:
 
 
 def _sha256_of(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return path_sha256(path).hexdigest()
 
 
 def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
+from typing import Iterator
 
 import zstandard
 
@@ -81,17 +82,24 @@ def declared_size(frame: memoryview, before: int, size: int) -> int:
     return declared
 
 
-_local = threading.local()
+_idle: dict[int, list[zstandard.ZstdDecompressor]] = {}  # by window log: decompressors not in use
 
 
-def _decompressor(max_window_log: int) -> zstandard.ZstdDecompressor:
-    """This thread's decompressor (not thread-safe; zstd resets it per call):
-    setting one up costs 10x decoding a small file's frame, and a tree walk
-    decodes thousands of them."""
-    made = _local.__dict__.setdefault("by_window", {})
-    if max_window_log not in made:
-        made[max_window_log] = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
-    return made[max_window_log]
+@contextlib.contextmanager
+def _decompressor(max_window_log: int) -> Iterator[zstandard.ZstdDecompressor]:
+    """A decompressor no other thread uses now (zstd resets it per call): setting
+    one up costs 10x decoding a small file's frame, and a tree walk decodes
+    thousands of them.  Shared, not one per thread: each holds ~130 KiB, and a
+    FUSE server has 30 threads that decode."""
+    idle = _idle.setdefault(max_window_log, [])
+    try:
+        dctx = idle.pop()
+    except IndexError:
+        dctx = zstandard.ZstdDecompressor(max_window_size=1 << max_window_log)
+    try:
+        yield dctx
+    finally:
+        idle.append(dctx)
 
 
 def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = 27) -> bytes:
@@ -103,7 +111,8 @@ def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = 2
     declared = zstandard.frame_content_size(data)
     if declared not in (-1, size):
         raise ValueError(f"frame declares {declared} bytes, expected {size}")
-    out = _decompressor(max_window_log).decompress(data, max_output_size=size)
+    with _decompressor(max_window_log) as dctx:
+        out = dctx.decompress(data, max_output_size=size)
     if len(out) != size:
         raise ValueError(f"frame has {len(out)} bytes, expected {size}")
     return out

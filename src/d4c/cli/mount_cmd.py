@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import shutil
 import tempfile
 
-from ..errors import D4CError, SystemFailure, UsageError
+from ..errors import SystemFailure, UsageError
 from ._common import parse_size, positive_int
 
 
@@ -43,7 +41,6 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    "directories only root can enter, keep them for its containers")
     p.add_argument("--log", metavar="FILE", help="--background: append the server's log lines (e.g. "
                    "files that failed their digest) to FILE")
-    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.set_defaults(func=run_mount)
 
@@ -71,36 +68,15 @@ def run_mount(args: argparse.Namespace) -> int:
         # 'mount failed' (exit 5), not as a corrupt image (exit 3)
         for image in open_images(paths):
             image.close()
-        spawn_mount(reexec_command("d4c"), paths, args.mountpoint, cache_dir=args.cache_dir,
+        spawn_mount(reexec_command(), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
                     verified_bodies=args.verified_bodies, suid_dev=args.allow_suid_dev)
         return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
-    ready_fd = args.ready_fd
-
-    from ..llfs.process import FAILED, READY, bundle_is_temporary
-
-    def ready() -> None:
-        if ready_fd is not None:
-            # A one-file worker runs from its parent's unpacked bundle (PyInstaller
-            # passes it on: no second extraction, ~0.2 s instead of ~0.8 s to
-            # serve), and the parent removes it when it exits: everything a read
-            # may need later is loaded now (pure modules come from the executable).
-            # Installed (one-dir) and from source, the engine and numpy load at the
-            # first delta file, and an idle mount keeps ~20 MiB less.
-            if bundle_is_temporary():
-                importlib.import_module("d4c.delta")
-            os.write(ready_fd, READY)
-            os.close(ready_fd)
-
     try:
-        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies), ready=ready,
+        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies),
               workers=args.workers, suid_dev=args.allow_suid_dev)
-    except D4CError as exc:
-        if ready_fd is not None:
-            os.write(ready_fd, FAILED + str(exc).encode(errors="replace")[:4000])
-        raise
     finally:
         if private:
             shutil.rmtree(cache_dir, ignore_errors=True)

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import queue
-import tempfile
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future
@@ -28,6 +26,7 @@ from ..dimg import ONE_SHOT_MAX, Image, format_id, read_info
 from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
 from ..tree import S_IFMT_OF, Entry, EntryType, Storage
 from .threads import WakePool
+from ..digests import file_sha256, sha256
 
 ROOT_INO = 1
 BLOCK = 4096
@@ -198,6 +197,7 @@ class BodyCache:
     def _write(self, digest: bytes, size: int, body: bytes | Iterator[bytes]) -> int:
         """Write a body under its digest's name (a temp name, then a rename): an
         fd opened before the rename, so an eviction cannot take it from the caller."""
+        import tempfile  # not in an idle mount server
         tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
         fd = -1
         try:
@@ -259,12 +259,9 @@ class BodyCache:
 
     def _matches(self, fd: int, digest: bytes) -> bool:
         """A body from an earlier mount hashes to its name (then it is not hashed again)."""
-        h = hashlib.sha256()
         with open(fd, "rb", closefd=False) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.digest() != digest:
-            return False
+            if file_sha256(f).digest() != digest:
+                return False
         with self._lock:
             self._checked.add(digest)
         return True
@@ -465,7 +462,7 @@ class _Frames(_Forward):
         self._claimed_bytes = self._served_bytes = 0
         self._claiming = self._exhausted = self._closed = self._helping = False
         self._failure: tuple[int, BaseException] | None = None  # the first failed frame
-        self._digest = None if verified else hashlib.sha256()
+        self._digest = None if verified else sha256()
         self._hashing: deque[Future[None]] = deque()
 
     def _claim(self) -> tuple[int, memoryview, int] | None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
-import subprocess
 import threading
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    import subprocess
 
 FSTYPE = "fuse.d4c"
 
@@ -115,6 +117,8 @@ def is_stale(path: str) -> bool:
 
 
 def unmount(path: str, lazy: bool = False) -> subprocess.CompletedProcess[str]:
+    import shutil
+    import subprocess  # here: a mount's server process imports this module and rarely unmounts
     tool = shutil.which("fusermount3") or shutil.which("fusermount")
     if tool:
         cmd = [tool, "-u"] + (["-z"] if lazy else []) + [path]

@@ -18,15 +18,20 @@ from typing import Any, Callable, TypeVar
 from ..errors import D4CError
 from ._impl import llfuse
 from .model import Attrs, FsError, ImageFS
+from .threads import FreeMemoryReturner, keep_large_blocks
 
 log = logging.getLogger("d4c.llfs")
 TIMEOUT = 300.0  # contents never change under a mount: let the kernel cache
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+returner = FreeMemoryReturner()
+
+
 def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        returner.served()
         try:
             return fn(*args, **kwargs)
         except llfuse.FUSEError:
@@ -67,6 +72,10 @@ class Operations(llfuse.Operations):  # type: ignore[misc,name-defined]
     def __init__(self, fs: ImageFS) -> None:
         super().__init__()
         self.fs = fs
+
+    def init(self) -> None:  # llfuse calls it when serving starts
+        keep_large_blocks()
+        returner.start()
 
     @guarded
     def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:

@@ -10,7 +10,6 @@ layers are kept in a local cache so the next version fetches only new layers.
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.client
 import json
 import os
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import BadInput, D4CError, NotFound, Unavailable, UsageError
+from ..digests import sha256
 
 DOCKER_HUB = "registry-1.docker.io"
 ACCEPT = ", ".join([
@@ -246,7 +246,7 @@ class Registry:
             return open(path, "rb")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.part-{os.getpid()}"
-        h = hashlib.sha256()
+        h = sha256()
         try:
             with _Download(self, digest) as src, open(tmp, "wb") as out:
                 while True:

@@ -15,7 +15,6 @@ registry (Docker Hub for short names).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from ..errors import BadInput, D4CError, NotFound, Unavailable, Unsupported, UsageError, from_oserror
+from ..digests import sha256
 
 INDEX_TYPES = {"application/vnd.oci.image.index.v1+json",
                "application/vnd.docker.distribution.manifest.list.v2+json"}
@@ -91,7 +91,7 @@ class HashingReader:
         self.raw = raw
         self.expected = expected
         self.what = what
-        self.hash = hashlib.sha256()
+        self.hash = sha256()
         self.count = 0
 
     def read(self, n: int = -1) -> bytes:
@@ -117,7 +117,7 @@ class HashingReader:
 
 def _digest_ok(data: bytes, digest: str) -> bool:
     algo, _, hexdigest = digest.partition(":")
-    return algo == "sha256" and hashlib.sha256(data).hexdigest() == hexdigest
+    return algo == "sha256" and sha256(data).hexdigest() == hexdigest
 
 
 def _load_json(data: bytes, what: str) -> Any:
@@ -456,7 +456,7 @@ class RegistrySource(ImageSource):
 
     def resolve(self) -> ResolvedImage:
         media, data = self.registry.manifest()
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        digest = "sha256:" + sha256(data).hexdigest()
         ref = self.registry.ref.reference
         if ref.startswith("sha256:") and digest != ref:
             raise BadInput(f"{self.ref}: manifest does not match its digest {ref}")

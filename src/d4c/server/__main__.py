@@ -1,7 +1,13 @@
-# absolute import: PyInstaller runs this file as a script
+# absolute imports: PyInstaller runs this file as a script
 import sys
 
-from d4c.server.main import main
+from d4c.multicall import run
+
+
+def main() -> int:
+    from d4c.server.main import main as program  # not imported by a mount's server process
+    return program()
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

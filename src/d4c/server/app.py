@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import http.server
 import io
 import json
@@ -35,6 +34,7 @@ from typing import Any
 from ..daemons import record_signals, wait_for_signal
 from ..errors import AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from .store import Artifact, Store, check_tag
+from ..digests import path_sha256
 
 log = logging.getLogger("d4c.server")
 MAX_UPLOAD = 64 << 30
@@ -154,11 +154,7 @@ class Updates:
                     patch_image(stack[-1], tmp, cdimg=True, threads=self.threads)
             finally:
                 close_all(stack)
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(COPY), b""):
-                    h.update(chunk)
-            name = f"{key}-{h.hexdigest()}"
+            name = f"{key}-{path_sha256(tmp).hexdigest()}"
             os.rename(tmp, os.path.join(self.dir, name + ".cdimg"))
         finally:
             with contextlib.suppress(FileNotFoundError):

@@ -10,7 +10,6 @@ an artifact's file into its local directory the first time it needs it.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -20,6 +19,7 @@ from typing import Any
 
 from ..errors import BadInput, NotFound, Unavailable
 from ..oci.registry import Reference, Registry
+from ..digests import path_sha256, sha256
 
 CONFIG_TYPE = "application/vnd.d4c.artifact.config.v1+json"
 LAYER_TYPE = "application/vnd.d4c.cdimg.v1"
@@ -66,16 +66,11 @@ class RegistryBackend:
 
     def put_blob(self, path: str | None = None, data: bytes | None = None) -> tuple[str, int]:
         """Upload a blob (monolithic) unless the registry has it; (digest, size)."""
-        h = hashlib.sha256()
         if path is not None:
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            size = os.path.getsize(path)
+            h, size = path_sha256(path), os.path.getsize(path)
         else:
             assert data is not None
-            h.update(data)
-            size = len(data)
+            h, size = sha256(data), len(data)
         digest = "sha256:" + h.hexdigest()
         if self._has_blob(digest):
             return digest, size
@@ -111,13 +106,13 @@ class RegistryBackend:
                            [{"mediaType": LAYER_TYPE, "digest": digest, "size": size}])
 
     def set_tag(self, tag: str, image: str) -> None:
-        self._put_manifest("t-" + hashlib.sha256(tag.encode()).hexdigest(), {"tag": tag, "image": image},
+        self._put_manifest("t-" + sha256(tag.encode()).hexdigest(), {"tag": tag, "image": image},
                            TAG_CONFIG_TYPE, [])
 
     def fetch(self, file_digest: str, dest: str) -> None:
         """Bring an artifact's file to `dest` (checked against its digest)."""
         tmp = f"{dest}.part-{uuid.uuid4().hex}"  # two requests may fetch the same artifact at once
-        h = hashlib.sha256()
+        h = sha256()
         try:
             with self.reader.open_blob("sha256:" + file_digest) as src, open(tmp, "wb") as out:
                 for chunk in iter(lambda: src.read(1 << 20), b""):

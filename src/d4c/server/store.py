@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import heapq
 import os
 import re
@@ -22,6 +21,7 @@ from typing import Iterator
 
 from ..dimg import check_bodies, format_id, read_info
 from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
+from ..digests import path_sha256
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
 
@@ -150,11 +150,7 @@ class Store:
                 check_bodies(stack[-1], self.threads)
             finally:
                 close_all(stack)
-            h = hashlib.sha256()
-            with open(tmp, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-            digest = h.hexdigest()
+            digest = path_sha256(tmp).hexdigest()
             artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
             with self._lock:
                 final = os.path.join(self.dir, digest + ".cdimg")

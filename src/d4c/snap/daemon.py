@@ -6,8 +6,8 @@ On start it restores every image mount before it answers containerd; while it
 runs it watches the mount servers and mounts an image again when its server
 died (new containers start; the log names the ones on the dead mount); on
 SIGTERM/SIGINT it stops serving and leaves the mounts to running containers
-(the next start adopts them).  `snapshotter mount ...` is the FUSE server
-process of one mount (the daemon starts it; it is ctr-cli's `mount`).
+(the next start adopts them).  Each mount's FUSE server is this program
+started again (d4c.llfs.server_process).
 """
 
 from __future__ import annotations
@@ -44,9 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "mount" in argv[:2] and argv[0] in ("mount", "-q", "--debug"):
-        from ..cli import main as cli_main  # the FUSE server process of one mount
-        return cli_main(argv)
     return run_daemon(PROG, build_parser(), argv, serve)
 
 
@@ -67,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     os.chmod(os.path.dirname(address), 0o700)
     if os.path.exists(address):
         os.unlink(address)  # a previous run's socket: nobody listens on it
-    core = Snapshotter(args.root, LlfsFileSystem(reexec_command("d4c.snap"), args.cache_size))
+    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size))
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()
     watcher = threading.Thread(target=core.watch, args=(stop_watching,), name="d4c-watch", daemon=True)
