@@ -22,7 +22,7 @@ def main() -> int:
     op, tool, a, b, out = sys.argv[1:6]
     threads = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     if tool.startswith("d4c"):
-        from d4c import delta
+        from d4c.engine import delta
         fast = tool == "d4c-fast"
         start = time.perf_counter()
         if op == "diff":

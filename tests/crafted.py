@@ -7,7 +7,7 @@ import hashlib
 import zstandard
 
 from d4c.codec import Encoder
-from d4c.dimg import dimg_preamble, image_id_of
+from d4c.image.format import dimg_preamble, image_id_of
 
 SHA_HELLO = hashlib.sha256(b"hello").digest()
 

@@ -13,7 +13,7 @@ from crafted import SHA_HELLO, blob, dimg, file_extra, frame, tree, uv
 from helpers import assert_one_line_error, make_tree, need_root, run_cli
 from test_format import GOLDEN
 
-from d4c.dimg import FORMAT_VERSION, Image
+from d4c.image.format import FORMAT_VERSION, Image
 from d4c.errors import (EXIT_CORRUPT, EXIT_NOT_FOUND, EXIT_USAGE, CorruptImage, D4CError,
                         UnsupportedVersion)
 
@@ -231,9 +231,9 @@ def test_full_disk(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 def test_hostile_config_json(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A validly signed cdimg whose config is absurdly nested, or of the wrong shape."""
-    from d4c.bodies import BodySpool
-    from d4c.dimg import cdimg_preamble, encode_header, write_dimg_to
-    from d4c.tree import Entry, EntryType
+    from d4c.image.bodies import BodySpool
+    from d4c.image.format import cdimg_preamble, encode_header, write_dimg_to
+    from d4c.image.tree import Entry, EntryType
     with BodySpool(str(tmp_path), 3) as spool:
         header = encode_header([Entry(b"", EntryType.DIR)], spool.frame_lengths())
         for name, config in (("deep", b"[" * 100000 + b"]" * 100000), ("shape", b'{"config": "x", "os": 5}')):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from helpers import assert_one_line_error, run_cli
 from test_kernels import lcg_bytes
 
-from d4c import delta
+from d4c.engine import delta
 from d4c.errors import EXIT_CORRUPT, CorruptDelta, D4CError, WrongSource
 
 SETTINGS = settings(max_examples=int(os.environ.get("D4C_FUZZ_EXAMPLES", "150")), deadline=None,

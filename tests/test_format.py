@@ -12,11 +12,10 @@ import zstandard
 
 from helpers import make_tree, run_cli
 
-from d4c.bodies import BodySpool
-from d4c.dimg import (DIMG_MAGIC, DIMG_PREAMBLE, Image, encode_storage, encode_tree, format_id,
-                      image_id_of)
-from d4c.tree import Entry, EntryType, canonicalize
-from d4c.writer import save_image
+from d4c.image.bodies import BodySpool
+from d4c.image.format import DIMG_MAGIC, DIMG_PREAMBLE, Image, encode_storage, encode_tree, format_id, image_id_of
+from d4c.image.tree import Entry, EntryType, canonicalize
+from d4c.image.writer import save_image
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 GOLDEN = os.path.join(DATA, "golden-v1.cdimg")
@@ -71,7 +70,7 @@ GOLDEN_FILE_SHA256 = "3ba630d97c94e21160ab4707ae9866c612186beee21dd8a411daf1d40f
 def test_golden_tree_table_and_id() -> None:
     with BodySpool(level=3) as spool:
         entries = golden_entries(spool)
-        from d4c.dimg import encode_header
+        from d4c.image.format import encode_header
         header = encode_header(entries, spool.frame_lengths())
     assert hashlib.sha256(header.tree).hexdigest() == GOLDEN_TREE_SHA256
     assert format_id(header.image_id) == GOLDEN_ID
@@ -232,9 +231,9 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
     """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
     decompress them in parallel) and the image says so in its flags; images
     without such files keep the single-frame layout, byte for byte."""
-    from d4c import dimg
-    from d4c.bodies import FRAME_CHUNK
-    from d4c.dimg import FLAG_MULTI_FRAME, read_info
+    from d4c.image import format as dimg
+    from d4c.image.bodies import FRAME_CHUNK
+    from d4c.image.format import FLAG_MULTI_FRAME, read_info
     src = tmp_path / "src"
     src.mkdir()
     big = os.urandom(FRAME_CHUNK // 2) * 5 + b"tail"
@@ -273,7 +272,7 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
 def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A damaged middle frame, and several frames in an image without the flag,
     are corruption, never silently short or long content."""
-    from d4c import bodies, dimg
+    from d4c.image import bodies, format as dimg
     from d4c.errors import CorruptImage
     src = tmp_path / "src"
     src.mkdir()
@@ -316,7 +315,7 @@ def test_bad_multi_frame_bodies(tmp_path, monkeypatch) -> None:  # type: ignore[
 
 def test_single_frame_large_bodies_still_read(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """Images written before multi-frame bodies (one frame per file, no flag) read as before."""
-    from d4c import bodies, dimg
+    from d4c.image import bodies, format as dimg
     monkeypatch.setattr(bodies, "FRAME_CHUNK", 1 << 40)
     monkeypatch.setattr(dimg, "FRAME_CHUNK", 1 << 40)
     src = tmp_path / "src"

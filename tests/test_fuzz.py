@@ -15,9 +15,9 @@ from helpers import run_cli
 from test_format import GOLDEN
 from test_hostile import MINUS_ONE, image_of
 
-from d4c.dimg import Image, decode_header
+from d4c.image.format import Image, decode_header
 from d4c.errors import D4CError
-from d4c.tree import Entry, EntryType
+from d4c.image.tree import Entry, EntryType
 
 with open(GOLDEN, "rb") as _f:
     SEED = _f.read()

@@ -23,10 +23,10 @@ from helpers import assert_one_line_error, need, need_root, run_cli
 from ocibuild import Layout, M, layer_tar, sha
 from test_format import GOLDEN
 
-from d4c.dimg import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
+from d4c.image.format import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
 from d4c.errors import EXIT_CORRUPT, EXIT_IO, EXIT_USAGE
-from d4c.imagedelta import close_all, open_stack
-from d4c.tree import Entry, EntryType, Storage
+from d4c.image.deltas import close_all, open_stack
+from d4c.image.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 MINUS_ONE = (1 << 32) - 1  # (uid_t)-1
@@ -513,7 +513,7 @@ def test_holes_are_found_by_bytes_comparison() -> None:
     """unpack finds the holes of a sparse file by comparing each chunk with zeros:
     against a memoryview that compared byte by byte (a 16 GiB file of holes with
     a wrong digest took 47 s to refuse; 2 GiB: 7.7 s, now 2.6 s)."""
-    from d4c.unpack import _zeros
+    from d4c.image.unpack import _zeros
     for n in (1, 4096, 1 << 20, (1 << 20) + 1):
         zeros = _zeros(n)
         assert type(zeros) is bytes and zeros == bytes(n)

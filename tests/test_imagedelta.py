@@ -12,9 +12,9 @@ import pytest
 from helpers import assert_one_line_error, diff_trees, run_cli, snapshot_tree
 from ocibuild import M, Layout
 
-from d4c.dimg import Image
-from d4c.imagedelta import close_all, open_stack
-from d4c.tree import EntryType, Storage
+from d4c.image.format import Image
+from d4c.image.deltas import close_all, open_stack
+from d4c.image.tree import EntryType, Storage
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 GOLDEN_DELTA = os.path.join(DATA, "golden-v2-delta.cdimg")
@@ -261,7 +261,7 @@ def _rewrite_storage(delta_path: str, base_path: str, out_path: str, storage: by
     the delta-specific checks can reject it."""
     import zstandard
 
-    from d4c.dimg import (DIMG_PREAMBLE, HEADER_LEVEL, cdimg_preamble, dimg_preamble, header_dictionary)
+    from d4c.image.format import DIMG_PREAMBLE, HEADER_LEVEL, cdimg_preamble, dimg_preamble, header_dictionary
     with Image(base_path) as base, Image(delta_path, parent=base) as d:
         info, tree, config = d.info, d.tree_table, d.info.config_bytes
         raw = read(delta_path)
@@ -375,7 +375,7 @@ def test_memory_budget_holds_threads_to_the_limit() -> None:
     import threading
     import time
 
-    from d4c.imagedelta import MemoryBudget
+    from d4c.image.deltas import MemoryBudget
     budget = MemoryBudget(100)
     held, over, lock = [0, 0], [], threading.Lock()  # bytes and holders now; sums seen over the limit
 

@@ -10,7 +10,8 @@ import random
 import numpy as np
 import pytest
 
-from d4c import _chunker_py, _patch_py, accel, chunker
+from d4c import _chunker_py, _patch_py, accel
+from d4c.engine import chunker
 
 
 def compiled(name: str):  # type: ignore[no-untyped-def]
@@ -130,8 +131,8 @@ def test_suffix_array_parity(dtype) -> None:  # type: ignore[no-untyped-def]
 
 def _tree_table() -> bytes:
     """Every entry type, xattrs, a pre-1970 mtime, the largest ids and sizes."""
-    from d4c.dimg import encode_tree
-    from d4c.tree import Entry, EntryType as T
+    from d4c.image.format import encode_tree
+    from d4c.image.tree import Entry, EntryType as T
     digest = hashlib.sha256(b"x").digest()
     entries = [Entry(b"", T.DIR, mode=0o755),
                Entry(b"a", T.FILE, mode=0o4755, uid=2**32 - 1, gid=7, mtime_ns=-5, size=(1 << 63) - 1,
@@ -149,7 +150,7 @@ def _tree_table() -> bytes:
 
 def _scan(module, table: bytes):  # type: ignore[no-untyped-def]
     from d4c.codec import Cursor
-    from d4c.tree import MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE
+    from d4c.image.tree import MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE
     cur = Cursor(table, lambda reason: None)
     count = cur.uvarint()
     rows, end, err, at, value = module.scan_tree(table, cur.pos, min(count, len(table)), MAX_PATH, MAX_NAME,

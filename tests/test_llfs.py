@@ -16,11 +16,11 @@ import pytest
 from conftest import IS_ROOT
 from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli, snapshot_tree
 
-from d4c.dimg import Image
+from d4c.image.format import Image
 from d4c.errors import CorruptImage
 from d4c.llfs import model as llfs_model
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
-from d4c.tree import Entry, EntryType, Storage
+from d4c.image.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
@@ -992,7 +992,7 @@ def test_corrupt_image_at_mount_exits_3(stack, tmp_path, background) -> None:  #
     corrupt input, exit 3 as the README says; with --background it came back
     from the server process as 'mount ... failed', exit 5."""
     fuse_ok()
-    from d4c.dimg import DIMG_PREAMBLE, read_info
+    from d4c.image.format import DIMG_PREAMBLE, read_info
     fd = os.open(stack[-1], os.O_RDONLY)
     try:
         header_at = read_info(fd, stack[-1]).dimg_offset + DIMG_PREAMBLE.size

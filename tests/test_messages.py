@@ -96,7 +96,7 @@ def test_version_and_mount_servers_do_not_load_numpy() -> None:
     code = ("import sys\nfrom d4c.cli import main, build_parser\n"
             "main(['-q', 'version'])\n"
             "build_parser(['mount']).parse_args(['mount', '--cdimg', 'x', '/mnt'])\n"
-            "import d4c.llfs.serve, d4c.llfs.model, d4c.llfs.process, d4c.dimg\n"
+            "import d4c.llfs.serve, d4c.llfs.model, d4c.llfs.process, d4c.image.format\n"
             "sys.stderr.write(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'grpc'))))\n")
     import os
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))

@@ -7,8 +7,8 @@ import os
 from conftest import IS_ROOT
 from helpers import diff_trees, make_tree, need_root, run_cli, snapshot_tree
 
-from d4c.dimg import Image
-from d4c.tree import EntryType
+from d4c.image.format import Image
+from d4c.image.tree import EntryType
 
 
 def test_roundtrip_every_entry_type(tmp_path) -> None:  # type: ignore[no-untyped-def]

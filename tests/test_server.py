@@ -111,7 +111,7 @@ def test_200_concurrent_pulls(server, stack, tmp_path) -> None:  # type: ignore[
     for i, path in enumerate(stack[1:3], 2):
         code, _, err = push(server, path, f"d4c-app:{i}")
         assert code == 0, err
-    from d4c.transfer import Client, have_ids
+    from d4c.server.client import Client, have_ids
     have = have_ids([stack[0]])
     start = threading.Barrier(200)
     results: list[str] = []

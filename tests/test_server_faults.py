@@ -21,9 +21,9 @@ import pytest
 from daemons import CuttingProxy, Server, thread_count
 from helpers import assert_one_line_error, binary, need_root, run_cli
 
-from d4c.dimg import read_info
+from d4c.image.format import read_info
 from d4c.server.store import Store
-from d4c.tree import Storage
+from d4c.image.tree import Storage
 
 BIG_SIZE = 4 << 20          # incompressible: the payload is about this size
 CUT = 500 << 10             # the field's link dropped every 500 KB
@@ -112,7 +112,7 @@ def image_id(path: str) -> str:
 
 def body_flipped(path: str, out: str, storage: Storage, parent: str | None = None) -> str:
     """A copy of `path` with one byte flipped inside a body of `storage` (header intact)."""
-    from d4c.imagedelta import close_all, open_stack
+    from d4c.image.deltas import close_all, open_stack
     stack = open_stack([path], parent)
     try:
         image = stack[-1]
@@ -228,7 +228,7 @@ def test_500_idle_connections_hold_no_thread_and_are_closed(tmp_path, stack) -> 
 def test_one_worker_serves_past_kept_alive_and_half_sent_heads(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A connection waiting for its next request, or still sending its head,
     holds no worker: with one worker, others are still served at once."""
-    from d4c.transfer import Client
+    from d4c.server.client import Client
     srv = start_server(str(tmp_path), "--workers", "1", "--idle-timeout", "30")
     kept = http.client.HTTPConnection(srv.host, timeout=10)
     host, port = srv.host.split(":")

@@ -35,7 +35,7 @@ class FakeFS:
 
 def hand_over(sn: Snapshotter, path: str) -> str:
     """What `ctr-cli load` does before asking containerd for the snapshot."""
-    from d4c.dimg import read_info
+    from d4c.image.format import read_info
     fd = os.open(path, os.O_RDONLY)
     try:
         hexid = read_info(fd, path).image_id.hex()

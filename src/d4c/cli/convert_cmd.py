@@ -7,13 +7,13 @@ import logging
 import os
 
 from .. import paths
-from ..bodies import BodySpool
-from ..dimg import format_id
+from ..image.bodies import BodySpool
+from ..image.format import format_id
 from ..errors import UsageError
 from ..fsutil import atomic_output
 from ..oci.flatten import Flattener
 from ..oci.source import Platform, RemoteOptions, open_source
-from ..writer import save_image
+from ..image.writer import save_image
 from ._common import add_level, add_threads
 
 log = logging.getLogger(__name__)

@@ -6,9 +6,9 @@ import argparse
 import os
 from collections import defaultdict
 
-from .. import delta
-from ..dimg import Image
-from ..imagedelta import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
+from ..engine import delta
+from ..image.format import Image
+from ..image.deltas import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
 from ._common import add_threads, parse_size, print_json, print_table, refuse_output_over_input
 

@@ -26,7 +26,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..load import load_image
+    from ..snap.load import load_image
     image_id = load_image(args.cdimg, args.image, address=args.address, namespace=args.namespace,
                           snapshotter_root=args.snapshotter_root)
     if not args.quiet:

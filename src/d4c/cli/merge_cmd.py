@@ -6,7 +6,7 @@ import argparse
 import os
 
 from ..errors import UsageError
-from ..imagedelta import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_stack, open_stack, patch_image
+from ..image.deltas import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_stack, open_stack, patch_image
 from ..progress import human_bytes
 from ._common import add_threads, positive_int, print_json, print_table, refuse_output_over_input
 from .diff_cmd import decision_rows

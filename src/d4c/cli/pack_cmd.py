@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 
-from ..bodies import BodySpool
-from ..dimg import Image, canonical_config, cdimg_preamble, format_id, with_layer_id
+from ..image.bodies import BodySpool
+from ..image.format import Image, canonical_config, cdimg_preamble, format_id, with_layer_id
 from ..errors import BadInput, NotFound, UsageError
 from ..fsutil import atomic_output, copy_range
-from ..pack import pack_dir
-from ..writer import save_image
+from ..image.pack import pack_dir
+from ..image.writer import save_image
 from ._common import add_level, add_threads
 
 

@@ -7,8 +7,8 @@ import os
 import tempfile
 
 from ..errors import UsageError
-from ..imagedelta import BASE_LEVEL, close_all, open_stack, patch_image
-from ..unpack import unpack
+from ..image.deltas import BASE_LEVEL, close_all, open_stack, patch_image
+from ..image.unpack import unpack
 from ._common import add_threads, parse_size, refuse_output_over_input
 
 

@@ -9,7 +9,7 @@ import os
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     from ..paths import CONTAINERD_ADDRESS, CONTAINERD_NAMESPACE, SNAPSHOTTER_ROOT
-    from ..transfer import RETRY_TIME
+    from ..server.client import RETRY_TIME
     p = sub.add_parser(
         "pull", parents=[common], help="download the update to an image and load it",
         description="Asks the server for the smallest update from the images this machine holds "
@@ -42,7 +42,7 @@ def pull_cache_dir() -> str:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..server.store import check_tag
-    from ..transfer import Client, check_update, have_files, local_images
+    from ..server.client import Client, check_update, have_files, local_images
     check_tag(args.image)
     if args.retry_time < 0:
         raise UsageError("--retry-time must not be negative")
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         plan, wire = client.fetch_update(args.image, set(files), args.output, args.expectedDimgsNum, check)
     else:
-        from ..load import load_image
+        from ..snap.load import load_image
         cache = pull_cache_dir()
         os.makedirs(cache, mode=0o700, exist_ok=True)
         path = os.path.join(cache, f"{args.image.replace('/', '_')}.cdimg")

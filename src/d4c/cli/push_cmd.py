@@ -16,7 +16,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 def run(args: argparse.Namespace) -> int:
     from ..server.store import check_tag
-    from ..transfer import Client
+    from ..server.client import Client
     if args.imageTag is not None:
         check_tag(args.imageTag)  # before a byte is sent
     doc = Client(args.serverHost).push(args.cdimg, args.imageTag)

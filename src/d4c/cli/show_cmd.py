@@ -8,11 +8,11 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..dimg import Image, format_id
-from ..imagedelta import close_all, decisions, open_stack
+from ..image.format import Image, format_id
+from ..image.deltas import close_all, decisions, open_stack
 from ..errors import UsageError
 from ..progress import human_bytes
-from ..tree import S_IFMT_OF, Entry, EntryType, Storage, printable
+from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage, printable
 from ._common import print_json, print_table
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..dimg import Image
+from ..image.format import Image
 from ..errors import UsageError
-from ..unpack import unpack
+from ..image.unpack import unpack
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .. import delta
+from ..engine import delta
 from ..progress import human_bytes
 from ._common import add_threads, parse_size, refuse_output_over_input
 

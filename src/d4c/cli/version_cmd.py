@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .. import __version__, accel
-from ..dimg import DELTA_FORMAT_VERSION, FORMAT_VERSION
+from ..image.format import DELTA_FORMAT_VERSION, FORMAT_VERSION
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

@@ -22,9 +22,9 @@ from typing import Callable, Iterator, NamedTuple
 
 import zstandard
 
-from ..dimg import ONE_SHOT_MAX, Image, format_id, read_info
+from ..image.format import ONE_SHOT_MAX, Image, format_id, read_info
 from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
-from ..tree import S_IFMT_OF, Entry, EntryType, Storage
+from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage
 from .threads import WakePool
 from ..digests import file_sha256, sha256
 

@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
         # when it exits: everything a read may need later is loaded now.  Installed
         # (one-dir) and from source, the engine loads at the first delta file.
         if bundle_is_temporary():
-            importlib.import_module("d4c.delta")
+            importlib.import_module("d4c.engine.delta")
             importlib.import_module("d4c.accel").check()  # the kernels load at first use too
         report(READY)
 

@@ -30,11 +30,11 @@ from typing import BinaryIO
 
 import zstandard
 
-from ..bodies import BodySpool
-from ..dimg import MAX_ENTRIES
+from ..image.bodies import BodySpool
+from ..image.format import MAX_ENTRIES
 from ..errors import BadInput, UsageError
 from ..progress import Progress
-from ..tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
+from ..image.tree import MAX_PATH, Entry, EntryType, canonicalize, device_problem, symlink_problem, xattr_problem
 from .source import HashingReader, Layer
 
 WHITEOUT = ".wh."

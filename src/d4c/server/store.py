@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..dimg import check_bodies, format_id, read_info
+from ..image.format import check_bodies, format_id, read_info
 from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
 from ..digests import path_sha256
 
@@ -126,7 +126,7 @@ class Store:
         cdimg whose parent the store knows, every body checked as `load` checks
         it (a corrupt copy must never be served in place of a good one), stored
         under its digest.  Idempotent; `tmp` is gone afterwards, whatever happens."""
-        from ..imagedelta import close_all, open_stack
+        from ..image.deltas import close_all, open_stack
         try:
             if tag is not None:
                 check_tag(tag)

@@ -14,10 +14,10 @@ import time
 import urllib.parse
 from typing import Any, BinaryIO, Callable
 
-from .errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
-                     UsageError, from_oserror)
-from .progress import Progress
-from .digests import path_sha256
+from ..errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
+                      UsageError, from_oserror)
+from ..progress import Progress
+from ..digests import path_sha256
 
 CHUNK = 1 << 20
 RETRY_TIME = 300.0       # seconds of retrying without a byte of progress before pull gives up
@@ -292,8 +292,8 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
     """Check every body of a downloaded update when its base is at hand (a full
     image, or a delta of a full image given as --have): the digest only says the
     file is what the server holds, not that what it holds is sound."""
-    from .dimg import Image, check_bodies
-    from .imagedelta import close_all
+    from ..image.format import Image, check_bodies
+    from ..image.deltas import close_all
     parent = (plan.get("from") or "").split(":", 1)[-1]
     if parent and parent not in have_files:
         return  # `load` checks it on the device, with its base
@@ -314,9 +314,9 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
 
 def local_images(address: str, namespace: str) -> set[str]:
     """Ids of the d4c images containerd holds (what `load` labelled)."""
-    from .containerd import Containerd
-    from .load import IMAGE_REF_LABEL
-    from .snap.api import images_pb2
+    from ..containerd import Containerd
+    from ..snap.load import IMAGE_REF_LABEL
+    from ..snap.api import images_pb2
     with Containerd(address, namespace) as ctrd:
         listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images")
     return {img.labels[IMAGE_REF_LABEL].split(":", 1)[-1] for img in listed.images if IMAGE_REF_LABEL in img.labels}
@@ -329,7 +329,7 @@ def have_ids(values: list[str]) -> set[str]:
 
 def have_files(values: list[str]) -> dict[str, str]:
     """--have: {image id: its file, or "" when only the id was given}."""
-    from .dimg import read_info
+    from ..image.format import read_info
     out: dict[str, str] = {}
     for v in values:
         if os.path.exists(v):

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .bodies import BodySpool
-from .dimg import (canonical_config, cdimg_preamble, dimg_size_of, encode_header, with_layer_id,
-                   write_dimg_to)
-from .fsutil import atomic_output
+from .format import canonical_config, cdimg_preamble, dimg_size_of, encode_header, with_layer_id, write_dimg_to
+from ..fsutil import atomic_output
 from .tree import Entry
 
 

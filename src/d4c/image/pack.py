@@ -9,8 +9,8 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 
 from .bodies import BodySpool
-from .errors import BadInput, NotFound, from_oserror
-from .progress import Progress
+from ..errors import BadInput, NotFound, from_oserror
+from ..progress import Progress
 from .tree import Entry, EntryType, canonicalize, path_problem, symlink_problem, xattr_problem
 
 log = logging.getLogger(__name__)

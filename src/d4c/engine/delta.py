@@ -29,14 +29,14 @@ from typing import Iterable
 import numpy as np
 import zstandard
 
-from . import accel
+from .. import accel
 from .chunker import cut_points
-from .codec import Cursor, Encoder
-from .errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
-from .fsutil import atomic_output
-from .progress import Progress
-from .zstdframes import read_bounded
-from .digests import sha256
+from ..codec import Cursor, Encoder
+from ..errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
+from ..fsutil import atomic_output
+from ..progress import Progress
+from ..zstdframes import read_bounded
+from ..digests import sha256
 
 MAGIC = b"D4C-DLTA"
 VERSION = 1

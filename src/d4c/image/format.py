@@ -19,15 +19,14 @@ from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import zstandard
 
-from . import accel
-from .codec import Cursor, Encoder
-from .errors import (CorruptImage, MissingBase, NotFound, SystemFailure, UnsupportedVersion, WrongBase,
-                     from_oserror)
+from .. import accel
+from ..codec import Cursor, Encoder
+from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, UnsupportedVersion, WrongBase, from_oserror
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
-from .zstdframes import declared_size, decode_frame, frame_length, read_bounded
-from .digests import light_sha256, sha256
+from ..zstdframes import declared_size, decode_frame, frame_length, read_bounded
+from ..digests import light_sha256, sha256
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -36,7 +35,7 @@ DELTA_FORMAT_VERSION = 2        # delta images: version 1 + parent storage kinds
 CDIMG_VERSION = 1
 FLAG_HAS_PARENT = 0x1
 FLAG_MULTI_FRAME = 0x2          # bodies of files over FRAME_CHUNK are several zstd frames
-DELTA_METHODS = (1, 2)          # d4c.delta METHOD_SA, METHOD_PREFIX
+DELTA_METHODS = (1, 2)          # d4c.engine.delta METHOD_SA, METHOD_PREFIX
 MAX_DELTA_STEPS = 16
 KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME
 
@@ -619,7 +618,7 @@ class Image:
         return _pread_exact(self._fd, step.length, self.info.body_offset + step.offset, self.path)
 
     def _rebuild(self, entry: Entry) -> bytes:
-        from . import delta  # the engine is only needed for delta images
+        from ..engine import delta  # the engine is only needed for delta images
         assert self.parent is not None and entry.storage == Storage.DELTA
         source = self.parent.entries[entry.delta_source]
         sizes = [source.size] + [step.size for step in entry.delta_steps]

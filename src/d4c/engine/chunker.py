@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import accel
+from .. import accel
 
 _SEED = 0x9E3779B97F4A7C15
 

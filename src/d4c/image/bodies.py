@@ -16,9 +16,9 @@ from typing import BinaryIO, Iterable
 
 import zstandard
 
-from .errors import BadInput
-from .fsutil import copy_range
-from .digests import sha256
+from ..errors import BadInput
+from ..fsutil import copy_range
+from ..digests import sha256
 
 DEFAULT_LEVEL = 3
 READ_CHUNK = 1 << 20

@@ -58,7 +58,7 @@ class Storage(enum.IntEnum):
 class DeltaStep:
     """One binary delta of a DELTA entry's chain (a merge of deltas chains them)."""
 
-    method: int                # d4c.delta METHOD_* (the payload is a delta file minus its preamble)
+    method: int                # d4c.engine.delta METHOD_* (the payload is a delta file minus its preamble)
     length: int                # payload bytes in the body section
     size: int = 0              # size and sha256 of the content this step produces
     digest: bytes = b""

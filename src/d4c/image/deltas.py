@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from . import delta
+from ..engine import delta
 from .bodies import READ_CHUNK, BodySpool
-from .dimg import (MAX_DELTA_STEPS, ONE_SHOT_MAX, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble,
-                   dimg_size_of, encode_delta_header, with_layer_id, write_dimg_to)
-from .errors import CorruptImage, UsageError
-from .fsutil import atomic_output
+from .format import (MAX_DELTA_STEPS, ONE_SHOT_MAX, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble,
+                     dimg_size_of, encode_delta_header, with_layer_id, write_dimg_to)
+from ..errors import CorruptImage, UsageError
+from ..fsutil import atomic_output
 from .pack import run_parallel
-from .progress import Progress
+from ..progress import Progress
 from .tree import DeltaStep, Entry, EntryType, Storage
 from .writer import save_image
 

@@ -19,14 +19,14 @@ import re
 import threading
 import uuid
 
-from . import paths
-from .containerd import Containerd
-from .dimg import Image, format_id, read_info
-from .errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
-from .fsutil import atomic_output, copy_range
-from .progress import Progress
-from .snap.api.types import descriptor_pb2
-from .snap.snapshotter import IMAGE_LABEL, check_progress_path, read_check_progress
+from .. import paths
+from ..containerd import Containerd
+from ..image.format import Image, format_id, read_info
+from ..errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
+from ..fsutil import atomic_output, copy_range
+from ..progress import Progress
+from .api.types import descriptor_pb2
+from .snapshotter import IMAGE_LABEL, check_progress_path, read_check_progress
 
 SNAPSHOTTER = paths.SNAPSHOTTER_NAME
 DEFAULT_SNAPSHOTTER_ROOT = paths.SNAPSHOTTER_ROOT
@@ -115,7 +115,7 @@ def _how_to_load(ctrd: Containerd, path: str, base_id: bytes) -> str:
     next to `path`, or one directory down as `convert --output DIR` writes it)
     and its name (a containerd image that was loaded from it, when its snapshot
     went) where known."""
-    from .snap.api import images_pb2
+    from .api import images_pb2
     folder = os.path.dirname(os.path.abspath(path))
     files = sorted(glob.glob(os.path.join(glob.escape(folder), "*.cdimg"))) + \
         sorted(glob.glob(os.path.join(glob.escape(folder), "*", "*.cdimg")))

@@ -15,9 +15,9 @@ import os
 import stat
 import tempfile
 
-from .dimg import Image
-from .errors import OutputExists, SystemFailure, from_oserror
-from .progress import Progress
+from .format import Image
+from ..errors import OutputExists, SystemFailure, from_oserror
+from ..progress import Progress
 from .tree import Entry, EntryType, printable
 
 log = logging.getLogger(__name__)
