@@ -5,6 +5,11 @@ Thin on purpose (see bsdiff4's core.c): d4c/delta.py owns the format, the
 stream encodings and every size check that can be made before calling in.
 These functions only run loops over buffers the caller sized, without the GIL,
 and report failure through return codes that delta.py turns into errors.
+
+The second half is AddCoder (fed by gather_old): a context-mixing binary arithmetic
+coder for the add stream.  Its models condition on the old bytes under each add byte,
+which the patcher already holds, so that context costs nothing to send; delta.py offers
+its output as one coding of the add stream (DIFF_CM) and keeps whichever is smallest.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
