@@ -19,7 +19,8 @@ import traceback
 
 from .. import errors
 from ..progress import set_quiet
-from ._common import ArgumentParser, common_parser, finish_args
+from ..args import ArgumentParser
+from ._common import common_parser, finish_args
 
 PROG = "ctr-cli"
 COMMANDS = ("version_cmd", "convert_cmd", "pack_cmd", "unpack_cmd", "show_cmd", "diff_cmd", "patch_cmd",

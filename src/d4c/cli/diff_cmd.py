@@ -10,7 +10,8 @@ from ..engine import delta
 from ..image.format import Image
 from ..image.deltas import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
-from ._common import add_threads, parse_size, print_json, print_table, refuse_output_over_input
+from ._common import add_threads, print_json, print_table, refuse_output_over_input
+from ..args import parse_size
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

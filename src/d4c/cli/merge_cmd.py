@@ -8,7 +8,8 @@ import os
 from ..errors import UsageError
 from ..image.deltas import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_stack, open_stack, patch_image
 from ..progress import human_bytes
-from ._common import add_threads, positive_int, print_json, print_table, refuse_output_over_input
+from ._common import add_threads, print_json, print_table, refuse_output_over_input
+from ..args import positive_int
 from .diff_cmd import decision_rows
 
 

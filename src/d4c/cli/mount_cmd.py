@@ -7,7 +7,7 @@ import shutil
 import tempfile
 
 from ..errors import SystemFailure, UsageError
-from ._common import parse_size, positive_int
+from ..args import parse_size, positive_int
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

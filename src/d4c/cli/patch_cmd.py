@@ -9,7 +9,8 @@ import tempfile
 from ..errors import UsageError
 from ..image.deltas import BASE_LEVEL, close_all, open_stack, patch_image
 from ..image.unpack import unpack
-from ._common import add_threads, parse_size, refuse_output_over_input
+from ._common import add_threads, refuse_output_over_input
+from ..args import parse_size
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

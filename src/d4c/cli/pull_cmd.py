@@ -42,7 +42,8 @@ def pull_cache_dir() -> str:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..server.store import check_tag
-    from ..server.client import Client, check_update, have_files, local_images
+    from ..server.client import Client, check_update, have_files
+    from ..snap.load import local_images
     check_tag(args.image)
     if args.retry_time < 0:
         raise UsageError("--retry-time must not be negative")

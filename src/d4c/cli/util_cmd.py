@@ -7,7 +7,8 @@ import os
 
 from ..engine import delta
 from ..progress import human_bytes
-from ._common import add_threads, parse_size, refuse_output_over_input
+from ._common import add_threads, refuse_output_over_input
+from ..args import parse_size
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]

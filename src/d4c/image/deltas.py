@@ -25,7 +25,7 @@ from .format import (MAX_DELTA_STEPS, ONE_SHOT_MAX, DeltaHeaderCoder, Image, can
                      dimg_size_of, encode_delta_header, with_layer_id, write_dimg_to)
 from ..errors import CorruptImage, UsageError
 from ..fsutil import atomic_output
-from .pack import run_parallel
+from ..parallel import run_parallel
 from ..progress import Progress
 from .tree import DeltaStep, Entry, EntryType, Storage
 from .writer import save_image

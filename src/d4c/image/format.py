@@ -642,7 +642,7 @@ def check_bodies(image: Image, threads: int = 1, checked: Callable[[int], None] 
     the server's upload make sure of before they keep an image.  zstd, sha256
     and the patch kernel release the GIL, so threads help.  `checked` is told
     the size of each body once it passed (from the checking thread)."""
-    from .pack import run_parallel
+    from ..parallel import run_parallel
 
     def check(e: Entry) -> None:
         image.check_body(e)

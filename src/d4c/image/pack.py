@@ -6,10 +6,10 @@ import errno
 import logging
 import os
 import stat
-from concurrent.futures import ThreadPoolExecutor
 
 from .bodies import BodySpool
 from ..errors import BadInput, NotFound, from_oserror
+from ..parallel import run_parallel
 from ..progress import Progress
 from .tree import Entry, EntryType, canonicalize, path_problem, symlink_problem, xattr_problem
 
@@ -131,18 +131,3 @@ def pack_dir(root: str, spool: BodySpool, threads: int = 1) -> list[Entry]:
     return entries
 
 
-def run_parallel(fn, items: list, threads: int) -> None:  # type: ignore[no-untyped-def]
-    """Run fn over items on `threads` threads; the first error propagates."""
-    if threads <= 1 or len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="d4c") as pool:
-        futures = [pool.submit(fn, item) for item in items]
-        try:
-            for fut in futures:
-                fut.result()
-        except BaseException:
-            for fut in futures:
-                fut.cancel()
-            raise

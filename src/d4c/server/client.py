@@ -312,16 +312,6 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
         close_all(images)
 
 
-def local_images(address: str, namespace: str) -> set[str]:
-    """Ids of the d4c images containerd holds (what `load` labelled)."""
-    from ..containerd import Containerd
-    from ..snap.load import IMAGE_REF_LABEL
-    from ..snap.api import images_pb2
-    with Containerd(address, namespace) as ctrd:
-        listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images")
-    return {img.labels[IMAGE_REF_LABEL].split(":", 1)[-1] for img in listed.images if IMAGE_REF_LABEL in img.labels}
-
-
 def have_ids(values: list[str]) -> set[str]:
     """--have: image ids, or image files whose id is taken."""
     return set(have_files(values))

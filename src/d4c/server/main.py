@@ -15,8 +15,7 @@ PROG = "server"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cli._common import ArgumentParser
-    from ..cli._common import parse_size
+    from ..args import ArgumentParser, parse_size
     from .app import IDLE_TIMEOUT, PIN_TIME, WORKERS
     p = ArgumentParser(prog=PROG, description="The d4c update server (HTTP API: docs/API.md).")
     p.add_argument("--port", type=int, default=8081, help="port (default 8081)")

@@ -29,8 +29,7 @@ PROG = "snapshotter"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..cli._common import ArgumentParser
-    from ..cli._common import parse_size
+    from ..args import ArgumentParser, parse_size
     p = ArgumentParser(prog=PROG, description="The di3fs containerd proxy snapshotter: containers on "
                        "base + delta images, mounted read-only through FUSE.")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"unix socket to serve (default {DEFAULT_ADDRESS})")

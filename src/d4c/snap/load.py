@@ -228,3 +228,11 @@ def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, inc
         if handed and os.path.exists(incoming):
             os.unlink(incoming)
         raise
+
+
+def local_images(address: str, namespace: str) -> set[str]:
+    """Ids of the d4c images containerd holds (what `load` labelled)."""
+    from .api import images_pb2
+    with Containerd(address, namespace) as ctrd:
+        listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images")
+    return {img.labels[IMAGE_REF_LABEL].split(":", 1)[-1] for img in listed.images if IMAGE_REF_LABEL in img.labels}
