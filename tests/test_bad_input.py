@@ -13,7 +13,8 @@ from crafted import SHA_HELLO, blob, dimg, file_extra, frame, tree, uv
 from helpers import assert_one_line_error, make_tree, need_root, run_cli
 from test_format import GOLDEN
 
-from d4c.image.format import FORMAT_VERSION, Image
+from d4c.image.format import FORMAT_VERSION
+from d4c.image.reader import Image
 from d4c.errors import (EXIT_CORRUPT, EXIT_NOT_FOUND, EXIT_USAGE, CorruptImage, D4CError,
                         UnsupportedVersion)
 

@@ -8,7 +8,7 @@ from helpers import run_binary
 from test_format import GOLDEN, GOLDEN_ID
 from test_llfs import fuse_ok
 
-from d4c.image.format import Image
+from d4c.image.reader import Image
 
 
 def test_ctr_cli_version_without_python() -> None:

@@ -12,7 +12,8 @@ import pytest
 from helpers import assert_one_line_error, run_cli
 from ocibuild import M, Layout, docker_archive, tar_dir
 
-from d4c.image.format import Image, format_id
+from d4c.image.reader import Image
+from d4c.image.format import format_id
 from d4c.image.tree import EntryType
 
 CAP = bytes.fromhex("0000000200040000000000000000000000000000")

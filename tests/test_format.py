@@ -13,7 +13,8 @@ import zstandard
 from helpers import make_tree, run_cli
 
 from d4c.image.bodies import BodySpool
-from d4c.image.format import DIMG_MAGIC, DIMG_PREAMBLE, Image, encode_storage, encode_tree, format_id, image_id_of
+from d4c.image.format import DIMG_MAGIC, DIMG_PREAMBLE, encode_storage, encode_tree, format_id, image_id_of
+from d4c.image.reader import Image
 from d4c.image.tree import Entry, EntryType, canonicalize
 from d4c.image.writer import save_image
 
@@ -231,7 +232,7 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
     """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
     decompress them in parallel) and the image says so in its flags; images
     without such files keep the single-frame layout, byte for byte."""
-    from d4c.image import format as dimg
+    from d4c.image import format as dimg, reader
     from d4c.image.bodies import FRAME_CHUNK
     from d4c.image.format import FLAG_MULTI_FRAME, read_info
     src = tmp_path / "src"
@@ -254,7 +255,7 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
             f.seek(image.info.body_offset + e.body_offset)
             body = f.read(e.body_length)
         for piece in (7, 4096, 1 << 20):
-            monkeypatch.setattr(dimg, "STREAM_PIECE", piece)
+            monkeypatch.setattr(reader, "STREAM_PIECE", piece)
             frames = list(image.body_frames(e))
             assert [n for _, n in frames] == _frames_of(image, b"big")
             assert b"".join(bytes(f) for f, _ in frames) == body

@@ -15,7 +15,8 @@ from helpers import run_cli
 from test_format import GOLDEN
 from test_hostile import MINUS_ONE, image_of
 
-from d4c.image.format import Image, decode_header
+from d4c.image.reader import Image
+from d4c.image.format import decode_header
 from d4c.errors import D4CError
 from d4c.image.tree import Entry, EntryType
 

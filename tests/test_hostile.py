@@ -23,7 +23,8 @@ from helpers import assert_one_line_error, need, need_root, run_cli
 from ocibuild import Layout, M, layer_tar, sha
 from test_format import GOLDEN
 
-from d4c.image.format import Image, cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
+from d4c.image.reader import Image
+from d4c.image.format import cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
 from d4c.errors import EXIT_CORRUPT, EXIT_IO, EXIT_USAGE
 from d4c.image.deltas import close_all, open_stack
 from d4c.image.tree import Entry, EntryType, Storage

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_one_line_error, diff_trees, run_cli, snapshot_tree
 from ocibuild import M, Layout
 
-from d4c.image.format import Image
+from d4c.image.reader import Image
 from d4c.image.deltas import close_all, open_stack
 from d4c.image.tree import EntryType, Storage
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import IS_ROOT
 from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli, snapshot_tree
 
-from d4c.image.format import Image
+from d4c.image.reader import Image
 from d4c.errors import CorruptImage
 from d4c.llfs import model as llfs_model
 from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack

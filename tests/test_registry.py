@@ -12,7 +12,7 @@ from daemons import Containerd, Registry, TokenProxy, have_containerd
 from helpers import assert_one_line_error, need, run_cli
 from ocibuild import M, Layout, tar_dir
 
-from d4c.image.format import Image
+from d4c.image.reader import Image
 
 
 def convert(ref: str, out: str, *extra: str) -> tuple[int, str, str]:

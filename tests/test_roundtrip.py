@@ -7,7 +7,7 @@ import os
 from conftest import IS_ROOT
 from helpers import diff_trees, make_tree, need_root, run_cli, snapshot_tree
 
-from d4c.image.format import Image
+from d4c.image.reader import Image
 from d4c.image.tree import EntryType
 
 

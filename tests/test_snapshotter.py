@@ -336,7 +336,7 @@ def test_delta_of_a_file_over_64_mib_loads_and_runs(daemons, tmp_path) -> None: 
     import hashlib
     import json
     import random
-    from d4c.image.format import ONE_SHOT_MAX
+    from d4c.image.reader import ONE_SHOT_MAX
     need(os.path.exists(BUSYBOX), "busybox-static is not installed")
     ctrd, snap = daemons
     big = bytearray(random.Random(7).randbytes(70 << 20))

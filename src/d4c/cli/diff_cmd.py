@@ -7,7 +7,7 @@ import os
 from collections import defaultdict
 
 from ..engine import delta
-from ..image.format import Image
+from ..image.reader import Image
 from ..image.deltas import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
 from ._common import add_threads, print_json, print_table, refuse_output_over_input

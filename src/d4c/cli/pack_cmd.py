@@ -7,7 +7,8 @@ import json
 import os
 
 from ..image.bodies import BodySpool
-from ..image.format import Image, canonical_config, cdimg_preamble, format_id, with_layer_id
+from ..image.reader import Image
+from ..image.format import canonical_config, cdimg_preamble, format_id, with_layer_id
 from ..errors import BadInput, NotFound, UsageError
 from ..fsutil import atomic_output, copy_range
 from ..image.pack import pack_dir

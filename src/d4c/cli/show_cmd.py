@@ -8,7 +8,8 @@ import time
 from collections import Counter
 from typing import Any
 
-from ..image.format import Image, format_id
+from ..image.reader import Image
+from ..image.format import format_id
 from ..image.deltas import close_all, decisions, open_stack
 from ..errors import UsageError
 from ..progress import human_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..image.format import Image
+from ..image.reader import Image
 from ..errors import UsageError
 from ..image.unpack import unpack
 

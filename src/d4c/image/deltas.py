@@ -21,8 +21,10 @@ from typing import Any, Callable, Iterable, Iterator
 
 from ..engine import delta
 from .bodies import READ_CHUNK, BodySpool
-from .format import (MAX_DELTA_STEPS, ONE_SHOT_MAX, DeltaHeaderCoder, Image, canonical_config, cdimg_preamble,
-                     dimg_size_of, encode_delta_header, with_layer_id, write_dimg_to)
+from .format import (MAX_DELTA_STEPS, DeltaHeaderCoder, canonical_config, cdimg_preamble, dimg_size_of,
+                     encode_delta_header, with_layer_id, write_dimg_to)
+from .reader import ONE_SHOT_MAX
+from .reader import Image
 from ..errors import CorruptImage, UsageError
 from ..fsutil import atomic_output
 from ..parallel import run_parallel

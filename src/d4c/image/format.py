@@ -1,8 +1,9 @@
-"""The dimg / cdimg container: preamble, header (tree + storage tables), bodies.
+"""The dimg / cdimg container: preamble, header (tree + storage tables) and their codec.
 
 Layout and every field are documented in docs/FORMAT.md; golden tests pin the
-bytes.  This module only reads and writes the container; building entries from
-directories or layers lives in pack.py and oci/, bodies in bodies.py.
+bytes.  This module encodes and decodes the container; reading bodies lives in
+reader.py, compressing them in bodies.py, building entries from directories or
+layers in pack.py and oci/.
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator
 
 import zstandard
 
 from .. import accel
 from ..codec import Cursor, Encoder
-from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, UnsupportedVersion, WrongBase, from_oserror
+from ..errors import CorruptImage, UnsupportedVersion
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
 from .bodies import FRAME_CHUNK
-from ..zstdframes import declared_size, decode_frame, frame_length, read_bounded
+from ..zstdframes import read_bounded
 from ..digests import light_sha256, sha256
+
+if TYPE_CHECKING:
+    from .reader import Image
 
 DIMG_MAGIC = b"D4C-DIMG"
 CDIMG_MAGIC = b"D4C-CDIM"
@@ -52,9 +55,6 @@ MAX_HEADER_USIZE = 256 << 20   # hostile entries take ~10 bytes each: bound the 
 MAX_ENTRIES = 1_000_000        # real images have tens of thousands
 MAX_CONFIG_USIZE = 16 << 20
 MAX_FILE_SIZE = (1 << 63) - 1
-STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of this size
-ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
-ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 ZERO_ID = bytes(32)
 NO_ID = (1 << 32) - 1  # uid/gid -1: chown cannot set it (an unpack as root would keep root, setuid bits too)
 
@@ -392,266 +392,8 @@ class ImageInfo:
         return self.dimg_offset + DIMG_PREAMBLE.size + self.header_csize
 
 
-def _memory_available() -> int:
-    """The machine's memory, or the address-space limit of this process if lower."""
-    try:
-        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        physical = 1 << 40
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return physical if soft == resource.RLIM_INFINITY else min(physical, soft)
 
-
-class Image:
-    """An open dimg or cdimg file: validated header, entries, body streams.
-
-    A delta image's header is coded against its parent's tree, so reading its
-    entries needs the parent (an open Image whose id is the delta's parent id);
-    without it only `info` is available.
-    """
-
-    # what read_body may hold at once (a rebuild holds its source and its result):
-    # a file's declared size is not what its image can hold (a 270 KB delta declared 8 GiB)
-    memory_limit: int = _memory_available()
-
-    def __init__(self, path: str, parent: "Image | None" = None) -> None:
-        self.path = path
-        self.parent = parent
-        try:
-            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"no such image file: {path}") from None
-        except IsADirectoryError:
-            raise NotFound(f"not an image file but a directory: {path}") from None
-        except OSError as exc:
-            raise from_oserror(exc, "cannot open image") from exc
-        try:
-            self.info = read_info(self._fd, path)
-            self._entries: list[Entry] | None = None
-            self.tree_table = b""
-            if self.info.parent_id is not None and parent is not None \
-                    and parent.info.image_id != self.info.parent_id:
-                raise WrongBase(path, format_id(self.info.parent_id), parent.path,
-                                format_id(parent.info.image_id))
-            if parent is not None and self.info.parent_id is not None:
-                parent.entries  # a parent that cannot be read itself: say which base is missing
-            if self.info.parent_id is None or parent is not None:
-                self._entries, self.tree_table = _read_tables(self._fd, path, self.info, parent)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._by_path: dict[bytes, int] | None = None
-        self._by_digest: dict[bytes, int] | None = None
-
-    @property
-    def is_delta(self) -> bool:
-        return self.info.parent_id is not None
-
-    @property
-    def entries(self) -> list[Entry]:
-        if self._entries is None:
-            assert self.info.parent_id is not None
-            raise MissingBase(self.path, format_id(self.info.parent_id))
-        return self._entries
-
-    # context manager / lifetime
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> "Image":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def fd(self) -> int:
-        return self._fd
-
-    def lookup(self, path: bytes) -> Entry:
-        if self._by_path is None:
-            self._by_path = {e.path: i for i, e in enumerate(self.entries)}
-        try:
-            return self.entries[self._by_path[path.strip(b"/")]]
-        except KeyError:
-            raise NotFound(f"{path.decode(errors='replace')}: not in image {self.path}") from None
-
-    def index_of_digest(self, digest: bytes) -> int:
-        """Index of the first file with this content, or -1."""
-        if self._by_digest is None:
-            index: dict[bytes, int] = {}  # built aside: readers on other threads never see it half done
-            for i, e in enumerate(self.entries):
-                if e.type == EntryType.FILE and e.digest is not None:
-                    index.setdefault(e.digest, i)
-            self._by_digest = index
-        return self._by_digest.get(digest, -1)
-
-    def holder(self, entry: Entry) -> Entry:
-        """The entry whose storage holds `entry`'s content in this image."""
-        return self.entries[entry.shared_with] if entry.storage == Storage.SHARED else entry
-
-    def frame_of(self, entry: Entry) -> tuple[int, int] | None:
-        """(offset in the file, length) of the zstd frame holding the content,
-        here or in an ancestor; None if content must be rebuilt from a delta."""
-        image, e = self.resolve(entry)
-        e = image.holder(e)
-        if e.storage == Storage.FRAME:
-            return image.info.body_offset + e.body_offset, e.body_length
-        return None
-
-    def resolve(self, entry: Entry) -> tuple["Image", Entry]:
-        """Follow PARENT storage down the stack to the image that stores the content."""
-        image, e = self, entry
-        while e.storage == Storage.PARENT:
-            assert image.parent is not None
-            image, e = image.parent, image.parent.entries[image.parent.index_of_digest(e.digest or b"")]
-        return image, e
-
-    def open_body(self, entry: Entry) -> "BodyReader":
-        return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
-                          entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
-
-    def body_chunks(self, entry: Entry) -> Iterator[bytes]:
-        """A FRAME body in BodyReader.CHUNK pieces, in one chunk and zstd's window
-        of memory; its size and digest are checked before the last piece is
-        given (CorruptImage there, so a consumer keeps nothing unchecked)."""
-        with self.open_body(entry) as reader:
-            yield from reader.chunks()
-
-    def read_body(self, entry: Entry, check: bool = True) -> bytes:
-        """The content of a file entry, whatever its storage (delta images
-        rebuild it from the parent stack; the digest is checked either way).
-        check=False: a body stored whole, whose digest was checked before
-        (llfs --verified-bodies), is decoded on its zstd frame checksums only."""
-        if entry.size == 0:
-            return b""
-        image, e = self.resolve(entry)
-        e = image.holder(e)
-        if e.storage == Storage.FRAME:
-            image.check_memory(e, e.size)
-            if e.size > ONE_SHOT_MAX:
-                with image.open_body(e) as r:
-                    return r.read()
-            data = b"".join(image.decode_frame(e, frame, n) for frame, n in image.body_frames(e))
-            if check:
-                image.check_digest(e, data)
-            return data
-        return image._rebuild(e)
-
-    def check_memory(self, entry: Entry, need: int) -> None:
-        if need > self.memory_limit:
-            raise SystemFailure(f"{self.path}: {entry.display()}: rebuilding it needs {need} bytes of memory, "
-                                f"more than the limit of {self.memory_limit} (--memory-limit)")
-
-    def check_body(self, entry: Entry) -> None:
-        """Check one body this image stores (FRAME or DELTA) against its size and
-        digest: a stored body streams in bounded memory whatever its size, a delta
-        is rebuilt from the parent stack.  CorruptImage when it does not match."""
-        if entry.storage == Storage.FRAME and entry.size > ONE_SHOT_MAX:
-            for _ in self.body_chunks(entry):
-                pass
-        elif entry.storage in (Storage.FRAME, Storage.DELTA):
-            self.read_body(entry)
-
-    def body_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
-        """The compressed frames of a FRAME body of at most ONE_SHOT_MAX bytes,
-        with their content sizes (one frame unless the image is multi-frame).
-        Each frame comes as soon as it has been read: the kernel is asked to
-        read a few pieces ahead, and decoding the first frames overlaps reading
-        the rest (llfs reads start cold).  Not thread-safe: llfs advances it
-        under a lock."""
-        length, start = entry.body_length, self.info.body_offset + entry.body_offset
-        if not self.info.multi_frame:
-            yield memoryview(_pread_exact(self._fd, length, start, self.path)), entry.size
-            return
-        # Small bodies: the kernel's own readahead of the image (bodies lie in path order)
-        # serves a tree walk in ~150 disk reads, not one per file.  Larger ones are asked
-        # for a piece at a time, ASKED_AHEAD beyond the read: asked whole, the body was
-        # one disk request (up to 4 MiB here) that the first frame waited for, and the
-        # asking itself (~0.5 ms per MiB) delayed the first read.
-        asked = 0 if length > STREAM_PIECE else length
-        buf = memoryview(bytearray(length))
-        got = pos = total = 0
-        try:
-            while pos < length:
-                if total == entry.size:  # the content is complete; only empty frames could follow
-                    raise ValueError("data after the last frame")
-                n = frame_length(buf[pos:got], partial=True)
-                if n < 0:
-                    if got == length:
-                        raise ValueError("truncated frame")
-                    while asked < min(length, got + ASKED_AHEAD):
-                        os.posix_fadvise(self._fd, start + asked, min(STREAM_PIECE, length - asked),
-                                         os.POSIX_FADV_WILLNEED)
-                        asked += STREAM_PIECE
-                    read = os.preadv(self._fd, [buf[got:min(length, got + STREAM_PIECE)]], start + got)
-                    if read <= 0:
-                        raise CorruptImage(self.path, "file is truncated")
-                    got += read
-                    continue
-                frame = buf[pos:pos + n]
-                declared = declared_size(frame, total, entry.size)
-                total += declared
-                pos += n
-                yield frame, declared
-            if total != entry.size:
-                raise ValueError(f"frames hold {total} bytes, expected {entry.size}")
-        except ValueError as exc:
-            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
-
-    def decode_frame(self, entry: Entry, frame: memoryview, size: int) -> bytes:
-        """One frame of body_frames, decompressed in one call.  zstd checks the
-        frame's checksum; the sha256 digest is check_digest's job, so a reader can
-        overlap it with serving the data."""
-        try:
-            return decode_frame(frame, size)
-        except (ValueError, zstandard.ZstdError) as exc:
-            raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
-
-    def check_digest(self, entry: Entry, data: bytes | memoryview) -> None:
-        if sha256(data).digest() != entry.digest:
-            raise CorruptImage(self.path, f"{entry.display()}: content digest mismatch")
-
-    def read_delta_payload(self, step: DeltaStep) -> bytes:
-        return _pread_exact(self._fd, step.length, self.info.body_offset + step.offset, self.path)
-
-    def _rebuild(self, entry: Entry) -> bytes:
-        from ..engine import delta  # the engine is only needed for delta images
-        assert self.parent is not None and entry.storage == Storage.DELTA
-        source = self.parent.entries[entry.delta_source]
-        sizes = [source.size] + [step.size for step in entry.delta_steps]
-        self.check_memory(entry, max(a + b for a, b in zip(sizes, sizes[1:])))
-        data = self.parent.read_body(source)
-        size, digest = source.size, source.digest or b""
-        for step in entry.delta_steps:
-            data = delta.apply_payload(data, step.method, self.read_delta_payload(step), size, digest,
-                                       step.size, step.digest, source=f"{self.path}: {entry.display()}")
-            size, digest = step.size, step.digest
-        return data
-
-
-def stored_bodies(image: Image) -> list[Entry]:
-    """The entries whose bodies `image` stores itself (not its parents')."""
-    return [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA)]
-
-
-def check_bodies(image: Image, threads: int = 1, checked: Callable[[int], None] | None = None) -> None:
-    """Check every body `image` stores itself: what the snapshotter's load and
-    the server's upload make sure of before they keep an image.  zstd, sha256
-    and the patch kernel release the GIL, so threads help.  `checked` is told
-    the size of each body once it passed (from the checking thread)."""
-    from ..parallel import run_parallel
-
-    def check(e: Entry) -> None:
-        image.check_body(e)
-        if checked is not None:
-            checked(e.size)
-    run_parallel(check, stored_bodies(image), threads)
-
-
-def _pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
+def pread_exact(fd: int, n: int, offset: int, source: str) -> bytes:
     data = os.pread(fd, n, offset)
     if len(data) != n:
         raise CorruptImage(source, "file is truncated")
@@ -700,7 +442,7 @@ def read_info(fd: int, source: str) -> ImageInfo:
             raise CorruptImage(source, "unknown cdimg flags")
         if cusize > MAX_CONFIG_USIZE or ccsize > size:
             raise CorruptImage(source, "config length out of range")
-        ccomp = _pread_exact(fd, ccsize, CDIMG_PREAMBLE.size, source)
+        ccomp = pread_exact(fd, ccsize, CDIMG_PREAMBLE.size, source)
         if light_sha256(head[:CDIMG_PREAMBLE.size - 32] + ccomp).digest() != pre_digest:
             raise CorruptImage(source, "cdimg preamble digest mismatch")
         config_bytes = _decompress_bounded(ccomp, cusize, source, "config")
@@ -746,11 +488,12 @@ def read_info(fd: int, source: str) -> ImageInfo:
                      config_bytes=config_bytes, config_digest=config_digest)
 
 
-def _read_tables(fd: int, source: str, info: ImageInfo,
+def read_tables(fd: int, source: str, info: ImageInfo,
                  parent: "Image | None") -> tuple[list[Entry], bytes]:
+    """The entries and tree table of the image at `fd`, checked (a delta's need its parent)."""
     base = info.dimg_offset
-    pre = _pread_exact(fd, DIMG_PREAMBLE.size, base, source)
-    hcomp = _pread_exact(fd, info.header_csize, base + DIMG_PREAMBLE.size, source)
+    pre = pread_exact(fd, DIMG_PREAMBLE.size, base, source)
+    hcomp = pread_exact(fd, info.header_csize, base + DIMG_PREAMBLE.size, source)
     if light_sha256(pre[:DIMG_PREAMBLE.size - 32] + hcomp).digest() != info.header_digest:
         raise CorruptImage(source, "header digest mismatch")
     header = _decompress_bounded(hcomp, info.header_usize, source, "header",
@@ -762,102 +505,6 @@ def _read_tables(fd: int, source: str, info: ImageInfo,
         raise CorruptImage(source, "image id does not match its tree")
     return entries, tree
 
-
-class BodyReader:
-    """Streams one file body out of its zstd frame and verifies size and digest.
-
-    Memory use is bounded by zstd's window (at most 128 MiB for hostile frames,
-    8 MiB for ours) whatever the file size.
-    """
-
-    CHUNK = 1 << 20
-
-    def __init__(self, fd: int, offset: int, length: int, size: int, digest: bytes,
-                 source: str, entry: Entry, across_frames: bool = False) -> None:
-        self._section = _Section(fd, offset, length)
-        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
-            self._section, read_size=min(max(length, 1), self.CHUNK), read_across_frames=across_frames,
-            closefd=False)
-        self._size = size
-        self._digest = digest
-        self._hash = sha256()
-        self._seen = 0
-        self._done = False
-        self._source = source
-        self._entry = entry
-
-    def _fail(self, reason: str) -> None:
-        raise CorruptImage(self._source, f"{self._entry.display()}: {reason}")
-
-    def read(self, n: int = -1) -> bytes:
-        if self._done:
-            return b""
-        want = self._size - self._seen if n is None or n < 0 else n
-        parts = []
-        while want > 0:
-            try:
-                chunk = self._reader.read(min(want, self.CHUNK))
-            except zstandard.ZstdError as exc:
-                self._fail(f"body does not decompress ({exc})")
-            if not chunk:
-                self._finish()
-                break
-            self._seen += len(chunk)
-            if self._seen > self._size:
-                self._fail("body is larger than its recorded size")
-            self._hash.update(chunk)
-            parts.append(chunk)
-            want -= len(chunk)
-        if self._seen == self._size and not self._done:
-            # make sure the frame really ends here
-            try:
-                extra = self._reader.read(1)
-            except zstandard.ZstdError as exc:
-                self._fail(f"body does not decompress ({exc})")
-            if extra:
-                self._fail("body is larger than its recorded size")
-            self._finish()
-        return b"".join(parts)
-
-    def _finish(self) -> None:
-        self._done = True
-        if self._seen != self._size:
-            self._fail(f"body has {self._seen} bytes, expected {self._size}")
-        if self._hash.digest() != self._digest:
-            self._fail("content digest mismatch")
-
-    def chunks(self) -> Iterable[bytes]:
-        while True:
-            chunk = self.read(self.CHUNK)
-            if not chunk:
-                return
-            yield chunk
-
-    def close(self) -> None:
-        self._reader.close()
-
-    def __enter__(self) -> "BodyReader":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _Section:
-    """A read-only window of a file descriptor, read with pread (thread-safe)."""
-
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        self.fd, self.pos, self.end = fd, offset, offset + length
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.end - self.pos
-        n = min(n, self.end - self.pos)
-        if n <= 0:
-            return b""
-        data = os.pread(self.fd, n, self.pos)
-        self.pos += len(data)
-        return data
 
 
 # ---------------------------------------------------------------- writing

@@ -15,7 +15,7 @@ import os
 import stat
 import tempfile
 
-from .format import Image
+from .reader import Image
 from ..errors import OutputExists, SystemFailure, from_oserror
 from ..progress import Progress
 from .tree import Entry, EntryType, printable

@@ -22,7 +22,9 @@ from typing import Callable, Iterator, NamedTuple
 
 import zstandard
 
-from ..image.format import ONE_SHOT_MAX, Image, format_id, read_info
+from ..image.reader import ONE_SHOT_MAX
+from ..image.format import format_id, read_info
+from ..image.reader import Image
 from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
 from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage
 from .threads import WakePool

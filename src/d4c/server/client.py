@@ -292,7 +292,7 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
     """Check every body of a downloaded update when its base is at hand (a full
     image, or a delta of a full image given as --have): the digest only says the
     file is what the server holds, not that what it holds is sound."""
-    from ..image.format import Image, check_bodies
+    from ..image.reader import Image, check_bodies
     from ..image.deltas import close_all
     parent = (plan.get("from") or "").split(":", 1)[-1]
     if parent and parent not in have_files:

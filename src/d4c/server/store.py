@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..image.format import check_bodies, format_id, read_info
+from ..image.reader import check_bodies
+from ..image.format import format_id, read_info
 from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
 from ..digests import path_sha256
 

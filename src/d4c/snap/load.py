@@ -21,7 +21,8 @@ import uuid
 
 from .. import paths
 from ..containerd import Containerd
-from ..image.format import Image, format_id, read_info
+from ..image.reader import Image
+from ..image.format import format_id, read_info
 from ..errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
 from ..fsutil import atomic_output, copy_range
 from ..progress import Progress

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..image.format import Image, check_bodies, format_id, read_info, stored_bodies
+from ..image.reader import Image, check_bodies, stored_bodies
+from ..image.format import format_id, read_info
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
