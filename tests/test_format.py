@@ -232,7 +232,7 @@ def test_large_bodies_are_several_frames(tmp_path, monkeypatch) -> None:  # type
     """Bodies over FRAME_CHUNK are one frame per FRAME_CHUNK of content (readers
     decompress them in parallel) and the image says so in its flags; images
     without such files keep the single-frame layout, byte for byte."""
-    from d4c.image import format as dimg, reader
+    from d4c.image import reader
     from d4c.image.bodies import FRAME_CHUNK
     from d4c.image.format import FLAG_MULTI_FRAME, read_info
     src = tmp_path / "src"

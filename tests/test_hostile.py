@@ -26,7 +26,7 @@ from test_format import GOLDEN
 from d4c.image.reader import Image
 from d4c.image.format import cdimg_preamble, dimg_preamble, encode_storage, encode_tree, image_id_of
 from d4c.errors import EXIT_CORRUPT, EXIT_IO, EXIT_USAGE
-from d4c.image.deltas import close_all, open_stack
+from d4c.image.stack import close_all, open_stack
 from d4c.image.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")

@@ -13,7 +13,7 @@ from helpers import assert_one_line_error, diff_trees, run_cli, snapshot_tree
 from ocibuild import M, Layout
 
 from d4c.image.reader import Image
-from d4c.image.deltas import close_all, open_stack
+from d4c.image.stack import close_all, open_stack
 from d4c.image.tree import EntryType, Storage
 
 DATA = os.path.join(os.path.dirname(__file__), "data")

@@ -19,7 +19,8 @@ from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, r
 from d4c.image.reader import Image
 from d4c.errors import CorruptImage
 from d4c.llfs import model as llfs_model
-from d4c.llfs.model import BodyCache, FsError, ImageFS, Options, open_images, resolve_stack
+from d4c.llfs.model import BodyCache, FsError, ImageFS, Options
+from d4c.image.stack import open_stack, resolve_stack
 from d4c.image.tree import Entry, EntryType, Storage
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
@@ -36,7 +37,7 @@ def test_resolve_stack(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 def model(stack: list[str], tmp_path, limit: int = 1 << 30) -> ImageFS:  # type: ignore[no-untyped-def]
-    return ImageFS(open_images(stack), Options(str(tmp_path / "cache"), limit))
+    return ImageFS(open_stack(stack), Options(str(tmp_path / "cache"), limit))
 
 
 def listing(fs: ImageFS, ino: int) -> list[tuple[bytes, int]]:
@@ -187,7 +188,7 @@ def test_frames_decoded_by_reader_and_helper(stack, images, tmp_path, monkeypatc
     with Image(images[3]) as want:
         body = want.read_body(want.lookup(b"lib/libbig.so"))
     monkeypatch.setattr(Image, "decode_frame", counted)
-    fs = ImageFS(open_images(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
+    fs = ImageFS(open_stack(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
     try:
         ino = walk(fs)[b"lib/libbig.so"]
         assert read_all(fs, ino) == body
@@ -529,7 +530,7 @@ def test_mounted_tree_equals_unpack(stack, images, tmp_path, extra) -> None:  # 
 
 def stored_body(stack: list[str], path: bytes) -> tuple[str, int, int, Entry]:
     """Where the stack stores the body of `path`: (image, file offset, length, stored entry)."""
-    imgs = open_images(stack)
+    imgs = open_stack(stack)
     try:
         image, stored = imgs[-1].resolve(imgs[-1].lookup(path))
         stored = image.holder(stored)
@@ -556,7 +557,7 @@ def damaged_copy(stack: list[str], folder: str, damage: dict[str, list[int]]) ->
 def test_corrupt_body_is_eio_and_mount_survives(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
     fuse_ok()
     # damage the payload of bin/tool's delta in the top image (header intact)
-    imgs = open_images(stack)
+    imgs = open_stack(stack)
     try:
         top = imgs[-1]
         e = next(x for x in top.entries if x.path == b"bin/tool")
@@ -590,7 +591,7 @@ def test_damaged_frames_are_eio(stack, tmp_path, extra) -> None:  # type: ignore
     holder, start, length, big = stored_body(stack, b"lib/libbig.so")
     assert big.storage == Storage.FRAME and big.size > (2 << 20)  # several frames, read ahead
     frame_at = start + length * 3 // 4
-    imgs = open_images(stack)
+    imgs = open_stack(stack)
     try:
         tool = next(x for x in imgs[-1].entries if x.path == b"bin/tool")
         delta_at = imgs[-1].info.body_offset + tool.delta_steps[0].offset + tool.delta_steps[0].length // 2
@@ -842,7 +843,7 @@ def test_verified_bodies_skip_only_the_sha256_pass(stack, tmp_path, verified) ->
     when the images were stored: a body whose digest no longer matches -- what a
     second pass would catch -- is an error without it and served with it.  zstd's
     frame checksums stay on either way (test_damaged_frames_are_eio)."""
-    fs = ImageFS(open_images(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
+    fs = ImageFS(open_stack(stack), Options(str(tmp_path / "cache"), verified_bodies=verified))
     try:
         inos = walk(fs)
         small = next(p for p, ino in inos.items() if fs.entry(ino).type == EntryType.FILE
@@ -877,7 +878,7 @@ def test_verified_frames_fail_for_good(stack, tmp_path) -> None:  # type: ignore
     read after it: the frames decoded ahead must never be served in its place."""
     holder, start, length, big = stored_body(stack, b"lib/libbig.so")
     top = damaged_copy(stack, str(tmp_path / "images"), {holder: [start + length // 2]})
-    fs = ImageFS(open_images(resolve_stack(top)), Options(str(tmp_path / "cache"), verified_bodies=True))
+    fs = ImageFS(open_stack(resolve_stack(top)), Options(str(tmp_path / "cache"), verified_bodies=True))
     try:
         fh = fs.open(walk(fs)[b"lib/libbig.so"])
         off = 0

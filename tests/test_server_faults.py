@@ -112,7 +112,7 @@ def image_id(path: str) -> str:
 
 def body_flipped(path: str, out: str, storage: Storage, parent: str | None = None) -> str:
     """A copy of `path` with one byte flipped inside a body of `storage` (header intact)."""
-    from d4c.image.deltas import close_all, open_stack
+    from d4c.image.stack import close_all, open_stack
     stack = open_stack([path], parent)
     try:
         image = stack[-1]

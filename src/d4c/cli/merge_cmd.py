@@ -6,7 +6,8 @@ import argparse
 import os
 
 from ..errors import UsageError
-from ..image.deltas import DEFAULT_FRAME_LEVEL, close_all, merge_bisect, merge_stack, open_stack, patch_image
+from ..image.deltas import DEFAULT_FRAME_LEVEL, merge_bisect, merge_stack, patch_image
+from ..image.stack import close_all, open_stack
 from ..progress import human_bytes
 from ._common import add_threads, print_json, print_table, refuse_output_over_input
 from ..args import positive_int

@@ -51,7 +51,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def run_mount(args: argparse.Namespace) -> int:
-    from ..llfs.model import Options, resolve_stack
+    from ..llfs.model import Options
+    from ..image.stack import resolve_stack
     from ..llfs.serve import check_mountpoint, fuse_problem, serve
     if args.base is None and args.delta:
         raise UsageError("mount: --delta needs --base")
@@ -62,11 +63,11 @@ def run_mount(args: argparse.Namespace) -> int:
     if problem:
         raise UsageError(f"mount: {problem}")
     if args.background:
-        from ..llfs.model import open_images
+        from ..image.stack import open_stack
         from ..llfs.process import reexec_command, spawn_mount
         # a damaged header here, not in the server: its failure would reach us as
         # 'mount failed' (exit 5), not as a corrupt image (exit 3)
-        for image in open_images(paths):
+        for image in open_stack(paths):
             image.close()
         spawn_mount(reexec_command(), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,

@@ -7,7 +7,8 @@ import os
 import tempfile
 
 from ..errors import UsageError
-from ..image.deltas import BASE_LEVEL, close_all, open_stack, patch_image
+from ..image.deltas import BASE_LEVEL, patch_image
+from ..image.stack import close_all, open_stack
 from ..image.unpack import unpack
 from ._common import add_threads, refuse_output_over_input
 from ..args import parse_size

@@ -10,7 +10,8 @@ from typing import Any
 
 from ..image.reader import Image
 from ..image.format import format_id
-from ..image.deltas import close_all, decisions, open_stack
+from ..image.stack import close_all, open_stack
+from ..image.deltas import decisions
 from ..errors import UsageError
 from ..progress import human_bytes
 from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage, printable

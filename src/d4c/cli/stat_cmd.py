@@ -33,7 +33,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def _decisions(delta: str, bases: list[str]) -> tuple[Any, list[Any]]:
-    from ..image.deltas import close_all, decisions, open_stack
+    from ..image.stack import close_all, open_stack
+    from ..image.deltas import decisions
     stack = open_stack(bases[1:] + [delta], bases[0])
     try:
         top = stack[-1]

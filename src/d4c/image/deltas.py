@@ -23,8 +23,8 @@ from ..engine import delta
 from .bodies import READ_CHUNK, BodySpool
 from .format import (MAX_DELTA_STEPS, DeltaHeaderCoder, canonical_config, cdimg_preamble, dimg_size_of,
                      encode_delta_header, with_layer_id, write_dimg_to)
-from .reader import ONE_SHOT_MAX
-from .reader import Image
+from .reader import ONE_SHOT_MAX, Image
+from .stack import close_all
 from ..errors import CorruptImage, UsageError
 from ..fsutil import atomic_output
 from ..parallel import run_parallel
@@ -460,20 +460,3 @@ def merge_bisect(stack: list[Image], out_path: str, *, cdimg: bool, threads: int
             close_all(opened)
 
 
-def open_stack(paths: list[str], base: str | None = None) -> list[Image]:
-    """Open images lower -> upper, each on the one before (ids checked).  With
-    `base`, it is opened first as the parent of paths[0]."""
-    images: list[Image] = []
-    try:
-        for path in ([base] if base else []) + paths:
-            images.append(Image(path, parent=images[-1] if images else None))
-        return images
-    except BaseException:
-        for image in images:
-            image.close()
-        raise
-
-
-def close_all(images: Iterable[Image]) -> None:
-    for image in images:
-        image.close()

@@ -23,9 +23,8 @@ from typing import Callable, Iterator, NamedTuple
 import zstandard
 
 from ..image.reader import ONE_SHOT_MAX
-from ..image.format import format_id, read_info
 from ..image.reader import Image
-from ..errors import CorruptImage, D4CError, MissingBase, NotFound, UsageError, WrongBase
+from ..errors import CorruptImage
 from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage
 from .threads import WakePool
 from ..digests import file_sha256, sha256
@@ -54,74 +53,6 @@ class FsError(Exception):
 
 
 # ---------------------------------------------------------------- the stack
-
-def resolve_stack(top: str, *, image_dir: str | None = None, chain: list[str] | None = None) -> list[str]:
-    """Paths of the images from the base up to `top`.  `chain` lists them
-    explicitly (base first, without top); else parents are looked up by id among
-    the images in `image_dir` (default: top's directory).  Links are checked
-    before anything is mounted."""
-    info = _info(top)
-    if chain is not None:
-        paths = chain + [top]
-    else:
-        by_id: dict[bytes, str] = {}
-        folder = image_dir or os.path.dirname(os.path.abspath(top))
-        try:
-            names = sorted(os.listdir(folder))
-        except OSError as exc:
-            raise NotFound(f"cannot list image directory {folder}: {exc.strerror}") from None
-        for name in names:
-            path = os.path.join(folder, name)
-            if not name.endswith((".cdimg", ".dimg")) or not os.path.isfile(path):
-                continue
-            try:
-                by_id.setdefault(_info(path).image_id, path)
-            except D4CError:
-                continue  # not an image we can use: ignore it here
-        paths = [top]
-        while info.parent_id is not None:
-            parent = by_id.get(info.parent_id)
-            if parent is None:
-                raise MissingBase(paths[-1], format_id(info.parent_id))
-            if len(paths) > 4096:
-                raise CorruptImage(top, "parent chain does not end")
-            paths.append(parent)
-            info = _info(parent)
-        paths.reverse()
-    # every link must match: checked again, cheaply, whichever way the chain came
-    for lower, upper in zip(paths, paths[1:]):
-        up, low = _info(upper), _info(lower)
-        if up.parent_id != low.image_id:
-            raise WrongBase(upper, format_id(up.parent_id) if up.parent_id else "(none: a base image)",
-                            lower, format_id(low.image_id))
-    if _info(paths[0]).parent_id is not None:
-        raise MissingBase(paths[0], format_id(_info(paths[0]).parent_id or b""))
-    return paths
-
-
-def _info(path: str):  # type: ignore[no-untyped-def]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(f"no such image file: {path}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot open {path}: {exc.strerror}") from None
-    try:
-        return read_info(fd, path)
-    finally:
-        os.close(fd)
-
-
-def open_images(paths: list[str]) -> list[Image]:
-    images: list[Image] = []
-    try:
-        for path in paths:
-            images.append(Image(path, parent=images[-1] if images else None))
-    except BaseException:
-        for image in images:
-            image.close()
-        raise
-    return images
 
 
 # ---------------------------------------------------------------- cache

@@ -8,7 +8,8 @@ from typing import Callable
 
 from ..errors import Unsupported, UsageError
 from ._impl import IMPORT_ERROR, llfuse
-from .model import ImageFS, Options, open_images
+from .model import ImageFS, Options
+from ..image.stack import open_stack
 from .mounts import clear_stale
 from .threads import keep_frame_memory
 
@@ -46,7 +47,7 @@ def serve(paths: list[str], mountpoint: str, options: Options, *,
         raise Unsupported(f"cannot mount: {problem}")
     from .ops import Operations  # subclasses llfuse's class: only importable with llfuse
     keep_frame_memory()  # before the FUSE and pool threads start
-    images = open_images(paths)
+    images = open_stack(paths)
     fs = ImageFS(images, options)
     fuse_options = set(llfuse.default_options) | {"fsname=d4c", "subtype=d4c", "ro"}
     if os.geteuid() == 0:  # containerd and the container's users read it

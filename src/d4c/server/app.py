@@ -138,7 +138,8 @@ class Updates:
         """Merge the chain (never touching stored artifacts) into the cache; the
         merge is pinned before the lock is let go, so another plan's eviction
         cannot take it before this plan is answered."""
-        from ..image.deltas import close_all, merge_stack, open_stack, patch_image
+        from ..image.stack import close_all, open_stack
+        from ..image.deltas import merge_stack, patch_image
         self.merges += 1
         below = self.store.chain_to(start) if start else []
         files = [self.store.path(a.digest) for a in below + path]

@@ -293,17 +293,16 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
     image, or a delta of a full image given as --have): the digest only says the
     file is what the server holds, not that what it holds is sound."""
     from ..image.reader import Image, check_bodies
-    from ..image.deltas import close_all
+    from ..image.stack import close_all, open_stack, read_info_at
     parent = (plan.get("from") or "").split(":", 1)[-1]
     if parent and parent not in have_files:
         return  # `load` checks it on the device, with its base
+    base = [have_files[parent]] if parent else []
+    if base and read_info_at(base[0]).parent_id is not None:
+        return  # the base is a delta itself: `load` checks the update on the device
     images: list[Image] = []
     try:
-        if parent:
-            images.append(Image(have_files[parent]))
-            if images[0].is_delta:
-                return
-        images.append(Image(path, parent=images[0] if images else None))
+        images = open_stack(base + [path])
         check_bodies(images[-1], os.cpu_count() or 1)
     except (CorruptImage, CorruptDelta) as exc:
         raise CorruptImage(f"the update to {plan.get('tag')} from the server",
@@ -319,18 +318,11 @@ def have_ids(values: list[str]) -> set[str]:
 
 def have_files(values: list[str]) -> dict[str, str]:
     """--have: {image id: its file, or "" when only the id was given}."""
-    from ..image.format import read_info
+    from ..image.stack import read_info_at
     out: dict[str, str] = {}
     for v in values:
         if os.path.exists(v):
-            try:
-                fd = os.open(v, os.O_RDONLY)
-            except OSError as exc:
-                raise from_oserror(exc, "cannot read") from exc
-            try:
-                out[read_info(fd, v).image_id.hex()] = v
-            finally:
-                os.close(fd)
+            out[read_info_at(v).image_id.hex()] = v
         else:
             hexid = v.split(":", 1)[-1]
             if len(hexid) != 64 and os.sep in v:  # it names a file, which is not there

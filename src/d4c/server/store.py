@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ..image.reader import check_bodies
-from ..image.format import format_id, read_info
+from ..image.format import format_id
+from ..image.stack import read_info_at
 from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
 from ..digests import path_sha256
 
@@ -127,15 +128,11 @@ class Store:
         cdimg whose parent the store knows, every body checked as `load` checks
         it (a corrupt copy must never be served in place of a good one), stored
         under its digest.  Idempotent; `tmp` is gone afterwards, whatever happens."""
-        from ..image.deltas import close_all, open_stack
+        from ..image.stack import close_all, open_stack
         try:
             if tag is not None:
                 check_tag(tag)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                info = read_info(fd, "upload")
-            finally:
-                os.close(fd)
+            info = read_info_at(tmp, "upload")
             if info.kind != "cdimg":
                 raise BadInput("upload: not a cdimg (a dimg has no config to run)")
             image, parent = info.image_id.hex(), info.parent_id.hex() if info.parent_id else ""

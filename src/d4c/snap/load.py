@@ -22,7 +22,8 @@ import uuid
 from .. import paths
 from ..containerd import Containerd
 from ..image.reader import Image
-from ..image.format import format_id, read_info
+from ..image.format import format_id
+from ..image.stack import read_info_at
 from ..errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
 from ..fsutil import atomic_output, copy_range
 from ..progress import Progress
@@ -59,14 +60,7 @@ def load_image(path: str, name: str, *, address: str, namespace: str,
     """Load `path` as image `name`; returns the image id.  Loading the same image
     again is a no-op apart from (re)pointing the name at it."""
     check_name(name)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFound(f"no such image file: {path}") from None
-    try:
-        info = read_info(fd, path)
-    finally:
-        os.close(fd)
+    info = read_info_at(path)
     if info.config_bytes is None:
         raise UsageError(f"{path} is a dimg: load needs a cdimg (it carries the image config)")
     if info.parent_id is None:
@@ -133,15 +127,9 @@ def _how_to_load(ctrd: Containerd, path: str, base_id: bytes) -> str:
 
 def _image_id(path: str) -> bytes | None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        return read_info(fd, path).image_id
+        return read_info_at(path).image_id
     except D4CError:
         return None  # not an image we can use: ignore it here
-    finally:
-        os.close(fd)
 
 
 def _hand_over(path: str, incoming: str) -> None:

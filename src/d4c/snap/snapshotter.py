@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..image.reader import Image, check_bodies, stored_bodies
-from ..image.format import format_id, read_info
+from ..image.format import format_id
+from ..image.stack import close_all, open_stack, read_info_at, walk_chain
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
@@ -298,11 +299,7 @@ class Snapshotter:
             incoming = self.incoming_path(hexid)
             if not os.path.exists(incoming):
                 raise NotFound(f"image sha256:{hexid} was not handed to the snapshotter (use ctr-cli load)")
-            fd = os.open(incoming, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                info = read_info(fd, incoming)
-            finally:
-                os.close(fd)
+            info = read_info_at(incoming)
             if info.image_id.hex() != hexid:
                 os.unlink(incoming)
                 raise CorruptImage(incoming, f"is image {format_id(info.image_id)}, not sha256:{hexid}")
@@ -324,31 +321,22 @@ class Snapshotter:
         where it has them and checked against its digest.  A corrupt image is
         refused at load time, not discovered by a container later."""
         stack = [self.image_path(h) for h in self._chain(parent)] if parent else []
-        images: list[Image] = []
+        images = open_stack(stack + [path])
         try:
-            for p in stack:
-                images.append(Image(p, parent=images[-1] if images else None))
-            top = Image(path, parent=images[-1] if images else None)
-            images.append(top)
+            top = images[-1]
             # a load on a thin link's device is mostly this check: `load` shows its progress
             with _CheckProgress(check_progress_path(path), top) as progress:
                 check_bodies(top, VERIFY_THREADS, checked=progress.add)
         finally:
-            for image in images:
-                image.close()
+            close_all(images)
 
     def _chain(self, hexid: str) -> list[str]:
-        chain = []
-        while hexid:
-            stored = self.meta.image(hexid)
+        def parent_of(key: str) -> str:
+            stored = self.meta.image(key)
             if stored is None:
-                raise Conflict(f"image sha256:{hexid} is missing from the store")
-            chain.append(hexid)
-            hexid = stored.parent
-            if len(chain) > 4096:
-                raise CorruptImage("store", "parent chain does not end")
-        chain.reverse()
-        return chain
+                raise Conflict(f"image sha256:{key} is missing from the store")
+            return stored.parent
+        return walk_chain(hexid, parent_of, "store")
 
     def _stack(self, hexid: str) -> list[str]:
         return [self.image_path(h) for h in self._chain(hexid)]
