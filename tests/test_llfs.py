@@ -19,7 +19,9 @@ from helpers import assert_one_line_error, diff_trees, fuse_server_pids, need, r
 from d4c.image.reader import Image
 from d4c.errors import CorruptImage
 from d4c.llfs import model as llfs_model
-from d4c.llfs.model import BodyCache, FsError, ImageFS, Options
+from d4c.llfs import streams
+from d4c.llfs.cache import BodyCache
+from d4c.llfs.model import FsError, ImageFS, Options
 from d4c.image.stack import open_stack, resolve_stack
 from d4c.image.tree import Entry, EntryType, Storage
 
@@ -139,6 +141,7 @@ def test_random_access_streams_a_large_body_to_the_cache(stack, images, tmp_path
     read whole, a body of several GiB was twice its size in memory."""
     monkeypatch.setattr(llfs_model, "KEEP_BEHIND", 1 << 20)
     monkeypatch.setattr(llfs_model, "ONE_SHOT_MAX", 1 << 20)  # the test file is 2.4 MB
+    monkeypatch.setattr(streams, "ONE_SHOT_MAX", 1 << 20)
 
     def whole(*args: object, **kwargs: object) -> bytes:
         raise AssertionError("a large body was read into memory whole")
@@ -269,12 +272,12 @@ def read_frames(reader, pause: float = 0.0, timeout: float = 20.0,  # type: igno
 def test_frames_fail_while_the_other_hand_decodes(monkeypatch, case) -> None:  # type: ignore[no-untyped-def]
     """A frame fails while the other hand still decodes the one before it: the
     frames before it are served, then the failure, for good; nothing hangs."""
-    monkeypatch.setattr(llfs_model, "AHEAD", 4)
+    monkeypatch.setattr(streams, "AHEAD", 4)
     slow = {i: 0.05 for i in range(8)}  # every hand is busy long enough for the other to claim
     image = {"decode fails": FramedBody(8, slow, bad=(3,)),
              "read fails": FramedBody(8, slow, unreadable_at=3),
              "frames past the size": FramedBody(8, slow, extra=True)}[case]
-    reader = llfs_model._Frames(image, image.stored, True)  # type: ignore[arg-type]
+    reader = streams.Frames(image, image.stored, True)  # type: ignore[arg-type]
     got, error = read_frames(reader)
     assert isinstance(error, CorruptImage)
     # frames past the size fail the read of the last frame: no read would ever meet them
@@ -289,12 +292,12 @@ def test_frames_fail_while_the_other_hand_decodes(monkeypatch, case) -> None:  #
 def test_frames_helper_leaves_a_slow_reader(monkeypatch, verified) -> None:  # type: ignore[no-untyped-def]
     """A helper leaves a reader that stops reading and is called back when it
     reads on: the body comes out whole and in order, decoded by both hands."""
-    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 0.002)
+    monkeypatch.setattr(streams, "HELPER_PATIENCE", 0.002)
     calls: list[int] = []
-    help_ = llfs_model._Frames._help
-    monkeypatch.setattr(llfs_model._Frames, "_help", lambda self: (calls.append(1), help_(self))[1])
+    help_ = streams.Frames._help
+    monkeypatch.setattr(streams.Frames, "_help", lambda self: (calls.append(1), help_(self))[1])
     image = FramedBody(16)
-    got, error = read_frames(llfs_model._Frames(image, image.stored, verified), pause=0.02)  # type: ignore[arg-type]
+    got, error = read_frames(streams.Frames(image, image.stored, verified), pause=0.02)  # type: ignore[arg-type]
     assert error is None and got == image.body
     assert len(calls) >= 2  # called back after leaving
     assert any(name.startswith("d4c-decode") for name in image.decoded_by)
@@ -305,7 +308,7 @@ def test_frames_past_an_empty_frame(verified) -> None:  # type: ignore[no-untype
     """An empty frame inside a body (valid, though our writer makes none) is not
     the end of the file: the rest is served, and checked unless verified."""
     image = FramedBody(5, empty=(1, 2))
-    got, error = read_frames(llfs_model._Frames(image, image.stored, verified))  # type: ignore[arg-type]
+    got, error = read_frames(streams.Frames(image, image.stored, verified))  # type: ignore[arg-type]
     assert error is None and got == image.body
 
 
@@ -345,7 +348,7 @@ def test_frames_two_hands_stress() -> None:
         count = rnd.randint(1, 6)
         bad = (rnd.randrange(count),) if rnd.random() < 0.2 else ()
         image = Jittery(count, bad=bad)
-        reader = llfs_model._Frames(image, image.stored, rnd.random() < 0.5)  # type: ignore[arg-type]
+        reader = streams.Frames(image, image.stored, rnd.random() < 0.5)  # type: ignore[arg-type]
         if rnd.random() < 0.1 and not bad:  # released after its first read
             assert bytes(reader.read(100)) == image.body[:100]
             reader.close()
@@ -359,18 +362,18 @@ def test_frames_two_hands_stress() -> None:
 def test_frames_closed_while_helping(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A helper waiting for its reader to catch up leaves when the reader is
     closed: the decode pool is free for the next files at once."""
-    monkeypatch.setattr(llfs_model, "HELPER_PATIENCE", 30.0)  # only the close may end the wait
-    monkeypatch.setattr(llfs_model, "AHEAD", 0)  # a helper decodes one frame, then waits
-    for _ in range(llfs_model.DECODERS):  # a waiting helper on every pool thread
+    monkeypatch.setattr(streams, "HELPER_PATIENCE", 30.0)  # only the close may end the wait
+    monkeypatch.setattr(streams, "AHEAD", 0)  # a helper decodes one frame, then waits
+    for _ in range(streams.DECODERS):  # a waiting helper on every pool thread
         image = FramedBody(4)
-        reader = llfs_model._Frames(image, image.stored, True)  # type: ignore[arg-type]
+        reader = streams.Frames(image, image.stored, True)  # type: ignore[arg-type]
         assert bytes(reader.read(10)) == image.body[:10]
         deadline = time.monotonic() + 10
         while 1 not in reader._decoded and time.monotonic() < deadline:  # the helper has its frame
             time.sleep(0.001)
         assert 1 in reader._decoded
         reader.close()
-    llfs_model._pool("decode", llfs_model.DECODERS).submit(lambda: None).result(timeout=5)
+    streams._pool("decode", streams.DECODERS).submit(lambda: None).result(timeout=5)
 
 
 def test_rebuilt_once_and_cache_bounded(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -804,9 +807,9 @@ class _FakeBody:
 
 
 def test_prefetcher() -> None:
-    from d4c.llfs.model import _Prefetcher
-    data = os.urandom(5 * _Prefetcher.CHUNK + 123)
-    p = _Prefetcher.streaming(_FakeBody(data))
+    from d4c.llfs.streams import Prefetcher
+    data = os.urandom(5 * Prefetcher.CHUNK + 123)
+    p = Prefetcher.streaming(_FakeBody(data))
     got, sizes = [], [1, 7, 131072, 3 << 20, 999_999, 1 << 22]
     while True:
         chunk = p.read(sizes[len(got) % len(sizes)])
@@ -816,7 +819,7 @@ def test_prefetcher() -> None:
     p.close()
     assert b"".join(got) == data
     # a failing body: the error reaches the reader
-    p = _Prefetcher.streaming(_FakeBody(data, fail_at=2 * _Prefetcher.CHUNK))
+    p = Prefetcher.streaming(_FakeBody(data, fail_at=2 * Prefetcher.CHUNK))
     with pytest.raises(CorruptImage):
         while p.read(1 << 20):
             pass
@@ -825,7 +828,7 @@ def test_prefetcher() -> None:
     p.close()
     # closing while the producer waits on a full queue (a put with no timeout) ends it
     body = _FakeBody(data * 4)
-    p = _Prefetcher.streaming(body)
+    p = Prefetcher.streaming(body)
     for _ in range(500):
         if p._queue.full():
             break
