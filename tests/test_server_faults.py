@@ -509,7 +509,7 @@ def _stored(tmp_path, stack) -> Store:  # type: ignore[no-untyped-def]
 def test_a_merge_is_pinned_before_another_plan_can_evict_it(tmp_path, stack) -> None:  # type: ignore[no-untyped-def]
     """Another client's plan right after this plan's merge was built, with a cache of one
     byte: it evicted the unpinned merge and this plan announced an empty digest."""
-    from d4c.server.app import Updates
+    from d4c.server.updates import Updates
     store = _stored(tmp_path, stack)
     have = {image_id(stack[0])}
 
@@ -534,7 +534,9 @@ def test_a_merge_is_pinned_before_another_plan_can_evict_it(tmp_path, stack) -> 
 
 def test_a_payload_evicted_before_it_is_opened_is_404(tmp_path, stack) -> None:  # type: ignore[no-untyped-def]
     """It was a 500, and pull exited 1 instead of asking for the update again."""
-    from d4c.server.app import PooledHTTPServer, Updates, make_handler
+    from d4c.server.pool import PooledHTTPServer
+    from d4c.server.updates import Updates
+    from d4c.server.app import make_handler
     store = _stored(tmp_path, stack)
 
     class EvictsOnce(Updates):

@@ -1,9 +1,10 @@
-"""The update server's HTTP API (docs/API.md), on the standard library's HTTP
-server with a bounded pool of workers: a connection waits in a selector (no
+"""The update server's HTTP API (docs/API.md): the request handler and `serve`.
+The server is the standard library's HTTP server with a bounded pool of workers
+(pool.py): a connection waits in a selector (no
 thread) until it has sent a whole request head, and again between kept-alive
 requests, so idle and slow connections cost no thread and block no one; a
 burst of clients queues in a deep backlog instead of being reset; the same
-merge asked twice at once is computed once.
+merge asked twice at once is computed once (updates.py).
 
     POST /v1/push?tag=NAME:TAG      body: a cdimg (base or delta)   -> 201 {artifact}
     GET  /v1/tags                                                    -> {tag: id}
@@ -15,26 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import http.server
-import io
 import json
 import logging
 import os
-import re
-import selectors
 import socket
 import threading
-import time
 import urllib.parse
-import uuid
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..daemons import record_signals, wait_for_signal
 from ..errors import AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
-from .store import Artifact, Store, check_tag
-from ..digests import path_sha256
+from .pool import IDLE_TIMEOUT, WORKERS, PooledHandler, PooledHTTPServer
+from .store import Store, check_tag
+from .updates import PIN_TIME, Updates
 
 log = logging.getLogger("d4c.server")
 MAX_UPLOAD = 64 << 30
@@ -43,336 +37,8 @@ SEND = 64 << 10
 RECV = 256 << 10
 STATUS = [(NotFound, 404), (Conflict, 409), (AlreadyExists, 409), (UsageError, 400), (BadInput, 400),
           (CorruptImage, 400)]
-BACKLOG = 1024           # the kernel caps it at net.core.somaxconn
-WORKERS = 64
-IDLE_TIMEOUT = 60.0      # seconds a connection may wait for, or inside, a request
-MAX_HEAD = 64 << 10      # a request line and headers (http.server refuses longer lines anyway)
 LINGER, MAX_LINGER_BYTES = 1.0, 16 << 20   # a refused request's unread body, read and dropped
-PIN_TIME = 600.0         # seconds a planned payload is kept for its download
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
-# a merged payload: <from id or "base">-<to id>-<sha256>.cdimg; anything else in merged/ is a temp
-MERGED_NAME = re.compile(r"^(?:base|[0-9a-f]{64})-[0-9a-f]{64}-[0-9a-f]{64}\.cdimg$")
-
-
-class Updates:
-    """Plans and merged payloads, cached by (from, to) within a byte budget.  A
-    payload a plan names is pinned until a client has downloaded it whole or
-    `pin_time` has passed, so a concurrent merge cannot evict it in between."""
-
-    def __init__(self, store: Store, cache_limit: int = 8 << 30, threads: int = 2,
-                 pin_time: float = PIN_TIME) -> None:
-        self.store = store
-        self.dir = os.path.join(store.root, "merged")
-        os.makedirs(self.dir, exist_ok=True)
-        self.limit = cache_limit
-        self.threads = threads
-        self.pin_time = pin_time
-        self._lock = threading.Lock()
-        self._building: dict[str, threading.Lock] = {}
-        self._cached: OrderedDict[str, int] = OrderedDict()
-        self._pins: dict[str, tuple[int, float]] = {}   # name -> (downloads outstanding, pinned until)
-        self.merges = 0
-        for name in sorted(os.listdir(self.dir)):
-            # only finished merges have their final name; a temp a crash left is never adopted
-            if MERGED_NAME.match(name):
-                self._cached[name[:-6]] = os.path.getsize(os.path.join(self.dir, name))
-            else:
-                os.unlink(os.path.join(self.dir, name))
-
-    def plan(self, tag: str, have: set[str]) -> dict[str, Any]:
-        target = self.store.resolve_tag(tag)
-        path = self.store.cheapest(target, have)
-        if not path:
-            return {"tag": tag, "to": "sha256:" + target, "from": "sha256:" + target, "upToDate": True}
-        start = path[0].parent
-        if len(path) == 1:
-            digest, size = path[0].digest, path[0].size
-        else:
-            digest, size = self._merged(start, target, path)
-        return {"tag": tag, "to": "sha256:" + target, "from": ("sha256:" + start) if start else None,
-                "dimgs": len(path), "artifacts": [a.digest for a in path], "size": size, "sha256": digest,
-                "url": f"/v1/payloads/{digest}"}
-
-    def _merged(self, start: str, target: str, path: list[Artifact]) -> tuple[str, int]:
-        key = f"{start or 'base'}-{target}"
-        with self._lock:
-            lock = self._building.setdefault(key, threading.Lock())
-        with lock:
-            found = self._find(key)
-            if found:
-                return found
-            return self._build(key, start, path)
-
-    def _find(self, key: str) -> tuple[str, int] | None:
-        """The cached merge for `key`, pinned for the download its plan announces."""
-        with self._lock:
-            for name in self._cached:
-                if name.startswith(key + "-"):
-                    self._cached.move_to_end(name)
-                    self._pin(name)
-                    return name.rsplit("-", 1)[1], self._cached[name]
-        return None
-
-    def _pin(self, name: str) -> None:
-        count, _ = self._pins.get(name, (0, 0.0))
-        self._pins[name] = (count + 1, time.monotonic() + self.pin_time)
-
-    def _pinned(self, name: str, now: float) -> bool:
-        count, until = self._pins.get(name, (0, 0.0))
-        if count and until > now:
-            return True
-        self._pins.pop(name, None)
-        return False
-
-    def downloaded(self, digest: str) -> None:
-        """A client has the whole payload: its plan's pin is released."""
-        with self._lock:
-            for name, (count, until) in list(self._pins.items()):
-                if name.endswith("-" + digest):
-                    if count > 1:
-                        self._pins[name] = (count - 1, until)
-                    else:
-                        del self._pins[name]
-
-    def _build(self, key: str, start: str, path: list[Artifact]) -> tuple[str, int]:
-        """Merge the chain (never touching stored artifacts) into the cache; the
-        merge is pinned before the lock is let go, so another plan's eviction
-        cannot take it before this plan is answered."""
-        from ..image.stack import close_all, open_stack
-        from ..image.deltas import merge_stack, patch_image
-        self.merges += 1
-        below = self.store.chain_to(start) if start else []
-        files = [self.store.path(a.digest) for a in below + path]
-        tmp = os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}.partial")
-        try:
-            stack = open_stack(files[1:], files[0])
-            try:
-                if start:
-                    # every stored body was checked at upload (Store.add), and a device checks
-                    # what it loads: checking the copied bodies again would only slow merges
-                    merge_stack(stack[len(below) - 1:], tmp, cdimg=True, threads=self.threads, check_copied=False)
-                else:
-                    patch_image(stack[-1], tmp, cdimg=True, threads=self.threads)
-            finally:
-                close_all(stack)
-            name = f"{key}-{path_sha256(tmp).hexdigest()}"
-            os.rename(tmp, os.path.join(self.dir, name + ".cdimg"))
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        with self._lock:
-            size = self._cached[name] = os.path.getsize(os.path.join(self.dir, name + ".cdimg"))
-            self._pin(name)
-            self._evict(keep=name)
-        return name.rsplit("-", 1)[1], size
-
-    def _evict(self, keep: str) -> None:
-        """Oldest first, down to the budget; pinned payloads stay (the cache may
-        then exceed its budget until their downloads end or their pins expire)."""
-        now = time.monotonic()
-        total = sum(self._cached.values())
-        for old in list(self._cached):
-            if total <= self.limit:
-                break
-            if old == keep or self._pinned(old, now):
-                continue
-            total -= self._cached.pop(old)
-            os.unlink(os.path.join(self.dir, old + ".cdimg"))
-
-    def payload(self, digest: str) -> str:
-        """The file holding the bytes named `digest`: an artifact or a merge."""
-        try:
-            path = self.store.path(digest)
-        except NotFound:
-            path = ""
-        if path and os.path.exists(path):
-            return path
-        with self._lock:
-            for name in self._cached:
-                if name.endswith("-" + digest):
-                    if name in self._pins:  # a download in progress keeps its pin for another pin_time
-                        self._pins[name] = (self._pins[name][0], time.monotonic() + self.pin_time)
-                    return os.path.join(self.dir, name + ".cdimg")
-        raise NotFound(f"no payload {digest!r} (evicted from the cache: ask for the update again)")
-
-
-class _HeadFirst(io.RawIOBase):
-    """A connection's bytes, those the waiter read already first.  Unbuffered,
-    so what a handler leaves unread (a pipelined request) is known exactly."""
-
-    def __init__(self, head: bytes, sock: socket.socket) -> None:
-        self._head = memoryview(head)
-        self._sock = sock
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[no-untyped-def, override]
-        if self._head:
-            n = min(len(b), len(self._head))
-            b[:n] = self._head[:n]
-            self._head = self._head[n:]
-            return n
-        return self._sock.recv_into(b)
-
-    def leftover(self) -> bytes:
-        return bytes(self._head)
-
-
-class PooledHandler(http.server.BaseHTTPRequestHandler):
-    """One request per dispatch: a kept-alive connection waits for its next
-    request in the server's selector, not in a worker."""
-
-    server: "PooledHTTPServer"
-
-    def setup(self) -> None:
-        super().setup()
-        self.rfile = _HeadFirst(self.server.take_head(self.connection), self.connection)  # type: ignore[assignment]
-
-    def handle(self) -> None:
-        self.close_connection = True
-        self.handle_one_request()
-
-
-def _has_head(data: bytes | bytearray) -> bool:
-    return b"\r\n\r\n" in data or b"\n\n" in data or len(data) > MAX_HEAD
-
-
-class PooledHTTPServer(http.server.HTTPServer):
-    """A connection waits in a selector, without a thread, until it has sent a
-    whole request head (read there, without blocking); then one of `workers`
-    threads serves that request, and a kept-alive connection goes back to
-    wait for its next.  A connection whose head takes longer than
-    `idle_timeout` seconds is closed, as is one silent that long inside a
-    request (the handler's socket timeout)."""
-
-    request_queue_size = BACKLOG
-
-    def __init__(self, address: tuple[str, int], handler: type, workers: int = WORKERS,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
-        super().__init__(address, handler)
-        self.idle_timeout = idle_timeout
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-http")
-        self._selector = selectors.DefaultSelector()
-        self._incoming: list[tuple[socket.socket, Any, bytes]] = []
-        self._heads: dict[socket.socket, bytes] = {}
-        self._lock = threading.Lock()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ)
-        self._closing = False
-        self._active: set[socket.socket] = set()   # being served: cut at shutdown, so workers end
-        self._waiter = threading.Thread(target=self._park_loop, name="d4c-parked", daemon=True)
-        self._waiter.start()
-
-    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        self._park(request, client_address, b"")
-
-    def _park(self, sock: socket.socket, address: Any, head: bytes) -> None:
-        with self._lock:
-            self._incoming.append((sock, address, head))
-        with contextlib.suppress(BlockingIOError):
-            self._wake_w.send(b"\0")
-
-    def take_head(self, sock: socket.socket) -> bytes:
-        with self._lock:
-            return self._heads.pop(sock, b"")
-
-    def _park_loop(self) -> None:
-        tick = min(0.5, self.idle_timeout / 4)
-        while not self._closing:
-            try:
-                self._park_once(tick)
-            except Exception:  # this thread ending would stop the server answering anyone
-                log.exception("the connection waiter failed; continuing")
-
-    def _park_once(self, tick: float) -> None:
-        """Read what parked connections sent, hand those with a whole request
-        head to the workers, take in new ones, close those past their deadline."""
-        for key, _ in self._selector.select(timeout=tick):
-            sock = key.fileobj
-            if sock is self._wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    self._wake_r.recv(4096)
-                continue
-            try:
-                data = sock.recv(MAX_HEAD)  # type: ignore[union-attr]
-            except BlockingIOError:
-                continue
-            except OSError:
-                data = b""
-            if not data:  # the client closed (or reset) it
-                self._selector.unregister(sock)
-                self.shutdown_request(sock)
-                continue
-            key.data[2].extend(data)
-            if _has_head(key.data[2]):
-                self._selector.unregister(sock)
-                self._dispatch(sock, key.data[0], bytes(key.data[2]))  # type: ignore[arg-type]
-        now = time.monotonic()
-        with self._lock:
-            incoming, self._incoming = self._incoming, []
-        for sock, address, head in incoming:
-            if head and _has_head(head):  # a pipelined request, already whole
-                self._dispatch(sock, address, head)
-                continue
-            try:
-                sock.setblocking(False)
-                self._selector.register(sock, selectors.EVENT_READ,
-                                        [address, now + self.idle_timeout, bytearray(head)])
-            except (ValueError, OSError):  # closed meanwhile
-                self.shutdown_request(sock)
-        for key in list(self._selector.get_map().values()):
-            if key.data is not None and key.data[1] < now:
-                self._selector.unregister(key.fileobj)
-                self.shutdown_request(key.fileobj)
-
-    def _dispatch(self, sock: socket.socket, address: Any, head: bytes) -> None:
-        sock.setblocking(True)  # the handler sets its timeout
-        with self._lock:
-            self._heads[sock] = head
-        self._pool.submit(self._serve, sock, address)
-
-    def _serve(self, request: socket.socket, client_address: Any) -> None:
-        with self._lock:
-            self._active.add(request)
-        keep, leftover = False, b""
-        try:
-            handler = self.RequestHandlerClass(request, client_address, self)
-            keep = not handler.close_connection and not self._closing  # type: ignore[attr-defined]
-            leftover = handler.rfile.leftover()  # type: ignore[attr-defined]
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            with self._lock:
-                self._active.discard(request)
-                self._heads.pop(request, None)
-            if keep:
-                self._park(request, client_address, leftover)
-            else:
-                self.shutdown_request(request)
-
-    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
-        log.debug("connection from %s failed", client_address, exc_info=True)
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._closing = True
-        with contextlib.suppress(BlockingIOError):
-            self._wake_w.send(b"\0")
-        self._waiter.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            for sock in self._active:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-        for key in list(self._selector.get_map().values()):
-            if key.data is not None:
-                self.shutdown_request(key.fileobj)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
 
 
 class ClientGone(Exception):

@@ -16,7 +16,8 @@ PROG = "server"
 
 def main(argv: list[str] | None = None) -> int:
     from ..args import ArgumentParser, parse_size
-    from .app import IDLE_TIMEOUT, PIN_TIME, WORKERS
+    from .pool import IDLE_TIMEOUT, WORKERS
+    from .updates import PIN_TIME
     p = ArgumentParser(prog=PROG, description="The d4c update server (HTTP API: docs/API.md).")
     p.add_argument("--port", type=int, default=8081, help="port (default 8081)")
     p.add_argument("--host", default="127.0.0.1",
