@@ -10,6 +10,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 sys.path.insert(0, os.path.dirname(__file__))
+# the test folders mirror src/d4c; a few tests share a fixture file of another folder's
+# (GOLDEN of image/test_format, say): every folder is importable by module name
+for _folder in sorted(os.listdir(os.path.dirname(os.path.abspath(__file__)))):
+    if os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder)) and _folder != "data":
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder))
 
 from d4c import accel  # noqa: E402
 

@@ -16,6 +16,8 @@ from daemons import pids_naming
 
 from d4c.cli import main
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # files of the tests refer to tests/ and the repo by these
+ROOT = os.path.dirname(TESTS)
 BINARIES = os.environ.get("D4C_BINARIES", "")
 
 

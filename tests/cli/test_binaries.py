@@ -6,7 +6,7 @@ import os
 
 from helpers import run_binary
 from test_format import GOLDEN, GOLDEN_ID
-from test_llfs import fuse_ok
+from test_mount import fuse_ok
 
 from d4c.image.reader import Image
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import ROOT, assert_one_line_error, run_cli
 from ocibuild import M, Layout, docker_archive, tar_dir
 
 from d4c.image.reader import Image
@@ -285,7 +285,7 @@ def test_a_layer_blob_that_is_not_a_regular_file_is_refused(tmp_path) -> None:  
         out = str(tmp_path / f"out{i}")
         p = subprocess.run([sys.executable, "-m", "d4c", "convert", "--image", f"oci:{lay.path}:t", "--output", out,
                             "-q"], capture_output=True, text=True, timeout=30,
-                           env=dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src")))
+                           env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
         assert_one_line_error(p.returncode, p.stderr, 3)
         assert "is not a regular file" in p.stderr
         assert not os.path.exists(out)

@@ -10,7 +10,7 @@ import random
 import pytest
 import zstandard
 
-from helpers import make_tree, run_cli
+from helpers import ROOT, TESTS, make_tree, run_cli
 
 from d4c.image.bodies import BodySpool
 from d4c.image.format import DIMG_MAGIC, DIMG_PREAMBLE, encode_storage, encode_tree, format_id, image_id_of
@@ -18,7 +18,7 @@ from d4c.image.reader import Image
 from d4c.image.tree import Entry, EntryType, canonicalize
 from d4c.image.writer import save_image
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(TESTS, "data")
 GOLDEN = os.path.join(DATA, "golden-v1.cdimg")
 
 
@@ -187,7 +187,7 @@ def test_large_file_streams_in_bounded_memory(tmp_path) -> None:  # type: ignore
         "rc = main(sys.argv[1:]); "
         "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); sys.exit(rc)"
     )
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     for args in (["pack", "--in", str(src), "--out", str(tmp_path / "h.dimg"), "--threadNum", "2"],
                  ["unpack", "--dimg", str(tmp_path / "h.dimg"), "--out", str(tmp_path / "out")]):
         p = subprocess.run([sys.executable, "-c", code, "-q", *args], capture_output=True, text=True, env=env)

@@ -14,8 +14,8 @@ import pytest
 
 from conftest import IS_ROOT
 from daemons import Containerd, Snapshotterd, have_containerd, mounts_below, namespace_cgroups, stop_device
-from helpers import (assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need, need_binary,
-                     run_cli)
+from helpers import (ROOT, assert_one_line_error, binary, convert_tags, diff_chain, fuse_server_pids, need,
+                     need_binary, run_cli)
 from ocibuild import M, Layout
 
 BUSYBOX = "/bin/busybox"
@@ -414,7 +414,7 @@ def test_image_mounts_keep_setuid_for_containers_and_only_root_reaches_them(tmp_
 
 
 def test_install_snapshotter_is_idempotent(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    script = os.path.join(os.path.dirname(__file__), "..", "install_snapshotter.sh")
+    script = os.path.join(ROOT, "install_snapshotter.sh")
     config = tmp_path / "etc" / "config.toml"
     env = dict(os.environ, CONFIG=str(config), SOCKET="/run/di3fs/snapshotter.sock")
     for _ in range(2):

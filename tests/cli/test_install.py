@@ -10,9 +10,9 @@ import time
 
 from conftest import IS_ROOT
 from daemons import Containerd, have_containerd
-from helpers import need
+from helpers import ROOT, need
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "..", "install_snapshotter.sh")
+SCRIPT = os.path.join(ROOT, "install_snapshotter.sh")
 
 
 def test_install_prints_a_restart_that_works(tmp_path) -> None:  # type: ignore[no-untyped-def]

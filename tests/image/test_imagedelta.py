@@ -9,14 +9,14 @@ import random
 
 import pytest
 
-from helpers import assert_one_line_error, diff_trees, run_cli, snapshot_tree
+from helpers import TESTS, assert_one_line_error, diff_trees, run_cli, snapshot_tree
 from ocibuild import M, Layout
 
 from d4c.image.reader import Image
 from d4c.image.stack import close_all, open_stack
 from d4c.image.tree import EntryType, Storage
 
-DATA = os.path.join(os.path.dirname(__file__), "data")
+DATA = os.path.join(TESTS, "data")
 GOLDEN_DELTA = os.path.join(DATA, "golden-v2-delta.cdimg")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import IS_ROOT
 from daemons import Containerd, Registry, TokenProxy, have_containerd
-from helpers import assert_one_line_error, need, run_cli
+from helpers import ROOT, assert_one_line_error, need, run_cli
 from ocibuild import M, Layout, tar_dir
 
 from d4c.image.reader import Image
@@ -236,7 +236,7 @@ def test_original_readme_convert_of_a_short_name(app, tmp_path) -> None:  # type
         cli = binary("ctr-cli")
         cmd = [cli] if cli else [sys.executable, "-m", "d4c"]
         env = {"PATH": os.environ["PATH"], "CONTAINERD_ADDRESS": ctrd.socket, "CONTAINERD_NAMESPACE": ctrd.namespace,
-               "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+               "PYTHONPATH": os.path.join(ROOT, "src")}
         os.makedirs(tmp_path / "images")
         readme = ["convert", "--image", "nginx:1.23.1", "--output", "./images/nginx-1.23.1", "--cdimg"]
         p = subprocess.run(cmd + readme, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import ROOT, assert_one_line_error, run_cli
 
 from d4c.errors import EXIT_NOT_FOUND, EXIT_USAGE
 
@@ -99,7 +99,7 @@ def test_version_and_mount_servers_do_not_load_numpy() -> None:
             "import d4c.llfs.serve, d4c.llfs.model, d4c.llfs.process, d4c.image.format\n"
             "sys.stderr.write(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('numpy', 'grpc'))))\n")
     import os
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "src"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stderr == "", f"loaded: {p.stderr}"

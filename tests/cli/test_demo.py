@@ -18,9 +18,8 @@ import urllib.request
 import pytest
 from conftest import IS_ROOT
 from daemons import clean_below, have_containerd, mounts_below, namespace_cgroups, pids_naming
-from helpers import need
+from helpers import ROOT, need
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "demo", "demo.sh")
 
 

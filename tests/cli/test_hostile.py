@@ -19,7 +19,7 @@ import time
 import zstandard
 
 from crafted import SHA_HELLO, dimg, file_extra, frame, tree, uv
-from helpers import assert_one_line_error, need, need_root, run_cli
+from helpers import ROOT, assert_one_line_error, need, need_root, run_cli
 from ocibuild import Layout, M, layer_tar, sha
 from test_format import GOLDEN
 
@@ -29,7 +29,7 @@ from d4c.errors import EXIT_CORRUPT, EXIT_IO, EXIT_USAGE
 from d4c.image.stack import close_all, open_stack
 from d4c.image.tree import Entry, EntryType, Storage
 
-SRC = os.path.join(os.path.dirname(__file__), "..", "src")
+SRC = os.path.join(ROOT, "src")
 MINUS_ONE = (1 << 32) - 1  # (uid_t)-1
 
 

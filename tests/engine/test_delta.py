@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_one_line_error, run_cli
+from helpers import TESTS, assert_one_line_error, run_cli
 from test_kernels import lcg_bytes
 
 from d4c.engine import delta
@@ -244,7 +244,7 @@ def test_fuzz_mutated_delta(mutations: list[tuple[int, int]]) -> None:
 FUZZ_BASE = (lcg_bytes(4000, 2), mutate(lcg_bytes(4000, 2), 5, 8), b"")
 FUZZ_BASE = (FUZZ_BASE[0], FUZZ_BASE[1], delta.diff(FUZZ_BASE[0], FUZZ_BASE[1]))
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "data", "golden-v1.delta")
+GOLDEN = os.path.join(TESTS, "data", "golden-v1.delta")
 GOLDEN_SHA256 = "80fba9419eefb813d02c97829007aca172b8c1bfe2562ecebb388c656dd386cb"
 
 
@@ -253,7 +253,7 @@ def golden_pair() -> tuple[bytes, bytes]:
     return old, mutate(old, 78, 25)
 
 
-GOLDEN_CM = os.path.join(os.path.dirname(__file__), "data", "golden-v1-cm.delta")
+GOLDEN_CM = os.path.join(TESTS, "data", "golden-v1-cm.delta")
 GOLDEN_CM_SHA256 = "b5198efc227507a0821aa867b53c1a1a47ae25ace9442f34e3c4d183e360f4f5"
 
 
