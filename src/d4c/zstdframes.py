@@ -8,7 +8,10 @@ from typing import Iterator
 import zstandard
 
 
-def read_bounded(data: bytes | memoryview, usize: int, *, max_window_log: int = 27,
+MAX_WINDOW_LOG = 27  # the largest zstd window (128 MiB) d4c decodes: what its writers use, and a bound
+
+
+def read_bounded(data: bytes | memoryview, usize: int, *, max_window_log: int = MAX_WINDOW_LOG,
                  prefix: zstandard.ZstdCompressionDict | None = None, across_frames: bool = False) -> bytes:
     """At most usize + 1 bytes of the decompressed data: a bomb is detected, never
     expanded.  The caller compares the length with usize; zstandard.ZstdError
@@ -102,7 +105,7 @@ def _decompressor(max_window_log: int) -> Iterator[zstandard.ZstdDecompressor]:
         idle.append(dctx)
 
 
-def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = 27) -> bytes:
+def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = MAX_WINDOW_LOG) -> bytes:
     """One whole zstd frame of exactly `size` bytes, decompressed in one call
     (about 1.4x the speed of a stream reader); its checksum, when present, is
     checked by zstd.  ValueError or zstandard.ZstdError when the data is not that."""

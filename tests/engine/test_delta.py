@@ -79,7 +79,7 @@ def test_small_edits_give_small_deltas() -> None:
     assert len(d) < 3000, len(d)
     f = roundtrip(old, new, fast=True)
     assert len(f) < 6000, len(f)
-    assert delta.read_info(d).method_name == "sa" and delta.read_info(f).method_name == "prefix"
+    assert delta.read_delta_info(d).method_name == "sa" and delta.read_delta_info(f).method_name == "prefix"
 
 
 def pointer_table(n: int, seed: int, shift: int) -> bytes:
@@ -116,7 +116,7 @@ def test_context_mixing_add_stream() -> None:
 def test_unrelated_files_fall_back_to_whole() -> None:
     old, new = lcg_bytes(20000, 1), lcg_bytes(20000, 2)
     d = roundtrip(old, new)
-    assert delta.read_info(d).method_name == "whole"
+    assert delta.read_delta_info(d).method_name == "whole"
 
 
 def test_threads_give_identical_bytes() -> None:
@@ -149,7 +149,7 @@ def _sa_delta() -> tuple[bytes, bytes, bytes]:
     old = lcg_bytes(delta.SMALL_FILE + 20000, 4)  # above SMALL_FILE: no zstd prefix candidate
     new = mutate(old, 9, 10)
     d = delta.diff(old, new)
-    assert delta.read_info(d).method_name == "sa"
+    assert delta.read_delta_info(d).method_name == "sa"
     return old, new, d
 
 

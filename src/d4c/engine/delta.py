@@ -35,7 +35,7 @@ from ..codec import Cursor, Encoder
 from ..errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
 from ..fsutil import atomic_output
 from ..progress import Progress
-from ..zstdframes import read_bounded
+from ..zstdframes import MAX_WINDOW_LOG, read_bounded
 from ..digests import sha256
 
 MAGIC = b"D4C-DLTA"
@@ -543,7 +543,7 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
 
 # ---------------------------------------------------------------- patch
 
-def read_info(delta: bytes | memoryview, source: str = "delta") -> DeltaInfo:
+def read_delta_info(delta: bytes | memoryview, source: str = "delta") -> DeltaInfo:
     if len(delta) < PREAMBLE.size:
         raise CorruptDelta(source, "too short")
     magic, version, method, r1, r2, old_size, new_size, od, nd = PREAMBLE.unpack_from(delta)
@@ -572,7 +572,7 @@ class _StreamReader:
         self.pending = b""
         self.fed = False
         if codec == CODEC_ZSTD:
-            self.reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+            self.reader = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG).stream_reader(
                 self.frame, read_across_frames=False)
         elif codec == CODEC_BZ2:
             self.dec: bz2.BZ2Decompressor | lzma.LZMADecompressor = bz2.BZ2Decompressor()
@@ -632,7 +632,7 @@ def _decompress(frame: bytes | memoryview, usize: int, source: str, what: str,
                 prefix: zstandard.ZstdCompressionDict | None = None) -> bytes:
     # our frames use windows up to 2^27 (2^30 with the old file as prefix): refuse more
     try:
-        out = read_bounded(frame, usize, max_window_log=30 if prefix else 27, prefix=prefix)
+        out = read_bounded(frame, usize, max_window_log=30 if prefix else MAX_WINDOW_LOG, prefix=prefix)
     except zstandard.ZstdError as exc:
         raise CorruptDelta(source, f"{what} does not decompress ({exc})") from None
     if len(out) != usize:
@@ -651,7 +651,7 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
     """Like apply(), without the final copy: memory stays old + new (+ the delta)."""
     accel.kernel("_patch")
     old, delta = memoryview(old).cast("B"), memoryview(delta).cast("B")
-    info = read_info(delta, source)
+    info = read_delta_info(delta, source)
     limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
     if info.new_size > limit:
         raise CorruptDelta(source, f"declares a result of {info.new_size} bytes (limit {limit})")
@@ -691,7 +691,7 @@ def apply_payload(old: bytes | memoryview, method: int, payload: bytes | memoryv
 
 def payload_of(delta_bytes: bytes) -> tuple[int, bytes]:
     """(method, payload) of a delta made by diff(): what an image stores."""
-    return read_info(delta_bytes).method, delta_bytes[PREAMBLE.size:]
+    return read_delta_info(delta_bytes).method, delta_bytes[PREAMBLE.size:]
 
 
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",

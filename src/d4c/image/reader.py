@@ -12,7 +12,7 @@ import zstandard
 
 from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, WrongBase, from_oserror
 from .tree import DeltaStep, Entry, EntryType, Storage
-from ..zstdframes import declared_size, decode_frame, frame_length
+from ..zstdframes import MAX_WINDOW_LOG, declared_size, decode_frame, frame_length
 from ..digests import sha256
 from .format import format_id, pread_exact, read_info, read_tables
 
@@ -292,7 +292,7 @@ class BodyReader:
     def __init__(self, fd: int, offset: int, length: int, size: int, digest: bytes,
                  source: str, entry: Entry, across_frames: bool = False) -> None:
         self._section = _Section(fd, offset, length)
-        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(
+        self._reader = zstandard.ZstdDecompressor(max_window_size=1 << MAX_WINDOW_LOG).stream_reader(
             self._section, read_size=min(max(length, 1), self.CHUNK), read_across_frames=across_frames,
             closefd=False)
         self._size = size

@@ -1,1 +1,1 @@
-"""Read-only FUSE filesystem over an image stack (issue [4/8])."""
+"""Read-only FUSE file system over an image stack (one server process per mount)."""

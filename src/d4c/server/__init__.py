@@ -1,1 +1,1 @@
-"""The delta server (issue [7/8])."""
+"""The update server: stores images and deltas, plans the cheapest path for a client, merges it."""

@@ -1,1 +1,2 @@
-"""The di3fs containerd proxy snapshotter (issue [5/8])."""
+"""The di3fs containerd proxy snapshotter: core, gRPC service, daemon, and the
+client side (`load`) that hands it images."""

@@ -35,7 +35,6 @@ DEFAULT_SNAPSHOTTER_ROOT = paths.SNAPSHOTTER_ROOT
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
-IMAGE_REF_LABEL = "containerd.io/snapshot/di3fs.image"
 HAND_OVER_CHUNK = 8 << 20  # bytes copied between two progress updates
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
@@ -82,7 +81,7 @@ def load_image(path: str, name: str, *, address: str, namespace: str,
             if not _snapshot_exists(ctrd, image_id):
                 _create_snapshot(ctrd, path, info.image_id.hex(), image_id, incoming_dir, snapshotter_root)
             target = descriptor_pb2.Descriptor(media_type=MANIFEST_TYPE, digest=manifest_digest, size=len(manifest))
-            ctrd.put_image(name, target, {IMAGE_REF_LABEL: image_id})
+            ctrd.put_image(name, target, {IMAGE_LABEL: image_id})
     return image_id
 
 
@@ -119,7 +118,7 @@ def _how_to_load(ctrd: Containerd, path: str, base_id: bytes) -> str:
         listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images").images
     except D4CError:
         listed = []
-    names = sorted(i.name for i in listed if i.labels.get(IMAGE_REF_LABEL) == format_id(base_id))
+    names = sorted(i.name for i in listed if i.labels.get(IMAGE_LABEL) == format_id(base_id))
     if found is None and not names:
         return f"load that image first (no cdimg of that id is next to {path})"
     return f"load it first: ctr-cli load --image {names[0] if names else 'NAME:TAG'} --cdimg {found or 'BASE.cdimg'}"
@@ -224,4 +223,4 @@ def local_images(address: str, namespace: str) -> set[str]:
     from .api import images_pb2
     with Containerd(address, namespace) as ctrd:
         listed = ctrd.call(ctrd.images.List, images_pb2.ListImagesRequest(), "list images")
-    return {img.labels[IMAGE_REF_LABEL].split(":", 1)[-1] for img in listed.images if IMAGE_REF_LABEL in img.labels}
+    return {img.labels[IMAGE_LABEL].split(":", 1)[-1] for img in listed.images if IMAGE_LABEL in img.labels}
