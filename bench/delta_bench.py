@@ -1,4 +1,4 @@
-"""Per-file delta benchmark on real Debian version pairs (issue [2/8]).
+"""Per-file delta benchmark on real Debian version pairs.
 
 Corpus: for each package pair, `apt-get download` both versions into
 bench/cache, extract with `dpkg-deb -x`, and take every regular file present in

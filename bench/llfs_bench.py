@@ -70,7 +70,7 @@ def drop_caches() -> None:
 
 
 ROUNDS = 5  # of the paired large-file reads
-TARGET_BIG = 0.70  # issue [4/8]: unchanged large files at >= this fraction of the disk's throughput
+TARGET_BIG = 0.70  # the target: unchanged large files at >= this fraction of the disk's throughput
 
 
 def clock(fn, runs: int = 3, setup=lambda: None) -> float:  # type: ignore[no-untyped-def]
