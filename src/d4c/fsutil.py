@@ -7,7 +7,7 @@ import errno
 import os
 from typing import BinaryIO, Iterator
 
-from .errors import D4CError, SystemFailure, from_oserror
+from .errors import D4CError, NotFound, SystemFailure, from_oserror
 
 COPY_CHUNK = 1 << 20
 
@@ -86,3 +86,14 @@ def copy_range(src_fd: int, src_offset: int, length: int, dst: BinaryIO) -> None
         remaining -= n
     # copy_file_range advanced the fd offset; keep the Python file object in step
     dst.seek(os.lseek(dst_fd, 0, os.SEEK_CUR))
+
+
+def open_input(path: str) -> BinaryIO:
+    """`path` opened for reading; a missing file is NotFound (exit 4), any other
+    refusal a one-line system error."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"no such file: {path}") from None
+    except OSError as exc:
+        raise from_oserror(exc, "cannot read") from exc

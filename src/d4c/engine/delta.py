@@ -32,8 +32,8 @@ import zstandard
 from .. import accel
 from .chunker import cut_points
 from ..codec import Cursor, Encoder
-from ..errors import CorruptDelta, D4CError, NotFound, WrongSource, from_oserror
-from ..fsutil import atomic_output
+from ..errors import CorruptDelta, D4CError, WrongSource
+from ..fsutil import atomic_output, open_input
 from ..progress import Progress
 from ..zstdframes import MAX_WINDOW_LOG, read_bounded
 from ..digests import sha256
@@ -784,13 +784,7 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
 
 def _map(path: str) -> tuple[memoryview, object]:
     """The file's bytes, memory-mapped (empty files get an empty view)."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise NotFound(f"no such file: {path}") from None
-    except OSError as exc:
-        raise from_oserror(exc, "cannot read") from exc
-    with f:
+    with open_input(path) as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return memoryview(b""), None

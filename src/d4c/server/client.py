@@ -16,6 +16,7 @@ from typing import Any, BinaryIO, Callable
 
 from ..errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
                       UsageError, from_oserror)
+from ..fsutil import open_input
 from ..progress import Progress
 from ..digests import path_sha256
 
@@ -117,12 +118,7 @@ class Client:
             raise BadInput(f"server: {what}: not JSON") from None
 
     def push(self, path: str, tag: str | None) -> dict[str, Any]:
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:
-            raise NotFound(f"no such file: {path}") from None
-        except OSError as exc:
-            raise from_oserror(exc, "cannot read") from exc
+        f = open_input(path)
         query = ("?" + urllib.parse.urlencode({"tag": tag})) if tag else ""
         conn = self._conn()
         with f:
