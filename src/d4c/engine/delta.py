@@ -393,39 +393,49 @@ def _runs_slice(runs: Runs, begin: int, length: int, fail) -> np.ndarray:  # typ
     return out
 
 
-def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
-         threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> bytes:
-    """A delta that turns old into new.  `fast` uses zstd's prefix mode only."""
+def diff_payload(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
+                 threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> tuple[int, bytes]:
+    """(method, payload) of the smallest delta that turns old into new: what an
+    image stores (its tree holds the sizes and digests a delta file's preamble
+    carries).  `fast` uses zstd's prefix mode only."""
     accel.kernel("_patch")
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
     if not 1 <= level <= 22:
         raise D4CError(f"compression level {level} out of range 1..22")
     if fast:
-        head = (len(old), len(new), sha256(old).digest(), sha256(new).digest())
-        return _preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, min(level, FAST_LEVEL)
-                                                                 if level == DEFAULT_LEVEL else level)
-    if threads > 1 and len(old) + len(new) >= SEGMENT_TARGET:
-        # the digests are serial work: hash on the side while the segments are scanned
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            digests = pool.submit(lambda: (sha256(old).digest(), sha256(new).digest()))
-            sa_payload = _sa_payload(old, new, level, threads, memory_limit)
-            head = (len(old), len(new), *digests.result())
-    else:
-        head = (len(old), len(new), sha256(old).digest(), sha256(new).digest())
-        sa_payload = _sa_payload(old, new, level, threads, memory_limit)
-    candidates = [_preamble(METHOD_SA, *head) + sa_payload] if sa_payload is not None else []
+        return METHOD_PREFIX, _prefix_payload(old, new, min(level, FAST_LEVEL) if level == DEFAULT_LEVEL else level)
+    sa_payload = _sa_payload(old, new, level, threads, memory_limit)
+    candidates = [(METHOD_SA, sa_payload)] if sa_payload is not None else []
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
     # the old file as prefix, or the new file alone, may be smaller
-    poor = not candidates or len(candidates[0]) > len(new) // 4
+    poor = not candidates or PREAMBLE.size + len(candidates[0][1]) > len(new) // 4
     if poor:
-        candidates.append(_preamble(METHOD_WHOLE, *head) + _compress(new, level))
+        candidates.append((METHOD_WHOLE, _compress(new, level)))
     if len(old) and (poor or len(new) <= SMALL_FILE) and 6 * len(old) + 3 * len(new) <= memory_limit:
         # small files: the suffix-array delta's fixed cost (segment table, three
         # streams) is most of its size, one zstd frame against the old file is
         # often smaller (measured: dpkg status 126 -> 62 bytes); cheap at this size
         prefix_level = max(level, SMALL_FILE_LEVEL) if len(new) <= SMALL_FILE else level
-        candidates.append(_preamble(METHOD_PREFIX, *head) + _prefix_payload(old, new, prefix_level))
-    return min(candidates, key=len)
+        candidates.append((METHOD_PREFIX, _prefix_payload(old, new, prefix_level)))
+    return min(candidates, key=lambda c: len(c[1]))
+
+
+def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
+         threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> bytes:
+    """A delta file that turns old into new: diff_payload behind a preamble with
+    both sizes and digests, so the file checks its source and its result alone."""
+    old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
+    options = dict(level=level, threads=threads, memory_limit=memory_limit, fast=fast)
+    if threads > 1 and len(old) + len(new) >= SEGMENT_TARGET:
+        # the digests are serial work: hash on the side while the segments are scanned
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            digests = pool.submit(lambda: (sha256(old).digest(), sha256(new).digest()))
+            method, payload = diff_payload(old, new, **options)  # type: ignore[arg-type]
+            old_digest, new_digest = digests.result()
+    else:
+        method, payload = diff_payload(old, new, **options)  # type: ignore[arg-type]
+        old_digest, new_digest = sha256(old).digest(), sha256(new).digest()
+    return _preamble(method, len(old), len(new), old_digest, new_digest) + payload
 
 
 def _preamble(method: int, old_size: int, new_size: int, old_digest: bytes, new_digest: bytes) -> bytes:
@@ -649,10 +659,21 @@ def apply(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int |
 def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_size: int | None = None,
                     source: str = "delta") -> memoryview:
     """Like apply(), without the final copy: memory stays old + new (+ the delta)."""
-    accel.kernel("_patch")
-    old, delta = memoryview(old).cast("B"), memoryview(delta).cast("B")
+    delta = memoryview(delta).cast("B")
     info = read_delta_info(delta, source)
     limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
+    return apply_payload(old, info, delta[PREAMBLE.size:], max_size=limit, source=source)
+
+
+def apply_payload(old: bytes | memoryview, info: DeltaInfo, payload: bytes | memoryview, *,
+                  max_size: int | None = None, source: str = "delta") -> memoryview:
+    """Rebuild the new file from a payload of diff_payload and what `info` says of
+    it (an image's tree, or a delta file's preamble): the old file's size and
+    digest are checked first, the result's last; at most `max_size` bytes (default
+    info.new_size)."""
+    accel.kernel("_patch")
+    old, payload = memoryview(old).cast("B"), memoryview(payload).cast("B")
+    limit = info.new_size if max_size is None else max_size
     if info.new_size > limit:
         raise CorruptDelta(source, f"declares a result of {info.new_size} bytes (limit {limit})")
     wrong_source = WrongSource(source, f"expected {info.old_size} bytes with sha256 {info.old_digest.hex()[:16]}...")
@@ -662,7 +683,6 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
     with ThreadPoolExecutor(max_workers=1) as pool:
         old_ok = pool.submit(lambda: info.method == METHOD_WHOLE or sha256(old).digest() == info.old_digest)
         try:
-            payload = delta[PREAMBLE.size:]
             if info.method == METHOD_WHOLE:
                 new = memoryview(_decompress(payload, info.new_size, source, "body"))
             elif info.method == METHOD_PREFIX:
@@ -679,19 +699,6 @@ def apply_to_buffer(old: bytes | memoryview, delta: bytes | memoryview, *, max_s
     if sha256(new).digest() != info.new_digest:
         raise CorruptDelta(source, "result does not match its digest")
     return new
-
-
-def apply_payload(old: bytes | memoryview, method: int, payload: bytes | memoryview, old_size: int,
-                  old_digest: bytes, new_size: int, new_digest: bytes, *, source: str = "delta") -> bytes:
-    """Apply a delta stored without its preamble (images keep the sizes and
-    digests in their trees); the same checks as apply()."""
-    return apply(old, _preamble(method, old_size, new_size, old_digest, new_digest) + bytes(payload),
-                 max_size=new_size, source=source)
-
-
-def payload_of(delta_bytes: bytes) -> tuple[int, bytes]:
-    """(method, payload) of a delta made by diff(): what an image stores."""
-    return read_delta_info(delta_bytes).method, delta_bytes[PREAMBLE.size:]
 
 
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",

@@ -215,9 +215,8 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
                 content = new.read_body(new.entries[i])
                 src = old.entries[source]
                 fast = encoding == "fast" or (encoding == "mixed" and e.size > MIXED_FAST_ABOVE)
-                made = delta.diff(old.read_body(src), content, level=options.delta_level, threads=1,
-                                  memory_limit=work, fast=fast)
-                method, payload = delta.payload_of(made)
+                method, payload = delta.diff_payload(old.read_body(src), content, level=options.delta_level,
+                                                     threads=1, memory_limit=work, fast=fast)
                 if method != delta.METHOD_WHOLE:
                     key = (e.digest, 0)
                     spool.add_raw(key, payload)
@@ -390,8 +389,7 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             e = entries[i]
             content = top.read_body(top.entries[i])
             if o.kind == "chain":  # rediff
-                made = delta.diff(base.read_body(base.entries[o.source]), content, threads=1)
-                method, payload = delta.payload_of(made)
+                method, payload = delta.diff_payload(base.read_body(base.entries[o.source]), content, threads=1)
                 if method != delta.METHOD_WHOLE:
                     spool.add_raw((e.digest, 0), payload)
                     e.storage, e.delta_source = Storage.DELTA, o.source

@@ -255,8 +255,9 @@ class Image:
         data = self.parent.read_body(source)
         size, digest = source.size, source.digest or b""
         for step in entry.delta_steps:
-            data = delta.apply_payload(data, step.method, self.read_delta_payload(step), size, digest,
-                                       step.size, step.digest, source=f"{self.path}: {entry.display()}")
+            info = delta.DeltaInfo(step.method, size, step.size, digest, step.digest)
+            data = bytes(delta.apply_payload(data, info, self.read_delta_payload(step),
+                                             source=f"{self.path}: {entry.display()}"))
             size, digest = step.size, step.digest
         return data
 
