@@ -217,8 +217,8 @@ def test_prefetcher() -> None:
 def test_frame_memory_is_kept() -> None:
     """The FUSE server asks glibc (this machine's libc) for shared arenas that keep
     freed frames, so first-frame decodes do not fault in fresh pages."""
-    from d4c.llfs.threads import keep_frame_memory
-    assert keep_frame_memory()
+    from d4c.llfs.threads import keep_frame_memory, keep_large_blocks
+    assert keep_frame_memory() and keep_large_blocks()  # as a mount server does once FUSE serves
     # touched once (zero-filled: bytes(n) may get calloc pages never touched), freed ...
     buffers = [bytearray(1 << 20) for _ in range(4)]
     del buffers
