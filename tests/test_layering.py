@@ -16,7 +16,7 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 PARTS = {
     "kernels": ["d4c._patch", "d4c._chunker", "d4c._tables", "d4c._patch_py", "d4c._chunker_py", "d4c._tables_py"],
     "base": ["d4c", "d4c.errors", "d4c.paths", "d4c.fsutil", "d4c.digests", "d4c.progress", "d4c.codec",
-             "d4c.zstdframes", "d4c.accel", "d4c.daemons", "d4c.args", "d4c.parallel"],
+             "d4c.zstdframes", "d4c.accel", "d4c.daemons", "d4c.args", "d4c.parallel", "d4c.records"],
     "engine": ["d4c.engine"],
     "image": ["d4c.image"],
     "oci": ["d4c.oci"],

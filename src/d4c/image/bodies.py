@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, NamedTuple
 
 import zstandard
 
@@ -25,16 +24,14 @@ READ_CHUNK = 1 << 20
 FRAME_CHUNK = 1 << 20  # content bytes per zstd frame of a body (format constant: docs/FORMAT.md)
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(NamedTuple):
     spool: int      # index of the spool file (-1: a range of the file `fd`)
     offset: int
     length: int
     fd: int = -1    # add_ref: an open file the blob is copied from
 
 
-@dataclass(frozen=True)
-class Body:
+class Body(NamedTuple):
     digest: bytes
     size: int
 

@@ -14,8 +14,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import zstandard
 
@@ -370,8 +369,7 @@ _STORAGE_KINDS = {int(k): k for k in Storage}
 
 # ---------------------------------------------------------------- reading
 
-@dataclass
-class ImageInfo:
+class ImageInfo(NamedTuple):
     kind: str                 # "dimg" or "cdimg"
     version: int
     image_id: bytes
@@ -568,8 +566,7 @@ def assign_storage(entries: list[Entry], frame_lengths: dict[bytes, int]) -> lis
     return order
 
 
-@dataclass
-class EncodedHeader:
+class EncodedHeader(NamedTuple):
     tree: bytes
     compressed: bytes
     usize: int

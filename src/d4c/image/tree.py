@@ -11,7 +11,8 @@ from __future__ import annotations
 import enum
 import re
 import stat
-from dataclasses import dataclass, field
+
+from ..records import Record
 
 MAX_PATH = 4096
 MAX_NAME = 255
@@ -54,41 +55,53 @@ class Storage(enum.IntEnum):
     DELTA = 4      # delta images: binary delta(s) against a file of the parent image
 
 
-@dataclass(slots=True)
-class DeltaStep:
+class DeltaStep(Record):
     """One binary delta of a DELTA entry's chain (a merge of deltas chains them)."""
 
-    method: int                # d4c.engine.delta METHOD_* (the payload is a delta file minus its preamble)
-    length: int                # payload bytes in the body section
-    size: int = 0              # size and sha256 of the content this step produces
-    digest: bytes = b""
-    offset: int = 0            # in the body section (implied by the layout)
-    key: object = None         # writers only: which spooled blob holds the payload
+    __slots__ = ("method", "length", "size", "digest", "offset", "key")
+
+    def __init__(self, method: int, length: int, size: int = 0, digest: bytes = b"", offset: int = 0,
+                 key: object = None) -> None:
+        self.method = method    # d4c.engine.delta METHOD_* (the payload is a delta file minus its preamble)
+        self.length = length    # payload bytes in the body section
+        self.size = size        # size and sha256 of the content this step produces
+        self.digest = digest
+        self.offset = offset    # in the body section (implied by the layout)
+        self.key = key          # writers only: which spooled blob holds the payload
 
 
-@dataclass(slots=True)
-class Entry:
-    path: bytes
-    type: EntryType
-    mode: int = 0o755          # permission bits incl. setuid/setgid/sticky (0o7777)
-    uid: int = 0
-    gid: int = 0
-    mtime_ns: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    size: int = 0              # FILE: content length
-    digest: bytes | None = None  # FILE: sha256 of content
-    target: bytes = b""        # SYMLINK: link target
-    link: int = -1             # HARDLINK: index of the entry it shares an inode with
-    rdev: tuple[int, int] = (0, 0)  # CHARDEV/BLOCKDEV: (major, minor)
-    # storage (not part of the image id)
-    storage: Storage = Storage.EMPTY
-    body_offset: int = 0       # FRAME: offset in the body section
-    body_length: int = 0       # FRAME: length of the frame
-    shared_with: int = -1      # SHARED: index of the entry holding the frame
-    delta_source: int = -1     # DELTA: index of the source file in the parent image
-    delta_steps: list[DeltaStep] = field(default_factory=list)  # DELTA: applied in order
-    # producers only: entries with the same inode key become one hard-link group
-    inode: object = None
+class Entry(Record):
+    __slots__ = ("path", "type", "mode", "uid", "gid", "mtime_ns", "xattrs", "size", "digest", "target", "link",
+                 "rdev", "storage", "body_offset", "body_length", "shared_with", "delta_source", "delta_steps",
+                 "inode")
+
+    def __init__(self, path: bytes, type: EntryType, mode: int = 0o755, uid: int = 0, gid: int = 0,
+                 mtime_ns: int = 0, xattrs: dict[bytes, bytes] | None = None, size: int = 0,
+                 digest: bytes | None = None, target: bytes = b"", link: int = -1, rdev: tuple[int, int] = (0, 0),
+                 storage: Storage = Storage.EMPTY, body_offset: int = 0, body_length: int = 0,
+                 shared_with: int = -1, delta_source: int = -1, delta_steps: list[DeltaStep] | None = None,
+                 inode: object = None) -> None:
+        self.path = path
+        self.type = type
+        self.mode = mode            # permission bits incl. setuid/setgid/sticky (0o7777)
+        self.uid = uid
+        self.gid = gid
+        self.mtime_ns = mtime_ns
+        self.xattrs: dict[bytes, bytes] = {} if xattrs is None else xattrs
+        self.size = size            # FILE: content length
+        self.digest = digest        # FILE: sha256 of content
+        self.target = target        # SYMLINK: link target
+        self.link = link            # HARDLINK: index of the entry it shares an inode with
+        self.rdev = rdev            # CHARDEV/BLOCKDEV: (major, minor)
+        # storage (not part of the image id)
+        self.storage = storage
+        self.body_offset = body_offset  # FRAME: offset in the body section
+        self.body_length = body_length  # FRAME: length of the frame
+        self.shared_with = shared_with  # SHARED: index of the entry holding the frame
+        self.delta_source = delta_source  # DELTA: index of the source file in the parent image
+        self.delta_steps: list[DeltaStep] = [] if delta_steps is None else delta_steps  # DELTA: applied in order
+        # producers only: entries with the same inode key become one hard-link group
+        self.inode = inode
 
     @property
     def name(self) -> bytes:

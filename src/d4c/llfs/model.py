@@ -14,7 +14,6 @@ import errno
 import os
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import zstandard
@@ -137,8 +136,7 @@ STREAM_CHUNK = 1 << 20  # a stream is pulled from its reader in chunks of this s
 
 # ---------------------------------------------------------------- the file system
 
-@dataclass
-class Options:
+class Options(NamedTuple):
     cache_dir: str
     cache_limit: int = 2 << 30
     # The images' stored bodies were checked against their sha256 digests when

@@ -7,11 +7,12 @@ Every d4c program (`ctr-cli`, `snapshotter`, the installed bundle) becomes this
 process when its first argument is SERVER_WORD: `spawn_mount` (process.py)
 writes the line with `command_line`, and `main` reads it.  A device runs one
 such process per mounted image, so it imports what serving needs and nothing
-of the command line tree."""
+of the command line tree: not even argparse, whose help formatter and messages
+(shutil, gettext, locale) held ~1.5 MiB of an idle server.  The line is written
+only by `command_line`, so `parse_line` reads exactly that grammar."""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import os
@@ -52,29 +53,69 @@ def command_line(paths: list[str], mountpoint: str, ready_fd: int, *, cache_dir:
     return line + ["--ready-fd", str(ready_fd), os.path.abspath(mountpoint)] + [os.path.abspath(p) for p in paths]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=SERVER_WORD, description="(internal) the FUSE server of one mount")
-    p.add_argument("--debug", action="store_true")
-    p.add_argument("--cache-dir")
-    p.add_argument("--cache-size", type=int, default=2 << 30)
-    p.add_argument("--workers", type=int)
-    p.add_argument("--verified-bodies", action="store_true")
-    p.add_argument("--suid-dev", action="store_true")
-    p.add_argument("--ready-fd", type=int, required=True)
-    p.add_argument("mountpoint")
-    p.add_argument("images", nargs="+")
-    return p
+class ServerArgs:
+    """What `command_line` wrote."""
+
+    def __init__(self) -> None:
+        self.debug = self.verified_bodies = self.suid_dev = False
+        self.cache_dir: str | None = None
+        self.cache_size = 2 << 30
+        self.workers: int | None = None
+        self.ready_fd = -1
+        self.mountpoint = ""
+        self.images: list[str] = []
+
+
+_SWITCHES = {"--debug": "debug", "--verified-bodies": "verified_bodies", "--suid-dev": "suid_dev"}
+_VALUES = {"--cache-dir": ("cache_dir", str), "--cache-size": ("cache_size", int), "--workers": ("workers", int),
+           "--ready-fd": ("ready_fd", int)}
+
+
+def parse_line(argv: list[str]) -> ServerArgs:
+    """The arguments after SERVER_WORD; UsageError for anything `command_line` does not write."""
+    args, rest = ServerArgs(), list(argv)
+    while rest and rest[0].startswith("--"):
+        flag = rest.pop(0)
+        if flag in _SWITCHES:
+            setattr(args, _SWITCHES[flag], True)
+        elif flag in _VALUES and rest:
+            name, kind = _VALUES[flag]
+            try:
+                setattr(args, name, kind(rest.pop(0)))
+            except ValueError:
+                raise errors.UsageError(f"{SERVER_WORD}: bad value for {flag}") from None
+        else:
+            raise errors.UsageError(f"{SERVER_WORD}: unknown or incomplete flag {flag}")
+    if args.ready_fd < 0 or len(rest) < 2:
+        raise errors.UsageError(f"usage: {SERVER_WORD} [flags] --ready-fd FD MOUNTPOINT IMAGE...")
+    args.mountpoint, args.images = rest[0], rest[1:]
+    return args
+
+
+def _private_dir(parent: str, prefix: str) -> str:
+    """tempfile.mkdtemp's contract (a new directory only this user can enter)
+    without tempfile, which brings shutil and random (~1 MiB of an idle server)."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def main(argv: list[str]) -> int:
     """Serve until unmounted; report "mounted" or the failure on the ready pipe."""
-    args = _parser().parse_args(argv)
+    try:
+        args = parse_line(argv)
+    except errors.UsageError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s d4c mount {args.mountpoint}: %(levelname)s: %(message)s")
     private = args.cache_dir is None
     if private:
-        import tempfile
-        cache_dir = tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
+        cache_dir = _private_dir("/var/tmp", "d4c-llfs-")
     else:
         cache_dir = args.cache_dir
     reported = []

@@ -39,7 +39,7 @@ def keep_frame_memory() -> bool:
         return False
     # until then blocks over 128 KiB are mmaps (glibc's default, which it raises
     # by itself after a large free): see keep_large_blocks
-    return bool(mallopt(_M_ARENA_MAX, 2) and mallopt(_M_TRIM_THRESHOLD, int(os.environ.get("XTRIM", 32)) << 20)
+    return bool(mallopt(_M_ARENA_MAX, 2) and mallopt(_M_TRIM_THRESHOLD, 32 << 20)
                 and mallopt(_M_MMAP_THRESHOLD, 128 << 10))
 
 
