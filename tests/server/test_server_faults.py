@@ -547,8 +547,8 @@ def test_a_payload_evicted_before_it_is_opened_is_404(tmp_path, stack) -> None: 
             if "/merged/" in path and not self.evicted:  # a concurrent merge's eviction, right now
                 self.evicted = True
                 with self._lock:
-                    self._cached.pop(os.path.basename(path)[:-6])
-                    os.unlink(path)
+                    [merged] = [m for m in self.cache.keys() if self.cache.path(m) == path]
+                    self.cache.discard(merged)
             return path
 
     updates = EvictsOnce(store, cache_limit=1)

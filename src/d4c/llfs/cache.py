@@ -8,10 +8,10 @@ import contextlib
 import errno
 import os
 import threading
-from collections import OrderedDict
 from typing import Callable, Iterator
 
 from ..digests import file_sha256
+from ..diskcache import DiskCache
 from ..errors import CorruptImage
 
 
@@ -31,24 +31,19 @@ class BodyCache:
     evicting can make room, and tries once more."""
 
     def __init__(self, directory: str, limit: int) -> None:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # a previous mount's bodies are reused; a --cache-dir may hold other files
+        self.entries: DiskCache[bytes] = DiskCache(directory, limit, bytes.hex, _digest_of_name)
         self.dir = directory
-        self.limit = limit
         self._lock = threading.Lock()
-        self._sizes: OrderedDict[bytes, int] = OrderedDict()
         self._checked: set[bytes] = set()  # bodies built or checked by this process
-        self._building: dict[bytes, threading.Lock] = {}
-        for name in os.listdir(directory):  # a previous mount's bodies are reused
-            path = os.path.join(directory, name)
-            with contextlib.suppress(ValueError, OSError):  # not a digest, or gone meanwhile
-                if len(name) == 64 and os.path.isfile(path):
-                    self._sizes[bytes.fromhex(name)] = os.path.getsize(path)
-                elif name.startswith(".tmp-"):
-                    os.unlink(path)
         self._evict()
 
+    @property
+    def limit(self) -> int:
+        return self.entries.limit
+
     def path(self, digest: bytes) -> str:
-        return os.path.join(self.dir, digest.hex())
+        return self.entries.path(digest)
 
     def open(self, digest: bytes, size: int, build: Callable[[], bytes | Iterator[bytes]]) -> int:
         """An fd of the cached body; `build()` makes it on a miss, whole or as
@@ -56,9 +51,7 @@ class BodyCache:
         (Image.read_body and Image.body_chunks do: a chunk stream raises at its
         end on a mismatch, before the body is kept).  Concurrent first reads of
         one body build it once."""
-        with self._lock:
-            lock = self._building.setdefault(digest, threading.Lock())
-        with lock:
+        with self.entries.build_lock(digest):
             fd = self._open_cached(digest, size)
             if fd >= 0:
                 return fd
@@ -78,9 +71,8 @@ class BodyCache:
                     if again.errno not in FULL:
                         raise
                     raise OSError(again.errno, f"body cache {self.dir}: no room for a {size}-byte body") from None
+            self.entries.added(digest, size)
             with self._lock:
-                self._sizes[digest] = size
-                self._sizes.move_to_end(digest)
                 self._checked.add(digest)
             self._evict(keep=digest)  # the fd stays readable if another thread's eviction unlinks it
             return fd
@@ -88,25 +80,24 @@ class BodyCache:
     def _write(self, digest: bytes, size: int, body: bytes | Iterator[bytes]) -> int:
         """Write a body under its digest's name (a temp name, then a rename): an
         fd opened before the rename, so an eviction cannot take it from the caller."""
-        import tempfile  # not in an idle mount server
-        tmp = tempfile.NamedTemporaryFile(dir=self.dir, prefix=".tmp-", delete=False)
+        tmp_name = self.entries.temp_path()
         fd = -1
         try:
-            with tmp:
+            with open(tmp_name, "xb") as tmp:
                 written = 0
                 for chunk in [body] if isinstance(body, bytes) else body:
                     tmp.write(chunk)
                     written += len(chunk)
                 if written != size:  # build() checked the digest; a wrong size means a wrong caller
                     raise CorruptImage("stack", f"rebuilt body has {written} bytes, expected {size}")
-            fd = os.open(tmp.name, os.O_RDONLY | os.O_CLOEXEC)
-            os.rename(tmp.name, self.path(digest))
+            fd = os.open(tmp_name, os.O_RDONLY | os.O_CLOEXEC)
+            os.rename(tmp_name, self.path(digest))
             return fd
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             with contextlib.suppress(FileNotFoundError):  # renamed already, or cleared by another mount
-                os.unlink(tmp.name)
+                os.unlink(tmp_name)
             raise
 
     def _make_room(self, size: int, keep: bytes) -> bool:
@@ -117,24 +108,21 @@ class BodyCache:
             st = os.statvfs(self.dir)
             return st.f_bavail * st.f_frsize
 
-        with self._lock:
-            others = sum(n for digest, n in self._sizes.items() if digest != keep)
+        others = self.entries.used - (self.entries.lookup(keep) or 0)
         if free() + others < size:
             return False
         self._evict(keep, enough=lambda: free() >= size)
         return True
 
     def _open_cached(self, digest: bytes, size: int) -> int:
+        if self.entries.lookup(digest) is None:
+            return -1
         with self._lock:
-            if digest not in self._sizes:
-                return -1
-            self._sizes.move_to_end(digest)
             checked = digest in self._checked
         try:
             fd = os.open(self.path(digest), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            with self._lock:
-                self._sizes.pop(digest, None)
+            self.entries.forget(digest)
             return -1
         try:
             usable = os.fstat(fd).st_size == size and (checked or self._matches(fd, digest))
@@ -143,8 +131,7 @@ class BodyCache:
             raise
         if not usable:
             os.close(fd)
-            with self._lock:
-                self._sizes.pop(digest, None)
+            self.entries.forget(digest)
             return -1
         return fd
 
@@ -160,17 +147,18 @@ class BodyCache:
     def _evict(self, keep: bytes | None = None, enough: Callable[[], bool] | None = None) -> None:
         """Least recently used bodies other than `keep` go until `enough()`: by
         default, until the rest fit the limit."""
-        while not (enough() if enough is not None else self.used <= self.limit):
-            with self._lock:
-                victim = next((digest for digest in self._sizes if digest != keep), None)
-                if victim is None:
-                    return
-                del self._sizes[victim]
-                self._checked.discard(victim)
-            with contextlib.suppress(OSError):  # gone already, or a cache directory gone read-only
-                os.unlink(self.path(victim))
+        gone = self.entries.evict(() if keep is None else (keep,), enough)
+        with self._lock:
+            self._checked.difference_update(gone)
 
     @property
     def used(self) -> int:
-        with self._lock:
-            return sum(self._sizes.values())
+        return self.entries.used
+
+
+def _digest_of_name(name: str) -> bytes | None:
+    """A body's file name is its digest in hex."""
+    try:
+        return bytes.fromhex(name) if len(name) == 64 else None
+    except ValueError:
+        return None

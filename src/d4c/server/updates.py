@@ -9,11 +9,10 @@ import os
 import re
 import threading
 import time
-import uuid
-from collections import OrderedDict
 from typing import Any
 
 from ..digests import path_sha256
+from ..diskcache import DiskCache
 from ..errors import NotFound
 from .store import Artifact, Store
 
@@ -21,7 +20,18 @@ PIN_TIME = 600.0         # seconds a planned payload is kept for its download
 
 
 # a merged payload: <from id or "base">-<to id>-<sha256>.cdimg; anything else in merged/ is a temp
-MERGED_NAME = re.compile(r"^(?:base|[0-9a-f]{64})-[0-9a-f]{64}-[0-9a-f]{64}\.cdimg$")
+MERGED_NAME = re.compile(r"^((?:base|[0-9a-f]{64})-[0-9a-f]{64})-([0-9a-f]{64})\.cdimg$")
+
+Merged = tuple[str, str]  # (key: "<from id or base>-<to id>", sha256 of the payload)
+
+
+def _merged_name(merged: Merged) -> str:
+    return f"{merged[0]}-{merged[1]}.cdimg"
+
+
+def _parse_merged(name: str) -> Merged | None:
+    m = MERGED_NAME.match(name)
+    return (m.group(1), m.group(2)) if m else None
 
 
 class Updates:
@@ -32,22 +42,14 @@ class Updates:
     def __init__(self, store: Store, cache_limit: int = 8 << 30, threads: int = 2,
                  pin_time: float = PIN_TIME) -> None:
         self.store = store
-        self.dir = os.path.join(store.root, "merged")
-        os.makedirs(self.dir, exist_ok=True)
-        self.limit = cache_limit
+        # only finished merges have their final name; a temp a crash left is never adopted
+        self.cache: DiskCache[Merged] = DiskCache(os.path.join(store.root, "merged"), cache_limit, _merged_name,
+                                                  _parse_merged, owns_directory=True)
         self.threads = threads
         self.pin_time = pin_time
         self._lock = threading.Lock()
-        self._building: dict[str, threading.Lock] = {}
-        self._cached: OrderedDict[str, int] = OrderedDict()
-        self._pins: dict[str, tuple[int, float]] = {}   # name -> (downloads outstanding, pinned until)
+        self._pins: dict[Merged, tuple[int, float]] = {}   # (downloads outstanding, pinned until)
         self.merges = 0
-        for name in sorted(os.listdir(self.dir)):
-            # only finished merges have their final name; a temp a crash left is never adopted
-            if MERGED_NAME.match(name):
-                self._cached[name[:-6]] = os.path.getsize(os.path.join(self.dir, name))
-            else:
-                os.unlink(os.path.join(self.dir, name))
 
     def plan(self, tag: str, have: set[str]) -> dict[str, Any]:
         target = self.store.resolve_tag(tag)
@@ -65,9 +67,7 @@ class Updates:
 
     def _merged(self, start: str, target: str, path: list[Artifact]) -> tuple[str, int]:
         key = f"{start or 'base'}-{target}"
-        with self._lock:
-            lock = self._building.setdefault(key, threading.Lock())
-        with lock:
+        with self.cache.build_lock(key):  # one merge per (from, to), whatever its digest
             found = self._find(key)
             if found:
                 return found
@@ -76,33 +76,34 @@ class Updates:
     def _find(self, key: str) -> tuple[str, int] | None:
         """The cached merge for `key`, pinned for the download its plan announces."""
         with self._lock:
-            for name in self._cached:
-                if name.startswith(key + "-"):
-                    self._cached.move_to_end(name)
-                    self._pin(name)
-                    return name.rsplit("-", 1)[1], self._cached[name]
+            for merged in self.cache.keys():
+                if merged[0] == key:
+                    size = self.cache.lookup(merged)
+                    if size is not None:
+                        self._pin(merged)
+                        return merged[1], size
         return None
 
-    def _pin(self, name: str) -> None:
-        count, _ = self._pins.get(name, (0, 0.0))
-        self._pins[name] = (count + 1, time.monotonic() + self.pin_time)
+    def _pin(self, merged: Merged) -> None:
+        count, _ = self._pins.get(merged, (0, 0.0))
+        self._pins[merged] = (count + 1, time.monotonic() + self.pin_time)
 
-    def _pinned(self, name: str, now: float) -> bool:
-        count, until = self._pins.get(name, (0, 0.0))
+    def _pinned(self, merged: Merged, now: float) -> bool:
+        count, until = self._pins.get(merged, (0, 0.0))
         if count and until > now:
             return True
-        self._pins.pop(name, None)
+        self._pins.pop(merged, None)
         return False
 
     def downloaded(self, digest: str) -> None:
         """A client has the whole payload: its plan's pin is released."""
         with self._lock:
-            for name, (count, until) in list(self._pins.items()):
-                if name.endswith("-" + digest):
+            for merged, (count, until) in list(self._pins.items()):
+                if merged[1] == digest:
                     if count > 1:
-                        self._pins[name] = (count - 1, until)
+                        self._pins[merged] = (count - 1, until)
                     else:
-                        del self._pins[name]
+                        del self._pins[merged]
 
     def _build(self, key: str, start: str, path: list[Artifact]) -> tuple[str, int]:
         """Merge the chain (never touching stored artifacts) into the cache; the
@@ -113,7 +114,7 @@ class Updates:
         self.merges += 1
         below = self.store.chain_to(start) if start else []
         files = [self.store.path(a.digest) for a in below + path]
-        tmp = os.path.join(self.dir, f".tmp-{uuid.uuid4().hex}.partial")
+        tmp = self.cache.temp_path(".partial")
         try:
             stack = open_stack(files[1:], files[0])
             try:
@@ -125,29 +126,20 @@ class Updates:
                     patch_image(stack[-1], tmp, cdimg=True, threads=self.threads)
             finally:
                 close_all(stack)
-            name = f"{key}-{path_sha256(tmp).hexdigest()}"
-            os.rename(tmp, os.path.join(self.dir, name + ".cdimg"))
+            merged = (key, path_sha256(tmp).hexdigest())
+            os.rename(tmp, self.cache.path(merged))
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         with self._lock:
-            size = self._cached[name] = os.path.getsize(os.path.join(self.dir, name + ".cdimg"))
-            self._pin(name)
-            self._evict(keep=name)
-        return name.rsplit("-", 1)[1], size
-
-    def _evict(self, keep: str) -> None:
-        """Oldest first, down to the budget; pinned payloads stay (the cache may
-        then exceed its budget until their downloads end or their pins expire)."""
-        now = time.monotonic()
-        total = sum(self._cached.values())
-        for old in list(self._cached):
-            if total <= self.limit:
-                break
-            if old == keep or self._pinned(old, now):
-                continue
-            total -= self._cached.pop(old)
-            os.unlink(os.path.join(self.dir, old + ".cdimg"))
+            size = os.path.getsize(self.cache.path(merged))
+            self.cache.added(merged, size)
+            self._pin(merged)
+            # oldest first, down to the budget; pinned payloads stay (the cache may then
+            # exceed its budget until their downloads end or their pins expire)
+            now = time.monotonic()
+            self.cache.evict(keep=(merged,), spared=lambda m: self._pinned(m, now))
+        return merged[1], size
 
     def payload(self, digest: str) -> str:
         """The file holding the bytes named `digest`: an artifact or a merge."""
@@ -158,9 +150,9 @@ class Updates:
         if path and os.path.exists(path):
             return path
         with self._lock:
-            for name in self._cached:
-                if name.endswith("-" + digest):
-                    if name in self._pins:  # a download in progress keeps its pin for another pin_time
-                        self._pins[name] = (self._pins[name][0], time.monotonic() + self.pin_time)
-                    return os.path.join(self.dir, name + ".cdimg")
+            for merged in self.cache.keys():
+                if merged[1] == digest:
+                    if merged in self._pins:  # a download in progress keeps its pin for another pin_time
+                        self._pins[merged] = (self._pins[merged][0], time.monotonic() + self.pin_time)
+                    return self.cache.path(merged)
         raise NotFound(f"no payload {digest!r} (evicted from the cache: ask for the update again)")
