@@ -66,3 +66,47 @@ def test_mount_server_imports_nothing_heavy() -> None:
                        env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == []
+
+
+READ_EVERYTHING = """
+import importlib, sys
+from d4c.llfs import server_process, serve, ops, mounts
+from d4c.llfs.model import ImageFS, Options
+from d4c.image.stack import open_stack
+from d4c.image.tree import EntryType
+for name in server_process.LOADED_LATER:
+    importlib.import_module(name)
+importlib.import_module("d4c.accel").check()
+
+class BundleGone:
+    def find_spec(self, name, path=None, target=None):
+        raise ImportError("the bundle is gone: " + name)
+
+sys.meta_path.insert(0, BundleGone())
+fs = ImageFS(open_stack(sys.argv[2:]), Options(sys.argv[1], 1 << 30))  # hashing every read
+todo, read = [1], 0
+while todo:
+    ino = todo.pop()
+    offset = 0
+    while page := fs.readdir(ino, offset):
+        for _, attrs, offset in page:
+            entry = fs.entry(attrs.ino)
+            if entry.type == EntryType.DIR:
+                todo.append(attrs.ino)
+            elif entry.type == EntryType.FILE:
+                fh = fs.open(attrs.ino)
+                read += len(fs.read(fh, 0, entry.size + 1))
+                fs.release(fh)
+print(read)
+"""
+
+
+def test_a_one_file_servers_reads_need_no_import_after_ready(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A one-file binary's mount server outlives the bundle it was unpacked from:
+    after `ready` every read (rebuilt files, hashing) must run on modules loaded
+    already (LOADED_LATER).  A clean-clone CI run of the one-file binary got EIO."""
+    p = subprocess.run([sys.executable, "-c", READ_EVERYTHING, str(tmp_path / "cache"), *stack],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout) > 0

@@ -24,6 +24,12 @@ SERVER_WORD = "llfs-server"
 READY, FAILED = b"\0", b"\1"  # the first byte on the ready pipe
 
 
+# what a mount server imports only when it needs it: the engine (the first delta
+# file), OpenSSL's sha256 (the first body hashed: d4c.digests), shutil (the
+# private cache's removal at exit)
+LOADED_LATER = ("d4c.engine.delta", "hashlib", "shutil")
+
+
 def bundle_is_temporary() -> bool:
     """True in a one-file binary: its modules were unpacked to a directory that
     goes away with the process that unpacked it."""
@@ -132,7 +138,8 @@ def main(argv: list[str]) -> int:
         # when it exits: everything a read may need later is loaded now.  Installed
         # (one-dir) and from source, the engine loads at the first delta file.
         if bundle_is_temporary():
-            importlib.import_module("d4c.engine.delta")
+            for name in LOADED_LATER:
+                importlib.import_module(name)
             importlib.import_module("d4c.accel").check()  # the kernels load at first use too
         report(READY)
 
