@@ -315,6 +315,56 @@ class _Loopback:
         self.server.server_close()
 
 
+class UploadCutter(_Loopback):
+    """A registry front on loopback that passes every request through and cuts
+    the `cut`-th PATCH of a blob upload: the registry gets the first half of its
+    body, the client a dropped connection and no answer (a link lost mid-push)."""
+
+    def __init__(self, upstream: str, cut: int = 2) -> None:
+        import http.client
+        self.upstream = upstream
+        self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
+        proxy = self
+
+        class Handler(_Quiet):
+            def _any(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                proxy.requests.append((self.command, self.path, len(body)))
+                cut = False
+                if self.command == "PATCH":
+                    proxy.patches += 1
+                    if proxy.patches == proxy.cut:
+                        cut, body = True, body[:len(body) // 2]
+                        start = int(headers.get("Content-Range", "0-0").split("-")[0])
+                        headers["Content-Range"] = f"{start}-{start + len(body) - 1}"
+                        headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                conn.request(self.command, self.path, body=body if body or self.command != "GET" else None,
+                             headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                conn.close()
+                if cut:  # stored in part; the client hears nothing
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() == "location":
+                        v = v.replace(f"http://{proxy.upstream}", f"http://{proxy.host}")
+                    if k.lower() not in ("content-length", "connection", "date", "server"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any  # noqa: N815
+
+        self._serve(Handler)
+
+
 class TokenProxy(_Loopback):
     """A registry front on loopback that wants bearer tokens from its own token
     endpoint (basic credentials), as Docker Hub does; it can drop the first

@@ -6,10 +6,14 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .. import paths
 from ..args import positive_int
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..oci.source import Platform, RemoteOptions
 
 
 
@@ -38,6 +42,47 @@ def add_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=3, metavar="L",
                    help="zstd level for file bodies, 1..22 (default 3)")
 
+
+
+def add_source_flags(p: argparse.ArgumentParser) -> None:
+    """Where an image comes from: its platform in an index, containerd, registries."""
+    p.add_argument("--os", default=None, help="platform OS to pick from an index (default linux)")
+    p.add_argument("--arch", default=None, help="platform architecture (default: this machine's)")
+    p.add_argument("--variant", default=None, help="platform variant")
+    p.add_argument("--address", default=paths.CONTAINERD_ADDRESS, help="containerd socket")
+    p.add_argument("--namespace", "-n", default=paths.CONTAINERD_NAMESPACE, help="containerd namespace")
+    p.add_argument("--user", metavar="USER:PASSWORD", help="registry credentials")
+    p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry (local registries)")
+    p.add_argument("--insecure", action="store_true", help="do not verify the registry's TLS certificate")
+    p.add_argument("--blob-cache", metavar="DIR", default=None,
+                   help="keep downloaded layers here, so the next version fetches only new ones "
+                   "(default: $XDG_CACHE_HOME/d4c/blobs or ~/.cache/d4c/blobs; 'none' to disable)")
+
+
+def platform_of(args: argparse.Namespace) -> "Platform":
+    from ..oci.source import Platform
+    default = Platform.default()
+    return Platform(args.os or default.os, args.arch or default.architecture,
+                    args.variant if args.variant is not None else (default.variant if not args.arch else ""))
+
+
+def credentials_of(args: argparse.Namespace) -> tuple[str, str] | None:
+    if not args.user:
+        return None
+    user, sep, password = args.user.partition(":")
+    if not sep:
+        raise UsageError("--user takes USER:PASSWORD")
+    return user, password
+
+
+def remote_options(args: argparse.Namespace) -> "RemoteOptions":
+    """add_source_flags' values as the sources take them."""
+    from ..oci.source import RemoteOptions
+    cache = args.blob_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                            "d4c", "blobs")
+    return RemoteOptions(address=args.address, namespace=args.namespace, plain_http=args.plain_http,
+                         insecure=args.insecure, credentials=credentials_of(args),
+                         cache_dir=None if cache == "none" else cache)
 
 
 def refuse_output_over_input(flag: str, out: str, inputs: list[str]) -> None:

@@ -1,16 +1,19 @@
-"""An OCI distribution (registry v2) client: just what `convert` needs.
+"""An OCI distribution (registry v2) client: what `convert` and `publish` need.
 
 Manifests and blobs by digest, anonymous bearer tokens (the Docker Hub flow),
 basic auth from `--user` or ~/.docker/config.json, retries with backoff, and
 resumption of a dropped blob download with an HTTP Range request.  Every byte
 is verified by digest by the caller (source.py / flatten.py); downloaded
 layers are kept in a local cache so the next version fetches only new layers.
+Pushing: blobs in chunks that resume where the registry says it stopped,
+manifests by tag or digest, and the referrers of a manifest (the OCI 1.1 API).
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
+import io
 import json
 import os
 import re
@@ -19,7 +22,7 @@ import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO, Callable
 
 from ..errors import BadInput, D4CError, NotFound, Unavailable, UsageError
 from ..digests import sha256
@@ -33,6 +36,8 @@ ACCEPT = ", ".join([
 ])
 RETRIES = 4
 CHUNK = 1 << 20
+UPLOAD_CHUNK = 8 << 20  # bytes per PATCH of a blob upload: what a dropped connection costs again
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 
 
 class AuthFailed(D4CError):
@@ -123,26 +128,34 @@ class Registry:
             ctx.verify_mode = ssl.CERT_NONE
         return http.client.HTTPSConnection(host, timeout=self.timeout, context=ctx)
 
-    def _request(self, path: str, headers: dict[str, str], *, what: str,
-                 ok: tuple[int, ...] = (200,)) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """GET with auth and retries; returns the open response (caller reads it)."""
+    def _request(self, path: str, headers: dict[str, str], *, what: str, ok: tuple[int, ...] = (200,),
+                 method: str = "GET", body: Callable[[], Any] | None = None,
+                 retries: int = RETRIES) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A request with auth and retries; returns the open response (caller
+        reads it).  `path` may be a URL the registry gave (an upload's Location);
+        `body()` makes the body afresh for every attempt.  With `retries=0` a
+        dropped connection is the caller's to recover (a PATCH that may have
+        been stored in part)."""
         delay = 0.5
-        for attempt in range(RETRIES + 1):
-            conn = self._connection(self.ref.host, self.scheme)
+        url = urllib.parse.urlsplit(path)
+        host, scheme = url.netloc or self.ref.host, url.scheme or self.scheme
+        target = urllib.parse.urlunsplit(("", "", url.path, url.query, ""))
+        for attempt in range(retries + 1):
+            conn = self._connection(host, scheme)
             hdrs = dict(headers)
             if self._auth:
                 hdrs["Authorization"] = self._auth
             try:
-                conn.request("GET", path, headers=hdrs)
+                conn.request(method, target, body=body() if body is not None else None, headers=hdrs)
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                if attempt == RETRIES or isinstance(exc, socket.gaierror):  # a name that does not resolve
+                if attempt >= retries or isinstance(exc, socket.gaierror):  # a name that does not resolve
                     raise Unavailable(f"{self.ref.host}: cannot reach the registry ({what}): {exc}") from None
                 time.sleep(delay)
                 delay *= 2
                 continue
-            if resp.status == 401 and attempt < RETRIES:
+            if resp.status == 401 and attempt < max(retries, 1):
                 challenge = resp.getheader("WWW-Authenticate", "")
                 resp.read()
                 conn.close()
@@ -154,7 +167,7 @@ class Registry:
                 return conn, resp
             body = resp.read(4096)
             conn.close()
-            if resp.status in (429, 500, 502, 503, 504) and attempt < RETRIES:
+            if resp.status in (429, 500, 502, 503, 504) and attempt < retries:
                 time.sleep(delay)
                 delay *= 2
                 continue
@@ -163,7 +176,7 @@ class Registry:
             if resp.status in (401, 403):
                 raise AuthFailed(f"{self.ref.host}: {what}: access denied ({resp.status})")
             raise BadInput(f"{self.ref.host}: {what}: HTTP {resp.status} {_message(body)}")
-        raise Unavailable(f"{self.ref.host}: {what}: giving up after {RETRIES} retries")
+        raise Unavailable(f"{self.ref.host}: {what}: giving up after {retries} retries")
 
     def _authenticate(self, challenge: str, what: str) -> bool:
         """Answer a 401: basic credentials, or a bearer token from the realm."""
@@ -264,6 +277,136 @@ class Registry:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return open(path, "rb")
+
+    def _call(self, method: str, path: str, *, what: str, ok: tuple[int, ...], headers: dict[str, str] | None = None,
+              body: bytes | None = None) -> tuple[http.client.HTTPResponse, bytes]:
+        """A whole small request: (response, its body)."""
+        conn, resp = self._request(path, headers or {}, what=what, ok=ok, method=method,
+                                   body=None if body is None else (lambda: body))
+        try:
+            return resp, resp.read(MAX_ANSWER)
+        finally:
+            conn.close()
+
+    def has_blob(self, digest: str) -> bool:
+        resp, _ = self._call("HEAD", f"/v2/{self.ref.repository}/blobs/{digest}", what=f"blob {digest}",
+                             ok=(200, 404))
+        return resp.status == 200
+
+    def has_manifest(self, reference: str) -> bool:
+        resp, _ = self._call("HEAD", f"/v2/{self.ref.repository}/manifests/{reference}",
+                             what=f"manifest {reference}", ok=(200, 404), headers={"Accept": ACCEPT})
+        return resp.status == 200
+
+    def push_blob(self, source: str | bytes, digest: str, progress: Callable[[int], None] | None = None) -> bool:
+        """Upload the file at path `source` (or the bytes `source`) as blob
+        `digest`, unless the registry has it (False).  In UPLOAD_CHUNK pieces; after a dropped connection the
+        upload continues from the offset the registry reports (or, where it
+        cannot report one, starts again), for as long as attempts move data."""
+        if self.has_blob(digest):
+            return False
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        repo = self.ref.repository
+        resp, _ = self._call("POST", f"/v2/{repo}/blobs/uploads/", what="blob upload", ok=(202,),
+                             headers={"Content-Length": "0"})
+        location = _location(resp, f"/v2/{repo}/blobs/uploads/")
+        offset, stalls = 0, 0
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as f:
+            while offset < size:
+                n = min(UPLOAD_CHUNK, size - offset)
+
+                def piece(at: int = offset, n: int = n) -> bytes:
+                    f.seek(at)
+                    return f.read(n)
+                try:
+                    conn, resp = self._request(
+                        location, {"Content-Type": "application/octet-stream", "Content-Length": str(n),
+                                   "Content-Range": f"{offset}-{offset + n - 1}"},
+                        what=f"blob upload {digest}", ok=(202,), method="PATCH", body=piece, retries=0)
+                    conn.close()
+                    location = _location(resp, location)
+                    offset += n
+                    stalls = 0
+                except Unavailable:
+                    stalls += 1
+                    if stalls > RETRIES:
+                        raise
+                    time.sleep(0.2 * stalls)
+                    status = self._upload_status(location)
+                    if status is None:  # the registry cannot say (distribution 2.x): a new upload from zero
+                        resp, _ = self._call("POST", f"/v2/{repo}/blobs/uploads/", what="blob upload",
+                                             ok=(202,), headers={"Content-Length": "0"})
+                        location, offset = _location(resp, f"/v2/{repo}/blobs/uploads/"), 0
+                    else:
+                        location, stored = status
+                        stalls = 0 if stored > offset else stalls  # the dropped piece went in part-way
+                        offset = stored
+                if progress is not None:
+                    progress(offset)
+        sep = "&" if "?" in location else "?"
+        self._call("PUT", location + sep + urllib.parse.urlencode({"digest": digest}), what=f"blob {digest}",
+                   ok=(201,), headers={"Content-Length": "0"}, body=b"")
+        return True
+
+    def _upload_status(self, location: str) -> tuple[str, int] | None:
+        """(where to go on, how many bytes the registry holds) of an upload, or
+        None where the registry cannot tell: distribution 2.x answers 404 for an
+        upload URL whose state token is older than its last PATCH, which is the
+        URL a client holds when that PATCH's answer was lost."""
+        try:
+            resp, _ = self._call("GET", location, what="blob upload status", ok=(204,))
+        except (NotFound, BadInput):
+            return None
+        stored = re.fullmatch(r"0-(\d+)", resp.getheader("Range") or "")
+        return _location(resp, location), int(stored.group(1)) + 1 if stored else 0
+
+    def put_manifest(self, reference: str, data: bytes, media_type: str) -> http.client.HTTPResponse:
+        """PUT a manifest or index under a tag or its digest."""
+        resp, _ = self._call("PUT", f"/v2/{self.ref.repository}/manifests/{reference}", what=f"manifest {reference}",
+                             ok=(201,), headers={"Content-Type": media_type}, body=data)
+        return resp
+
+    def tags(self) -> list[str]:
+        """The repository's tags in the registry's order (following `Link` pages)."""
+        path, out = f"/v2/{self.ref.repository}/tags/list?n=1000", []
+        for _ in range(1000):
+            resp, body = self._call("GET", path, what="tag list", ok=(200,))
+            try:
+                out += [str(t) for t in json.loads(body).get("tags") or []]
+            except (ValueError, AttributeError):
+                raise BadInput(f"{self.ref.host}: tag list of {self.ref.repository}: not JSON") from None
+            link = re.match(r"<([^>]+)>", resp.getheader("Link") or "")
+            if not link:
+                break
+            path = link.group(1)
+        return out
+
+    def referrers(self, digest: str) -> list[dict[str, Any]] | None:
+        """The descriptors of the manifests whose subject is `digest`, by the
+        referrers API; None where the registry lacks it (then the referrers
+        tag schema holds them: see artifacts.py)."""
+        resp, body = self._call("GET", f"/v2/{self.ref.repository}/referrers/{digest}", what=f"referrers of {digest}",
+                                ok=(200, 404), headers={"Accept": INDEX_TYPE})
+        media = (resp.getheader("Content-Type") or "").split(";")[0].strip()
+        if resp.status == 404 or media != INDEX_TYPE:  # no such API (a 404 or a page that is not an index)
+            return None
+        return index_descriptors(body, f"{self.ref.host}: referrers of {digest}")
+
+
+MAX_ANSWER = 4 << 20  # bytes of a small answer (an index, an error) read at most
+
+
+def index_descriptors(data: bytes, what: str) -> list[dict[str, Any]]:
+    """The descriptors an image index lists (those that are objects)."""
+    try:
+        found = json.loads(data).get("manifests") or []
+    except (ValueError, AttributeError):
+        raise BadInput(f"{what}: not an image index") from None
+    return [d for d in found if isinstance(d, dict)] if isinstance(found, list) else []
+
+
+def _location(resp: http.client.HTTPResponse, fallback: str) -> str:
+    return resp.getheader("Location") or fallback
 
 
 class _Download:

@@ -82,6 +82,7 @@ class ResolvedImage:
     config_bytes: bytes
     layers: list[Layer]
     description: str
+    manifest_digest: str = ""  # the platform's manifest (where the source has one): what artifacts refer to
 
 
 class HashingReader:
@@ -377,7 +378,7 @@ class ImageSource:
             layer_digest = _text(ld.get("digest"), f"{self.ref}: layer digest")
             _blob_name(layer_digest)  # checks the form
             layers.append(Layer(layer_digest, media, diff_id, lambda d=layer_digest: self._open_blob(d)))
-        return ResolvedImage(config, config_bytes, layers, f"{self.ref} ({digest})")
+        return ResolvedImage(config, config_bytes, layers, f"{self.ref} ({digest})", digest)
 
     def _open_blob(self, digest: str) -> BinaryIO:
         return self.store.open(_blob_name(digest))

@@ -1,0 +1,156 @@
+"""d4c artifacts beside an image in an OCI registry (docs/REGISTRY.md).
+
+A cdimg, full or a delta from an older version, is an OCI 1.1 artifact: an
+image manifest with an `artifactType`, the empty config, the cdimg as its one
+layer, and the image's platform manifest as its `subject`.  Its annotations
+say what it is (ANNOTATION_*), so a device chooses one from the referrers list
+alone.  Registries with the referrers API list them; on the others (Debian's
+docker-registry, distribution 2.x) the publisher also keeps the list in the
+referrers tag schema's index, tag `sha256-<hex of the subject digest>`."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..digests import path_sha256, sha256
+from ..errors import BadInput, NotFound
+from .registry import INDEX_TYPE, Registry, index_descriptors
+
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+IMAGE_ARTIFACT = "application/vnd.d4c.image.v1"      # a full cdimg of the subject
+DELTA_ARTIFACT = "application/vnd.d4c.delta.v1"      # a delta cdimg: an older image -> the subject
+ARTIFACT_TYPES = (IMAGE_ARTIFACT, DELTA_ARTIFACT)
+CDIMG_LAYER = "application/vnd.d4c.cdimg.v1"
+EMPTY_CONFIG = {"mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
+EMPTY_CONFIG_BYTES = b"{}"
+
+ANNOTATION_IMAGE_ID = "io.d4c.image.id"               # the image id the artifact makes (sha256:...)
+ANNOTATION_BASE_ID = "io.d4c.base.id"                 # deltas: the image id they apply to
+ANNOTATION_BASE_MANIFEST = "io.d4c.base.manifest"     # deltas: the base image's platform manifest digest
+ANNOTATION_SIZE = "io.d4c.size"                       # bytes of the cdimg layer
+ANNOTATION_IMAGE_SIZE = "io.d4c.image.size"           # bytes of the full cdimg of the subject
+
+
+@dataclass
+class Artifact:
+    """One d4c referrer of a manifest, as its descriptor says."""
+    digest: str                 # of the artifact's manifest
+    artifact_type: str
+    annotations: dict[str, str]
+
+    @property
+    def is_delta(self) -> bool:
+        return self.artifact_type == DELTA_ARTIFACT
+
+    @property
+    def image_id(self) -> str:
+        return self.annotations.get(ANNOTATION_IMAGE_ID, "")
+
+    @property
+    def base_id(self) -> str:
+        return self.annotations.get(ANNOTATION_BASE_ID, "")
+
+    @property
+    def size(self) -> int:
+        value = self.annotations.get(ANNOTATION_SIZE, "")
+        return int(value) if value.isdigit() else -1
+
+
+def fallback_tag(digest: str) -> str:
+    """The referrers tag schema's tag for a subject: `<alg>-<hex>`."""
+    alg, _, hexpart = digest.partition(":")
+    return f"{alg}-{hexpart}"[:128]
+
+
+def subject_descriptor(registry: Registry, digest: str) -> dict[str, Any]:
+    """The descriptor of the manifest `digest` in `registry` (it must be there)."""
+    media, data = registry.manifest(digest)
+    if "sha256:" + sha256(data).hexdigest() != digest:
+        raise BadInput(f"{registry.ref.host}: manifest {digest} does not match its digest")
+    return {"mediaType": media or MANIFEST_TYPE, "digest": digest, "size": len(data)}
+
+
+def artifact_manifest(subject: dict[str, Any], artifact_type: str, layer_digest: str, layer_size: int,
+                      annotations: dict[str, str]) -> bytes:
+    """The artifact's manifest, canonical JSON: the same inputs give the same digest,
+    which is what makes publishing twice push nothing new."""
+    doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": artifact_type,
+           "config": EMPTY_CONFIG,
+           "layers": [{"mediaType": CDIMG_LAYER, "digest": layer_digest, "size": layer_size,
+                       "annotations": {"org.opencontainers.image.title": "image.cdimg"}}],
+           "subject": subject, "annotations": dict(sorted(annotations.items()))}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def find_artifacts(registry: Registry, subject_digest: str) -> list[Artifact]:
+    """The d4c artifacts whose subject is `subject_digest`: by the referrers
+    API, else from the tag schema's index (none: an empty list)."""
+    found = registry.referrers(subject_digest)
+    if found is None:
+        try:
+            _, data = registry.manifest(fallback_tag(subject_digest))
+        except NotFound:
+            return []
+        found = index_descriptors(data, f"{registry.ref.host}: the referrers index")
+    out = []
+    for desc in found:
+        kind, digest, notes = desc.get("artifactType"), desc.get("digest"), desc.get("annotations") or {}
+        if kind in ARTIFACT_TYPES and isinstance(digest, str) and isinstance(notes, dict):
+            out.append(Artifact(digest, str(kind), {str(k): str(v) for k, v in notes.items()}))
+    return out
+
+
+def layer_of(registry: Registry, artifact: Artifact) -> tuple[str, int]:
+    """(digest, size) of the cdimg an artifact carries."""
+    _, data = registry.manifest(artifact.digest)
+    if "sha256:" + sha256(data).hexdigest() != artifact.digest:
+        raise BadInput(f"{registry.ref.host}: artifact {artifact.digest} does not match its digest")
+    try:
+        layer = json.loads(data)["layers"][0]
+        return str(layer["digest"]), int(layer["size"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BadInput(f"{registry.ref.host}: artifact {artifact.digest} has no cdimg layer") from None
+
+
+def push_artifact(registry: Registry, subject: dict[str, Any], artifact_type: str, path: str,
+                  annotations: dict[str, str], progress: Callable[[int], None] | None = None) -> tuple[str, bool]:
+    """Push the cdimg at `path` as an artifact of `subject`; (manifest digest,
+    whether anything was new).  The registry's referrers API indexes it when
+    the manifest's answer says so (OCI-Subject); otherwise the tag schema's
+    index gains its descriptor."""
+    layer_digest, size = "sha256:" + path_sha256(path).hexdigest(), os.path.getsize(path)
+    notes = dict(annotations, **{ANNOTATION_SIZE: str(size)})
+    manifest = artifact_manifest(subject, artifact_type, layer_digest, size, notes)
+    digest = "sha256:" + sha256(manifest).hexdigest()
+    new = registry.push_blob(path, layer_digest, progress)
+    registry.push_blob(EMPTY_CONFIG_BYTES, str(EMPTY_CONFIG["digest"]))
+    indexed_by_api = False
+    if new or not registry.has_manifest(digest):
+        resp = registry.put_manifest(digest, manifest, MANIFEST_TYPE)
+        indexed_by_api = bool(resp.getheader("OCI-Subject"))
+        new = True
+    if not indexed_by_api and registry.referrers(subject["digest"]) is None:
+        new = _add_to_fallback_index(registry, subject["digest"], {
+            "mediaType": MANIFEST_TYPE, "digest": digest, "size": len(manifest), "artifactType": artifact_type,
+            "annotations": dict(sorted(notes.items()))}) or new
+    return digest, new
+
+
+def _add_to_fallback_index(registry: Registry, subject_digest: str, descriptor: dict[str, Any]) -> bool:
+    """Add `descriptor` to the tag schema's index of `subject_digest`; False when it is there already.
+    (Read, add, write: two publishers of one subject at once may lose an entry; publish again.)"""
+    tag = fallback_tag(subject_digest)
+    try:
+        _, data = registry.manifest(tag)
+        entries = index_descriptors(data, f"{registry.ref.host}: the referrers index")
+    except NotFound:
+        entries = []
+    if any(e.get("digest") == descriptor["digest"] for e in entries):
+        return False
+    index = {"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries + [descriptor]}
+    registry.put_manifest(tag, json.dumps(index, sort_keys=True, separators=(",", ":")).encode(), INDEX_TYPE)
+    return True
