@@ -248,3 +248,66 @@ def test_artifact_manifest_golden() -> None:
     assert data.startswith(b'{"annotations":{"io.d4c.base.id":"sha256:4444')
     assert sha256(data).hexdigest() == "92448d7a0e2369c29f25508045f21858646a32007e593feade0dbdc24944406b"
     assert artifacts.fallback_tag("sha256:" + "ab" * 32) == "sha256-" + "ab" * 32
+
+
+def pull(reg: RegistryDaemon, tag: str, *extra: str, repo: str = REPO) -> tuple[int, str, str]:
+    return run_cli("pull", "--image", f"docker://{reg.host}/{repo}:{tag}", "--plain-http", *extra)
+
+
+def test_pull_from_a_plain_registry(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """No d4c server: pull picks the cheapest artifact for the images it holds."""
+    reg, tmp = published
+    code, _, err = publish(reg, "2", "--from", "1")
+    assert code == 0, err
+    converted(reg, "1", str(tmp_path / "c1"))
+    converted(reg, "2", str(tmp_path / "c2"))
+    v1, v2 = str(tmp_path / "c1" / "image.cdimg"), str(tmp_path / "c2" / "image.cdimg")
+    with Image(v1) as a, Image(v2) as b:
+        id1, id2 = a.info.image_id, b.info.image_id
+    out = str(tmp_path / "delta.cdimg")
+    code, stdout, err = pull(reg, "2", "--have", v1, "--output", out)
+    assert code == 0, err
+    assert "delta from" in stdout
+    with Image(out) as image:
+        assert image.is_delta and image.info.parent_id == id1 and image.info.image_id == id2
+    assert not os.path.exists(out + ".partial")
+    full = str(tmp_path / "full.cdimg")
+    code, stdout, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", full)
+    assert code == 0 and "full image" in stdout, err
+    with Image(full) as image:
+        assert not image.is_delta and image.info.image_id == id2
+    code, stdout, err = pull(reg, "2", "--have", v2, "--output", str(tmp_path / "none.cdimg"))
+    assert code == 0 and "up to date" in stdout, err
+    assert not os.path.exists(tmp_path / "none.cdimg")
+
+
+def test_pull_resumes_a_kept_partial_download(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, _ = published
+    code, _, err = publish(reg, "2", "--from", "1")
+    assert code == 0, err
+    first = str(tmp_path / "first.cdimg")
+    code, _, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", first)
+    assert code == 0, err
+    data = open(first, "rb").read()
+    out = str(tmp_path / "again.cdimg")
+    with open(out + ".partial", "wb") as f:
+        f.write(data[:len(data) // 2])  # what an interrupted run left
+    code, stdout, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", out)
+    assert code == 0, err
+    assert f"{len(data) - len(data) // 2} bytes downloaded" in stdout
+    assert open(out, "rb").read() == data
+    # a partial file that is not a prefix of the blob is refused and dropped, never kept under the name
+    with open(out + "2.partial", "wb") as f:
+        f.write(b"\0" * (len(data) // 2))
+    code, _, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", out + "2", "-q")
+    assert_one_line_error(code, err)
+    assert not os.path.exists(out + "2") and not os.path.exists(out + "2.partial")
+
+
+def test_pull_of_an_image_without_artifacts(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, tmp = published
+    reg.push(str(tmp / "layout"), "1", "d4c/plain")
+    code, _, err = pull(reg, "1", "--have", "sha256:" + "0" * 64, "--output", str(tmp_path / "o"), "-q",
+                        repo="d4c/plain")
+    assert_one_line_error(code, err, 4)
+    assert "no d4c artifacts" in err

@@ -44,16 +44,26 @@ def add_level(p: argparse.ArgumentParser) -> None:
 
 
 
-def add_source_flags(p: argparse.ArgumentParser) -> None:
-    """Where an image comes from: its platform in an index, containerd, registries."""
+def add_platform_flags(p: argparse.ArgumentParser) -> None:
+    """Which image of an index (a multi-platform tag)."""
     p.add_argument("--os", default=None, help="platform OS to pick from an index (default linux)")
     p.add_argument("--arch", default=None, help="platform architecture (default: this machine's)")
     p.add_argument("--variant", default=None, help="platform variant")
-    p.add_argument("--address", default=paths.CONTAINERD_ADDRESS, help="containerd socket")
-    p.add_argument("--namespace", "-n", default=paths.CONTAINERD_NAMESPACE, help="containerd namespace")
+
+
+def add_registry_flags(p: argparse.ArgumentParser) -> None:
+    """How to talk to an OCI registry."""
     p.add_argument("--user", metavar="USER:PASSWORD", help="registry credentials")
     p.add_argument("--plain-http", action="store_true", help="talk HTTP to the registry (local registries)")
     p.add_argument("--insecure", action="store_true", help="do not verify the registry's TLS certificate")
+
+
+def add_source_flags(p: argparse.ArgumentParser) -> None:
+    """Where an image comes from: its platform in an index, containerd, registries."""
+    add_platform_flags(p)
+    p.add_argument("--address", default=paths.CONTAINERD_ADDRESS, help="containerd socket")
+    p.add_argument("--namespace", "-n", default=paths.CONTAINERD_NAMESPACE, help="containerd namespace")
+    add_registry_flags(p)
     p.add_argument("--blob-cache", metavar="DIR", default=None,
                    help="keep downloaded layers here, so the next version fetches only new ones "
                    "(default: $XDG_CACHE_HOME/d4c/blobs or ~/.cache/d4c/blobs; 'none' to disable)")
@@ -76,9 +86,9 @@ def credentials_of(args: argparse.Namespace) -> tuple[str, str] | None:
 
 
 def remote_options(args: argparse.Namespace) -> "RemoteOptions":
-    """add_source_flags' values as the sources take them."""
+    """add_source_flags' (or add_registry_flags') values as the sources take them."""
     from ..oci.source import RemoteOptions
-    cache = args.blob_cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+    cache = getattr(args, "blob_cache", None) or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
                                             "d4c", "blobs")
     return RemoteOptions(address=args.address, namespace=args.namespace, plain_http=args.plain_http,
                          insecure=args.insecure, credentials=credentials_of(args),

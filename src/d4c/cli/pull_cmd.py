@@ -16,7 +16,10 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         "(in containerd, or named with --have) to NAME:TAG, downloads it (retrying and resuming "
         "for as long as the link makes progress; an interrupted download is kept in FILE.partial "
         "and resumed by the next pull), checks it, and loads it; with --output only saves it.")
-    p.add_argument("--image", required=True, metavar="NAME:TAG")
+    from ._common import add_platform_flags, add_registry_flags
+    p.add_argument("--image", required=True, metavar="NAME:TAG",
+                   help="a tag of the server, or docker://REG/REPO:TAG: an image whose d4c artifacts "
+                   "are in its registry (`ctr-cli publish`; no d4c server involved)")
     p.add_argument("--host", "--serverHost", dest="host", default="localhost:8081", metavar="HOST:PORT")
     p.add_argument("--output", metavar="FILE", help="only download, to FILE (carry it to the device, then load)")
     p.add_argument("--have", action="append", default=[], metavar="ID|CDIMG",
@@ -29,6 +32,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--address", default=CONTAINERD_ADDRESS)
     p.add_argument("--namespace", "-n", default=CONTAINERD_NAMESPACE)
     p.add_argument("--snapshotter-root", default=SNAPSHOTTER_ROOT, metavar="DIR")
+    add_platform_flags(p)
+    add_registry_flags(p)
     p.set_defaults(func=run)
 
 
@@ -44,11 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from ..server.store import check_tag
     from ..server.client import Client, check_update, have_files
     from ..snap.load import local_images
-    check_tag(args.image)
     if args.retry_time < 0:
         raise UsageError("--retry-time must not be negative")
+    if not args.image.startswith("docker://"):
+        check_tag(args.image)
     files = have_files(args.have) if args.have or args.output else dict.fromkeys(
         local_images(args.address, args.namespace), "")
+    if args.image.startswith("docker://"):
+        return _from_registry(args, files)
     client = Client(args.host, retry_time=args.retry_time)
     known = {k: v for k, v in files.items() if v}
 
@@ -77,4 +85,60 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"{args.image}: {plan['to']} from {plan['from'] or 'nothing'}: {plan['size']} bytes "
               f"({plan['dimgs']} stored images merged), {wire} bytes downloaded")
+    return 0
+
+
+def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
+    """The cheapest d4c artifact of the image's manifest (docs/REGISTRY.md), checked, then loaded or saved."""
+    from ..errors import CorruptImage, NotFound
+    from ..image.stack import read_info_at
+    from ..oci import artifacts
+    from ..oci.registry import Registry, parse_reference
+    from ..oci.source import RegistrySource
+    from ..progress import Progress
+    from ..server.client import check_update
+    from ._common import platform_of, remote_options
+    ref, options = parse_reference(args.image[len("docker://"):]), remote_options(args)
+    registry = Registry(ref, plain_http=options.plain_http, insecure=options.insecure,
+                        credentials=options.credentials)
+    manifest = RegistrySource(str(ref), platform_of(args), options).resolve().manifest_digest
+    found = artifacts.find_artifacts(registry, manifest)
+    if not found:
+        raise NotFound(f"{ref}: no d4c artifacts for manifest {manifest} (publish them with `ctr-cli publish`)")
+    target = found[0].image_id.split(":", 1)[-1]
+    if target in files:
+        if not args.quiet:
+            print(f"{ref}: up to date (sha256:{target})")
+        return 0
+    chosen = artifacts.cheapest(found, set(files))
+    if chosen is None:
+        raise NotFound(f"{ref}: no artifact usable from the images here (only deltas from others)")
+    if args.output:
+        path = args.output
+    else:
+        cache = pull_cache_dir()
+        os.makedirs(cache, mode=0o700, exist_ok=True)
+        path = os.path.join(cache, f"{manifest.replace(':', '-')}.cdimg")
+    with Progress(f"pull {ref}", total_bytes=max(chosen.size, 0)) as progress:
+        wire = artifacts.fetch_layer(registry, chosen, path, lambda n: progress.advance(n - progress.bytes))
+    try:
+        got = read_info_at(path).image_id.hex()
+        if got != chosen.image_id.split(":", 1)[-1]:
+            raise CorruptImage(path, f"gives image sha256:{got}, the artifact says {chosen.image_id}")
+        base = chosen.base_id if chosen.is_delta else ""
+        check_update(path, {"from": base or None, "tag": str(ref)}, {k: v for k, v in files.items() if v})
+        if not args.output:
+            from ..snap.load import load_image
+            load_image(path, f"{ref.host}/{ref.repository}:{ref.reference}", address=args.address,
+                       namespace=args.namespace, snapshotter_root=args.snapshotter_root)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # checked and refused (or loading failed): not kept under its name
+        raise
+    if not args.output:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    if not args.quiet:
+        kind = f"delta from {chosen.base_id}" if chosen.is_delta else "full image"
+        print(f"{ref}: {chosen.image_id} as a {kind}: {chosen.size} bytes, {wire} bytes downloaded")
     return 0

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..digests import path_sha256, sha256
+from ..digests import file_sha256, path_sha256, sha256
 from ..errors import BadInput, NotFound
 from .registry import INDEX_TYPE, Registry, index_descriptors
 
@@ -114,6 +114,47 @@ def layer_of(registry: Registry, artifact: Artifact) -> tuple[str, int]:
         return str(layer["digest"]), int(layer["size"])
     except (ValueError, KeyError, IndexError, TypeError):
         raise BadInput(f"{registry.ref.host}: artifact {artifact.digest} has no cdimg layer") from None
+
+
+def _hex(image_id: str) -> str:
+    return image_id.split(":", 1)[-1]
+
+
+def cheapest(found: list[Artifact], have: set[str]) -> Artifact | None:
+    """What a device that holds the images `have` (ids in hex) fetches: the
+    smallest of the deltas from one of them and the full image; None when
+    nothing is usable."""
+    usable = [a for a in found if a.size >= 0 and (not a.is_delta or _hex(a.base_id) in have)]
+    return min(usable, key=lambda a: (a.size, a.is_delta is False, a.digest), default=None)
+
+
+def fetch_layer(registry: Registry, artifact: Artifact, dest: str,
+                progress: Callable[[int], None] | None = None) -> int:
+    """Download the cdimg an artifact carries to `dest`, checked against its
+    digest.  An interrupted download stays in DEST.partial and the next call
+    resumes it with Range; returns the bytes this call downloaded."""
+    digest, size = layer_of(registry, artifact)
+    partial = dest + ".partial"
+    have = os.path.getsize(partial) if os.path.exists(partial) else 0
+    if have > size:
+        os.unlink(partial)
+        have = 0
+    got = 0
+    if have < size:
+        with registry.download(digest, have) as src, open(partial, "ab") as out:
+            for chunk in iter(lambda: src.read(1 << 20), b""):
+                out.write(chunk)
+                got += len(chunk)
+                if progress is not None:
+                    progress(have + got)
+            out.flush()
+            os.fsync(out.fileno())
+    with open(partial, "rb") as f:
+        if "sha256:" + file_sha256(f).hexdigest() != digest:
+            os.unlink(partial)  # a resumed download that does not add up starts again next time
+            raise BadInput(f"{registry.ref.host}: artifact {artifact.digest}: its cdimg does not match its digest")
+    os.rename(partial, dest)
+    return got
 
 
 def push_artifact(registry: Registry, subject: dict[str, Any], artifact_type: str, path: str,

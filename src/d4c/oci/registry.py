@@ -246,6 +246,13 @@ class Registry:
             raise BadInput(f"{self.ref}: blob {digest} is too large")
         return data
 
+    def download(self, digest: str, offset: int = 0) -> BinaryIO:
+        """The blob's bytes from `offset` on, straight from the registry (resumed
+        with Range after a dropped connection); the caller checks the digest."""
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise BadInput(f"bad digest {digest!r}")
+        return _Download(self, digest, offset)  # type: ignore[return-value]
+
     def open_blob(self, digest: str) -> BinaryIO:
         """The blob's bytes: from the cache, or downloaded into it (resuming a
         dropped connection where it stopped).  The cache keeps only blobs
@@ -412,10 +419,10 @@ def _location(resp: http.client.HTTPResponse, fallback: str) -> str:
 class _Download:
     """A blob download that resumes with Range after a dropped connection."""
 
-    def __init__(self, registry: Registry, digest: str) -> None:
+    def __init__(self, registry: Registry, digest: str, offset: int = 0) -> None:
         self.registry = registry
         self.digest = digest
-        self.offset = 0
+        self.offset = offset
         self.size: int | None = None
         self.conn: http.client.HTTPConnection | None = None
         self.resp: http.client.HTTPResponse | None = None
@@ -436,7 +443,11 @@ class _Download:
                 skip -= len(got)
         if self.size is None:
             length = self.resp.getheader("Content-Length")
-            self.size = int(length) if length and length.isdigit() and self.resp.status == 200 else None
+            whole = re.fullmatch(r"bytes \d+-\d+/(\d+)", self.resp.getheader("Content-Range") or "")
+            if self.resp.status == 200 and length and length.isdigit():
+                self.size = int(length)
+            elif self.resp.status == 206 and whole:
+                self.size = int(whole.group(1))
 
     def read(self, n: int = -1) -> bytes:
         n = CHUNK if n is None or n < 0 else n
