@@ -109,8 +109,9 @@ class Registry:
 
     def __init__(self, ref: Reference, *, plain_http: bool = False, insecure: bool = False,
                  credentials: tuple[str, str] | None = None, cache_dir: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, retries: int = RETRIES) -> None:
         self.ref = ref
+        self.retries = retries
         self.scheme = "http" if plain_http else "https"
         self.insecure = insecure
         self.credentials = credentials if credentials is not None else docker_credentials(ref.host)
@@ -130,13 +131,14 @@ class Registry:
 
     def _request(self, path: str, headers: dict[str, str], *, what: str, ok: tuple[int, ...] = (200,),
                  method: str = "GET", body: Callable[[], Any] | None = None,
-                 retries: int = RETRIES) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+                 retries: int | None = None) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """A request with auth and retries; returns the open response (caller
         reads it).  `path` may be a URL the registry gave (an upload's Location);
         `body()` makes the body afresh for every attempt.  With `retries=0` a
         dropped connection is the caller's to recover (a PATCH that may have
         been stored in part)."""
         delay = 0.5
+        retries = self.retries if retries is None else retries
         url = urllib.parse.urlsplit(path)
         host, scheme = url.netloc or self.ref.host, url.scheme or self.scheme
         target = urllib.parse.urlunsplit(("", "", url.path, url.query, ""))

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--cache-size", type=parse_size, default=2 << 30, metavar="SIZE",
                    help="per mount: upper bound of the cache of files rebuilt from deltas (default 2G)")
+    p.add_argument("--no-remote", action="store_true",
+                   help="never fetch d4c artifacts from registries when containerd (CRI) pulls an image")
+    p.add_argument("--plain-http-registry", action="append", default=[], metavar="HOST[:PORT]",
+                   help="a registry spoken to over plain HTTP when fetching artifacts (repeatable)")
+    p.add_argument("--remote-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long a registry may take to answer before containerd pulls the layers (default 5)")
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -52,6 +58,7 @@ def serve(args: argparse.Namespace) -> int:
     from ..llfs.process import reexec_command
     from .api import snapshots_pb2_grpc
     from .service import SnapshotsService
+    from .remote import RegistryImages
     from .snapshotter import LlfsFileSystem, Snapshotter
 
     if os.geteuid() != 0:
@@ -63,7 +70,8 @@ def serve(args: argparse.Namespace) -> int:
     os.chmod(os.path.dirname(address), 0o700)
     if os.path.exists(address):
         os.unlink(address)  # a previous run's socket: nobody listens on it
-    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size))
+    remote = None if args.no_remote else RegistryImages(frozenset(args.plain_http_registry), args.remote_timeout)
+    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote)
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()
     watcher = threading.Thread(target=core.watch, args=(stop_watching,), name="d4c-watch", daemon=True)

@@ -13,6 +13,7 @@ outlives a restart of the snapshotter, so running containers keep reading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from ..image.stack import close_all, open_stack, read_info_at, walk_chain
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
 from ..llfs import mounts
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
+from .remote import CRI_IMAGE_REF, CRI_MANIFEST, REF_LABEL, REMOTE_LABEL, RegistryImages
 
 log = logging.getLogger("d4c.snap")
 
@@ -61,9 +63,10 @@ def parse_image_label(value: str) -> str:
 
 
 class Snapshotter:
-    def __init__(self, root: str, fs: FileSystem) -> None:
+    def __init__(self, root: str, fs: FileSystem, remote: RegistryImages | None = None) -> None:
         self.root = os.path.abspath(root)
         self.fs = fs
+        self.remote = remote  # fetches d4c artifacts when containerd unpacks an image (remote.py)
         # only root may enter: the image mounts honour setuid bits and device
         # nodes (containers need them) and serve every user (allow_other)
         for sub in ("", "snapshots", "images", "incoming", "cache", "logs"):
@@ -118,7 +121,48 @@ class Snapshotter:
 
     # ------------------------------------------------------------ changes
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        if self.remote is not None and REF_LABEL in labels and CRI_MANIFEST in labels and IMAGE_LABEL not in labels:
+            if self._remote_layer(key, parent, labels):
+                raise AlreadyExists(f"snapshot {labels[REF_LABEL]} already exists")
         return self._create(key, parent, labels, KIND_ACTIVE)
+
+    def _remote_layer(self, key: str, parent: str, labels: dict[str, str]) -> bool:
+        """Make the layer containerd is about to unpack from the image's d4c
+        artifact instead (remote.py); False: unpack it as usual."""
+        ref, manifest = labels[REF_LABEL], labels[CRI_MANIFEST]
+        keep = {k: v for k, v in labels.items() if k != REF_LABEL}  # containerd does not persist the ref
+        keep[REMOTE_LABEL] = manifest
+        with self._lock:
+            if self.meta.get(ref) is not None:
+                return True
+            if parent:  # a layer above the first: the image is mounted below already, or was not fetched
+                below = self.meta.get(parent)
+                if below is None or below.labels.get(REMOTE_LABEL) != manifest:
+                    return False
+                return self._adopt(f"{key} d4c-remote", parent, {}, ref, keep)
+        assert self.remote is not None
+        held = {img.id for img in self.meta.images()}
+        hexid = self.remote.fetch(labels.get(CRI_IMAGE_REF, ""), manifest, held, self.incoming_path)
+        if hexid is None:
+            return False
+        try:
+            return self._adopt(f"{key} d4c-remote", "", {IMAGE_LABEL: "sha256:" + hexid}, ref, keep)
+        except D4CError as exc:  # refused by the load check: the layers are the way
+            log.warning("%s: the fetched image sha256:%s is refused (%s): containerd pulls the layers",
+                        labels.get(CRI_IMAGE_REF, manifest), hexid, exc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.incoming_path(hexid))
+            return False
+
+    def _adopt(self, tmp: str, parent: str, labels: dict[str, str], name: str, keep: dict[str, str]) -> bool:
+        """A committed snapshot `name` made from an active one: an image mount,
+        or an empty layer above one."""
+        self._create(tmp, parent, labels, KIND_ACTIVE)
+        try:
+            self.commit(name, tmp, keep)
+        except AlreadyExists:  # a concurrent Prepare of the same layer won
+            self.remove(tmp)
+        return True
 
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(key, parent, labels, KIND_VIEW)

@@ -1,0 +1,82 @@
+"""The remote-snapshotter side of di3fs: when containerd (CRI) unpacks an image,
+fetch its d4c artifact from the image's registry instead of its layers.
+
+containerd prepares one snapshot per layer, labelled with the layer's chain id
+(REF_LABEL) and, from CRI, the image's reference and platform manifest digest.
+For the first layer, di3fs looks for the manifest's d4c artifacts
+(docs/REGISTRY.md), takes the cheapest for the images it holds, fetches and
+checks it like `load`, mounts it and answers AlreadyExists; every further layer
+then becomes an empty committed snapshot on top, so the image's top chain id
+shows the mounted image.  With no artifact, a slow or unreachable registry or a
+refused download, it declines and containerd unpacks the layers as usual."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Callable
+
+from ..errors import D4CError
+from ..oci import artifacts
+from ..oci.registry import Registry, parse_reference
+
+log = logging.getLogger("d4c.snap")
+
+REF_LABEL = "containerd.io/snapshot.ref"                      # the chain id a Prepare will be committed as
+CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
+REMOTE_LABEL = "containerd.io/snapshot/di3fs.remote"          # ours: the manifest a remote snapshot stands for
+DISCOVERY_TIMEOUT = 5.0  # seconds a registry may take to answer before di3fs lets containerd pull layers
+
+
+class RegistryImages:
+    """Finds and fetches d4c artifacts for the snapshotter."""
+
+    def __init__(self, plain_http: frozenset[str] = frozenset(), timeout: float = DISCOVERY_TIMEOUT) -> None:
+        self.plain_http = plain_http  # registry hosts spoken to over HTTP (local and test registries)
+        self.timeout = timeout
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _registry(self, image_ref: str) -> Registry:
+        ref = parse_reference(image_ref)
+        # short timeouts and no retries for discovery: a delta is an optimisation, never a wait
+        return Registry(ref, plain_http=ref.host in self.plain_http, timeout=self.timeout, retries=0)
+
+    def fetch(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
+        """The id (hex) of the image now at `dest_of(id)`: the cheapest d4c
+        artifact of `manifest` for the images `held`.  None: let containerd
+        pull the layers (and say why in the log)."""
+        with self._guard:
+            lock = self._locks.setdefault(manifest, threading.Lock())
+        with lock:
+            try:
+                registry = self._registry(image_ref)
+                found = artifacts.find_artifacts(registry, manifest)
+                have = next((a for a in found if a.image_id.split(":", 1)[-1] in held), None)
+                if have is not None:
+                    return have.image_id.split(":", 1)[-1]  # the image itself is here already
+                chosen = artifacts.cheapest(found, held)
+                if chosen is None:
+                    log.info("%s: no d4c artifact for %s: containerd pulls the layers", image_ref, manifest)
+                    return None
+                hexid = chosen.image_id.split(":", 1)[-1]
+                if len(hexid) != 64:
+                    log.warning("%s: artifact %s names no image id: containerd pulls the layers", image_ref,
+                                chosen.digest)
+                    return None
+                dest = dest_of(hexid)
+                # the download itself may take long: a registry that answered is given time (and resumes)
+                registry.timeout, registry.retries = 60.0, 4
+                got = artifacts.fetch_layer(registry, chosen, dest)
+                log.info("%s: fetched the %s of %s (%d bytes over the link)", image_ref,
+                         "delta from " + chosen.base_id if chosen.is_delta else "full image", chosen.image_id, got)
+                return hexid
+            except D4CError as exc:
+                log.warning("%s: no d4c artifact used (%s): containerd pulls the layers", image_ref, exc)
+                return None
+            except OSError as exc:
+                log.warning("%s: no d4c artifact used (%s): containerd pulls the layers", image_ref,
+                            os.strerror(exc.errno) if exc.errno else exc)
+                return None

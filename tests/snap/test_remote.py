@@ -1,0 +1,154 @@
+"""The snapshotter as containerd's remote snapshotter: layers answered from d4c
+artifacts in a real registry (docker-registry), the core without containerd."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+from daemons import Registry as RegistryDaemon
+from helpers import need, run_cli
+from test_publish import REPO, platform_manifest, versions
+from test_snap_core import FakeFS
+
+from d4c.errors import AlreadyExists
+from d4c.image.reader import Image
+from d4c.oci import artifacts
+from d4c.oci.registry import Registry, parse_reference
+from d4c.snap.metadata import KIND_COMMITTED
+from d4c.snap.remote import CRI_IMAGE_REF, CRI_MANIFEST, REF_LABEL, REMOTE_LABEL, RegistryImages
+from d4c.snap.snapshotter import Snapshotter
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Tags 1, 2, 3 of one app, with artifacts for 1 (full) and 2 (full + delta from 1); 3 has none."""
+    need(shutil.which("docker-registry") is not None and shutil.which("skopeo") is not None,
+         "docker-registry and skopeo are not installed")
+    tmp = tmp_path_factory.mktemp("remote")
+    reg = RegistryDaemon(str(tmp))
+    reg.start()
+    lay = versions(str(tmp / "layout"))
+    for tag in ("1", "2", "3"):
+        reg.push(lay.path, tag, REPO)
+    for tag, extra in (("1", ()), ("2", ("--from", "1"))):
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
+                               "--blob-cache", "none", *extra)
+        assert code == 0, err
+    yield reg
+    reg.stop()
+
+
+def labels(reg: RegistryDaemon, tag: str, chain: str) -> dict[str, str]:
+    """What CRI's pull puts on the Prepare of a layer."""
+    return {REF_LABEL: chain, CRI_IMAGE_REF: f"{reg.host}/{REPO}:{tag}", CRI_MANIFEST: platform_manifest(reg, tag)}
+
+
+def unpack(sn: Snapshotter, reg: RegistryDaemon, tag: str, layers: int = 2) -> list[str]:
+    """containerd's unpack of an image: Prepare per layer; AlreadyExists skips it."""
+    chains, parent = [], ""
+    for i in range(layers):
+        chain = f"sha256:{tag}{i}".ljust(71, "0")
+        try:
+            sn.prepare(f"extract-{i} {chain}", parent, labels(reg, tag, chain))
+        except AlreadyExists:
+            chains.append(chain)
+            parent = chain
+            continue
+        return chains  # declined: containerd would unpack this layer itself
+    return chains
+
+
+def artifact_sizes(reg: RegistryDaemon, tag: str) -> dict[str, int]:
+    r = Registry(parse_reference(f"{reg.host}/{REPO}:{tag}"), plain_http=True)
+    return {a.artifact_type: a.size for a in artifacts.find_artifacts(r, platform_manifest(reg, tag))}
+
+
+def test_layers_come_from_artifacts_and_the_update_is_a_delta(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    fs = FakeFS()
+    sn = Snapshotter(str(tmp_path / "root"), fs, RegistryImages(frozenset({registry.host})))
+    top1 = unpack(sn, registry, "1")
+    assert len(top1) == 2  # both layers answered: containerd fetches none
+    first, second = sn.stat(top1[0]), sn.stat(top1[1])
+    assert first.kind == second.kind == KIND_COMMITTED and first.image and not second.image
+    assert second.parent == top1[0] and second.labels[REMOTE_LABEL] == platform_manifest(registry, "1")
+    assert REF_LABEL not in first.labels
+    # a container of the image: overlay over the image's mount (and the empty layer above it)
+    m = sn.prepare("container-1", top1[1], {})
+    lower = dict(o.split("=", 1) for o in m[0].options if "=" in o)["lowerdir"].split(":")
+    assert sn.fs_dir(first) in lower and fs.active[sn.fs_dir(first)]
+    # the update: the device holds 1, so only the delta crosses the link
+    incoming = []
+    real_fetch = sn.remote.fetch  # type: ignore[union-attr]
+
+    def watch(*args, **kwargs):  # type: ignore[no-untyped-def]
+        hexid = real_fetch(*args, **kwargs)
+        incoming.append(os.path.getsize(sn.incoming_path(hexid)) if hexid else 0)
+        return hexid
+    sn.remote.fetch = watch  # type: ignore[union-attr, method-assign]
+    top2 = unpack(sn, registry, "2")
+    assert len(top2) == 2
+    sizes = artifact_sizes(registry, "2")
+    assert incoming == [sizes[artifacts.DELTA_ARTIFACT]] and incoming[0] < sizes[artifacts.IMAGE_ARTIFACT] / 10
+    image2 = sn.stat(top2[0])
+    stack = fs.active[sn.fs_dir(image2)]
+    assert len(stack) == 2  # the stored v1 under the delta
+    with Image(stack[-1]) as top:
+        assert top.is_delta and top.info.image_id.hex() == image2.image
+    # preparing the same layers again: already there, nothing fetched
+    assert unpack(sn, registry, "2") == top2 and len(incoming) == 1
+
+
+def test_no_artifacts_means_the_layers_are_unpacked(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(frozenset({registry.host})))
+    mounts = sn.prepare("extract-0 sha256:x", "", labels(registry, "3", "sha256:x"))
+    assert mounts and mounts[0].type == "bind"  # an ordinary snapshot for containerd to unpack into
+    assert sn.stat("extract-0 sha256:x").kind != KIND_COMMITTED
+
+
+def test_a_registry_that_stalls_is_given_up_quickly(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.extend(silent.accept()[0] for _ in range(8)), daemon=True).start()
+    host = f"127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(frozenset({host}), timeout=1.0))
+        lab = labels(registry, "1", "sha256:y")
+        lab[CRI_IMAGE_REF] = f"{host}/{REPO}:1"
+        t = time.monotonic()
+        mounts = sn.prepare("extract-0 sha256:y", "", lab)
+        assert time.monotonic() - t < 5  # the issue's bound: containerd pulls the layers instead
+        assert mounts and mounts[0].type == "bind"
+    finally:
+        silent.close()
+        for s in held:
+            s.close()
+
+
+def test_a_corrupt_artifact_is_refused_and_the_layers_pulled(registry, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    r = Registry(parse_reference(f"{registry.host}/{REPO}:1"), plain_http=True)
+    [full] = [a for a in artifacts.find_artifacts(r, platform_manifest(registry, "1")) if not a.is_delta]
+    digest, _ = artifacts.layer_of(r, full)
+    blob = registry.blob_path(digest)
+    saved = open(blob, "rb").read()
+    damaged = bytearray(saved)
+    damaged[len(damaged) // 2] ^= 0xFF
+    try:
+        with open(blob, "wb") as f:
+            f.write(damaged)
+        sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(frozenset({registry.host})))
+        with caplog.at_level("WARNING", logger="d4c.snap"):
+            mounts = sn.prepare("extract-0 sha256:z", "", labels(registry, "1", "sha256:z"))
+        assert mounts and mounts[0].type == "bind"
+        assert any("containerd pulls the layers" in r.getMessage() for r in caplog.records)
+        assert sn.list()[0].kind != KIND_COMMITTED and not os.listdir(tmp_path / "root" / "images")
+    finally:
+        with open(blob, "wb") as f:
+            f.write(saved)
