@@ -33,7 +33,8 @@ def wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 30) 
 
 
 class Snapshotterd:
-    def __init__(self, base: str, binary: str | None = None) -> None:
+    def __init__(self, base: str, binary: str | None = None, extra: tuple[str, ...] = ()) -> None:
+        self.extra = list(extra)
         self.root = os.path.join(base, "di3fs")
         self.socket = os.path.join(base, "run", "di3fs.sock")
         self.log = os.path.join(base, "snapshotter.log")
@@ -44,7 +45,7 @@ class Snapshotterd:
         cmd = [self.binary] if self.binary else [sys.executable, "-m", "d4c.snap"]
         env = dict(os.environ, PYTHONPATH=SRC)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(cmd + ["--address", self.socket, "--root", self.root], env=env,
+            self.proc = subprocess.Popen(cmd + ["--address", self.socket, "--root", self.root, *self.extra], env=env,
                                          stdout=log, stderr=log, start_new_session=True)
         wait_for(self.socket, self.proc, "snapshotter")
 
@@ -60,22 +61,35 @@ class Snapshotterd:
 
 
 class Containerd:
-    def __init__(self, base: str, snapshotter_socket: str) -> None:
+    """A private containerd using di3fs.  With `cri_registries` its CRI plugin runs too
+    (image service only: no CNI), pulling into di3fs with the snapshot labels a remote
+    snapshotter needs, from those registries over plain HTTP; its namespace is k8s.io."""
+
+    def __init__(self, base: str, snapshotter_socket: str, cri_registries: tuple[str, ...] = ()) -> None:
         self.base = base
         self.socket = os.path.join(base, "run", "containerd.sock")
-        self.namespace = f"d4c-test-{uuid.uuid4().hex[:8]}"
+        self.namespace = "k8s.io" if cri_registries else f"d4c-test-{uuid.uuid4().hex[:8]}"
         self.config = os.path.join(base, "containerd.toml")
         self.log = os.path.join(base, "containerd.log")
+        if cri_registries:
+            cri = "\n".join(['[plugins."io.containerd.grpc.v1.cri".containerd]', '  snapshotter = "di3fs"',
+                             "  disable_snapshot_annotations = false"]
+                            + [f'[plugins."io.containerd.grpc.v1.cri".registry.mirrors."{host}"]\n'
+                               f'  endpoint = ["http://{host}"]' for host in cri_registries])
+            disabled = ""
+        else:
+            cri, disabled = "", 'disabled_plugins = ["io.containerd.grpc.v1.cri"]'
         with open(self.config, "w") as f:
             f.write(f'''version = 2
 root = "{base}/containerd-root"
 state = "{base}/containerd-state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 [grpc]
   address = "{self.socket}"
 [proxy_plugins.di3fs]
   type = "snapshot"
   address = "{snapshotter_socket}"
+{cri}
 ''')
         self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
 
@@ -316,14 +330,16 @@ class _Loopback:
 
 
 class UploadCutter(_Loopback):
-    """A registry front on loopback that passes every request through and cuts
-    the `cut`-th PATCH of a blob upload: the registry gets the first half of its
-    body, the client a dropped connection and no answer (a link lost mid-push)."""
+    """A registry front on loopback that passes every request through, counts the
+    bytes it serves, and cuts the `cut`-th PATCH of a blob upload (0: none): the
+    registry gets the first half of its body, the client a dropped connection and
+    no answer (a link lost mid-push)."""
 
     def __init__(self, upstream: str, cut: int = 2) -> None:
         import http.client
         self.upstream = upstream
         self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
+        self.served = 0  # response body bytes sent to clients (what crossed "the link")
         proxy = self
 
         class Handler(_Quiet):
@@ -355,10 +371,12 @@ class UploadCutter(_Loopback):
                         v = v.replace(f"http://{proxy.upstream}", f"http://{proxy.host}")
                     if k.lower() not in ("content-length", "connection", "date", "server"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                head_length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else None
+                self.send_header("Content-Length", head_length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                    proxy.served += len(data)
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any  # noqa: N815
 

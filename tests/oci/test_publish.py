@@ -35,16 +35,22 @@ def versions(path: str) -> Layout:
     return lay
 
 
-@pytest.fixture(scope="module")
-def published(tmp_path_factory):  # type: ignore[no-untyped-def]
+def versions_registry(tmp: str) -> RegistryDaemon:
+    """A started registry holding tags 1, 2, 3 of `versions` (its layout under TMP/layout)."""
     need(shutil.which("docker-registry") is not None and shutil.which("skopeo") is not None,
          "docker-registry and skopeo are not installed")
-    tmp = tmp_path_factory.mktemp("publish")
-    reg = RegistryDaemon(str(tmp))
+    reg = RegistryDaemon(tmp)
     reg.start()
-    lay = versions(str(tmp / "layout"))
+    lay = versions(os.path.join(tmp, "layout"))
     for tag in ("1", "2", "3"):
         reg.push(lay.path, tag, REPO)
+    return reg
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("publish")
+    reg = versions_registry(str(tmp))
     yield reg, tmp
     reg.stop()
 

@@ -4,7 +4,6 @@ artifacts in a real registry (docker-registry), the core without containerd."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -12,8 +11,8 @@ import time
 import pytest
 
 from daemons import Registry as RegistryDaemon
-from helpers import need, run_cli
-from test_publish import REPO, platform_manifest, versions
+from helpers import run_cli
+from test_publish import REPO, platform_manifest, versions_registry
 from test_snap_core import FakeFS
 
 from d4c.errors import AlreadyExists
@@ -28,14 +27,7 @@ from d4c.snap.snapshotter import Snapshotter
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):  # type: ignore[no-untyped-def]
     """Tags 1, 2, 3 of one app, with artifacts for 1 (full) and 2 (full + delta from 1); 3 has none."""
-    need(shutil.which("docker-registry") is not None and shutil.which("skopeo") is not None,
-         "docker-registry and skopeo are not installed")
-    tmp = tmp_path_factory.mktemp("remote")
-    reg = RegistryDaemon(str(tmp))
-    reg.start()
-    lay = versions(str(tmp / "layout"))
-    for tag in ("1", "2", "3"):
-        reg.push(lay.path, tag, REPO)
+    reg = versions_registry(str(tmp_path_factory.mktemp("remote")))
     for tag, extra in (("1", ()), ("2", ("--from", "1"))):
         code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
                                "--blob-cache", "none", *extra)
@@ -77,7 +69,7 @@ def test_layers_come_from_artifacts_and_the_update_is_a_delta(registry, tmp_path
     first, second = sn.stat(top1[0]), sn.stat(top1[1])
     assert first.kind == second.kind == KIND_COMMITTED and first.image and not second.image
     assert second.parent == top1[0] and second.labels[REMOTE_LABEL] == platform_manifest(registry, "1")
-    assert REF_LABEL not in first.labels
+    assert first.labels[REF_LABEL] == top1[0]  # containerd adopts it by this label
     # a container of the image: overlay over the image's mount (and the empty layer above it)
     m = sn.prepare("container-1", top1[1], {})
     lower = dict(o.split("=", 1) for o in m[0].options if "=" in o)["lowerdir"].split(":")
@@ -152,3 +144,21 @@ def test_a_corrupt_artifact_is_refused_and_the_layers_pulled(registry, tmp_path,
     finally:
         with open(blob, "wb") as f:
             f.write(saved)
+
+
+def test_an_update_over_a_layer_containerd_holds(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An update that shares its first layer with an image unpacked earlier: containerd
+    prepares only the next layer, on top of the held one.  The image's mount goes there,
+    and a container sees the image's whole tree only (the held layer is shadowed)."""
+    fs = FakeFS()
+    sn = Snapshotter(str(tmp_path / "root"), fs, RegistryImages(frozenset({registry.host})))
+    sn.prepare("extract-a", "", {})
+    sn.commit("sha256:held", "extract-a", {})
+    chain = "sha256:" + "2" * 64
+    with pytest.raises(AlreadyExists):
+        sn.prepare(f"extract-b {chain}", "sha256:held", labels(registry, "2", chain))
+    image = sn.stat(chain)
+    assert image.image and image.parent == "sha256:held"
+    m = sn.prepare("container", chain, {})
+    lower = dict(o.split("=", 1) for o in m[0].options if "=" in o)["lowerdir"].split(":")
+    assert lower == [sn.fs_dir(image)]

@@ -65,11 +65,13 @@ def daemons(tmp_path):  # type: ignore[no-untyped-def]
 
 
 @contextlib.contextmanager
-def running(base: str, snapshotter_binary: str | None):  # type: ignore[no-untyped-def]
-    """A snapshotter and a containerd using it, under `base`; afterwards no
-    container, daemon, FUSE server or mount is left."""
-    snap = Snapshotterd(base, snapshotter_binary)
-    ctrd = Containerd(base, snap.socket)
+def running(base: str, snapshotter_binary: str | None, extra: tuple[str, ...] = (),  # type: ignore[no-untyped-def]
+            cri_registries: tuple[str, ...] = ()):
+    """A snapshotter (with `extra` flags) and a containerd using it (with CRI for
+    `cri_registries`), under `base`; afterwards no container, daemon, FUSE server
+    or mount is left."""
+    snap = Snapshotterd(base, snapshotter_binary, extra)
+    ctrd = Containerd(base, snap.socket, cri_registries)
     snap.start()
     ctrd.start()
     try:

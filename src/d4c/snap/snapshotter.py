@@ -130,23 +130,25 @@ class Snapshotter:
         """Make the layer containerd is about to unpack from the image's d4c
         artifact instead (remote.py); False: unpack it as usual."""
         ref, manifest = labels[REF_LABEL], labels[CRI_MANIFEST]
-        keep = {k: v for k, v in labels.items() if k != REF_LABEL}  # containerd does not persist the ref
-        keep[REMOTE_LABEL] = manifest
+        # the ref label stays: containerd 1.6 adopts only a committed snapshot that carries it
+        # (and the parent it asked for), from List
+        keep = dict(labels, **{REMOTE_LABEL: manifest})
         with self._lock:
             if self.meta.get(ref) is not None:
                 return True
-            if parent:  # a layer above the first: the image is mounted below already, or was not fetched
-                below = self.meta.get(parent)
-                if below is None or below.labels.get(REMOTE_LABEL) != manifest:
-                    return False
+            below = self.meta.get(parent) if parent else None
+            if below is not None and below.labels.get(REMOTE_LABEL) == manifest:
+                # a layer above the image's mount: an empty one (the mount holds the whole tree)
                 return self._adopt(f"{key} d4c-remote", parent, {}, ref, keep)
+        # the first layer containerd does not have: lower ones it holds already (an update
+        # sharing its base layers) stay below, shadowed by the image's whole tree (_mounts)
         assert self.remote is not None
         held = {img.id for img in self.meta.images()}
         hexid = self.remote.fetch(labels.get(CRI_IMAGE_REF, ""), manifest, held, self.incoming_path)
         if hexid is None:
             return False
         try:
-            return self._adopt(f"{key} d4c-remote", "", {IMAGE_LABEL: "sha256:" + hexid}, ref, keep)
+            return self._adopt(f"{key} d4c-remote", parent, {IMAGE_LABEL: "sha256:" + hexid}, ref, keep)
         except D4CError as exc:  # refused by the load check: the layers are the way
             log.warning("%s: the fetched image sha256:%s is refused (%s): containerd pulls the layers",
                         labels.get(CRI_IMAGE_REF, manifest), hexid, exc)
@@ -157,7 +159,7 @@ class Snapshotter:
     def _adopt(self, tmp: str, parent: str, labels: dict[str, str], name: str, keep: dict[str, str]) -> bool:
         """A committed snapshot `name` made from an active one: an image mount,
         or an empty layer above one."""
-        self._create(tmp, parent, labels, KIND_ACTIVE)
+        self._create(tmp, parent, labels, KIND_ACTIVE, image_over_parent=True)
         try:
             self.commit(name, tmp, keep)
         except AlreadyExists:  # a concurrent Prepare of the same layer won
@@ -167,7 +169,8 @@ class Snapshotter:
     def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
         return self._create(key, parent, labels, KIND_VIEW)
 
-    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int) -> list[Mount]:
+    def _create(self, key: str, parent: str, labels: dict[str, str], kind: int,
+                image_over_parent: bool = False) -> list[Mount]:
         with self._lock:
             if self.meta.get(key) is not None:
                 raise AlreadyExists(f"snapshot {key} already exists")
@@ -177,7 +180,7 @@ class Snapshotter:
                     raise UsageError(f"parent {parent} is not a committed snapshot")
             image = ""
             if IMAGE_LABEL in labels:
-                if parent or kind != KIND_ACTIVE:
+                if (parent and not image_over_parent) or kind != KIND_ACTIVE:
                     raise UsageError("an image snapshot is prepared without a parent")
                 image = parse_image_label(labels[IMAGE_LABEL])
                 paths = self._take_image(image)
@@ -437,8 +440,18 @@ class Snapshotter:
             key = p.parent
         return out
 
+    def _lower(self, snap: Snapshot) -> list[Snapshot]:
+        """The parents a mount of `snap` stacks: down to the first image snapshot,
+        whose mount is a whole tree (what is below it is shadowed)."""
+        out = []
+        for p in self._parents(snap):
+            out.append(p)
+            if p.image:
+                break
+        return out
+
     def _mounts(self, snap: Snapshot) -> list[Mount]:
-        parents = self._parents(snap)
+        parents = self._lower(snap)
         if snap.kind == KIND_ACTIVE and snap.image:
             return [Mount("bind", self.fs_dir(snap), ["ro", "rbind"])]
         if not parents:

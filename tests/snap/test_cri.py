@@ -1,0 +1,112 @@
+"""containerd's CRI pulls an image into di3fs, and di3fs answers with the d4c
+artifacts `publish` put beside it in the registry: the update crosses the link
+as a delta (a real containerd 1.6 with the CRI plugin, the real snapshotter, a
+real registry behind a counting front, runc)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from conftest import IS_ROOT
+from daemons import Containerd, Registry as RegistryDaemon, UploadCutter, have_containerd
+from helpers import binary, need, run_cli
+from ocibuild import Layout
+from test_snapshotter import BUSYBOX, busybox_versions, running
+
+from d4c.oci import artifacts
+from d4c.oci.registry import Registry, parse_reference
+
+REPO = "d4c/app"
+
+
+def cri_device(tmp_path, registry_host: str):  # type: ignore[no-untyped-def]
+    """The device: di3fs (fetching from `registry_host` over HTTP) under a containerd with CRI."""
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    return running(base, binary("snapshotter"), ("--plain-http-registry", registry_host), (registry_host,))
+
+
+def cri_images(ctrd: Containerd):  # type: ignore[no-untyped-def]
+    import grpc
+    import cri_images_pb2_grpc
+    channel = grpc.insecure_channel(f"unix://{ctrd.socket}")
+    return channel, cri_images_pb2_grpc.ImageServiceStub(channel)
+
+
+def pull(stub, ref: str) -> str:  # type: ignore[no-untyped-def]
+    import cri_images_pb2 as pb
+    return stub.PullImage(pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=180).image_ref
+
+
+@pytest.fixture()
+def published(tmp_path):  # type: ignore[no-untyped-def]
+    need(IS_ROOT, "containerd, runc and FUSE mounts need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    need(shutil.which("docker-registry") is not None and shutil.which("skopeo") is not None,
+         "docker-registry and skopeo are not installed")
+    need(os.path.exists(BUSYBOX), "busybox-static is not installed")
+    reg = RegistryDaemon(str(tmp_path))
+    reg.start()
+    lay = Layout(str(tmp_path / "layout"))
+    for n, layers in enumerate(busybox_versions()[:2], 1):
+        lay.tag(lay.image([(m, "gzip") for m in layers], config_extra={
+            "config": {"Cmd": ["/bin/cat", "/etc/version"], "Env": ["PATH=/bin"]}}), str(n))
+    lay.save()
+    for tag in ("1", "2"):
+        reg.push(lay.path, tag, REPO)
+    front = UploadCutter(reg.host, cut=0)
+    try:
+        yield reg, front
+    finally:
+        front.stop()
+        reg.stop()
+
+
+def delta_size(host: str, tag: str) -> int:
+    r = Registry(parse_reference(f"{host}/{REPO}:{tag}"), plain_http=True)
+    _, data = r.manifest(tag)
+    from d4c.digests import sha256
+    found = artifacts.find_artifacts(r, "sha256:" + sha256(data).hexdigest())
+    return min(a.size for a in found if a.is_delta)
+
+
+def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, front = published
+    for tag, extra in (("1", ()), ("2", ("--from", "1"))):
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
+                               "--blob-cache", "none", *extra)
+        assert code == 0, err
+    with cri_device(tmp_path, front.host) as (ctrd, snap):
+        channel, stub = cri_images(ctrd)
+        try:
+            pull(stub, f"{front.host}/{REPO}:1")
+            assert "fetched the full image" in snap.logs(), snap.logs()[-2000:]
+            before = front.served
+            pull(stub, f"{front.host}/{REPO}:2")
+            update = front.served - before
+        finally:
+            channel.close()
+        logs = snap.logs()
+        assert "fetched the delta from" in logs, logs[-2000:]
+        delta = delta_size(reg.host, "2")
+        # the delta, the manifests, the config and the referrers index: no layer crossed the link
+        assert update <= 1.1 * delta + 64 * 1024, (update, delta)
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", "cri-app-2").stdout
+        assert out.strip() == "v2"
+
+
+def test_cri_pull_of_an_image_without_artifacts_unpacks_its_layers(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, front = published
+    with cri_device(tmp_path, front.host) as (ctrd, snap):
+        channel, stub = cri_images(ctrd)
+        try:
+            pull(stub, f"{front.host}/{REPO}:1")
+        finally:
+            channel.close()
+        assert "no d4c artifact for" in snap.logs()
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1", "cri-app-1").stdout
+        assert out.strip() == "v1"
