@@ -3,15 +3,20 @@
 # second run changes nothing), then restart containerd so it reads it: through
 # systemd when containerd runs under it, otherwise print the exact commands that
 # restart the containerd running here with that config.
-#   CONFIG=/etc/containerd/config.toml SOCKET=/run/di3fs/snapshotter.sock ./install_snapshotter.sh [--no-restart]
+# With --cri, also make containerd's CRI plugin (Kubernetes, k3s) pull into di3fs with
+# the snapshot labels a remote snapshotter needs, so updates come as d4c deltas from
+# the registry (README, "Pulls by containerd and Kubernetes").
+#   CONFIG=/etc/containerd/config.toml SOCKET=/run/di3fs/snapshotter.sock ./install_snapshotter.sh [--cri] [--no-restart]
 set -eu
 CONFIG="${CONFIG:-/etc/containerd/config.toml}"
 SOCKET="${SOCKET:-/run/di3fs/snapshotter.sock}"
 RESTART=yes
+CRI=no
 for arg in "$@"; do
     case "$arg" in
         --no-restart) RESTART=no ;;
-        *) echo "install_snapshotter.sh: unknown flag $arg (flags: --no-restart)" >&2; exit 2 ;;
+        --cri) CRI=yes ;;
+        *) echo "install_snapshotter.sh: unknown flag $arg (flags: --cri, --no-restart)" >&2; exit 2 ;;
     esac
 done
 
@@ -78,16 +83,51 @@ restart() {
 }
 
 mkdir -p "$(dirname "$CONFIG")"
-if [ -f "$CONFIG" ] && grep -Eq '^[[:space:]]*\[proxy_plugins\.(di3fs|"di3fs")\]' "$CONFIG"; then
-    echo "di3fs is already declared in $CONFIG"
-    exit 0
-fi
 if [ ! -s "$CONFIG" ]; then
     printf 'version = 2\n' > "$CONFIG"
 fi
+changed=no
 tmp="$CONFIG.d4c-tmp.$$"
 cp "$CONFIG" "$tmp"
-printf '\n[proxy_plugins.di3fs]\n  type = "snapshot"\n  address = "%s"\n' "$SOCKET" >> "$tmp"
+trap 'rm -f "$tmp"' EXIT
+# containerd 2.x reads version 3 configs, where the CRI image settings have their own plugin
+version=$(sed -n 's/^[[:space:]]*version[[:space:]]*=[[:space:]]*\([0-9]*\).*/\1/p' "$CONFIG" | head -n 1)
+if grep -Eq '^[[:space:]]*\[proxy_plugins\.(di3fs|"di3fs")\]' "$CONFIG"; then
+    echo "di3fs is already declared in $CONFIG"
+else
+    printf '\n[proxy_plugins.di3fs]\n  type = "snapshot"\n  address = "%s"\n' "$SOCKET" >> "$tmp"
+    if [ "$version" = 3 ]; then  # 2.1+ pulls through the transfer service: it passes the labels when asked
+        printf '  [proxy_plugins.di3fs.exports]\n    enable_remote_snapshot_annotations = "true"\n' >> "$tmp"
+    fi
+    echo "added the di3fs proxy snapshotter to $CONFIG"
+    changed=yes
+fi
+if [ "$CRI" = yes ]; then
+    if [ "$version" = 3 ]; then
+        table='plugins."io.containerd.cri.v1.images"'
+    else
+        table='plugins."io.containerd.grpc.v1.cri".containerd'
+    fi
+    pattern=$(printf '%s' "$table" | sed 's/[].[]/\\&/g')
+    if grep -Eq "^[[:space:]]*\\[$pattern\\]" "$CONFIG"; then
+        if grep -Eq '^[[:space:]]*snapshotter[[:space:]]*=[[:space:]]*"di3fs"' "$CONFIG" \
+                && grep -Eq '^[[:space:]]*disable_snapshot_annotations[[:space:]]*=[[:space:]]*false' "$CONFIG"; then
+            echo "the CRI plugin already pulls into di3fs in $CONFIG"
+        else
+            echo "install_snapshotter.sh: $CONFIG has a [$table] table already; set in it:" >&2
+            echo '  snapshotter = "di3fs"' >&2
+            echo '  disable_snapshot_annotations = false' >&2
+            exit 1
+        fi
+    else
+        printf '\n[%s]\n  snapshotter = "di3fs"\n  disable_snapshot_annotations = false\n' "$table" >> "$tmp"
+        echo "made the CRI plugin pull into di3fs with snapshot labels in $CONFIG"
+        changed=yes
+    fi
+fi
+if [ "$changed" = no ]; then
+    exit 0
+fi
 mv "$tmp" "$CONFIG"
-echo "added the di3fs proxy snapshotter to $CONFIG"
+trap - EXIT
 restart

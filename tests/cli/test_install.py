@@ -67,3 +67,46 @@ def test_install_without_a_running_containerd(tmp_path) -> None:  # type: ignore
     p = subprocess.run(["sh", SCRIPT, "--bogus"], env=dict(os.environ, CONFIG=str(config)), capture_output=True,
                        text=True, timeout=60)
     assert p.returncode == 2 and "unknown flag --bogus" in p.stderr
+
+
+def run_script(config: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CONFIG=config, SOCKET="/run/di3fs/snapshotter.sock")
+    return subprocess.run(["sh", SCRIPT, "--no-restart", *flags], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_install_cri_writes_a_config_containerd_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """--cri makes CRI pull into di3fs with snapshot labels; idempotent; a config whose
+    CRI table exists already is left alone with what to set in it; and containerd 1.6
+    starts its CRI plugin from what the script wrote."""
+    need(IS_ROOT, "containerd needs root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    ctrd = Containerd(base, os.path.join(base, "run", "di3fs.sock"))
+    with open(ctrd.config) as f:
+        plain = f.read().split("[proxy_plugins.di3fs]")[0].replace('disabled_plugins = ["io.containerd.grpc.v1.cri"]', "")
+    with open(ctrd.config, "w") as f:
+        f.write(plain)
+    first = run_script(ctrd.config, "--cri")
+    assert first.returncode == 0, first.stderr
+    with open(ctrd.config) as f:
+        written = f.read()
+    assert 'snapshotter = "di3fs"' in written and "disable_snapshot_annotations = false" in written
+    again = run_script(ctrd.config, "--cri")
+    assert again.returncode == 0 and "already" in again.stdout
+    with open(ctrd.config) as f:
+        assert f.read() == written
+    ctrd.start()
+    try:
+        listed = ctrd.ctr("plugins", "ls").stdout
+        cri = [line for line in listed.splitlines() if line.split()[:2] == ["io.containerd.grpc.v1", "cri"]]
+        assert cri and cri[0].split()[-1] == "ok", listed
+        assert "di3fs" in listed
+    finally:
+        ctrd.stop()
+    other = tmp_path / "other.toml"
+    other.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n  snapshotter = "overlayfs"\n')
+    p = run_script(str(other), "--cri")
+    assert p.returncode == 1 and 'snapshotter = "di3fs"' in p.stderr
+    assert "di3fs" not in other.read_text()  # nothing half-written

@@ -94,6 +94,7 @@ def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None
         assert "fetched the delta from" in logs, logs[-2000:]
         delta = delta_size(reg.host, "2")
         # the delta, the manifests, the config and the referrers index: no layer crossed the link
+        print(f"CRI update pull: {update} bytes served, the delta is {delta} bytes")
         assert update <= 1.1 * delta + 64 * 1024, (update, delta)
         out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", "cri-app-2").stdout
         assert out.strip() == "v2"
@@ -109,4 +110,18 @@ def test_cri_pull_of_an_image_without_artifacts_unpacks_its_layers(published, tm
             channel.close()
         assert "no d4c artifact for" in snap.logs()
         out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1", "cri-app-1").stdout
+        assert out.strip() == "v1"
+
+
+def test_ctr_pull_passes_no_labels_and_unpacks_layers(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """What the README says of `ctr images pull --snapshotter di3fs` (containerd 1.6): it
+    adds no CRI labels, so di3fs is not asked for artifacts and the layers are unpacked."""
+    reg, front = published
+    code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:1", "--plain-http",
+                           "--blob-cache", "none")
+    assert code == 0, err
+    with cri_device(tmp_path, front.host) as (ctrd, snap):
+        ctrd.ctr("images", "pull", "--plain-http", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1")
+        assert "fetched" not in snap.logs() and "no d4c artifact" not in snap.logs()
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1", "ctr-app-1").stdout
         assert out.strip() == "v1"
