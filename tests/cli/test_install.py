@@ -15,17 +15,24 @@ from helpers import ROOT, need
 SCRIPT = os.path.join(ROOT, "install_snapshotter.sh")
 
 
-def test_install_prints_a_restart_that_works(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def containerd_without_di3fs(tmp_path, cri: bool = False) -> Containerd:  # type: ignore[no-untyped-def]
+    """A private containerd (not started) whose config lacks the plugin: the script is to add it."""
     need(IS_ROOT, "containerd needs root")
     missing = have_containerd()
     need(missing is None, missing or "")
     base = str(tmp_path / "d")
     os.makedirs(os.path.join(base, "run"))
     ctrd = Containerd(base, os.path.join(base, "run", "di3fs.sock"))
-    with open(ctrd.config) as f:  # start without the plugin: the script is to add it
+    with open(ctrd.config) as f:
         plain = f.read().split("[proxy_plugins.di3fs]")[0]
     with open(ctrd.config, "w") as f:
-        f.write(plain)
+        f.write(plain.replace('disabled_plugins = ["io.containerd.grpc.v1.cri"]', "") if cri else plain)
+    return ctrd
+
+
+def test_install_prints_a_restart_that_works(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ctrd = containerd_without_di3fs(tmp_path)
+    base = ctrd.base
     ctrd.start()
     assert ctrd.proc is not None
     new_pid = None
@@ -78,16 +85,7 @@ def test_install_cri_writes_a_config_containerd_loads(tmp_path) -> None:  # type
     """--cri makes CRI pull into di3fs with snapshot labels; idempotent; a config whose
     CRI table exists already is left alone with what to set in it; and containerd 1.6
     starts its CRI plugin from what the script wrote."""
-    need(IS_ROOT, "containerd needs root")
-    missing = have_containerd()
-    need(missing is None, missing or "")
-    base = str(tmp_path / "d")
-    os.makedirs(os.path.join(base, "run"))
-    ctrd = Containerd(base, os.path.join(base, "run", "di3fs.sock"))
-    with open(ctrd.config) as f:
-        plain = f.read().split("[proxy_plugins.di3fs]")[0].replace('disabled_plugins = ["io.containerd.grpc.v1.cri"]', "")
-    with open(ctrd.config, "w") as f:
-        f.write(plain)
+    ctrd = containerd_without_di3fs(tmp_path, cri=True)
     first = run_script(ctrd.config, "--cri")
     assert first.returncode == 0, first.stderr
     with open(ctrd.config) as f:
