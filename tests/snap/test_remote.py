@@ -162,3 +162,36 @@ def test_an_update_over_a_layer_containerd_holds(registry, tmp_path) -> None:  #
     m = sn.prepare("container", chain, {})
     lower = dict(o.split("=", 1) for o in m[0].options if "=" in o)["lowerdir"].split(":")
     assert lower == [sn.fs_dir(image)]
+
+
+def test_hosts_toml_mirrors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """containerd's hosts.toml: pull-capable mirrors first, in file order, then the server."""
+    from d4c.snap.remote import endpoints
+    d = tmp_path / "certs.d" / "registry.example.com"
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text('server = "https://registry.example.com"\n'
+                                  '[host."http://10.0.0.5:5000"]\n  capabilities = ["pull", "resolve"]\n'
+                                  '[host."https://push-only.example.com"]\n  capabilities = ["push"]\n'
+                                  '[host."https://cache.local/v2/prefix"]\n  skip_verify = true\n')
+    hosts = str(tmp_path / "certs.d")
+    assert endpoints("registry.example.com", hosts) == [("10.0.0.5:5000", True, False), ("cache.local", False, True),
+                                                        ("registry.example.com", False, False)]
+    assert endpoints("other.example.com", hosts, frozenset({"other.example.com"})) == [
+        ("other.example.com", True, False)]
+    (tmp_path / "certs.d" / "_default").mkdir()
+    (tmp_path / "certs.d" / "_default" / "hosts.toml").write_text("this is not toml [")
+    assert endpoints("other.example.com", hosts) == [("other.example.com", False, False)]  # logged, not fatal
+    assert endpoints("x.example.com", None) == [("x.example.com", False, False)]
+
+
+def test_a_mirror_from_hosts_toml_is_asked(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The image is named by a registry that does not answer; hosts.toml sends di3fs to the real one."""
+    d = tmp_path / "certs.d" / "unreachable.invalid:5000"
+    d.mkdir(parents=True)
+    (d / "hosts.toml").write_text(f'[host."http://{registry.host}"]\n  capabilities = ["pull", "resolve"]\n')
+    sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(hosts_dir=str(tmp_path / "certs.d")))
+    lab = labels(registry, "1", "sha256:m")
+    lab[CRI_IMAGE_REF] = f"unreachable.invalid:5000/{REPO}:1"
+    with pytest.raises(AlreadyExists):
+        sn.prepare("extract-0 sha256:m", "", lab)
+    assert sn.stat("sha256:m").image

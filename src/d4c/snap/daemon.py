@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="never fetch d4c artifacts from registries when containerd (CRI) pulls an image")
     p.add_argument("--plain-http-registry", action="append", default=[], metavar="HOST[:PORT]",
                    help="a registry spoken to over plain HTTP when fetching artifacts (repeatable)")
+    p.add_argument("--hosts-dir", default="/etc/containerd/certs.d", metavar="DIR",
+                   help="containerd's registry hosts config (DIR/HOST/hosts.toml: mirrors, plain HTTP, "
+                   "skip_verify) used when fetching artifacts; 'none' to ignore (default %(default)s)")
     p.add_argument("--remote-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a registry may take to answer before containerd pulls the layers (default 5)")
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
@@ -70,7 +73,8 @@ def serve(args: argparse.Namespace) -> int:
     os.chmod(os.path.dirname(address), 0o700)
     if os.path.exists(address):
         os.unlink(address)  # a previous run's socket: nobody listens on it
-    remote = None if args.no_remote else RegistryImages(frozenset(args.plain_http_registry), args.remote_timeout)
+    remote = None if args.no_remote else RegistryImages(
+        frozenset(args.plain_http_registry), args.remote_timeout, None if args.hosts_dir == "none" else args.hosts_dir)
     core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote)
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()

@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import tomllib
+import urllib.parse
 from typing import Callable
 
 from ..errors import D4CError
 from ..oci import artifacts
-from ..oci.registry import Registry, parse_reference
+from ..oci.registry import Reference, Registry, parse_reference
 
 log = logging.getLogger("d4c.snap")
 
@@ -28,21 +30,76 @@ CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
 REMOTE_LABEL = "containerd.io/snapshot/di3fs.remote"          # ours: the manifest a remote snapshot stands for
 DISCOVERY_TIMEOUT = 5.0  # seconds a registry may take to answer before di3fs lets containerd pull layers
+HOSTS_DIR = "/etc/containerd/certs.d"  # containerd's usual config_path for registry hosts
+
+
+Endpoint = tuple[str, bool, bool]  # host[:port], plain HTTP, skip TLS verification
+
+
+def endpoints(host: str, hosts_dir: str | None, plain_http: frozenset[str] = frozenset()) -> list[Endpoint]:
+    """Where to ask for an image of `host`, in order, as containerd reads it:
+    HOSTS_DIR/HOST/hosts.toml (or _default/hosts.toml) lists mirrors as
+    `[host."URL"]` tables (those with the pull capability, in file order), then
+    `server`; without such a file, the host itself.  A mirror URL's path is not
+    used (artifacts live under the repository's own path)."""
+    default: Endpoint = (host, host in plain_http, False)
+    candidates = [os.path.join(hosts_dir, host, "hosts.toml"),
+                  os.path.join(hosts_dir, "_default", "hosts.toml")] if hosts_dir else []
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        return [default]
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        log.warning("%s: not read (%s): asking %s itself", path, exc, host)
+        return [default]
+    out = []
+    for url, entry in (doc.get("host") or {}).items():
+        entry = entry if isinstance(entry, dict) else {}
+        if "pull" in (entry.get("capabilities") or ["pull", "resolve", "push"]):
+            out.append(_endpoint(str(url), bool(entry.get("skip_verify", False)), default))
+    server = doc.get("server")
+    out.append(_endpoint(str(server), bool(doc.get("skip_verify", False)), default) if server else default)
+    return out
+
+
+def _endpoint(url: str, skip_verify: bool, default: Endpoint) -> Endpoint:
+    parsed = urllib.parse.urlsplit(url if "://" in url else "https://" + url)
+    if not parsed.netloc:
+        return default
+    return parsed.netloc, parsed.scheme == "http", skip_verify
 
 
 class RegistryImages:
     """Finds and fetches d4c artifacts for the snapshotter."""
 
-    def __init__(self, plain_http: frozenset[str] = frozenset(), timeout: float = DISCOVERY_TIMEOUT) -> None:
+    def __init__(self, plain_http: frozenset[str] = frozenset(), timeout: float = DISCOVERY_TIMEOUT,
+                 hosts_dir: str | None = HOSTS_DIR) -> None:
         self.plain_http = plain_http  # registry hosts spoken to over HTTP (local and test registries)
         self.timeout = timeout
+        self.hosts_dir = hosts_dir
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def _registry(self, image_ref: str) -> Registry:
+    def _discover(self, image_ref: str, manifest: str) -> tuple[Registry | None, list[artifacts.Artifact]]:
+        """The first endpoint of the image's registry that lists artifacts of `manifest`, and them."""
         ref = parse_reference(image_ref)
-        # short timeouts and no retries for discovery: a delta is an optimisation, never a wait
-        return Registry(ref, plain_http=ref.host in self.plain_http, timeout=self.timeout, retries=0)
+        failure: D4CError | None = None
+        for host, plain, insecure in endpoints(ref.host, self.hosts_dir, self.plain_http):
+            # short timeouts and no retries for discovery: a delta is an optimisation, never a wait
+            registry = Registry(Reference(host, ref.repository, ref.reference), plain_http=plain, insecure=insecure,
+                                timeout=self.timeout, retries=0)
+            try:
+                found = artifacts.find_artifacts(registry, manifest)
+            except D4CError as exc:
+                failure = exc
+                continue
+            if found:
+                return registry, found
+        if failure is not None:
+            raise failure
+        return None, []
 
     def fetch(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
         """The id (hex) of the image now at `dest_of(id)`: the cheapest d4c
@@ -52,13 +109,12 @@ class RegistryImages:
             lock = self._locks.setdefault(manifest, threading.Lock())
         with lock:
             try:
-                registry = self._registry(image_ref)
-                found = artifacts.find_artifacts(registry, manifest)
+                registry, found = self._discover(image_ref, manifest)
                 have = next((a for a in found if a.image_id.split(":", 1)[-1] in held), None)
                 if have is not None:
                     return have.image_id.split(":", 1)[-1]  # the image itself is here already
                 chosen = artifacts.cheapest(found, held)
-                if chosen is None:
+                if chosen is None or registry is None:
                     log.info("%s: no d4c artifact for %s: containerd pulls the layers", image_ref, manifest)
                     return None
                 hexid = chosen.image_id.split(":", 1)[-1]
