@@ -335,10 +335,11 @@ class UploadCutter(_Loopback):
     registry gets the first half of its body, the client a dropped connection and
     no answer (a link lost mid-push)."""
 
-    def __init__(self, upstream: str, cut: int = 2) -> None:
+    def __init__(self, upstream: str, cut: int = 2, cut_blob_get: bool = False) -> None:
         import http.client
         self.upstream = upstream
         self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
+        self.cut_blob_get, self.blob_gets_cut = cut_blob_get, 0  # the first large blob download: half, then dropped
         self.served = 0  # response body bytes sent to clients (what crossed "the link")
         proxy = self
 
@@ -365,6 +366,8 @@ class UploadCutter(_Loopback):
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                drop = (proxy.cut_blob_get and not proxy.blob_gets_cut and self.command == "GET"
+                        and "/blobs/" in self.path and len(data) > 1000)
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
                     if k.lower() == "location":
@@ -374,7 +377,14 @@ class UploadCutter(_Loopback):
                 head_length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else None
                 self.send_header("Content-Length", head_length or str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if drop:
+                    proxy.blob_gets_cut += 1
+                    self.wfile.write(data[:len(data) // 2])
+                    self.wfile.flush()
+                    proxy.served += len(data) // 2
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                     proxy.served += len(data)
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Registry as RegistryDaemon, UploadCutter, have_containerd
+from daemons import Containerd, Registry as RegistryDaemon, UploadCutter, have_containerd, mounts_below
 from helpers import binary, need, run_cli
 from ocibuild import Layout
 from test_snapshotter import BUSYBOX, busybox_versions, running
@@ -98,6 +99,22 @@ def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None
         assert update <= 1.1 * delta + 64 * 1024, (update, delta)
         out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", "cri-app-2").stdout
         assert out.strip() == "v2"
+        # removing the images through CRI lets containerd's GC free every snapshot, mount and stored image
+        channel, stub = cri_images(ctrd)
+        try:
+            import cri_images_pb2 as pb
+            for tag in ("2", "1"):
+                stub.RemoveImage(pb.RemoveImageRequest(image=pb.ImageSpec(image=f"{front.host}/{REPO}:{tag}")),
+                                 timeout=60)
+        finally:
+            channel.close()
+        for _ in range(100):
+            listed = ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.splitlines()[1:]
+            if not listed and not os.listdir(os.path.join(snap.root, "images")):
+                break
+            time.sleep(0.3)
+        assert listed == [] and os.listdir(os.path.join(snap.root, "images")) == []
+        assert not mounts_below(snap.root)
 
 
 def test_cri_pull_of_an_image_without_artifacts_unpacks_its_layers(published, tmp_path) -> None:  # type: ignore[no-untyped-def]

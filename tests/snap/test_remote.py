@@ -195,3 +195,48 @@ def test_a_mirror_from_hosts_toml_is_asked(registry, tmp_path) -> None:  # type:
     with pytest.raises(AlreadyExists):
         sn.prepare("extract-0 sha256:m", "", lab)
     assert sn.stat("sha256:m").image
+
+
+def test_a_link_cut_mid_download_resumes(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The artifact's download drops half-way: it goes on with a Range request, and
+    the bytes over the link stay about one artifact."""
+    from daemons import UploadCutter
+    front = UploadCutter(registry.host, cut=0, cut_blob_get=True)
+    try:
+        sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(frozenset({front.host}), hosts_dir=None))
+        lab = labels(registry, "1", "sha256:r")
+        lab[CRI_IMAGE_REF] = f"{front.host}/{REPO}:1"
+        with pytest.raises(AlreadyExists):
+            sn.prepare("extract-0 sha256:r", "", lab)
+        assert sn.stat("sha256:r").image
+        assert front.blob_gets_cut == 1
+        full = artifact_sizes(registry, "1")[artifacts.IMAGE_ARTIFACT]
+        assert front.served < full * 1.6 + 65536  # half again at most, not the whole twice
+    finally:
+        front.stop()
+
+
+def test_an_interrupted_fetch_leaves_no_snapshot_and_resumes(registry, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What a snapshotter killed during a download leaves: the partial download, no
+    snapshot.  After the restart, the layer's Prepare goes on from the partial file."""
+    r = Registry(parse_reference(f"{registry.host}/{REPO}:1"), plain_http=True)
+    [full] = [a for a in artifacts.find_artifacts(r, platform_manifest(registry, "1")) if not a.is_delta]
+    digest, size = artifacts.layer_of(r, full)
+    with open(registry.blob_path(digest), "rb") as f:
+        blob = f.read()
+    root = str(tmp_path / "root")
+    sn = Snapshotter(root, FakeFS(), RegistryImages(frozenset({registry.host}), hosts_dir=None))
+    hexid = full.image_id.split(":", 1)[-1]
+    with open(sn.incoming_path(hexid) + ".partial", "wb") as f:
+        f.write(blob[:size // 2])  # the killed run's download
+    sn.meta.close()
+    again = Snapshotter(root, FakeFS(), RegistryImages(frozenset({registry.host}), hosts_dir=None))
+    again.restore()
+    assert again.list() == []  # no half snapshot
+    front_bytes = []
+    real = artifacts.fetch_layer
+    monkeypatch.setattr(artifacts, "fetch_layer", lambda *a, **k: front_bytes.append(real(*a, **k)) or front_bytes[-1])
+    with pytest.raises(AlreadyExists):
+        again.prepare("extract-0 sha256:p", "", labels(registry, "1", "sha256:p"))
+    assert front_bytes == [size - size // 2]
+    assert again.stat("sha256:p").image == hexid
