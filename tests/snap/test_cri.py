@@ -142,3 +142,22 @@ def test_ctr_pull_passes_no_labels_and_unpacks_layers(published, tmp_path) -> No
         assert "fetched" not in snap.logs() and "no d4c artifact" not in snap.logs()
         out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1", "ctr-app-1").stdout
         assert out.strip() == "v1"
+
+
+def test_ctr_cli_pull_from_the_registry_loads_and_runs(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`ctr-cli pull --image docker://…` (no d4c server, no CRI): the full image, then the
+    update as a delta from it, loaded into containerd and run."""
+    reg, front = published
+    for tag, extra in (("1", ()), ("2", ("--from", "1"))):
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
+                               "--blob-cache", "none", *extra)
+        assert code == 0, err
+    with cri_device(tmp_path, front.host) as (ctrd, snap):
+        for tag, kind in (("1", "full image"), ("2", "delta from")):
+            code, out, err = run_cli("pull", "--image", f"docker://{front.host}/{REPO}:{tag}", "--plain-http",
+                                     "--address", ctrd.socket, "--namespace", ctrd.namespace,
+                                     "--snapshotter-root", snap.root)
+            assert code == 0, err
+            assert kind in out, out
+            run = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:{tag}", f"cli-app-{tag}")
+            assert run.stdout.strip() == f"v{tag}"
