@@ -335,9 +335,16 @@ class UploadCutter(_Loopback):
     registry gets the first half of its body, the client a dropped connection and
     no answer (a link lost mid-push)."""
 
-    def __init__(self, upstream: str, cut: int = 2, cut_blob_get: bool = False) -> None:
+    def __init__(self, upstream: str, cut: int = 2, cut_blob_get: bool = False,
+                 login: tuple[str, str] | None = None) -> None:
+        import base64
         import http.client
+        import secrets
         self.upstream = upstream
+        # with `login`: every request needs a bearer token that /token gives for those basic credentials
+        self.login = "Basic " + base64.b64encode(":".join(login).encode()).decode() if login else None
+        self.token = secrets.token_hex(16)
+        self.refused = 0  # requests answered 401
         self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
         self.cut_blob_get, self.blob_gets_cut = cut_blob_get, 0  # the first large blob download: half, then dropped
         self.served = 0  # response body bytes sent to clients (what crossed "the link")
@@ -346,6 +353,8 @@ class UploadCutter(_Loopback):
         class Handler(_Quiet):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.login and self._refused():
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 proxy.requests.append((self.command, self.path, len(body)))
                 cut = False
@@ -387,6 +396,26 @@ class UploadCutter(_Loopback):
                 elif self.command != "HEAD":
                     self.wfile.write(data)
                     proxy.served += len(data)
+
+            def _refused(self) -> bool:
+                """Answer the token endpoint, or a request without the token (True)."""
+                if self.path.startswith("/token"):
+                    good = self.headers.get("Authorization") == proxy.login
+                    data = json.dumps({"token": proxy.token}).encode() if good else b""
+                    self.send_response(200 if good else 401)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return True
+                if self.headers.get("Authorization") == f"Bearer {proxy.token}":
+                    return False
+                proxy.refused += 1
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", f'Bearer realm="http://{proxy.host}/token",service="d4c-test",'
+                                 'scope="repository:d4c/pub:pull,push"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any  # noqa: N815
 

@@ -317,3 +317,24 @@ def test_pull_of_an_image_without_artifacts(published, tmp_path) -> None:  # typ
                         repo="d4c/plain")
     assert_one_line_error(code, err, 4)
     assert "no d4c artifacts" in err
+
+
+def test_publish_through_a_registry_that_wants_tokens(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Bearer tokens from the registry's token service for --user, on every push request."""
+    from daemons import UploadCutter
+    reg, _ = published
+    front = UploadCutter(reg.host, cut=0, login=("alice", "s3cret"))
+    try:
+        ref = f"docker://{front.host}/{REPO}:1"  # a delta from 3 (a downgrade): new in every order
+        code, _, err = run_cli("-q", "publish", "--image", ref, "--plain-http", "--blob-cache", "none",
+                               "--from", "3")
+        assert_one_line_error(code, err, 5)  # no credentials
+        code, _, err = run_cli("-q", "publish", "--image", ref, "--plain-http", "--blob-cache", "none",
+                               "--from", "3", "--user", "alice:s3cret")
+        assert code == 0, err
+        assert front.refused >= 1 and any(m == "PUT" for m, _, _ in front.requests)
+    finally:
+        front.stop()
+    bases = [a.annotations[artifacts.ANNOTATION_BASE_MANIFEST] for a in
+             artifacts.find_artifacts(client(reg, "1"), platform_manifest(reg, "1")) if a.is_delta]
+    assert platform_manifest(reg, "3") in bases
