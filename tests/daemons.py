@@ -336,7 +336,7 @@ class UploadCutter(_Loopback):
     no answer (a link lost mid-push)."""
 
     def __init__(self, upstream: str, cut: int = 2, cut_blob_get: bool = False,
-                 login: tuple[str, str] | None = None) -> None:
+                 login: tuple[str, str] | None = None, stall: str | None = None) -> None:
         import base64
         import http.client
         import secrets
@@ -345,6 +345,8 @@ class UploadCutter(_Loopback):
         self.login = "Basic " + base64.b64encode(":".join(login).encode()).decode() if login else None
         self.token = secrets.token_hex(16)
         self.refused = 0  # requests answered 401
+        self.stall = stall  # requests whose path holds this get no answer until the front stops
+        self.stopping = threading.Event()
         self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
         self.cut_blob_get, self.blob_gets_cut = cut_blob_get, 0  # the first large blob download: half, then dropped
         self.served = 0  # response body bytes sent to clients (what crossed "the link")
@@ -354,6 +356,11 @@ class UploadCutter(_Loopback):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if proxy.login and self._refused():
+                    return
+                if proxy.stall and proxy.stall in self.path:
+                    proxy.requests.append((self.command, self.path, 0))
+                    proxy.stopping.wait(60)
+                    self.close_connection = True
                     return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
                 proxy.requests.append((self.command, self.path, len(body)))
@@ -420,6 +427,10 @@ class UploadCutter(_Loopback):
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any  # noqa: N815
 
         self._serve(Handler)
+
+    def stop(self) -> None:
+        self.stopping.set()  # stalled requests end
+        super().stop()
 
 
 class TokenProxy(_Loopback):

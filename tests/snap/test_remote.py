@@ -240,3 +240,23 @@ def test_an_interrupted_fetch_leaves_no_snapshot_and_resumes(registry, tmp_path,
         again.prepare("extract-0 sha256:p", "", labels(registry, "1", "sha256:p"))
     assert front_bytes == [size - size // 2]
     assert again.stat("sha256:p").image == hexid
+
+
+def test_a_registry_that_stalls_on_referrers_falls_back_to_the_tag_schema(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The referrers call gets no answer: within half the discovery budget di3fs takes
+    the tag schema's index instead, and the layer still comes from the artifact."""
+    from daemons import UploadCutter
+    front = UploadCutter(registry.host, cut=0, stall="/referrers/")
+    try:
+        sn = Snapshotter(str(tmp_path / "root"), FakeFS(),
+                         RegistryImages(frozenset({front.host}), timeout=2.0, hosts_dir=None))
+        lab = labels(registry, "1", "sha256:s")
+        lab[CRI_IMAGE_REF] = f"{front.host}/{REPO}:1"
+        t = time.monotonic()
+        with pytest.raises(AlreadyExists):
+            sn.prepare("extract-0 sha256:s", "", lab)
+        assert time.monotonic() - t < 5
+        assert any("/referrers/" in p for _, p, _ in front.requests)
+        assert sn.stat("sha256:s").image
+    finally:
+        front.stop()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..digests import file_sha256, path_sha256, sha256
-from ..errors import BadInput, NotFound
+from ..errors import BadInput, NotFound, Unavailable
 from .registry import INDEX_TYPE, Registry, index_descriptors
 
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
@@ -86,10 +86,21 @@ def artifact_manifest(subject: dict[str, Any], artifact_type: str, layer_digest:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def find_artifacts(registry: Registry, subject_digest: str) -> list[Artifact]:
+def find_artifacts(registry: Registry, subject_digest: str, referrers_timeout: float | None = None) -> list[Artifact]:
     """The d4c artifacts whose subject is `subject_digest`: by the referrers
-    API, else from the tag schema's index (none: an empty list)."""
-    found = registry.referrers(subject_digest)
+    API, else from the tag schema's index (none: an empty list).  With
+    `referrers_timeout`, a referrers call that takes longer counts as no API
+    (registries have taken 10-20 s to answer it with a 404)."""
+    if referrers_timeout is None:
+        found = registry.referrers(subject_digest)
+    else:
+        timeout, registry.timeout = registry.timeout, referrers_timeout
+        try:
+            found = registry.referrers(subject_digest)
+        except Unavailable:
+            found = None
+        finally:
+            registry.timeout = timeout
     if found is None:
         try:
             _, data = registry.manifest(fallback_tag(subject_digest))

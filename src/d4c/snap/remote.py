@@ -88,10 +88,11 @@ class RegistryImages:
         failure: D4CError | None = None
         for host, plain, insecure in endpoints(ref.host, self.hosts_dir, self.plain_http):
             # short timeouts and no retries for discovery: a delta is an optimisation, never a wait
+            # half the budget for the referrers API, the rest for the tag schema's index after it
             registry = Registry(Reference(host, ref.repository, ref.reference), plain_http=plain, insecure=insecure,
-                                timeout=self.timeout, retries=0)
+                                timeout=self.timeout / 2, retries=0)
             try:
-                found = artifacts.find_artifacts(registry, manifest)
+                found = artifacts.find_artifacts(registry, manifest, referrers_timeout=self.timeout / 2)
             except D4CError as exc:
                 failure = exc
                 continue
