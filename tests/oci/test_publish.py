@@ -149,6 +149,13 @@ def test_bad_publish_lines(published) -> None:  # type: ignore[no-untyped-def]
     code, _, err = publish(reg, "2", "--previous", "1", "--tags", "7,8")
     assert_one_line_error(code, err, 2)
     assert "--previous" in err
+    code, _, err = run_cli("-q", "publish", "--image", "docker://127.0.0.1:1/x/y:1", "--previous", "-1")
+    assert_one_line_error(code, err, 2)  # said before any network
+    code, _, err = run_cli("-q", "publish", "--image", f"oci:{tmp}/missing:1", "--to", f"docker://{reg.host}/{REPO}:1",
+                           "--plain-http")
+    assert_one_line_error(code, err, 4)  # a missing local image, before the registry is asked
+    code, _, err = run_cli("-q", "publish", "--image", "docker://127.0.0.1:1/x/y:1", "--plain-http")
+    assert_one_line_error(code, err, 7)  # the registry is not there: its own exit code
 
 
 def test_a_local_copy_publishes_to_the_registry_image(published) -> None:  # type: ignore[no-untyped-def]

@@ -51,8 +51,6 @@ def _registry_ref(ref: str, flag: str) -> Reference:
 
 def _base_tags(args: argparse.Namespace, registry: Registry, tag: str) -> list[str]:
     bases = list(args.bases)
-    if args.previous < 0:
-        raise UsageError("--previous takes a count >= 0")
     if args.previous:
         order = [t for t in args.tags.split(",") if t] if args.tags else \
             sorted((t for t in registry.tags() if not t.startswith("sha256-")), key=version_key)
@@ -82,12 +80,16 @@ def run(args: argparse.Namespace) -> int:
         dest = _registry_ref(args.to, "--to")
     else:
         raise UsageError("publish --image with a local source needs --to docker://REG/REPO:TAG (where it is pushed)")
+    if args.previous < 0:
+        raise UsageError("--previous takes a count >= 0")
+    local = ""
+    if not args.image.startswith("docker://"):  # a missing or bad local image is said before any network
+        with open_source(args.image, platform, options) as source:
+            local = source.resolve().manifest_digest
     registry = Registry(dest, plain_http=options.plain_http, insecure=options.insecure,
                         credentials=options.credentials)
     subject_digest = _manifest_of(dest, platform, options)
     if not args.image.startswith("docker://"):
-        with open_source(args.image, platform, options) as source:
-            local = source.resolve().manifest_digest
         if local != subject_digest:
             raise UsageError(f"--image {args.image} is not the image at --to (manifest {local or 'unknown'}, "
                              f"the registry has {subject_digest})")
