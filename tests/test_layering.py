@@ -39,7 +39,8 @@ ALLOWED = {
     "containerd-api": set(),
     "containerd": {"base", "containerd-api"},
     "llfs": {"base", "kernels", "engine", "image"},  # knows no snapshotter
-    "snap": {"base", "engine", "image", "oci", "llfs", "containerd", "containerd-api"},  # oci: remote.py fetches artifacts
+    # snap/remote.py: the registry artifacts (oci) and the d4c server's client (server.client)
+    "snap": {"base", "engine", "image", "oci", "server", "llfs", "containerd", "containerd-api"},
     "server": {"base", "engine", "image", "oci"},  # never containerd, mounts or the snapshotter
     "cli": {"base", "kernels", "engine", "image", "oci", "containerd", "containerd-api", "llfs", "snap", "server"},
     "entry": {"base", "llfs", "cli", "snap", "server"},

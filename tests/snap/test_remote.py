@@ -260,3 +260,41 @@ def test_a_registry_that_stalls_on_referrers_falls_back_to_the_tag_schema(regist
         assert sn.stat("sha256:s").image
     finally:
         front.stop()
+
+
+def test_a_delta_server_is_asked_first_and_checked_against_the_manifest(registry, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """--delta-server: the update comes from the d4c server (tag: the image reference);
+    an image the server holds under that name that is not the manifest's is refused,
+    and the registry's artifacts are used instead."""
+    from daemons import Server
+    out = {}
+    for tag in ("1", "2", "3"):
+        code, _, err = run_cli("-q", "convert", "--image", f"docker://{registry.host}/{REPO}:{tag}", "--output",
+                               str(tmp_path / tag), "--plain-http", "--blob-cache", "none")
+        assert code == 0, err
+        out[tag] = str(tmp_path / tag / "image.cdimg")
+    srv = Server(str(tmp_path))
+    srv.start()
+    try:
+        for tag, path in (("1", out["1"]), ("2", out["2"]), ("1-wrong", out["3"])):
+            name = f"{registry.host}/{REPO}:{'1' if tag == '1-wrong' else tag}"
+            code, _, err = run_cli("-q", "push", "--cdimg", path, "--serverHost", srv.host, "--imageTag",
+                                   name if tag != "1" else f"{registry.host}/{REPO}:base")
+            assert code == 0, err
+        images = RegistryImages(frozenset({registry.host}), hosts_dir=None, delta_server=srv.host)
+        sn = Snapshotter(str(tmp_path / "root"), FakeFS(), images)
+        # tag 1 on the server is v3's image: refused by its config, taken from the registry
+        with caplog.at_level("INFO", logger="d4c.snap"):
+            with pytest.raises(AlreadyExists):
+                sn.prepare("extract-0 sha256:a", "", labels(registry, "1", "sha256:a"))
+        assert any("is not the image of manifest" in r.getMessage() for r in caplog.records)
+        assert any("fetched the full image" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="d4c.snap"):
+            with pytest.raises(AlreadyExists):
+                sn.prepare("extract-1 sha256:b", "", labels(registry, "2", "sha256:b"))
+        assert any("from the d4c server" in r.getMessage() for r in caplog.records), caplog.text
+        with Image(out["2"]) as v2:
+            assert sn.stat("sha256:b").image == v2.info.image_id.hex()
+    finally:
+        srv.stop()

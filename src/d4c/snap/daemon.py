@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts-dir", default="/etc/containerd/certs.d", metavar="DIR",
                    help="containerd's registry hosts config (DIR/HOST/hosts.toml: mirrors, plain HTTP, "
                    "skip_verify) used when fetching artifacts; 'none' to ignore (default %(default)s)")
+    p.add_argument("--delta-server", metavar="HOST:PORT",
+                   help="a d4c server asked first for the update to an image CRI pulls (its tag: the image "
+                   "reference, e.g. `ctr-cli push --image REG/REPO:TAG`), then the registry")
     p.add_argument("--remote-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a registry may take to answer before containerd pulls the layers (default 5)")
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
@@ -74,7 +77,8 @@ def serve(args: argparse.Namespace) -> int:
     if os.path.exists(address):
         os.unlink(address)  # a previous run's socket: nobody listens on it
     remote = None if args.no_remote else RegistryImages(
-        frozenset(args.plain_http_registry), args.remote_timeout, None if args.hosts_dir == "none" else args.hosts_dir)
+        frozenset(args.plain_http_registry), args.remote_timeout, None if args.hosts_dir == "none" else args.hosts_dir,
+        args.delta_server)
     core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote)
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()

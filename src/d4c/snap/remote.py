@@ -12,6 +12,8 @@ refused download, it declines and containerd unpacks the layers as usual."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import threading
@@ -19,7 +21,7 @@ import tomllib
 import urllib.parse
 from typing import Callable
 
-from ..errors import D4CError
+from ..errors import BadInput, D4CError
 from ..oci import artifacts
 from ..oci.registry import Reference, Registry, parse_reference
 
@@ -75,10 +77,11 @@ class RegistryImages:
     """Finds and fetches d4c artifacts for the snapshotter."""
 
     def __init__(self, plain_http: frozenset[str] = frozenset(), timeout: float = DISCOVERY_TIMEOUT,
-                 hosts_dir: str | None = HOSTS_DIR) -> None:
+                 hosts_dir: str | None = HOSTS_DIR, delta_server: str | None = None) -> None:
         self.plain_http = plain_http  # registry hosts spoken to over HTTP (local and test registries)
         self.timeout = timeout
         self.hosts_dir = hosts_dir
+        self.delta_server = delta_server  # a d4c server asked first (its merged cheapest path)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -102,6 +105,41 @@ class RegistryImages:
             raise failure
         return None, []
 
+    def _from_server(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
+        """The update from the d4c server, whose tag is the image reference as CRI
+        gives it (`ctr-cli push --image REG/REPO:TAG`).  Its image must have the
+        manifest's config, or it is another image under the same name: refused."""
+        from ..image.stack import read_info_at
+        from ..server.client import Client
+        partial = dest_of("server-" + manifest.split(":", 1)[-1])
+        try:
+            plan, got = Client(self.delta_server or "", timeout=60.0, retry_time=self.timeout).fetch_update(
+                image_ref, held, partial)
+            hexid = str(plan.get("to", "")).split(":", 1)[-1]
+            if plan.get("upToDate"):
+                return hexid if hexid in held else None
+            config = read_info_at(partial).config
+            if config != self._config_of(image_ref, manifest):
+                raise BadInput(f"the server's {image_ref} (sha256:{hexid}) is not the image of manifest {manifest}")
+            os.rename(partial, dest_of(hexid))
+            log.info("%s: fetched the update to sha256:%s from the d4c server %s (%d bytes over the link)",
+                     image_ref, hexid, self.delta_server, got)
+            return hexid
+        except (D4CError, OSError, ValueError, KeyError) as exc:
+            log.warning("%s: not from the d4c server %s (%s): asking the registry", image_ref, self.delta_server, exc)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            return None
+
+    def _config_of(self, image_ref: str, manifest: str) -> object:
+        """The image config the registry's manifest names, parsed."""
+        ref = parse_reference(image_ref)
+        host, plain, insecure = endpoints(ref.host, self.hosts_dir, self.plain_http)[0]
+        registry = Registry(Reference(host, ref.repository, ref.reference), plain_http=plain, insecure=insecure,
+                            timeout=self.timeout, retries=0)
+        _, data = registry.manifest(manifest)
+        return json.loads(registry.blob(json.loads(data)["config"]["digest"]))
+
     def fetch(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
         """The id (hex) of the image now at `dest_of(id)`: the cheapest d4c
         artifact of `manifest` for the images `held`.  None: let containerd
@@ -109,6 +147,10 @@ class RegistryImages:
         with self._guard:
             lock = self._locks.setdefault(manifest, threading.Lock())
         with lock:
+            if self.delta_server:
+                hexid = self._from_server(image_ref, manifest, held, dest_of)
+                if hexid:
+                    return hexid
             try:
                 registry, found = self._discover(image_ref, manifest)
                 have = next((a for a in found if a.image_id.split(":", 1)[-1] in held), None)
