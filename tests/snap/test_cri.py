@@ -161,3 +161,64 @@ def test_ctr_cli_pull_from_the_registry_loads_and_runs(published, tmp_path) -> N
             assert kind in out, out
             run = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:{tag}", f"cli-app-{tag}")
             assert run.stdout.strip() == f"v{tag}"
+
+
+def test_a_snapshotter_killed_during_a_cri_pull_leaves_no_half_snapshot(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """kill -9 of di3fs while it downloads the artifact: that pull fails, nothing half-made
+    is left in either store, and the pull after the restart gives a running image."""
+    import signal
+    import threading
+
+    import grpc
+    from test_snapshotter import wait_redial
+    reg, front = published
+    code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:1", "--plain-http",
+                           "--blob-cache", "none")
+    assert code == 0, err
+    r = Registry(parse_reference(f"{reg.host}/{REPO}:1"), plain_http=True)
+    [full] = [a for a in artifacts.find_artifacts(r, platform_manifest_digest(r, "1")) if not a.is_delta]
+    layer, _ = artifacts.layer_of(r, full)
+    front.stall = layer  # the artifact's download hangs until the front lets go
+    with cri_device(tmp_path, front.host) as (ctrd, snap):
+        channel, stub = cri_images(ctrd)
+        failed: list[BaseException] = []
+
+        def first_pull() -> None:
+            try:
+                pull(stub, f"{front.host}/{REPO}:1")
+            except grpc.RpcError as exc:
+                failed.append(exc)
+        t = threading.Thread(target=first_pull)
+        t.start()
+        for _ in range(200):
+            if any(layer in p for _, p, _ in front.requests):
+                break
+            time.sleep(0.05)
+        assert any(layer in p for _, p, _ in front.requests), "di3fs never asked for the artifact"
+        snap.stop(signal.SIGKILL)
+        t.join(timeout=120)
+        assert failed, "the pull whose snapshotter died did not fail"
+        front.stall = None
+        front.stopping.set()
+        snap.start()
+        wait_redial(ctrd)
+        assert ctrd.ctr("snapshots", "--snapshotter", "di3fs", "ls").stdout.splitlines()[1:] == []
+        try:
+            for attempt in range(10):  # as kubelet does: containerd's first call may use the dead connection
+                try:
+                    pull(stub, f"{front.host}/{REPO}:1")
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt == 9:  # type: ignore[attr-defined]
+                        raise
+                    time.sleep(0.5)
+        finally:
+            channel.close()
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:1", "cri-after-kill").stdout
+        assert out.strip() == "v1"
+
+
+def platform_manifest_digest(r: Registry, tag: str) -> str:
+    from d4c.digests import sha256
+    _, data = r.manifest(tag)
+    return "sha256:" + sha256(data).hexdigest()
