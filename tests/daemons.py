@@ -52,6 +52,13 @@ class Snapshotterd:
     def stop(self, sig: int = signal.SIGTERM) -> None:
         terminate(self.proc, sig)
 
+    def kill(self) -> None:
+        """kill -9 of the daemon: its whole session (a one-file binary's bootloader and the
+        program it runs; the FUSE servers have sessions of their own and stay)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def logs(self) -> str:
         try:
             with open(self.log) as f:

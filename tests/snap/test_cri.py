@@ -166,7 +166,6 @@ def test_ctr_cli_pull_from_the_registry_loads_and_runs(published, tmp_path) -> N
 def test_a_snapshotter_killed_during_a_cri_pull_leaves_no_half_snapshot(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """kill -9 of di3fs while it downloads the artifact: that pull fails, nothing half-made
     is left in either store, and the pull after the restart gives a running image."""
-    import signal
     import threading
 
     import grpc
@@ -195,7 +194,7 @@ def test_a_snapshotter_killed_during_a_cri_pull_leaves_no_half_snapshot(publishe
                 break
             time.sleep(0.05)
         assert any(layer in p for _, p, _ in front.requests), "di3fs never asked for the artifact"
-        snap.stop(signal.SIGKILL)
+        snap.kill()
         t.join(timeout=120)
         assert failed, "the pull whose snapshotter died did not fail"
         front.stall = None
