@@ -336,11 +336,14 @@ class _Loopback:
         self.server.server_close()
 
 
-class UploadCutter(_Loopback):
-    """A registry front on loopback that passes every request through, counts the
-    bytes it serves, and cuts the `cut`-th PATCH of a blob upload (0: none): the
-    registry gets the first half of its body, the client a dropped connection and
-    no answer (a link lost mid-push)."""
+class RegistryFront(_Loopback):
+    """A registry front on loopback that passes every request through and counts
+    the bytes it serves, with faults to order: `cut` the cut-th PATCH of a blob
+    upload (0: none; the registry gets the first half of its body, the client a
+    dropped connection and no answer: a link lost mid-push), `cut_blob_get` the
+    first large blob download half-way, `stall` requests whose path holds it, and
+    `login`: bearer tokens from its own token endpoint for basic credentials, as
+    Docker Hub wants them."""
 
     def __init__(self, upstream: str, cut: int = 2, cut_blob_get: bool = False,
                  login: tuple[str, str] | None = None, stall: str | None = None) -> None:
@@ -356,12 +359,15 @@ class UploadCutter(_Loopback):
         self.stopping = threading.Event()
         self.cut, self.patches, self.requests = cut, 0, []  # type: ignore[var-annotated]
         self.cut_blob_get, self.blob_gets_cut = cut_blob_get, 0  # the first large blob download: half, then dropped
+        self.ranges: list[str] = []  # Range headers of the requests
         self.served = 0  # response body bytes sent to clients (what crossed "the link")
         proxy = self
 
         class Handler(_Quiet):
             def _any(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Range"):
+                    proxy.ranges.append(self.headers["Range"])
                 if proxy.login and self._refused():
                     return
                 if proxy.stall and proxy.stall in self.path:
@@ -425,8 +431,10 @@ class UploadCutter(_Loopback):
                     return False
                 proxy.refused += 1
                 self.send_response(401)
+                repo = self.path.split("/v2/", 1)[-1].split("/blobs/")[0].split("/manifests/")[0]
+                repo = repo.split("/referrers/")[0].split("/tags/")[0]
                 self.send_header("WWW-Authenticate", f'Bearer realm="http://{proxy.host}/token",service="d4c-test",'
-                                 'scope="repository:d4c/pub:pull,push"')
+                                 f'scope="repository:{repo}:pull,push"')
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return True
@@ -438,57 +446,6 @@ class UploadCutter(_Loopback):
     def stop(self) -> None:
         self.stopping.set()  # stalled requests end
         super().stop()
-
-
-class TokenProxy(_Loopback):
-    """A registry front on loopback that wants bearer tokens from its own token
-    endpoint (basic credentials), as Docker Hub does; it can drop the first
-    download of a blob half-way to exercise resumption."""
-
-    def __init__(self, upstream: str, user: str, password: str, drop_first_blob: bool = False) -> None:
-        import base64
-        import secrets
-        self.upstream = upstream
-        self.token = secrets.token_hex(16)
-        self.good = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        self.drop = drop_first_blob
-        self.dropped = 0
-        self.ranges: list[str] = []
-        proxy = self
-
-        class Handler(_Quiet):
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path.startswith("/token"):
-                    if self.headers.get("Authorization") != proxy.good:
-                        self.send_response(401)
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    body = json.dumps({"token": proxy.token}).encode()
-                    self.send_response(200)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body)
-                    return
-                if self.headers.get("Authorization") != f"Bearer {proxy.token}":
-                    self.send_response(401)
-                    self.send_header("WWW-Authenticate", f'Bearer realm="http://{proxy.host}/token",'
-                                     'service="d4c-test",scope="repository:d4c/app:pull"')
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")}
-                if "range" in (k.lower() for k in headers):
-                    proxy.ranges.append(self.headers.get("Range", ""))
-                status, rheaders, body = forward(proxy.upstream, self.path, headers)
-                cut = None
-                if proxy.drop and "/blobs/" in self.path and len(body) > 1000 and not proxy.dropped:
-                    proxy.dropped += 1
-                    cut = len(body) // 2
-                reply_cut(self, status, rheaders, ("content-type", "docker-content-digest", "content-range"), body, cut)
-
-        self._serve(Handler)
 
 
 class Server:

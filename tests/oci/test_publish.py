@@ -176,7 +176,7 @@ def test_a_blob_upload_survives_a_cut(published, tmp_path, monkeypatch) -> None:
     """The link drops during the second piece of an upload and its answer is lost.
     distribution 2.x then cannot say how much it holds (the upload URL's state is
     stale: 404), so the push starts a new upload and completes; the blob is whole."""
-    from daemons import UploadCutter
+    from daemons import RegistryFront
     from d4c.digests import sha256
     from d4c.oci import registry as registry_module
     reg, _ = published
@@ -185,7 +185,7 @@ def test_a_blob_upload_survives_a_cut(published, tmp_path, monkeypatch) -> None:
     path = tmp_path / "blob"
     path.write_bytes(data)
     digest = "sha256:" + sha256(data).hexdigest()
-    cutter = UploadCutter(reg.host, cut=2)
+    cutter = RegistryFront(reg.host, cut=2)
     try:
         r = Registry(parse_reference(f"{cutter.host}/{REPO}:x"), plain_http=True)
         assert r.push_blob(str(path), digest) is True
@@ -328,9 +328,9 @@ def test_pull_of_an_image_without_artifacts(published, tmp_path) -> None:  # typ
 
 def test_publish_through_a_registry_that_wants_tokens(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Bearer tokens from the registry's token service for --user, on every push request."""
-    from daemons import UploadCutter
+    from daemons import RegistryFront
     reg, _ = published
-    front = UploadCutter(reg.host, cut=0, login=("alice", "s3cret"))
+    front = RegistryFront(reg.host, cut=0, login=("alice", "s3cret"))
     try:
         ref = f"docker://{front.host}/{REPO}:1"  # a delta from 3 (a downgrade): new in every order
         code, _, err = run_cli("-q", "publish", "--image", ref, "--plain-http", "--blob-cache", "none",

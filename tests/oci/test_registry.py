@@ -8,7 +8,7 @@ import random
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Registry, TokenProxy, have_containerd
+from daemons import Containerd, Registry, RegistryFront, have_containerd
 from helpers import ROOT, assert_one_line_error, need, run_cli
 from ocibuild import M, Layout, tar_dir
 
@@ -85,7 +85,7 @@ def test_registry_gives_the_same_image(app, registry, tmp_path) -> None:  # type
 def test_token_auth_and_resume(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
     layout, want = app
     registry.push(layout, "v1", "d4c/app")
-    proxy = TokenProxy(registry.host, "alice", "s3cret", drop_first_blob=True)
+    proxy = RegistryFront(registry.host, cut=0, cut_blob_get=True, login=("alice", "s3cret"))
     try:
         ref = f"docker://{proxy.host}/d4c/app:v1"
         out = str(tmp_path / "ok")
@@ -93,7 +93,7 @@ def test_token_auth_and_resume(app, registry, tmp_path) -> None:  # type: ignore
                                "--blob-cache", "none")
         assert code == 0, err
         assert converted_id(out) == want
-        assert proxy.dropped == 1 and proxy.ranges  # a blob was cut half-way and resumed with Range
+        assert proxy.blob_gets_cut == 1 and proxy.ranges  # a blob was cut half-way and resumed with Range
         # credentials from a docker config file (as `docker login` / `skopeo login` leave them)
         import base64
         import json

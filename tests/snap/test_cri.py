@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Registry as RegistryDaemon, UploadCutter, have_containerd, mounts_below
+from daemons import Containerd, Registry as RegistryDaemon, RegistryFront, have_containerd, mounts_below
 from helpers import binary, need, run_cli
 from ocibuild import Layout
 from test_snapshotter import BUSYBOX, busybox_versions, running
@@ -59,7 +59,7 @@ def published(tmp_path):  # type: ignore[no-untyped-def]
     lay.save()
     for tag in ("1", "2"):
         reg.push(lay.path, tag, REPO)
-    front = UploadCutter(reg.host, cut=0)
+    front = RegistryFront(reg.host, cut=0)
     try:
         yield reg, front
     finally:

@@ -200,8 +200,8 @@ def test_a_mirror_from_hosts_toml_is_asked(registry, tmp_path) -> None:  # type:
 def test_a_link_cut_mid_download_resumes(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The artifact's download drops half-way: it goes on with a Range request, and
     the bytes over the link stay about one artifact."""
-    from daemons import UploadCutter
-    front = UploadCutter(registry.host, cut=0, cut_blob_get=True)
+    from daemons import RegistryFront
+    front = RegistryFront(registry.host, cut=0, cut_blob_get=True)
     try:
         sn = Snapshotter(str(tmp_path / "root"), FakeFS(), RegistryImages(frozenset({front.host}), hosts_dir=None))
         lab = labels(registry, "1", "sha256:r")
@@ -245,8 +245,8 @@ def test_an_interrupted_fetch_leaves_no_snapshot_and_resumes(registry, tmp_path,
 def test_a_registry_that_stalls_on_referrers_falls_back_to_the_tag_schema(registry, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The referrers call gets no answer: within half the discovery budget di3fs takes
     the tag schema's index instead, and the layer still comes from the artifact."""
-    from daemons import UploadCutter
-    front = UploadCutter(registry.host, cut=0, stall="/referrers/")
+    from daemons import RegistryFront
+    front = RegistryFront(registry.host, cut=0, stall="/referrers/")
     try:
         sn = Snapshotter(str(tmp_path / "root"), FakeFS(),
                          RegistryImages(frozenset({front.host}), timeout=2.0, hosts_dir=None))
