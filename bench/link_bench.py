@@ -1,7 +1,9 @@
 """Thin-link benchmark (`make bench-link`): a device updates an image over a
-shaped link, with a full `ctr images pull` from a registry and with d4c
-(`ctr-cli pull` of the delta, which also loads it); we count the bytes on the
-link and the seconds until `ctr run` of the new image prints its first line.
+shaped link, with a full `ctr images pull` from a registry, with d4c
+(`ctr-cli pull` of the delta, which also loads it) and with containerd's own
+CRI pull (as kubelet asks for it) answered by di3fs from the d4c artifacts
+`ctr-cli publish` put in the registry; we count the bytes on the link and the
+seconds until `ctr run` of the new image prints its first line.
 
 Why a real link: the claim is about thin links, where round trips and loss
 matter as much as sizes, so nothing here is estimated from file sizes.
@@ -37,7 +39,10 @@ Setting (the issue's reproduction of the paper's):
   the first command to the first output line of `ctr run --rm IMAGE ID nginx -v`,
   (a) `ctr images pull --plain-http` (fetch + unpack) then `ctr run`, (b)
   `ctr-cli pull` (plan, download, check, load: one command, as a device runs
-  it) then `ctr run --snapshotter di3fs`.  Bytes are rx_bytes + tx_bytes of the
+  it) then `ctr run --snapshotter di3fs`, (c) a CRI `PullImage` over the
+  containerd socket (containerd with its CRI plugin, di3fs with
+  --plain-http-registry; the old version pulled the same way beforehand) then
+  `ctr -n k8s.io run --snapshotter di3fs`.  Bytes are rx_bytes + tx_bytes of the
   device's veth end (/sys/class/net/IF/statistics) over the same interval.
   Afterwards, unshaped and unmeasured, a second container checks that the image
   is the new one (sha256 of its /var/lib/dpkg/status against the new rootfs);
@@ -72,7 +77,7 @@ import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tests.daemons import (Containerd, Registry, Server, Snapshotterd, clean_below, mounts_below, stop_device,
                            terminate)
@@ -89,9 +94,11 @@ REPO = "bench/nginx"
 RUN_CMD = ["nginx", "-v"]  # prints "nginx version: nginx/1.22.1" (on stderr) in A, B and C
 # (a) as registries serve images (gzip layers), (a') the same with zstd -19 layers: the strongest full pull
 METHODS = {"full": "(a) ctr images pull, gzip", "full-zstd": "(a') ctr images pull, zstd -19",
-           "d4c": "(b) ctr-cli pull (+load)"}
+           "d4c": "(b) ctr-cli pull (+load)", "cri": "(c) CRI PullImage, di3fs + d4c artifacts"}
 REPOS = {"full": REPO, "full-zstd": REPO + "-zstd"}
 TARGET_LINK, TARGET_BYTES, TARGET_TIME = "50mbit", 10.0, 5.0
+# (c) against (b): containerd's own pull, with the deltas `publish` put in the registry, costs about what d4c's
+CRI_TARGET_BYTES, CRI_TARGET_TIME = 1.1, 1.3
 
 
 Row = dict[str, object]  # one run, or one (pair, link) summary
@@ -370,6 +377,7 @@ class ServerSide:
     layers: dict[tuple[str, str], tuple[int, str]]  # (method, image) -> layer bytes, media type served
     cdimgs: dict[str, str]  # image -> its full cdimg
     deltas: dict[str, str]  # new image -> delta cdimg from its predecessor
+    published: dict[str, int]  # new image -> size of the delta artifact `publish` put in the registry
 
 
 def binary(name: str) -> str:
@@ -420,11 +428,31 @@ def serve(topo: Topology, work: str, images: dict[str, str]) -> ServerSide:
             for _, new, _ in PAIRS:
                 ctr_cli("push", "-q", "--cdimg", deltas[new], "--imageTag", f"{REPO}:{new}", "--serverHost",
                         server.host)
+            published = publish(registry)
     except BaseException:  # the caller only stops what it got back
         server.stop()
         registry.stop()
         raise
-    return ServerSide(registry, server, layers, cdimgs, deltas)
+    return ServerSide(registry, server, layers, cdimgs, deltas, published)
+
+
+def publish(registry: Registry) -> dict[str, int]:
+    """`ctr-cli publish` beside the gzip images: the first one's cdimg, then each pair's
+    delta (and the new image's cdimg); returns each new image's delta artifact size."""
+    from d4c.digests import sha256
+    from d4c.oci import artifacts
+    from d4c.oci.registry import Registry as Client, parse_reference
+    ctr_cli("publish", "-q", "--plain-http", "--blob-cache", "none", "--image",
+            f"docker://{registry.host}/{REPO}:{PAIRS[0][0]}")
+    sizes = {}
+    for old, new, _ in PAIRS:
+        ctr_cli("publish", "-q", "--plain-http", "--blob-cache", "none", "--image",
+                f"docker://{registry.host}/{REPO}:{new}", "--from", old)
+        client = Client(parse_reference(f"{registry.host}/{REPO}:{new}"), plain_http=True)
+        _, manifest = client.manifest(new)
+        found = artifacts.find_artifacts(client, "sha256:" + sha256(manifest).hexdigest())
+        sizes[new] = min(a.size for a in found if a.is_delta)
+    return sizes
 
 
 def layer_info(registry: Registry, repo: str, tag: str) -> tuple[int, str]:
@@ -440,12 +468,14 @@ def layer_info(registry: Registry, repo: str, tag: str) -> tuple[int, str]:
 # --- the device -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def device(topo: Topology, base: str) -> Iterator[tuple[Containerd, Snapshotterd]]:
-    """A fresh containerd root with the di3fs snapshotter in the device namespace; afterwards
-    no container, daemon, FUSE server or mount of it is left."""
+def device(topo: Topology, base: str, registry: str | None = None) -> Iterator[tuple[Containerd, Snapshotterd]]:
+    """A fresh containerd root with the di3fs snapshotter in the device namespace (with
+    `registry`, containerd's CRI plugin pulls from it and di3fs fetches artifacts there);
+    afterwards no container, daemon, FUSE server or mount of it is left."""
     os.makedirs(os.path.join(base, "run"))
-    snap = Snapshotterd(base, binary("snapshotter"))
-    ctrd = Containerd(base, snap.socket)
+    remote = ("--plain-http-registry", registry) if registry else ()
+    snap = Snapshotterd(base, binary("snapshotter"), remote)
+    ctrd = Containerd(base, snap.socket, (registry,) if registry else ())
     try:
         with inside(topo.cli):
             snap.start()
@@ -492,9 +522,17 @@ def first_line(cmd: list[str], timeout: float = 300) -> tuple[str, float]:
 def measure(topo: Topology, side: ServerSide, old: str, new: str, link: Link, method: str,
             work: str, expect_status: str) -> Row:
     """One run on a fresh device holding `old`: update to `new` over `link` with `method`."""
-    with tempfile.TemporaryDirectory(prefix="dev-", dir=work) as base, device(topo, base) as (ctrd, snap):
+    registry = f"{SRV_IP}:{side.registry.port}" if method == "cri" else None
+    with tempfile.TemporaryDirectory(prefix="dev-", dir=work) as base, device(topo, base, registry) as (ctrd, snap):
         cid = f"link-{uuid.uuid4().hex[:10]}"
-        if method in REPOS:
+        pull: list[str] | str  # a command, or the reference a CRI PullImage asks for
+        if method == "cri":
+            cri_pull(ctrd, registry_ref(side, "full", old))
+            image = registry_ref(side, "full", new)
+            pull = image
+            run_cmd = ctrd.ctr_args("run", "--rm", "--snapshotter", "di3fs", image, cid, *RUN_CMD)
+            payload = side.published[new]
+        elif method in REPOS:
             check(ctrd.ctr_args("images", "pull", "--plain-http", registry_ref(side, method, old)))
             image = registry_ref(side, method, new)
             pull = ctrd.ctr_args("images", "pull", "--plain-http", image)
@@ -510,7 +548,10 @@ def measure(topo: Topology, side: ServerSide, old: str, new: str, link: Link, me
         try:
             before = topo.wire_bytes()
             start = time.monotonic()
-            check(pull)
+            if isinstance(pull, str):
+                cri_pull(ctrd, pull)
+            else:
+                check(pull)
             pulled = time.monotonic()
             line, shown = first_line(run_cmd)
             wire = topo.wire_bytes() - before
@@ -518,13 +559,30 @@ def measure(topo: Topology, side: ServerSide, old: str, new: str, link: Link, me
             topo.unshape()
         if not line.startswith("nginx version:"):
             raise RuntimeError(f"unexpected first line of {new}: {line!r}")
-        snapshotter = ["--snapshotter", "di3fs"] if method == "d4c" else []
+        snapshotter = ["--snapshotter", "di3fs"] if method in ("d4c", "cri") else []
         status, _ = first_line(ctrd.ctr_args("run", "--rm", *snapshotter, image, cid + "-v", "sha256sum",
                                        "/var/lib/dpkg/status"))
         if status.split()[0] != expect_status:
             raise RuntimeError(f"{method}: the container does not run {new} (dpkg status {status})")
     return {"method": method, "wire_bytes": wire, "payload_bytes": payload, "pull_s": pulled - start,
             "first_line_s": shown - start, "first_line": line}
+
+
+def cri_pull(ctrd: Containerd, ref: str) -> None:
+    """PullImage through containerd's CRI image service, as kubelet asks for an image
+    (the stubs the tests generated from cri-api's runtime.v1)."""
+    cri = os.path.join(ROOT, "tests", "cri")
+    if cri not in sys.path:
+        sys.path.insert(0, cri)
+    import grpc
+    import cri_images_pb2 as pb
+    import cri_images_pb2_grpc
+    with grpc.insecure_channel(f"unix://{ctrd.socket}") as channel:
+        try:
+            cri_images_pb2_grpc.ImageServiceStub(channel).PullImage(
+                pb.PullImageRequest(image=pb.ImageSpec(image=ref)), timeout=1800)
+        except grpc.RpcError as exc:
+            raise RuntimeError(f"CRI PullImage {ref}: {exc.details()}") from None
 
 
 def dpkg_status_digest(name: str) -> str:
@@ -550,7 +608,7 @@ def summarize(runs: list[Row]) -> list[Row]:
             row[f"{method}_runs"] = len(rs)
             row[f"{method}_first_line_min"] = min(num(r, "first_line_s") for r in rs)
             row[f"{method}_first_line_max"] = max(num(r, "first_line_s") for r in rs)
-        for method in REPOS:
+        for method in (*REPOS, "cri"):
             if f"{method}_wire_bytes" in row and "d4c_wire_bytes" in row:
                 row[f"{method}_bytes_ratio"] = num(row, f"{method}_wire_bytes") / num(row, "d4c_wire_bytes")
                 row[f"{method}_time_ratio"] = num(row, f"{method}_first_line_s") / num(row, "d4c_first_line_s")
@@ -564,25 +622,29 @@ def num(row: Row, key: str) -> float:
 
 def render(rows: list[Row], setup: dict[str, object]) -> str:
     reps: dict[str, int] = setup["reps"]  # type: ignore[assignment]
-    lines = ["# Thin-link benchmark: full `ctr images pull` vs d4c `ctr-cli pull`", "",
+    lines = ["# Thin-link benchmark: full `ctr images pull` vs d4c `ctr-cli pull` and containerd's CRI pull of d4c "
+             "artifacts", "",
              "A device updates an image over a shaped link. Client (containerd 1.6, di3fs snapshotter, ctr, "
              "ctr-cli) and server (docker-registry, d4c `server`) in two network namespaces joined by a veth pair; "
              f"both directions shaped ({setup['shaper']}). RTT is round trip (half of the delay each way); loss "
              f"is per direction. TCP congestion control: {setup['tcp_congestion_control']}; bbr keeps a lossy link "
-             "full where reno and cubic back off. Each run starts a fresh containerd root that already holds the old image "
-             "((a): pulled from the registry, (b): its cdimg loaded), then the link is shaped. Time: from the "
+             "full where reno and cubic back off. Each run starts a fresh containerd root that already holds the old "
+             "image ((a): pulled from the registry, (b): its cdimg loaded, (c): pulled through CRI), then the link "
+             "is shaped. Time: from the "
              "first pull command to the first output line of `ctr run --rm IMAGE ID nginx -v`; bytes: rx + tx "
              "of the client's veth end over that interval (/sys/class/net/IF/statistics). "
              "Runs per cell: " + ", ".join(f"{LINKS[k].label}: {v}" for k, v in reps.items())
              + " (median; first line: min-max in brackets). `make bench-link` (bench/link_bench.py).", "",
-             "| pair | link | method | fetched | bytes on the wire | pull done | first line | bytes / d4c | time / d4c |",
+             "| pair | link | method | fetched | bytes on the wire | pull done | first line | bytes / d4c "
+             "| time / d4c |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         for method, label in METHODS.items():
             if f"{method}_wire_bytes" not in r:
                 continue
-            rb = f"{num(r, method + '_bytes_ratio'):,.0f}x" if method in REPOS and method + "_bytes_ratio" in r else ""
-            rt = f"{num(r, method + '_time_ratio'):.1f}x" if method in REPOS and method + "_time_ratio" in r else ""
+            close = method == "cri"  # near 1: two decimals
+            rb = f"{num(r, method + '_bytes_ratio'):,.{2 if close else 0}f}x" if method + "_bytes_ratio" in r else ""
+            rt = f"{num(r, method + '_time_ratio'):.{2 if close else 1}f}x" if method + "_time_ratio" in r else ""
             spread = (f" ({num(r, method + '_first_line_min'):.2f}-{num(r, method + '_first_line_max'):.2f})"
                       if num(r, method + "_runs") > 1 else "")
             lines.append(f"| {r['pair']} | {LINKS[str(r['link'])].label} | {label} | "
@@ -590,21 +652,35 @@ def render(rows: list[Row], setup: dict[str, object]) -> str:
                          f"{num(r, method + '_pull_s'):.2f} s | {num(r, method + '_first_line_s'):.2f} s{spread} | "
                          f"{rb} | {rt} |")
     lines += ["", "fetched: the layer the registry serves ((a) gzip, as `skopeo copy` pushes it; (a') zstd -19) or "
-              "the d4c delta. pull done: `ctr images pull` returned (fetch + unpack) / `ctr-cli pull` returned "
-              "(plan, download, check, load). The images are single-layer (bench/image_bench.py), so a full pull "
-              "shares nothing with the old version the device holds.", ""]
-    for method in REPOS:
-        target = [r for r in rows if r["link"] == TARGET_LINK and method + "_bytes_ratio" in r]
-        if not target:
-            continue
-        ok = all(num(r, method + "_bytes_ratio") >= TARGET_BYTES and num(r, method + "_time_ratio") >= TARGET_TIME
-                 for r in target)
-        lines.append(f"- Target on the {LINKS[TARGET_LINK].label} link, against {METHODS[method]}: d4c >= "
-                     f"{TARGET_BYTES:.0f}x fewer bytes and >= {TARGET_TIME:.0f}x faster to a running container: "
-                     f"**{'met' if ok else 'not met'}** (" +
-                     "; ".join(f"{r['pair']}: {num(r, method + '_bytes_ratio'):,.0f}x bytes, "
-                               f"{num(r, method + '_time_ratio'):.1f}x time" for r in target) + ").")
+              "the d4c delta ((b) from the d4c server, (c) the delta artifact `ctr-cli publish` put in the registry "
+              "beside the gzip image). pull done: `ctr images pull` returned (fetch + unpack) / `ctr-cli pull` "
+              "returned (plan, download, check, load) / CRI `PullImage` returned (containerd resolves the "
+              "manifest; di3fs, asked to prepare the first layer, finds the artifacts by the referrers tag "
+              "schema, fetches the delta, checks and mounts it; no layer is fetched). (c)'s device holds the old "
+              "version pulled the same way (its full cdimg artifact), and `ctr -n k8s.io run --snapshotter "
+              "di3fs` runs it. The images are single-layer (bench/image_bench.py), so a full pull "
+              "shares nothing with the old version the device holds. bytes / d4c and time / d4c: each method "
+              "over (b).", ""]
+    for method in REPOS:  # a full pull against d4c: at least so many times the bytes and the time
+        lines += target_line(rows, method, f"against {METHODS[method]}: d4c >= {TARGET_BYTES:.0f}x fewer bytes "
+                             f"and >= {TARGET_TIME:.0f}x faster to a running container",
+                             lambda b, t: b >= TARGET_BYTES and t >= TARGET_TIME, "{:,.0f}x", "{:.1f}x")
+    lines += target_line(rows, "cri", f"{METHODS['cri']} against {METHODS['d4c']}: bytes <= {CRI_TARGET_BYTES}x "
+                         f"and time to the first line <= {CRI_TARGET_TIME}x",
+                         lambda b, t: b <= CRI_TARGET_BYTES and t <= CRI_TARGET_TIME, "{:.2f}x", "{:.2f}x")
     return "\n".join(lines) + "\n"
+
+
+def target_line(rows: list[Row], method: str, claim: str, holds: Callable[[float, float], bool],
+                bytes_fmt: str, time_fmt: str) -> list[str]:
+    """'- Target on the link, <claim>: met|not met (<pair>: <bytes ratio> bytes, <time ratio> time; ...)'."""
+    target = [r for r in rows if r["link"] == TARGET_LINK and method + "_bytes_ratio" in r]
+    if not target:
+        return []
+    ok = all(holds(num(r, method + "_bytes_ratio"), num(r, method + "_time_ratio")) for r in target)
+    return [f"- Target on the {LINKS[TARGET_LINK].label} link, {claim}: **{'met' if ok else 'not met'}** ("
+            + "; ".join(f"{r['pair']}: {bytes_fmt.format(num(r, method + '_bytes_ratio'))} bytes, "
+                        f"{time_fmt.format(num(r, method + '_time_ratio'))} time" for r in target) + ")."]
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -614,7 +690,7 @@ def plot(rows: list[Row], path: str) -> None:
     if plt is None:
         return
     methods = [m for m in METHODS if any(f"{m}_wire_bytes" in r for r in rows)]
-    colors = {"full": "#888", "full-zstd": "#bbb", "d4c": "#2a7"}
+    colors = {"full": "#888", "full-zstd": "#bbb", "d4c": "#2a7", "cri": "#27a"}
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / len(methods)
     for ax, key, unit, scale in ((axes[0], "wire_bytes", "MB on the wire", 1e6),
@@ -657,6 +733,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.link_bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--links", default=",".join(LINKS), help="comma-separated, of: " + ", ".join(LINKS))
     p.add_argument("--pairs", default=",".join(o + n for o, n, _ in PAIRS), help="e.g. AB,BC")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, of: " + ", ".join(METHODS))
     p.add_argument("--reps", type=int, help="runs per cell, median reported (default: "
                    + ", ".join(f"{k} {v.reps}" for k, v in LINKS.items()) + ")")
     p.add_argument("--tcp-cc", metavar="NAME", help="TCP congestion control in both namespaces (default: the "
@@ -666,7 +743,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_cells(topo: Topology, side: ServerSide, pairs: list[tuple[str, str, str]], links: list[str],
-              reps: int | None, work: str) -> list[Row]:
+              reps: int | None, methods: list[str], work: str) -> list[Row]:
     """Every (pair, link, repetition, method) run, methods side by side within a cell."""
     expect = {new: dpkg_status_digest(new) for _, new, _ in pairs}
     runs = []
@@ -674,7 +751,7 @@ def run_cells(topo: Topology, side: ServerSide, pairs: list[tuple[str, str, str]
         for link_key in links:
             n = reps or LINKS[link_key].reps
             for rep in range(n):
-                for method in METHODS:
+                for method in methods:
                     log(f"{old} -> {new} over {link_key}, {method} (run {rep + 1}/{n})")
                     r = measure(topo, side, old, new, LINKS[link_key], method, work, expect[new])
                     r.update(pair=pair_label, link=link_key, rep=rep)
@@ -714,8 +791,10 @@ def main(argv: list[str] | None = None) -> int:
     preflight()
     links = args.links.split(",")
     pairs = [p for p in PAIRS if p[0] + p[1] in args.pairs.split(",")]
-    if not pairs or not set(links) <= set(LINKS):
-        raise SystemExit(f"link bench: --pairs of {[o + n for o, n, _ in PAIRS]}, --links of {list(LINKS)}")
+    methods = args.methods.split(",")
+    if not pairs or not set(links) <= set(LINKS) or not set(methods) <= set(METHODS):
+        raise SystemExit(f"link bench: --pairs of {[o + n for o, n, _ in PAIRS]}, --links of {list(LINKS)}, "
+                         f"--methods of {list(METHODS)}")
     # teardown in `finally` on SIGTERM, and on Ctrl-C even when started in the background (SIGINT ignored)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -741,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
         log("server side: convert, diff, registry (gzip and zstd -19 layers), server (not measured)")
         side = serve(topo, work, images)
         setup["registry_layers"] = {f"{m}:{n}": v for (m, n), v in side.layers.items()}
-        runs = run_cells(topo, side, pairs, links, args.reps, work)
+        runs = run_cells(topo, side, pairs, links, args.reps, methods, work)
     # a step, or a daemon of tests.daemons, failed: one line, after the teardown
     except (RuntimeError, AssertionError, subprocess.SubprocessError) as exc:
         raise SystemExit(f"link bench: {exc}") from None

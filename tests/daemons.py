@@ -517,7 +517,7 @@ class CuttingProxy:
     """A TCP proxy on 127.0.0.1 in front of `upstream`, for link faults: it cuts
     each connection (closes it, mid-answer) once it has passed `cut_every` bytes
     to the client (None: never), resets every new connection while `down`, and
-    counts what it passed.  `on_cut` runs after each cut; `on_request(first_line)` before a
+    counts what it passed and the connections.  `on_cut` runs after each cut; `on_request(first_line)` before a
     request is forwarded."""
 
     def __init__(self, upstream: str, cut_every: int | None = None) -> None:
@@ -529,6 +529,8 @@ class CuttingProxy:
         self.sent = 0
         self.cuts = 0
         self.requests: list[bytes] = []
+        self.connections = 0  # accepted from clients
+        self._open: list = []  # type: ignore[type-arg]  # client sockets being served
         self.on_cut: Callable[[], None] | None = None
         self.on_request: Callable[[bytes], None] | None = None
         self._lock = threading.Lock()
@@ -554,7 +556,19 @@ class CuttingProxy:
             if self.down:
                 self._reset(client)
                 continue
+            with self._lock:
+                self.connections += 1
+                self._open.append(client)
             threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def close_connections(self) -> None:
+        """Close every open client connection cleanly (FIN), as a server ends idle keep-alive ones."""
+        import socket
+        with self._lock:
+            clients, self._open = self._open, []
+        for c in clients:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
 
     def _pipe(self, client) -> None:  # type: ignore[no-untyped-def]
         import socket

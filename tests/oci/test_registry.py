@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import pytest
 
 from conftest import IS_ROOT
-from daemons import Containerd, Registry, RegistryFront, have_containerd
+from daemons import Containerd, CuttingProxy, Registry, RegistryFront, have_containerd
 from helpers import ROOT, assert_one_line_error, need, run_cli
 from ocibuild import M, Layout, tar_dir
 
@@ -119,6 +120,51 @@ def test_token_auth_and_resume(app, registry, tmp_path) -> None:  # type: ignore
         assert not os.path.exists(out)
     finally:
         proxy.stop()
+
+
+def test_one_connection_for_a_pull_and_a_new_one_after_a_close(app, registry) -> None:  # type: ignore[no-untyped-def]
+    """GETs and HEADs share one kept-alive connection (a round trip less each on a
+    thin link); a connection the server closed while idle is replaced, not an error."""
+    import json
+    from d4c.oci.registry import NotFound, Registry as Client, parse_reference
+    layout, _ = app
+    registry.push(layout, "v1", "d4c/keep")
+    proxy = CuttingProxy(registry.host)
+    try:
+        client = Client(parse_reference(f"{proxy.host}/d4c/keep:v1"), plain_http=True, retries=0)
+        _, index = client.manifest("v1")
+        digest = json.loads(index)["manifests"][0]["digest"]
+        _, manifest = client.manifest(digest)
+        config = client.blob(json.loads(manifest)["config"]["digest"])
+        assert json.loads(config)["architecture"] in ("amd64", "arm64")
+        with pytest.raises(NotFound):
+            client.manifest("no-such-tag")  # an error answer read to its end keeps the connection too
+        assert client.has_manifest("v1")
+        assert proxy.connections == 1, proxy.connections
+        proxy.close_connections()
+        time.sleep(0.2)
+        assert client.manifest("v1")[1] == index  # retried on a new connection, with retries=0
+        assert proxy.connections == 2
+        client.close()
+    finally:
+        proxy.stop()
+
+
+def test_token_login_needs_no_retries(app, registry) -> None:  # type: ignore[no-untyped-def]
+    """Answering a 401 with a token is not a retry: the snapshotter's discovery
+    (retries=0) works against a registry with token auth."""
+    from d4c.oci.registry import Registry as Client, parse_reference
+    layout, _ = app
+    registry.push(layout, "v1", "d4c/app")
+    front = RegistryFront(registry.host, cut=0, login=("alice", "s3cret"))
+    try:
+        client = Client(parse_reference(f"{front.host}/d4c/app:v1"), plain_http=True, retries=0,
+                        credentials=("alice", "s3cret"))
+        media, _ = client.manifest("v1")
+        assert media == "application/vnd.oci.image.index.v1+json"
+        assert front.refused == 1  # the first request, before the login
+    finally:
+        front.stop()
 
 
 def test_registry_bad_cases(app, registry, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -19,8 +19,10 @@ import os
 import re
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
+import weakref
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Callable
 
@@ -118,6 +120,11 @@ class Registry:
         self.cache_dir = cache_dir
         self.timeout = timeout
         self._auth: str | None = None
+        # one kept-alive connection for GET and HEAD: on a thin link each new one costs a round trip
+        self._idle: tuple[str, str, http.client.HTTPConnection] | None = None
+        self._idle_lock = threading.Lock()
+        self._origin: weakref.WeakKeyDictionary[http.client.HTTPConnection, tuple[str, str]] = \
+            weakref.WeakKeyDictionary()  # (host, scheme) each open connection was made for
 
     # -- HTTP ----------------------------------------------------------
     def _connection(self, host: str, scheme: str) -> http.client.HTTPConnection:
@@ -128,6 +135,35 @@ class Registry:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
         return http.client.HTTPSConnection(host, timeout=self.timeout, context=ctx)
+
+    def _take_idle(self, host: str, scheme: str) -> http.client.HTTPConnection | None:
+        with self._idle_lock:
+            idle, self._idle = self._idle, None
+        if idle is None:
+            return None
+        if idle[:2] == (host, scheme):
+            return idle[2]
+        idle[2].close()
+        return None
+
+    def _done(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        """Keep `conn` for the next GET or HEAD when its answer was read to the end
+        and the server keeps it open; close it otherwise."""
+        origin = self._origin.get(conn)
+        if origin is None or not resp.isclosed() or resp.will_close or conn.sock is None:
+            conn.close()
+            return
+        with self._idle_lock:
+            previous, self._idle = self._idle, (*origin, conn)
+        if previous is not None:
+            previous[2].close()
+
+    def close(self) -> None:
+        """Close the kept-alive connection (a Registry is usable again afterwards)."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, None
+        if idle is not None:
+            idle[2].close()
 
     def _request(self, path: str, headers: dict[str, str], *, what: str, ok: tuple[int, ...] = (200,),
                  method: str = "GET", body: Callable[[], Any] | None = None,
@@ -142,8 +178,15 @@ class Registry:
         url = urllib.parse.urlsplit(path)
         host, scheme = url.netloc or self.ref.host, url.scheme or self.scheme
         target = urllib.parse.urlunsplit(("", "", url.path, url.query, ""))
-        for attempt in range(retries + 1):
-            conn = self._connection(host, scheme)
+        attempt, logins = -1, 0
+        while attempt < retries:
+            attempt += 1
+            reused = self._take_idle(host, scheme) if method in ("GET", "HEAD") else None
+            conn = reused or self._connection(host, scheme)
+            if reused is not None and reused.sock is not None:
+                reused.timeout = self.timeout  # the caller may have changed it since the connection was made
+                reused.sock.settimeout(self.timeout)
+            self._origin[conn] = (host, scheme)
             hdrs = dict(headers)
             if self._auth:
                 hdrs["Authorization"] = self._auth
@@ -152,23 +195,28 @@ class Registry:
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
+                if reused is not None:  # the server closed the idle connection: not a failure of this one
+                    attempt -= 1
+                    continue
                 if attempt >= retries or isinstance(exc, socket.gaierror):  # a name that does not resolve
                     raise Unavailable(f"{self.ref.host}: cannot reach the registry ({what}): {exc}") from None
                 time.sleep(delay)
                 delay *= 2
                 continue
-            if resp.status == 401 and attempt < max(retries, 1):
+            if resp.status == 401 and logins < 2:  # a login is not a retry: it works with retries=0 too
+                logins += 1
                 challenge = resp.getheader("WWW-Authenticate", "")
-                resp.read()
-                conn.close()
+                resp.read(MAX_ANSWER)
+                self._done(conn, resp)
                 if not self._authenticate(challenge, what):
                     raise AuthFailed(f"{self.ref.host}: {what}: authentication required "
                                      "(give --user USER:PASSWORD or log in with docker/skopeo)")
+                attempt -= 1
                 continue
             if resp.status in ok:
                 return conn, resp
-            body = resp.read(4096)
-            conn.close()
+            answer = resp.read(4096)
+            self._done(conn, resp)
             if resp.status in (429, 500, 502, 503, 504) and attempt < retries:
                 time.sleep(delay)
                 delay *= 2
@@ -177,7 +225,7 @@ class Registry:
                 raise NotFound(f"{self.ref}: {what} not found in the registry")
             if resp.status in (401, 403):
                 raise AuthFailed(f"{self.ref.host}: {what}: access denied ({resp.status})")
-            raise BadInput(f"{self.ref.host}: {what}: HTTP {resp.status} {_message(body)}")
+            raise BadInput(f"{self.ref.host}: {what}: HTTP {resp.status} {_message(answer)}")
         raise Unavailable(f"{self.ref.host}: {what}: giving up after {retries} retries")
 
     def _authenticate(self, challenge: str, what: str) -> bool:
@@ -235,7 +283,7 @@ class Registry:
         try:
             data = resp.read(limit + 1)
         finally:
-            conn.close()
+            self._done(conn, resp)
         if len(data) > limit:
             raise BadInput(f"{self.ref}: manifest {ref} is too large")
         media = (resp.getheader("Content-Type") or "").split(";")[0].strip()
@@ -295,7 +343,7 @@ class Registry:
         try:
             return resp, resp.read(MAX_ANSWER)
         finally:
-            conn.close()
+            self._done(conn, resp)
 
     def has_blob(self, digest: str) -> bool:
         resp, _ = self._call("HEAD", f"/v2/{self.ref.repository}/blobs/{digest}", what=f"blob {digest}",
@@ -477,7 +525,8 @@ class _Download:
 
     def close(self) -> None:
         if self.conn is not None:
-            self.conn.close()
+            assert self.resp is not None
+            self.registry._done(self.conn, self.resp)  # kept only when read to the end
             self.conn = None
 
     def __enter__(self) -> "_Download":

@@ -98,9 +98,11 @@ class RegistryImages:
                 found = artifacts.find_artifacts(registry, manifest, referrers_timeout=self.timeout / 2)
             except D4CError as exc:
                 failure = exc
+                registry.close()
                 continue
             if found:
                 return registry, found
+            registry.close()
         if failure is not None:
             raise failure
         return None, []
@@ -137,8 +139,11 @@ class RegistryImages:
         host, plain, insecure = endpoints(ref.host, self.hosts_dir, self.plain_http)[0]
         registry = Registry(Reference(host, ref.repository, ref.reference), plain_http=plain, insecure=insecure,
                             timeout=self.timeout, retries=0)
-        _, data = registry.manifest(manifest)
-        return json.loads(registry.blob(json.loads(data)["config"]["digest"]))
+        try:
+            _, data = registry.manifest(manifest)
+            return json.loads(registry.blob(json.loads(data)["config"]["digest"]))
+        finally:
+            registry.close()
 
     def fetch(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
         """The id (hex) of the image now at `dest_of(id)`: the cheapest d4c
@@ -151,6 +156,7 @@ class RegistryImages:
                 hexid = self._from_server(image_ref, manifest, held, dest_of)
                 if hexid:
                     return hexid
+            registry: Registry | None = None
             try:
                 registry, found = self._discover(image_ref, manifest)
                 have = next((a for a in found if a.image_id.split(":", 1)[-1] in held), None)
@@ -179,3 +185,6 @@ class RegistryImages:
                 log.warning("%s: no d4c artifact used (%s): containerd pulls the layers", image_ref,
                             os.strerror(exc.errno) if exc.errno else exc)
                 return None
+            finally:
+                if registry is not None:
+                    registry.close()
