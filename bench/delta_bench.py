@@ -5,6 +5,11 @@ bench/cache, extract with `dpkg-deb -x`, and take every regular file present in
 both whose content changed (deduplicated by content).  One large pair (the
 packages' data tars, > 8 MB) measures threads.
 
+Compressed files (issue [4/6]): the corpus' `.gz` files, the jars of a Java
+library with two versions in the Debian archive (paired by name without the
+version), and two versions of a Python wheel from PyPI (`pip download`), each
+row measured with every tool; their total has its own target.
+
 Tools, all in this run: d4c (default, fast), bsdiff4 and detools (hdiffpatch)
 from PyPI, `xdelta3 -9` and `zstd -19 --long --patch-from` from Debian.  Every
 patched output is compared byte for byte with the new file.  Results:
@@ -16,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +42,11 @@ PAIRS = [
     ("git", "1:2.39.5-0+deb12u2", "1:2.39.5-0+deb12u3"),
     ("libsystemd-shared", "252.38-1~deb12u1", "252.39-1~deb12u2"),
 ]
+# jars: every jar of the package that changed, at least MIN_JAR bytes (the i18n jars below it are alike)
+JARS = [("libtomcat10-java", "10.1.55-1~deb12u1", "10.1.60-1~deb12u1")]
+MIN_JAR = 100 << 10
+WHEELS = [("setuptools", "75.1.0", "75.2.0")]  # a whole .whl, as pip downloads it
+COMPRESSED_TARGET = 0.35  # d4c / best peer on the compressed rows' total
 PY_TOOLS = ["d4c", "d4c-fast", "bsdiff4", "detools"]
 NATIVE_TOOLS = ["xdelta3", "zstd"]
 PEERS = ["bsdiff4", "detools", "xdelta3", "zstd"]
@@ -87,6 +98,15 @@ def fetch(package: str, version: str) -> str:
     return tree
 
 
+def fetch_versions(package: str, v_old: str, v_new: str, notes: list[str]) -> tuple[str, str] | None:
+    """Both trees, or None with a note when the archive no longer has one."""
+    try:
+        return fetch(package, v_old), fetch(package, v_new)
+    except (subprocess.CalledProcessError, StopIteration) as exc:
+        notes.append(f"- {package} {v_old} -> {v_new}: not available ({exc}); skipped")
+        return None
+
+
 def changed_files(package: str, old_tree: str, new_tree: str) -> list[FilePair]:
     pairs, seen = [], set()
     for dirpath, _, files in os.walk(new_tree):
@@ -105,6 +125,58 @@ def changed_files(package: str, old_tree: str, new_tree: str) -> list[FilePair]:
             seen.add(key)
             pairs.append(FilePair(f"{package}:/{rel}", old, new, len(a), len(b)))
     return pairs
+
+
+def changed_jars(package: str, old_tree: str, new_tree: str) -> list[FilePair]:
+    """Jars of both versions, paired by name with the version taken out."""
+    def by_name(tree: str) -> dict[str, str]:
+        out = {}
+        for dirpath, _, files in os.walk(tree):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                if name.endswith(".jar") and not os.path.islink(path):
+                    out[re.sub(r"-\d[\w.~+]*\.jar$", ".jar", os.path.relpath(path, tree))] = path
+        return out
+    old, new = by_name(old_tree), by_name(new_tree)
+    pairs = []
+    for key in sorted(set(old) & set(new)):
+        a, b = os.path.getsize(old[key]), os.path.getsize(new[key])
+        if b >= MIN_JAR and open(old[key], "rb").read() != open(new[key], "rb").read():
+            pairs.append(FilePair(f"{package}:/{key}", old[key], new[key], a, b))
+    return pairs
+
+
+def fetch_wheel(project: str, version: str) -> str:
+    """The wheel file of one release from PyPI (cached)."""
+    folder = os.path.join(CACHE, "wheels")
+    os.makedirs(folder, exist_ok=True)
+    prefix = f"{project.replace('-', '_')}-{version}-"
+    found = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".whl")]
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                        "-d", folder, f"{project}=={version}"], check=True)
+        found = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".whl")]
+    return os.path.join(folder, found[0])
+
+
+def compressed_corpus(notes: list[str]) -> list[FilePair]:
+    pairs = []
+    for package, v_old, v_new in JARS:
+        trees = fetch_versions(package, v_old, v_new, notes)
+        if trees:
+            pairs += changed_jars(package, *trees)
+    for project, v_old, v_new in WHEELS:
+        try:
+            a, b = fetch_wheel(project, v_old), fetch_wheel(project, v_new)
+        except (subprocess.CalledProcessError, IndexError) as exc:
+            notes.append(f"- {project} {v_old} -> {v_new}: not on PyPI here ({exc}); skipped")
+            continue
+        pairs.append(FilePair(f"{project}:{v_old}->{v_new} .whl", a, b, os.path.getsize(a), os.path.getsize(b)))
+    return pairs
+
+
+def is_compressed_row(p: FilePair) -> bool:
+    return p.name.endswith((".gz", ".jar", ".whl", ".xz", ".zip"))
 
 
 def run_tool(tool: str, op: str, a: str, b: str, out: str, threads: int = 1) -> tuple[float, int]:
@@ -148,19 +220,21 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
 
-def load_results(path: str) -> tuple[list[FilePair], list[FilePair]]:
-    """Rebuild the pairs from delta.json (to re-render tables without re-measuring)."""
+def load_results(path: str) -> tuple[list[FilePair], list[FilePair], list[FilePair]]:
+    """Rebuild the pairs from delta.json (to re-render tables without re-measuring):
+    (corpus, large, compressed-only rows)."""
     with open(path) as f:
         doc = json.load(f)
-    pairs = [FilePair(d["name"], "", "", d["old"], d["new"],
-                      {t: Result(**r) for t, r in d["results"].items()}) for d in doc]
-    return [p for p in pairs if "data.tar" not in p.name], [p for p in pairs if "data.tar" in p.name]
+    pairs = [(FilePair(d["name"], "", "", d["old"], d["new"], {t: Result(**r) for t, r in d["results"].items()}),
+              d.get("group", "corpus")) for d in doc]
+    return ([p for p, g in pairs if g == "corpus" and "data.tar" not in p.name],
+            [p for p, g in pairs if "data.tar" in p.name], [p for p, g in pairs if g == "compressed"])
 
 
 def main() -> int:
     if "--render-only" in sys.argv:
-        corpus, large = load_results(os.path.join(RESULTS, "delta.json"))
-        report = render(corpus, large, [])
+        corpus, large, extra = load_results(os.path.join(RESULTS, "delta.json"))
+        report = render(corpus, large, [], extra)
         with open(os.path.join(RESULTS, "delta.md"), "w") as f:
             f.write(report)
         plot(corpus, os.path.join(RESULTS, "delta.png"))
@@ -174,55 +248,43 @@ def main() -> int:
     big: list[FilePair] = []
     notes = []
     for package, v_old, v_new in PAIRS:
-        try:
-            a, b = fetch(package, v_old), fetch(package, v_new)
-        except (subprocess.CalledProcessError, StopIteration) as exc:
-            notes.append(f"- {package} {v_old} -> {v_new}: not available ({exc}); skipped")
+        trees = fetch_versions(package, v_old, v_new, notes)
+        if not trees:
             continue
+        a, b = trees
         corpus += changed_files(package, a, b)
         big.append(FilePair(f"{package} data.tar", a + ".tar", b + ".tar",
                             os.path.getsize(a + ".tar"), os.path.getsize(b + ".tar")))
+    extra = compressed_corpus(notes)
     tools = ["d4c", "d4c-fast"] + PEERS
     with tempfile.TemporaryDirectory(prefix="d4c-dbench-") as work:
-        for i, pair in enumerate(corpus):
-            print(f"[{i + 1}/{len(corpus)}] {pair.name} ({fmt_bytes(pair.new_size)})", file=sys.stderr)
+        for i, pair in enumerate(corpus + extra):
+            print(f"[{i + 1}/{len(corpus) + len(extra)}] {pair.name} ({fmt_bytes(pair.new_size)})", file=sys.stderr)
             measure(pair, tools, work)
         large = [p for p in big if p.new_size > 8 << 20]
         for pair in large:
             print(f"[large] {pair.name} ({fmt_bytes(pair.new_size)})", file=sys.stderr)
             measure(pair, ["d4c", "detools", "bsdiff4"], work, repeat=3)
             measure(pair, ["d4c"], work, threads=2, repeat=3)
-    report = render(corpus, large, notes)
+    report = render(corpus, large, notes, extra)
     with open(os.path.join(RESULTS, "delta.md"), "w") as f:
         f.write(report)
     with open(os.path.join(RESULTS, "delta.json"), "w") as f:
-        json.dump([{"name": p.name, "old": p.old_size, "new": p.new_size,
-                    "results": {t: vars(r) for t, r in p.results.items()}} for p in corpus + large], f, indent=1)
+        json.dump([{"name": p.name, "old": p.old_size, "new": p.new_size, "group": group,
+                    "results": {t: vars(r) for t, r in p.results.items()}}
+                   for group, ps in (("corpus", corpus + large), ("compressed", extra)) for p in ps], f, indent=1)
     plot(corpus, os.path.join(RESULTS, "delta.png"))
     print(report)
     return 0
 
 
-def render(corpus: list[FilePair], large: list[FilePair], notes: list[str]) -> str:
+def render(corpus: list[FilePair], large: list[FilePair], notes: list[str], extra: list[FilePair]) -> str:
     tools = ["d4c", "d4c-fast"] + PEERS
     lines = ["# Delta benchmark: changed files of Debian package version pairs", "",
              "Sizes in bytes of the delta; `best peer` is the smallest of bsdiff4, detools (hdiffpatch), "
              "xdelta3 -9 and zstd -19 --long --patch-from for that file. Every output was verified.", ""]
     lines += notes + ([""] if notes else [])
-    lines.append("| file | new size | " + " | ".join(tools) + " | best peer | d4c / best |")
-    lines.append("|---|---:|" + "---:|" * (len(tools) + 2))
-    tot = {t: 0 for t in tools}
-    best_total = 0
-    for p in corpus:
-        best = min(p.results[t].size for t in PEERS)
-        best_total += best
-        for t in tools:
-            tot[t] += p.results[t].size
-        lines.append(f"| {p.name} | {p.new_size} | " + " | ".join(str(p.results[t].size) for t in tools)
-                     + f" | {best} | {p.results['d4c'].size / best:.3f} |")
-    lines.append(f"| **total** ({len(corpus)} files) | {sum(p.new_size for p in corpus)} | "
-                 + " | ".join(f"**{tot[t]}**" for t in tools)
-                 + f" | **{best_total}** | **{tot['d4c'] / max(best_total, 1):.3f}** |")
+    lines += size_table(corpus, tools, patch_times=False)[0]
     lines += ["", "## Time and memory (sums over the corpus; RSS: the largest single run)", "",
               "| tool | diff s | diff / detools | diff peak RSS | patch s | patch / bsdiff4 | patch peak RSS |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -243,6 +305,7 @@ def render(corpus: list[FilePair], large: list[FilePair], notes: list[str]) -> s
                   f"{worst.results['d4c'].diff_rss * 1024 / (8 * worst.old_size + worst.new_size):.2f}"]
     lines += ["", "Patch times include making the output durable (fsync) for every tool: d4c does it "
               "itself, the runner does it for the others."]
+    lines += render_compressed([p for p in corpus if is_compressed_row(p)] + extra, tools)
     if large:
         lines += ["", "## Large files (> 8 MB): threads", "",
                   "Speed ratios are detools' time over d4c's: above 1, d4c is faster (target with 2 threads: 1.7). "
@@ -256,6 +319,56 @@ def render(corpus: list[FilePair], large: list[FilePair], notes: list[str]) -> s
                          f"{r1.diff_s / r2.diff_s:.2f} | {dt.diff_s:.2f} | {dt.diff_s / r1.diff_s:.2f} | "
                          f"{dt.diff_s / r2.diff_s:.2f} | {r1.size} | {dt.size} | {p.results['bsdiff4'].size} |")
     return "\n".join(lines) + "\n"
+
+
+def size_table(rows: list[FilePair], tools: list[str], patch_times: bool) -> tuple[list[str], float]:
+    """Delta sizes per file and tool, best peer, d4c / best, a total row (and with
+    `patch_times` d4c's and detools' patch seconds); returns d4c / best on the total too."""
+    extra = " d4c patch s | detools patch s |" if patch_times else ""
+    lines = ["| file | new size | " + " | ".join(tools) + " | best peer | d4c / best |" + extra,
+             "|---|---:|" + "---:|" * (len(tools) + 2 + 2 * patch_times)]
+    tot = {t: 0 for t in tools}
+    best_total = 0
+
+    def times(ps: list[FilePair], fmt: str) -> str:
+        return "".join(f" {fmt.format(sum(p.results[t].patch_s for p in ps))} |" for t in ("d4c", "detools"))
+
+    for p in rows:
+        best = min(p.results[t].size for t in PEERS)
+        best_total += best
+        for t in tools:
+            tot[t] += p.results[t].size
+        lines.append(f"| {p.name} | {p.new_size} | " + " | ".join(str(p.results[t].size) for t in tools)
+                     + f" | {best} | {p.results['d4c'].size / best:.3f} |"
+                     + (times([p], "{:.3f}") if patch_times else ""))
+    ratio = tot["d4c"] / max(best_total, 1)
+    lines.append(f"| **total** ({len(rows)} files) | {sum(p.new_size for p in rows)} | "
+                 + " | ".join(f"**{tot[t]}**" for t in tools) + f" | **{best_total}** | **{ratio:.3f}** |"
+                 + (times(rows, "{:.2f}") if patch_times else ""))
+    return lines, ratio
+
+
+def render_compressed(rows: list[FilePair], tools: list[str]) -> list[str]:
+    """The compressed-file rows (the corpus' .gz files, jars, a wheel) and their target."""
+    if not rows:
+        return []
+    lines = ["", "## Compressed files: .gz, jar, whl", "",
+             "d4c diffs the contents of gzip, zip and xz files and recompresses bit-exactly where Python's zlib "
+             "re-creates the stream (docs/DELTA.md, method 4); the peers diff the compressed bytes. The .gz rows "
+             "are the corpus' (above), the jars those of "
+             + ", ".join(f"{p} {a} -> {b}" for p, a, b in JARS) + f" of at least {MIN_JAR >> 10} KiB, the wheel "
+             + ", ".join(f"{p} {a} -> {b}" for p, a, b in WHEELS) + ". Every output was verified.", ""]
+    table, ratio = size_table(rows, tools, patch_times=True)
+    lines += table
+    lines += ["", f"- Target: d4c <= {COMPRESSED_TARGET} x the best peer on these rows' total: "
+              f"**{'met' if ratio <= COMPRESSED_TARGET else 'not met'}** ({ratio:.3f})."]
+    for kind in (".gz", ".jar", ".whl"):
+        part = [p for p in rows if p.name.endswith(kind)]
+        if part:
+            d4c = sum(p.results["d4c"].size for p in part)
+            best = sum(min(p.results[t].size for t in PEERS) for p in part)
+            lines.append(f"- {kind} rows alone: d4c {d4c} bytes, best peer {best}: {d4c / max(best, 1):.3f}.")
+    return lines
 
 
 def plot(corpus: list[FilePair], path: str) -> None:

@@ -3,7 +3,10 @@ image-delta, llfs and binary tests; conftest builds them once per session)."""
 
 from __future__ import annotations
 
+import gzip
+import io
 import random
+import zipfile
 
 from ocibuild import M
 
@@ -22,6 +25,34 @@ def edit(data: bytes, seed: int, changes: int = 6) -> bytes:
     return bytes(b[:at]) + b"inserted-" + bytes(b[at:])
 
 
+def words(n: int, seed: int) -> bytes:
+    """Text that compresses like a changelog or source file."""
+    rnd = random.Random(seed)
+    vocab = [b"fix", b"update", b"security", b"release", b"upstream", b"the", b"of", b"to", b"build", b"\n"]
+    out = bytearray()
+    while len(out) < n:
+        out += rnd.choice(vocab) + b" " + str(rnd.randrange(1000)).encode() + b" "
+    return bytes(out[:n])
+
+
+def gz(data: bytes) -> bytes:
+    """As Python's gzip writes it (zlib level 9): a stream d4c re-creates."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=buf, mtime=0) as f:
+        f.write(data)
+    return buf.getvalue()
+
+
+def jar(classes: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in classes.items():
+            z.writestr(zipfile.ZipInfo(name, date_time=(2026, 1, 1, 0, 0, 0)), data, zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
+
+
+CHANGELOG = words(60_000, 40)
+CLASSES = {f"org/app/C{i}.class": words(4000 + 300 * i, 50 + i) for i in range(10)}
 TOOL = noise(96_000, 1)
 LIBFOO = noise(80_000, 2)
 MOVED = noise(40_000, 3)
@@ -52,6 +83,7 @@ BASE = [
     M("bin/su-tool", data=b"setuid", mode=0o4755),
     M("dev/", "dir"), M("dev/null", "char", mode=0o666, dev=(1, 3)), M("fifo", "fifo"),
     M("noted", data=b"with an xattr", pax={"SCHILY.xattr.user.note": "hi"}),
+    M("share/changelog.gz", data=gz(CHANGELOG)), M("lib/app.jar", data=jar(CLASSES)),
 ]
 UPDATE2 = [
     M("etc/status", data=STATUS.replace(b"Version: 1.17\n", b"Version: 1.17+deb12u1\n")
@@ -67,6 +99,8 @@ UPDATE2 = [
     M(".wh.removed"), M(".wh.gone_dir"),
     M("opq/", "dir"), M("opq/.wh..wh..opq"), M("opq/c", data=b"c"),
     M("newfile", data=NEWFILE),
+    M("share/changelog.gz", data=gz(words(700, 41) + CHANGELOG)),  # compressed files: their content changed
+    M("lib/app.jar", data=jar({**CLASSES, "org/app/C3.class": edit(CLASSES["org/app/C3.class"], 52)})),
 ]
 UPDATE3 = [
     M("bin/tool", data=edit(edit(TOOL, 10), 20), mode=0o755),
@@ -79,5 +113,6 @@ UPDATE4 = [
     M("bin/tool", data=edit(edit(edit(TOOL, 10), 20), 30), mode=0o755),
     M("lib/libfoo.so.1.3", data=edit(edit(LIBFOO, 11), 31)),
     M("data/", "dir"), M("data/moved", data=MOVED),  # back where it was
+    M("share/changelog.gz", data=gz(words(500, 42) + words(700, 41) + CHANGELOG)),
 ]
 VERSIONS = [[BASE], [BASE, UPDATE2], [BASE, UPDATE2, UPDATE3], [BASE, UPDATE2, UPDATE3, UPDATE4]]

@@ -5,7 +5,7 @@ The compiled kernels are required (like zstandard requires its C extension).
 source tree only: they are orders of magnitude slower and unbounded in memory
 (a 70 MiB diff needed 23 GB), so the frozen programs ignore it and do not ship
 them.  Each kernel loads at its first use (`accel.patch`, `accel.chunker`,
-`accel.tables`): a FUSE mount server needs only the table scanner until it
+`accel.tables`, `accel.deflate`): a FUSE mount server needs only the table scanner until it
 rebuilds a file.  Python and Cython sides must agree on API_VERSION, or a stale
 build would run with new Python code.
 """
@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ExtensionMismatch
 
 # what the Python side expects of each kernel module
-API_VERSIONS = {"_patch": "4", "_chunker": "1", "_tables": "1"}
+API_VERSIONS = {"_patch": "4", "_chunker": "1", "_tables": "1", "_deflate": "1"}
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 
@@ -32,7 +32,7 @@ def pure_python() -> bool:
 
 
 def kernel(name: str) -> ModuleType:
-    """The kernel module `name` (`_patch`, `_chunker`, `_tables`), loaded once."""
+    """The kernel module `name` (`_patch`, `_chunker`, `_tables`, `_deflate`), loaded once."""
     mod = _loaded.get(name)
     if mod is None:
         if pure_python():
@@ -51,7 +51,7 @@ def kernel(name: str) -> ModuleType:
 
 
 def __getattr__(attr: str) -> Any:
-    if attr in ("patch", "chunker", "tables"):
+    if attr in ("patch", "chunker", "tables", "deflate"):
         return kernel("_" + attr)
     if attr == "backend":
         return _backend()

@@ -97,20 +97,38 @@ def pointer_table(n: int, seed: int, shift: int) -> bytes:
     return bytes(out[:n])
 
 
-def test_context_mixing_add_stream() -> None:
-    old, new = pointer_table(200_000, 1, 0), pointer_table(200_000, 1, 7)
-    d = roundtrip(old, new)
-    payload = memoryview(d)[delta.PREAMBLE.size:]
+def diff_mode(d: bytes) -> int:
+    """The add stream's coding of a suffix-array delta."""
     from d4c.codec import Cursor
-    cur = Cursor(payload, lambda r: None)
+    cur = Cursor(memoryview(d)[delta.PREAMBLE.size:], lambda r: None)
     for _ in range(6 * cur.uvarint()):
         cur.uvarint()
-    assert cur.u8() == delta.DIFF_CM
+    return cur.u8()
+
+
+def test_context_mixing_add_stream() -> None:
+    old, new = pointer_table(200_000, 1, 0), pointer_table(200_000, 1, 7)
+    d = roundtrip(old, new, link_mbit=0)
+    assert diff_mode(d) == delta.DIFF_CM
     # a damaged coded stream fails the digest check, nothing worse
     bad = bytearray(d)
     bad[-40] ^= 0x55
     with pytest.raises(CorruptDelta):
         delta.apply(old, bytes(bad))
+
+
+def test_the_coder_is_used_where_its_bytes_outweigh_its_decoding() -> None:
+    """Bytes against decode time: the context-mixing coder saves a few KB here, which
+    a 5 Mbit/s link carries faster than the coder decodes them; on a link of a tenth
+    of that (or when only bytes count) it is used."""
+    old, new = pointer_table(200_000, 1, 0), pointer_table(200_000, 1, 7)
+    smallest = delta.diff(old, new, link_mbit=0)
+    default, slow = delta.diff(old, new), delta.diff(old, new, link_mbit=0.5)
+    assert diff_mode(default) != delta.DIFF_CM and diff_mode(slow) == delta.DIFF_CM
+    assert slow == smallest and len(default) > len(smallest)
+    assert delta.apply(old, default) == new
+    with pytest.raises(D4CError):
+        delta.diff(old, new, link_mbit=-1)
 
 
 def test_unrelated_files_fall_back_to_whole() -> None:
@@ -262,9 +280,10 @@ GOLDEN_CM_SHA256 = "b5198efc227507a0821aa867b53c1a1a47ae25ace9442f34e3c4d183e360
     (GOLDEN_CM, GOLDEN_CM_SHA256, lambda: (pointer_table(delta.SMALL_FILE + 60_000, 5, 0), pointer_table(delta.SMALL_FILE + 60_000, 5, 7))),
 ])
 def test_golden_delta(path: str, digest: str, pair) -> None:  # type: ignore[no-untyped-def]
-    """The delta format is pinned: same inputs, same bytes, and the stored file still applies."""
+    """The delta format is pinned: same inputs, same bytes, and the stored file still applies
+    (bytes only, link_mbit=0: the context-mixing coder's file is made with it)."""
     old, new = pair()
-    d = delta.diff(old, new)
+    d = delta.diff(old, new, link_mbit=0)
     assert hashlib.sha256(d).hexdigest() == digest
     with open(path, "rb") as f:
         stored = f.read()
@@ -291,6 +310,14 @@ def test_util_commands(tmp_path) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("util", "diff", "--old", str(tmp_path / "nope"), "--new", str(tmp_path / "new"),
                            "--diff", str(tmp_path / "d2"))
     assert_one_line_error(code, err)
+    for rate in ("-1", "fast"):
+        code, _, err = run_cli("util", "diff", "--old", str(tmp_path / "old"), "--new", str(tmp_path / "new"),
+                               "--diff", str(tmp_path / "d3"), "--link-mbit", rate)
+        assert_one_line_error(code, err)
+        assert "--link-mbit" in err and not (tmp_path / "d3").exists()
+    code, _, err = run_cli("util", "diff", "--old", str(tmp_path / "old"), "--new", str(tmp_path / "new"),
+                           "--diff", str(tmp_path / "d4"), "--link-mbit", "0")
+    assert code == 0, err
 
 
 @pytest.mark.slow

@@ -16,11 +16,13 @@ import pytest
 import d4c
 from d4c import accel
 
-KERNELS = ("_patch", "_chunker", "_tables")
+KERNELS = ("_patch", "_chunker", "_tables", "_deflate")
 
 # What a reference may define beyond the API: _tables_py names the column, error and
-# entry-type codes that _tables.pyx keeps as C enums (not importable from the kernel).
-REFERENCE_EXTRAS = {"_tables": re.compile(r"[CET]_[A-Z_]+|NCOL|MAX_ID|MAX_FILE_SIZE")}
+# entry-type codes that _tables.pyx keeps as C enums (not importable from the kernel), and so on.
+REFERENCE_EXTRAS = {"_tables": re.compile(r"[CET]_[A-Z_]+|NCOL|MAX_ID|MAX_FILE_SIZE"),
+                    # _deflate_py names deflate's tables and sizes, which _deflate.pyx keeps in C
+                    "_deflate": re.compile(r"[LD](BASE|EXT)|ORDER|[LDB]L?_CODES|HEAP_SIZE|END_BLOCK|MATCH_SHIFT")}
 # Parameters of the compiled kernel its reference lacks: _patch_py.diff always uses slack 8.
 REFERENCE_MISSING_PARAMS = {("_patch", "diff"): ["slack"]}
 

@@ -12,6 +12,7 @@ import pytest
 from helpers import TESTS, assert_one_line_error, diff_trees, run_cli, snapshot_tree
 from ocibuild import M, Layout
 
+from d4c.engine import delta
 from d4c.image.reader import Image
 from d4c.image.stack import close_all, open_stack
 from d4c.image.tree import EntryType, Storage
@@ -46,6 +47,16 @@ def storage_of(delta_path: str, base_path: str) -> dict[str, tuple[Storage, str 
         close_all(stack)
 
 
+def steps_of(delta_path: str, base_path: str) -> dict[str, list[int]]:
+    """The delta methods of each delta-stored file."""
+    stack = open_stack([delta_path], base_path)
+    try:
+        return {e.path.decode(): [s.method for s in e.delta_steps] for e in stack[-1].entries
+                if e.type == EntryType.FILE and e.storage == Storage.DELTA}
+    finally:
+        close_all(stack)
+
+
 def test_every_change_kind(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     d = str(tmp_path / "d12.cdimg")
     diff(images[0], images[1], d)
@@ -59,8 +70,12 @@ def test_every_change_kind(images, tmp_path) -> None:  # type: ignore[no-untyped
     assert kinds["etc/status"] == (Storage.DELTA, "etc/status")     # text diffs too
     assert kinds["lib/libfoo.so.1.3"] == (Storage.DELTA, "lib/libfoo.so.1.2")  # renamed + modified
     assert kinds["newfile"][0] == Storage.FRAME                     # added
+    assert kinds["share/changelog.gz"] == (Storage.DELTA, "share/changelog.gz")  # diffed inside the gzip
+    assert kinds["lib/app.jar"] == (Storage.DELTA, "lib/app.jar")   # and inside the zip
     assert kinds["empty"][0] == Storage.EMPTY
     assert "removed" not in kinds and "gone_dir/x" not in kinds and "opq/a" not in kinds
+    methods = steps_of(d, images[0])
+    assert methods["share/changelog.gz"] == [delta.METHOD_RECOMPRESS] == methods["lib/app.jar"]
     # only the changed bytes travel: far below the new image's size
     assert os.path.getsize(d) < 0.2 * os.path.getsize(images[1])
     # patch gives exactly what convert gives: same bytes, same id
@@ -171,7 +186,7 @@ def test_show(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     code, out, err = run_cli("cdimg", "show", "--cdimg", d, "--baseCdimg", images[0], "--json", "--entries")
     assert code == 0, err
     doc = json.loads(out)
-    assert doc["decisions"]["delta"]["files"] == 3 and doc["decisions"]["frame"]["files"] >= 1
+    assert doc["decisions"]["delta"]["files"] == 5 and doc["decisions"]["frame"]["files"] >= 1  # 3 + .gz + .jar
     tool = next(e for e in doc["entryList"] if e["path"] == "/bin/tool")
     assert tool["storage"] == "delta" and tool["deltaSource"] == "/bin/hl" and tool["storedSize"] > 0
 
@@ -344,7 +359,7 @@ def test_stat(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert code == 0, err
     doc = json.loads(out)
     assert doc["fileSize"] == os.path.getsize(binary)
-    assert doc["kinds"]["delta"]["files"] == 3 and doc["kinds"]["parent"]["storedSize"] == 0
+    assert doc["kinds"]["delta"]["files"] == 5 and doc["kinds"]["parent"]["storedSize"] == 0  # 3 + .gz + .jar
     assert sum(k["storedSize"] for k in doc["kinds"].values()) == doc["bodySize"]
     assert len(doc["top"]) == 2 and doc["top"][0]["stored"] >= doc["top"][1]["stored"] > 0
     code, out, err = run_cli("stat", "diff", "--cdimg", binary, "--baseCdimg", images[0])

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from .. import paths
-from ..args import positive_int
+from ..args import link_rate, positive_int
 from ..errors import UsageError
 
 if TYPE_CHECKING:
@@ -36,6 +36,14 @@ def add_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threadNum", "--thread-num", dest="threads", type=positive_int,
                    default=os.cpu_count() or 1, metavar="N",
                    help="worker threads (default: number of CPUs)")
+
+
+def add_link_rate(p: argparse.ArgumentParser) -> None:
+    from ..engine import DEFAULT_LINK_MBIT
+    p.add_argument("--link-mbit", type=link_rate, default=DEFAULT_LINK_MBIT, metavar="MBIT",
+                   help="the devices' link, in Mbit/s: the slow context-mixing coder is used only where the bytes "
+                   f"it saves take longer to cross it than to decode (default {DEFAULT_LINK_MBIT:g}; 0: the "
+                   "smallest delta, whatever it costs to patch)")
 
 
 def add_level(p: argparse.ArgumentParser) -> None:

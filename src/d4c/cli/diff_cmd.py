@@ -10,7 +10,7 @@ from ..engine import delta
 from ..image.reader import Image
 from ..image.deltas import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
-from ._common import add_threads, print_json, print_table, refuse_output_over_input
+from ._common import add_link_rate, add_threads, print_json, print_table, refuse_output_over_input
 from ..args import parse_size
 
 
@@ -41,6 +41,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                        help="cap on diff memory over all threads; larger files are diffed in windows, and a file whose "
                        "old and new versions together exceed it is stored whole (default 2G)")
         p.add_argument("--json", action="store_true", help="print the per-file decisions as JSON")
+        add_link_rate(p)
         add_threads(p)
         p.set_defaults(func=run, kind=kind)
 
@@ -61,7 +62,7 @@ def decision_rows(decisions: list[Decision]) -> list[tuple[str, ...]]:
 def run(args: argparse.Namespace) -> int:
     refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, [args.old, args.new])
     options = DiffOptions(mode=args.mode, encoding=args.deltaEncoding, level=args.level,
-                          threads=args.threads, memory_limit=args.memory_limit)
+                          threads=args.threads, memory_limit=args.memory_limit, link_mbit=args.link_mbit)
     with Image(args.old) as old, Image(args.new) as new:
         decisions = diff_images(old, new, args.out, cdimg=args.kind == "cdimg", options=options)
         new_size = os.path.getsize(args.new)

@@ -7,7 +7,7 @@ import os
 
 from ..engine import delta
 from ..progress import human_bytes
-from ._common import add_threads, refuse_output_over_input
+from ._common import add_link_rate, add_threads, refuse_output_over_input
 from ..args import parse_size
 
 
@@ -24,6 +24,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help="cap on diff memory; larger files are diffed in windows (default 2G)")
     p.add_argument("--compressionMode", choices=("bzip2", "zstd"), default="zstd",
                    help="accepted for compatibility with the original; d4c always uses zstd")
+    add_link_rate(p)
     add_threads(p)
     p.set_defaults(func=run_diff)
 
@@ -40,7 +41,7 @@ def run_diff(args: argparse.Namespace) -> int:
     refuse_output_over_input("--diff", args.diff, [args.old, args.new])
     level = args.level if args.level is not None else (delta.FAST_LEVEL if args.fast else delta.DEFAULT_LEVEL)
     size = delta.diff_files(args.old, args.new, args.diff, level=level, threads=args.threads,
-                            memory_limit=args.memory_limit, fast=args.fast)
+                            memory_limit=args.memory_limit, fast=args.fast, link_mbit=args.link_mbit)
     if not args.quiet:
         new_size = os.path.getsize(args.new)
         print(f"{args.diff}: {human_bytes(size)} ({100.0 * size / max(new_size, 1):.2f}% of the new file)")

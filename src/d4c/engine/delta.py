@@ -6,6 +6,9 @@ Methods (the diff picks; the patch follows what the delta says):
   PREFIX zstd with the old file as a raw-content prefix ("--patch-from"): the
          fast mode, and a candidate when it happens to be smaller.
   WHOLE  the new file compressed alone, for when the old one does not help.
+  RECOMPRESS  for gzip, zip and xz files: one of the above between the files'
+         contents, and how to recompress the new content bit-exactly
+         (recompress.py).
 
 Large files are cut into segments at content-defined boundaries; each segment
 is diffed against a window of the old file centred where its chunks occur in
@@ -22,6 +25,7 @@ import lzma
 import mmap
 import os
 import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable
@@ -30,6 +34,7 @@ import numpy as np
 import zstandard
 
 from .. import accel
+from . import DEFAULT_LINK_MBIT, recompress
 from .chunker import cut_points
 from ..codec import Cursor, Encoder
 from ..errors import CorruptDelta, D4CError, WrongSource
@@ -40,8 +45,11 @@ from ..digests import sha256
 
 MAGIC = b"D4C-DLTA"
 VERSION = 1
-METHOD_SA, METHOD_PREFIX, METHOD_WHOLE = 1, 2, 3
-METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole"}
+VERSION_RECOMPRESS = 2  # a delta file of method 4 is version 2: a version-1 reader refuses it by its version
+READ_VERSIONS = (VERSION, VERSION_RECOMPRESS)
+METHOD_SA, METHOD_PREFIX, METHOD_WHOLE, METHOD_RECOMPRESS = 1, 2, 3, 4
+METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole", METHOD_RECOMPRESS: "recompress"}
+RECOMPRESS_GOOD = 4  # a recompress delta under 1/4 of the new file: the byte-level methods are not tried
 PREAMBLE = struct.Struct("<8sHBBIQQ32s32s")  # 96 bytes
 
 DEFAULT_LEVEL = 15
@@ -61,6 +69,12 @@ NEW_BYTES_PER_NEW = 3              # new + diff/extra pages touched + output
 INT32_LIMIT = (1 << 31) - 2
 DIFF_RAW, DIFF_SPARSE, DIFF_CM = 0, 1, 2  # how the add stream is coded
 CM_MIN_CHANGES = 1024             # fewer changed bytes: the context-mixing coder is not worth its time
+# The coder costs the patcher ~30 ns per binary decision (measured: 20-33 ns on the corpus' binaries,
+# 2-core VM); it is used only where the bytes it saves take longer than that to cross a link of
+# `link_mbit` (0: the smallest delta, whatever its decode time).  Constants, so output never depends
+# on the machine.  The default is the 3G-class link of the thin-link bench.
+CM_DECODE_NS = 30
+CM_GAIN_BOUND = 0.4               # the coder saved at most 35 % of the best general codec's add stream
 SMALL_FILE = 256 << 10            # at most this size the zstd prefix delta is tried too
 SMALL_FILE_LEVEL = 19
 ALIGNED_MAX_CHANGE = 1000         # same-size files with < 1/1000 bytes changed skip the scan
@@ -394,18 +408,29 @@ def _runs_slice(runs: Runs, begin: int, length: int, fail) -> np.ndarray:  # typ
 
 
 def diff_payload(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
-                 threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> tuple[int, bytes]:
+                 threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False,
+                 expand: bool = True, link_mbit: float = DEFAULT_LINK_MBIT) -> tuple[int, bytes]:
     """(method, payload) of the smallest delta that turns old into new: what an
     image stores (its tree holds the sizes and digests a delta file's preamble
-    carries).  `fast` uses zstd's prefix mode only."""
+    carries).  `fast` uses zstd's prefix mode only; `expand` tries the contents
+    of compressed files (RECOMPRESS); `link_mbit` weighs bytes against decode
+    time (CM_DECODE_NS)."""
     accel.kernel("_patch")
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
     if not 1 <= level <= 22:
         raise D4CError(f"compression level {level} out of range 1..22")
     if fast:
         return METHOD_PREFIX, _prefix_payload(old, new, min(level, FAST_LEVEL) if level == DEFAULT_LEVEL else level)
-    sa_payload = _sa_payload(old, new, level, threads, memory_limit)
+    if link_mbit < 0:
+        raise D4CError(f"link rate {link_mbit} Mbit/s is negative")
+    options = dict(level=level, threads=threads, memory_limit=memory_limit, link_mbit=link_mbit)
+    inside = _recompress_payload(old, new, options) if expand and recompress.looks_compressed(new) else None
+    if inside is not None and len(inside) * RECOMPRESS_GOOD < len(new):
+        return METHOD_RECOMPRESS, inside
+    sa_payload = _sa_payload(old, new, level, threads, memory_limit, link_mbit)
     candidates = [(METHOD_SA, sa_payload)] if sa_payload is not None else []
+    if inside is not None:
+        candidates.append((METHOD_RECOMPRESS, inside))
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
     # the old file as prefix, or the new file alone, may be smaller
     poor = not candidates or PREAMBLE.size + len(candidates[0][1]) > len(new) // 4
@@ -421,11 +446,12 @@ def diff_payload(old: bytes | memoryview, new: bytes | memoryview, *, level: int
 
 
 def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
-         threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False) -> bytes:
+         threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False,
+         link_mbit: float = DEFAULT_LINK_MBIT) -> bytes:
     """A delta file that turns old into new: diff_payload behind a preamble with
     both sizes and digests, so the file checks its source and its result alone."""
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
-    options = dict(level=level, threads=threads, memory_limit=memory_limit, fast=fast)
+    options = dict(level=level, threads=threads, memory_limit=memory_limit, fast=fast, link_mbit=link_mbit)
     if threads > 1 and len(old) + len(new) >= SEGMENT_TARGET:
         # the digests are serial work: hash on the side while the segments are scanned
         with ThreadPoolExecutor(max_workers=1) as pool:
@@ -439,7 +465,21 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
 
 
 def _preamble(method: int, old_size: int, new_size: int, old_digest: bytes, new_digest: bytes) -> bytes:
-    return PREAMBLE.pack(MAGIC, VERSION, method, 0, 0, old_size, new_size, old_digest, new_digest)
+    version = VERSION_RECOMPRESS if method == METHOD_RECOMPRESS else VERSION
+    return PREAMBLE.pack(MAGIC, version, method, 0, 0, old_size, new_size, old_digest, new_digest)
+
+
+def _recompress_payload(old: memoryview, new: memoryview, options: dict[str, float]) -> bytes | None:
+    """The RECOMPRESS payload, when some stream of `new` is re-created by this zlib/lzma."""
+    expanded = recompress.expand(new)
+    if not expanded.compressed:
+        return None
+    expanded = recompress.with_params(new, expanded)
+    if not expanded.compressed:
+        return None  # no stream re-creates: the bytes are all there is
+    base = recompress.expand(old)
+    method, inner = diff_payload(base.content, expanded.content, expand=False, **options)  # type: ignore[arg-type]
+    return recompress.encode_header(base, expanded, method) + inner
 
 
 def _prefix_payload(old: memoryview, new: memoryview, level: int) -> bytes:
@@ -472,7 +512,26 @@ def _cm_encode(old: memoryview, segments: list[Segment], parts: Iterable[Segment
 RAW_CANDIDATE_LIMIT = 64 << 20  # above this the plain add stream is not kept as a candidate
 
 
-def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int) -> bytes | None:
+def _cm_decisions(parts: list[SegmentDiff]) -> int:
+    """Binary decisions the context-mixing coder makes for these add streams: one per
+    block of 32, one per byte of a changed block, eight per changed byte."""
+    total = 0
+    for part in parts:
+        raw = np.frombuffer(part.raw or b"", dtype=np.uint8)
+        blocks = -(-len(raw) // 32)
+        padded = np.zeros(blocks * 32, dtype=np.uint8)
+        padded[:len(raw)] = raw
+        changed = int(padded.reshape(-1, 32).any(axis=1).sum())
+        total += blocks + 32 * changed + 8 * int(np.count_nonzero(raw))
+    return total
+
+
+def _cm_pays(saved_bytes: float, decisions: int, link_mbit: float) -> bool:
+    return link_mbit <= 0 or saved_bytes * 8 / (link_mbit * 1e6) > decisions * CM_DECODE_NS * 1e-9
+
+
+def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int,
+                link_mbit: float = DEFAULT_LINK_MBIT) -> bytes | None:
     segments = plan_segments(old, new, memory_limit, threads)
     per_segment = SA_BYTES_PER_OLD * max(s.old_len for s in segments) + NEW_BYTES_PER_NEW * SEGMENT_TARGET
     workers = max(1, min(threads, len(segments), memory_limit // max(per_segment, 1)))
@@ -521,21 +580,29 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     lengths = np.concatenate([p.lengths for p in parts]).astype(np.int64)
     sparse = _encode_runs(starts, lengths, b"".join(p.values for p in parts))
     use_cm = keep_raw and len(lengths) and int(lengths.sum()) >= CM_MIN_CHANGES
+    quick = _pack_stream(sparse, 3, "fast", threads) if use_cm else None
+    decisions = _cm_decisions(parts) if use_cm and link_mbit > 0 else 0
+    if quick is not None and not _cm_pays(CM_GAIN_BOUND * len(quick[1]), decisions, link_mbit):
+        use_cm = False  # even its best gain would not pay for its decoding: not even tried
     diff_options = []
     if use_cm:
         blob = early_cm.result() if early_cm is not None else _cm_encode(old, segments, parts)
         diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob)))
     # when the context-mixing coder clearly wins (binaries: the fast setting of the
-    # general codecs is 1.5x larger or more), skip their slow settings: measured on
-    # the corpus, same total size and 25% less diff time.  Otherwise try them all.
-    quick = _pack_stream(sparse, 3, "fast", threads) if use_cm else None
-    if quick is not None and len(quick[1]) >= 1.5 * len(diff_options[0][1]):
+    # general codecs is 1.5x larger or more) and bytes are all that count, skip their
+    # slow settings: measured on the corpus, same total size and 25% less diff time.
+    # Otherwise try them all (weighing the coder needs its real rival).
+    if quick is not None and use_cm and link_mbit <= 0 and len(quick[1]) >= 1.5 * len(diff_options[0][1]):
         diff_options.append((DIFF_SPARSE, sparse, quick))
     else:
         diff_options.append((DIFF_SPARSE, sparse, _pack_stream(sparse, level, "sparse", threads)))
         if keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
             raw = b"".join(p.raw or b"" for p in parts)
             diff_options.append((DIFF_RAW, raw, _pack_stream(raw, level, "raw", threads)))
+    if use_cm and link_mbit > 0:
+        rival = min(len(o[2][1]) for o in diff_options[1:])
+        if not _cm_pays(rival - len(diff_options[0][1]), decisions, link_mbit):
+            diff_options.pop(0)
     diff_mode, diff_stream, diff_packed = min(diff_options, key=lambda o: len(o[2][1]))
     extra = b"".join(p.extra for p in parts)
     # column-coded per segment, so the patcher can stream the controls segment by segment
@@ -559,10 +626,11 @@ def read_delta_info(delta: bytes | memoryview, source: str = "delta") -> DeltaIn
     magic, version, method, r1, r2, old_size, new_size, od, nd = PREAMBLE.unpack_from(delta)
     if magic != MAGIC:
         raise CorruptDelta(source, "not a d4c delta (bad magic)")
-    if version != VERSION:
-        raise CorruptDelta(source, f"format version {version} is not supported (this d4c reads {VERSION})")
-    if method not in METHOD_NAMES or r1 or r2:
-        raise CorruptDelta(source, f"unknown method {method}")
+    if version not in READ_VERSIONS:
+        raise CorruptDelta(source, f"format version {version} is not supported (this d4c reads "
+                           f"{', '.join(map(str, READ_VERSIONS))})")
+    if method not in METHOD_NAMES or r1 or r2 or (method == METHOD_RECOMPRESS) != (version == VERSION_RECOMPRESS):
+        raise CorruptDelta(source, f"unknown method {method} (format version {version})")
     return DeltaInfo(method, old_size, new_size, od, nd)
 
 
@@ -683,13 +751,10 @@ def apply_payload(old: bytes | memoryview, info: DeltaInfo, payload: bytes | mem
     with ThreadPoolExecutor(max_workers=1) as pool:
         old_ok = pool.submit(lambda: info.method == METHOD_WHOLE or sha256(old).digest() == info.old_digest)
         try:
-            if info.method == METHOD_WHOLE:
-                new = memoryview(_decompress(payload, info.new_size, source, "body"))
-            elif info.method == METHOD_PREFIX:
-                prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-                new = memoryview(_decompress(payload, info.new_size, source, "body", prefix))
+            if info.method == METHOD_RECOMPRESS:
+                new = memoryview(_apply_recompress(old, payload, info.new_size, source))
             else:
-                new = memoryview(_apply_sa(old, payload, info, source))
+                new = _rebuild(old, info.method, payload, info.new_size, source)
         except CorruptDelta:
             if not old_ok.result():
                 raise wrong_source from None  # the better explanation
@@ -699,6 +764,42 @@ def apply_payload(old: bytes | memoryview, info: DeltaInfo, payload: bytes | mem
     if sha256(new).digest() != info.new_digest:
         raise CorruptDelta(source, "result does not match its digest")
     return new
+
+
+def _rebuild(old: memoryview, method: int, payload: memoryview, new_size: int, source: str) -> memoryview:
+    """The result of a byte-level payload (no digest checks: the caller's)."""
+    if method == METHOD_WHOLE:
+        return memoryview(_decompress(payload, new_size, source, "body"))
+    if method == METHOD_PREFIX:
+        prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return memoryview(_decompress(payload, new_size, source, "body", prefix))
+    if method == METHOD_SA:
+        return memoryview(_apply_sa(old, payload, DeltaInfo(method, len(old), new_size, b"", b""), source))
+    raise CorruptDelta(source, f"unknown method {method}")
+
+
+def _apply_recompress(old: memoryview, payload: memoryview, new_size: int, source: str) -> bytearray:
+    """Expand the old file, patch the expanded content, recompress the streams.
+    A zlib that deflates otherwise than the diff's is refused before any work."""
+    def fail(reason: str) -> None:
+        raise CorruptDelta(source, reason)
+
+    base = recompress.expand(old)
+    header = recompress.decode_header(payload, base, new_size, fail)
+    if any(p.kind in (recompress.KIND_DEFLATE, recompress.KIND_REBLOCKED) for p in header.pieces) and \
+            header.fingerprint != recompress.zlib_fingerprint():
+        raise CorruptDelta(source, f"this zlib ({zlib.ZLIB_RUNTIME_VERSION}) deflates otherwise than the one the "
+                           "delta was made with (fingerprints differ): it cannot rebuild the file bit-exactly")
+    if header.old_size != len(base.content) or header.old_tag != recompress.content_tag(base.content):
+        raise CorruptDelta(source, "the old file's content is not what the delta was made against")
+    if header.inner_method == METHOD_RECOMPRESS:
+        raise CorruptDelta(source, "nested recompression")
+    content_size = sum(p.content_size for p in header.pieces)
+    content = _rebuild(memoryview(base.content), header.inner_method, payload[header.inner_at:], content_size,
+                       source)
+    if len(content) != content_size:
+        raise CorruptDelta(source, "expanded content has the wrong size")
+    return recompress.rebuild(header.pieces, content, fail)
 
 
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",

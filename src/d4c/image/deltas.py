@@ -48,6 +48,7 @@ class DiffOptions:
     delta_level: int = delta.DEFAULT_LEVEL
     threads: int = 1
     memory_limit: int = delta.DEFAULT_MEMORY_LIMIT
+    link_mbit: float = delta.DEFAULT_LINK_MBIT  # bytes against decode time (delta.CM_DECODE_NS)
 
 
 @dataclass
@@ -216,7 +217,8 @@ def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
                 src = old.entries[source]
                 fast = encoding == "fast" or (encoding == "mixed" and e.size > MIXED_FAST_ABOVE)
                 method, payload = delta.diff_payload(old.read_body(src), content, level=options.delta_level,
-                                                     threads=1, memory_limit=work, fast=fast)
+                                                     threads=1, memory_limit=work, fast=fast,
+                                                     link_mbit=options.link_mbit)
                 if method != delta.METHOD_WHOLE:
                     key = (e.digest, 0)
                     spool.add_raw(key, payload)

@@ -37,7 +37,7 @@ DELTA_FORMAT_VERSION = 2        # delta images: version 1 + parent storage kinds
 CDIMG_VERSION = 1
 FLAG_HAS_PARENT = 0x1
 FLAG_MULTI_FRAME = 0x2          # bodies of files over FRAME_CHUNK are several zstd frames
-DELTA_METHODS = (1, 2)          # d4c.engine.delta METHOD_SA, METHOD_PREFIX
+DELTA_METHODS = (1, 2, 4)       # d4c.engine.delta METHOD_SA, METHOD_PREFIX, METHOD_RECOMPRESS
 MAX_DELTA_STEPS = 16
 KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME
 
