@@ -12,6 +12,18 @@ from .errors import D4CError, NotFound, SystemFailure, from_oserror
 COPY_CHUNK = 1 << 20
 
 
+def exclusive_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of mode 0600 under a random name (tempfile.mkstemp without
+    importing tempfile, which costs 5 ms of every patch's start)."""
+    for _ in range(100):
+        path = os.path.join(directory, prefix + os.urandom(6).hex() + suffix)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write `path` through a temp file in the same directory; rename on success.
@@ -22,8 +34,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     directory = os.path.dirname(os.path.abspath(path)) or "."
     try:
         os.makedirs(directory, exist_ok=True)
-        import tempfile  # not loaded by a mount server that never writes
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        fd, tmp = exclusive_temp(directory, "." + os.path.basename(path) + ".", ".tmp")
     except OSError as exc:
         raise from_oserror(exc, "cannot create output") from exc
     ok = False

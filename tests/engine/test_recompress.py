@@ -372,7 +372,7 @@ FUZZ_PAIR = (gz(text(6000, 31), 6), gz(edited(text(6000, 31), 32), 6))
 FUZZ_DELTA = delta.diff(*FUZZ_PAIR)
 
 GOLDEN = os.path.join(TESTS, "data", "golden-v2-recompress.delta")
-GOLDEN_SHA256 = "52bdc00e710294f8d0ec224ec796f40a624cb1919f97b66bc108d8a1a6fb82a1"
+GOLDEN_SHA256 = "e0f4b6b08a69229ae12ccfc2c76ac5a83949eb8f74a7332d5e105ccc54ac57dd"
 
 
 def golden_pair() -> tuple[bytes, bytes]:
