@@ -129,17 +129,27 @@ def _lzma_filters(size: int, largest: int = 1 << 26) -> list[dict[str, int]]:
 
 # run-coded add streams: gaps, lengths and values repeat at short range; measured on the corpus'
 # binaries, a 1 MiB lzma window gives the same size as a 4 MiB one with a quarter of the memory
-# (libcrypto: 184068 vs 184096 bytes), and above 64 KiB zstd -15 never beat lzma (7-17 % larger)
+# (libcrypto: 184068 vs 184096 bytes), and zstd -19 is within 2-6 % of lzma (zstd -15: 7-17 %) at
+# the same compression time, decoding 10-20x faster
 SPARSE_DICT = 1 << 20
-SPARSE_LZMA_ONLY = 64 << 10
+SPARSE_ZSTD_LEVEL = 19
+# what decoding costs the patcher, in ns per byte of the stream it gives (measured on the corpus'
+# add streams, 2-core VM: zstd 0.2-0.3, lzma 1.6-3.9, bzip2 4.3-7.6): with the link rate, the
+# add stream's coding is the one that makes a device's update quickest (bytes on the link + decode)
+DECODE_NS = {CODEC_ZSTD: 0.5, CODEC_LZMA: 3.5, CODEC_BZ2: 6.5, CODEC_STORED: 0.0}
 
 
 def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1) -> tuple[int, bytes]:
-    """Compress with each codec likely to win for this kind of stream; keep the smallest.
+    """The smallest of _pack_candidates."""
+    return min(_pack_candidates(data, level, kind, threads), key=lambda o: (len(o[1]), o[0]))
+
+
+def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int = 1) -> list[tuple[int, bytes]]:
+    """(codec, frame) of each codec likely to win for this kind of stream.
 
     kind: "raw" (the plain add stream: mostly zeros, bzip2 wins, lzma -9e and
-    zstd -19 are slow on it), "sparse" (run-coded add stream: lzma or zstd win),
-    "small" (controls, inserts: try everything).
+    zstd -19 are slow on it), "sparse" (run-coded add stream: lzma or zstd -19 win),
+    "small" (controls, inserts: try everything), "fast" (zstd at `level` only).
     """
     jobs: list[tuple[int, object]] = []
     if kind == "fast":
@@ -148,8 +158,7 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
         jobs = [(CODEC_BZ2, lambda: bz2.compress(data, 9)), (CODEC_ZSTD, lambda: _compress(data, 3))]
     else:
         sparse = kind == "sparse"
-        if not (sparse and len(data) >= SPARSE_LZMA_ONLY):
-            jobs = [(CODEC_ZSTD, lambda: _compress(data, level))]
+        jobs = [(CODEC_ZSTD, lambda: _compress(data, max(level, SPARSE_ZSTD_LEVEL) if sparse else level))]
         if len(data) >= 64:
             largest = SPARSE_DICT if sparse else 1 << 26
             jobs.append((CODEC_LZMA, lambda: lzma.compress(data, format=lzma.FORMAT_ALONE,
@@ -163,7 +172,7 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
             results = list(pool.map(lambda job: (job[0], job[1]()), jobs))  # type: ignore[operator]
     else:
         results = [(codec, fn()) for codec, fn in jobs]  # type: ignore[operator]
-    return min(results, key=lambda o: (len(o[1]), o[0]))
+    return results
 
 
 def _unpack_stream(codec: int, frame: bytes | memoryview, usize: int, source: str, what: str) -> bytes:
@@ -594,26 +603,30 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     decisions = _cm_decisions(parts) if use_cm and link_mbit > 0 else 0
     if quick is not None and not _cm_pays(CM_GAIN_BOUND * len(quick[1]), decisions, link_mbit):
         use_cm = False  # even its best gain would not pay for its decoding: not even tried
-    diff_options = []
+    diff_options: list[tuple[int, bytes, tuple[int, bytes], float]] = []  # mode, stream, (codec, frame), ns
     if use_cm:
         blob = early_cm.result() if early_cm is not None else _cm_encode(old, segments, parts)
-        diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob)))
+        diff_options.append((DIFF_CM, blob, (CODEC_STORED, blob), decisions * CM_DECODE_NS))
     # when the context-mixing coder clearly wins (binaries: the fast setting of the
     # general codecs is 1.5x larger or more) and bytes are all that count, skip their
     # slow settings: measured on the corpus, same total size and 25% less diff time.
-    # Otherwise try them all (weighing the coder needs its real rival).
+    # Otherwise try them all (weighing the coder needs its real rivals).
     if quick is not None and use_cm and link_mbit <= 0 and len(quick[1]) >= 1.5 * len(diff_options[0][1]):
-        diff_options.append((DIFF_SPARSE, sparse, quick))
+        diff_options.append((DIFF_SPARSE, sparse, quick, 0.0))
     else:
-        diff_options.append((DIFF_SPARSE, sparse, _pack_stream(sparse, level, "sparse", threads)))
+        diff_options += [(DIFF_SPARSE, sparse, c, DECODE_NS[c[0]] * len(sparse))
+                         for c in _pack_candidates(sparse, level, "sparse", threads)]
         if keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
             raw = b"".join(p.raw or b"" for p in parts)
-            diff_options.append((DIFF_RAW, raw, _pack_stream(raw, level, "raw", threads)))
-    if use_cm and link_mbit > 0:
-        rival = min(len(o[2][1]) for o in diff_options[1:])
-        if not _cm_pays(rival - len(diff_options[0][1]), decisions, link_mbit):
-            diff_options.pop(0)
-    diff_mode, diff_stream, diff_packed = min(diff_options, key=lambda o: len(o[2][1]))
+            diff_options += [(DIFF_RAW, raw, c, DECODE_NS[c[0]] * len(raw))
+                             for c in _pack_candidates(raw, level, "raw", threads)]
+
+    def cost(option: tuple[int, bytes, tuple[int, bytes], float]) -> tuple[float, int, int]:
+        """Bytes only (link 0), or the seconds they take on the link plus their decoding."""
+        size = len(option[2][1])
+        seconds = size * 8 / (link_mbit * 1e6) + option[3] * 1e-9 if link_mbit > 0 else 0.0
+        return (seconds, size, option[0]) if link_mbit > 0 else (size, option[0], option[2][0])
+    diff_mode, diff_stream, diff_packed, _ = min(diff_options, key=cost)
     extra = b"".join(p.extra for p in parts)
     # column-coded per segment, so the patcher can stream the controls segment by segment
     ctrl = b"".join(_encode_controls(np.frombuffer(p.ctrl, dtype="<i8")) for p in parts)
