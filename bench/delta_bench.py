@@ -47,6 +47,8 @@ JARS = [("libtomcat10-java", "10.1.55-1~deb12u1", "10.1.60-1~deb12u1")]
 MIN_JAR = 100 << 10
 WHEELS = [("setuptools", "75.1.0", "75.2.0")]  # a whole .whl, as pip downloads it
 COMPRESSED_TARGET = 0.35  # d4c / best peer on the compressed rows' total
+# patches take 2-50 ms here, where one run varies by +-40 % (fsync, a shared 2-core VM): fastest of 3
+PATCH_REPEAT = 3
 PY_TOOLS = ["d4c", "d4c-fast", "bsdiff4", "detools"]
 NATIVE_TOOLS = ["xdelta3", "zstd"]
 PEERS = ["bsdiff4", "detools", "xdelta3", "zstd"]
@@ -199,7 +201,8 @@ def run_tool(tool: str, op: str, a: str, b: str, out: str, threads: int = 1) -> 
     return float(secs), int(rss)
 
 
-def measure(pair: FilePair, tools: list[str], work: str, threads: int = 1, repeat: int = 1) -> None:
+def measure(pair: FilePair, tools: list[str], work: str, threads: int = 1, repeat: int = 1,
+            patch_repeat: int = PATCH_REPEAT) -> None:
     """Run each tool; with repeat > 1 keep the fastest of the runs for every tool
     alike (a 2-core machine shared with other work is noisy)."""
     for tool in tools:
@@ -207,7 +210,7 @@ def measure(pair: FilePair, tools: list[str], work: str, threads: int = 1, repea
         out = os.path.join(work, "out")
         runs = [run_tool(tool, "diff", pair.old, pair.new, d, threads) for _ in range(repeat)]
         ds, drss = min(r[0] for r in runs), max(r[1] for r in runs)
-        runs = [run_tool(tool, "patch", pair.old, d, out) for _ in range(repeat)]
+        runs = [run_tool(tool, "patch", pair.old, d, out) for _ in range(max(repeat, patch_repeat))]
         ps, prss = min(r[0] for r in runs), max(r[1] for r in runs)
         with open(out, "rb") as f1, open(pair.new, "rb") as f2:
             if f1.read() != f2.read():
@@ -304,7 +307,9 @@ def render(corpus: list[FilePair], large: list[FilePair], notes: list[str], extr
         lines += ["", f"d4c diff peak RSS / (8 x old + new), worst file of 1 MiB or more: {worst.name}: "
                   f"{worst.results['d4c'].diff_rss * 1024 / (8 * worst.old_size + worst.new_size):.2f}"]
     lines += ["", "Patch times include making the output durable (fsync) for every tool: d4c does it "
-              "itself, the runner does it for the others."]
+              f"itself, the runner does it for the others; each is the fastest of {PATCH_REPEAT} runs. d4c's "
+              "deltas are made for a 5 Mbit/s link (`--link-mbit`, the default): its add-stream codings are the "
+              "ones that make bytes on that link plus decoding quickest (docs/DELTA.md)."]
     lines += render_compressed([p for p in corpus if is_compressed_row(p)] + extra, tools)
     if large:
         lines += ["", "## Large files (> 8 MB): threads", "",

@@ -36,6 +36,7 @@ SOURCES = ("deb http://deb.debian.org/debian bookworm main\n"
            "deb http://deb.debian.org/debian bookworm-updates main\n"
            "deb http://deb.debian.org/debian-security bookworm-security main\n")
 PY = sys.executable
+PEERS_TARGET = 0.85  # issue [4/6] (0.95 before compressed files were diffed by content)
 
 
 def sh(*cmd: str, **kw) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def,type-arg]
@@ -298,8 +299,10 @@ def render(r: dict[str, float], rows: list[tuple[str, int, int]]) -> str:
                        (f"best peer per changed file ({int(r['changed_files'])} files)", "peers"),
                        ("**d4c delta (cdimg)**", "delta")):
         lines.append(f"| {label} | {int(r[key]):,} | {r[key] / r['delta']:.2f}x |")
-    lines += ["", "Targets: d4c delta <= 0.95 x best-of-peers per-file total "
-              f"(measured **{r['delta'] / r['peers']:.3f}**), <= 0.55 x xdelta3 over the whole tar "
+    lines += ["", f"Targets: d4c delta <= {PEERS_TARGET} x best-of-peers per-file total "
+              f"(measured **{r['delta'] / r['peers']:.3f}**: "
+              f"**{'met' if r['delta'] <= PEERS_TARGET * r['peers'] else 'not met'}**; the peers diff a .gz as "
+              "bytes, d4c its content), <= 0.55 x xdelta3 over the whole tar "
               f"(measured **{r['delta'] / r['xdelta_tar']:.3f}**).", "",
               "## Time and memory (2 threads; timed around the command, interpreter start-up excluded; merge and diff A -> C: best of 3)", "",
               "| step | s | peak RSS |", "|---|---:|---:|",
