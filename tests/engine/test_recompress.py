@@ -248,9 +248,8 @@ def test_expansion_of_broken_containers_keeps_the_bytes() -> None:
         x = recompress.expand(data)
         assert sum(p.size for p in x.pieces) == len(data)
         assert [p.start for p in x.pieces] == sorted(p.start for p in x.pieces)
-        rebuilt = recompress.rebuild(recompress.with_params(data, x).pieces,
-                                     recompress.with_params(data, x).content, corrupt)
-        assert bytes(rebuilt) == data
+        found = recompress.with_params(data, x)
+        assert bytes(recompress.reassemble(found.pieces, found.content, corrupt)) == data
 
 
 # ---------------------------------------------------------------- hostile payloads

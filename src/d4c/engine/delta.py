@@ -852,7 +852,7 @@ def _apply_recompress(old: memoryview, payload: memoryview, new_size: int, sourc
                        source)
     if len(content) != content_size:
         raise CorruptDelta(source, "expanded content has the wrong size")
-    return recompress.rebuild(header.pieces, content, fail)
+    return recompress.reassemble(header.pieces, content, fail)
 
 
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",

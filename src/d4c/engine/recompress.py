@@ -511,7 +511,7 @@ def decode_table(data: bytes, file_size: int, fail: Callable[[str], None]) -> li
     return pieces
 
 
-def rebuild(pieces: list[Piece], content: bytes | memoryview, fail: Callable[[str], None]) -> bytearray:
+def reassemble(pieces: list[Piece], content: bytes | memoryview, fail: Callable[[str], None]) -> bytearray:
     """The file from its expanded content: raw pieces copied, streams recompressed
     (each must come out at its recorded size)."""
     view = memoryview(content).cast("B")
