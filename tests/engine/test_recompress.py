@@ -330,6 +330,18 @@ def test_hostile_block_lists_are_refused(tmp_path) -> None:  # type: ignore[no-u
         refused_by_patch(tmp_path, old, hostile)
 
 
+def test_an_inner_method_that_is_not_a_byte_method_is_refused() -> None:
+    """The expanded contents' delta is SA, PREFIX or WHOLE: a nested RECOMPRESS or an
+    unknown method is refused."""
+    old, _ = PAIR
+    d = delta.diff(*PAIR)
+    pre, head, h, inner = _split(d)
+    for method in (delta.METHOD_RECOMPRESS, 9):
+        hostile = pre + head[:-1] + bytes([method]) + inner
+        with pytest.raises(CorruptDelta, match="unknown method"):
+            delta.apply(old, hostile)
+
+
 def test_a_zlib_that_deflates_otherwise_is_refused_before_any_output(tmp_path) -> None:  # type: ignore[no-untyped-def]
     old, new = PAIR
     d = delta.diff(old, new)

@@ -75,12 +75,17 @@ def delta_size(host: str, tag: str) -> int:
     return min(a.size for a in found if a.is_delta)
 
 
-def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    reg, front = published
+def publish_versions(host: str) -> None:
+    """`ctr-cli publish` of REPO:1, then of REPO:2 with its delta from 1."""
     for tag, extra in (("1", ()), ("2", ("--from", "1"))):
-        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{host}/{REPO}:{tag}", "--plain-http",
                                "--blob-cache", "none", *extra)
         assert code == 0, err
+
+
+def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    reg, front = published
+    publish_versions(reg.host)
     with cri_device(tmp_path, front.host) as (ctrd, snap):
         channel, stub = cri_images(ctrd)
         try:
@@ -148,10 +153,7 @@ def test_ctr_cli_pull_from_the_registry_loads_and_runs(published, tmp_path) -> N
     """`ctr-cli pull --image docker://…` (no d4c server, no CRI): the full image, then the
     update as a delta from it, loaded into containerd and run."""
     reg, front = published
-    for tag, extra in (("1", ()), ("2", ("--from", "1"))):
-        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
-                               "--blob-cache", "none", *extra)
-        assert code == 0, err
+    publish_versions(reg.host)
     with cri_device(tmp_path, front.host) as (ctrd, snap):
         for tag, kind in (("1", "full image"), ("2", "delta from")):
             code, out, err = run_cli("pull", "--image", f"docker://{front.host}/{REPO}:{tag}", "--plain-http",

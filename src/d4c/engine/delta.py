@@ -638,8 +638,9 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     def cost(option: tuple[int, bytes, tuple[int, bytes], float]) -> tuple[float, int, int]:
         """Bytes only (link 0), or the seconds they take on the link plus their decoding."""
         size = len(option[2][1])
-        seconds = size * 8 / (link_mbit * 1e6) + option[3] * 1e-9 if link_mbit > 0 else 0.0
-        return (seconds, size, option[0]) if link_mbit > 0 else (size, option[0], option[2][0])
+        if link_mbit <= 0:
+            return (size, option[0], option[2][0])
+        return (size * 8 / (link_mbit * 1e6) + option[3] * 1e-9, size, option[0])
     diff_mode, diff_stream, diff_packed, _ = min(diff_options, key=cost)
     extra = b"".join(p.extra for p in parts)
     # column-coded per segment, so the patcher can stream the controls segment by segment
@@ -839,14 +840,11 @@ def _apply_recompress(old: memoryview, payload: memoryview, new_size: int, sourc
 
     base = recompress.expand(old)
     header = recompress.decode_header(payload, base, new_size, fail)
-    if any(p.kind in (recompress.KIND_DEFLATE, recompress.KIND_REBLOCKED) for p in header.pieces) and \
-            header.fingerprint != recompress.zlib_fingerprint():
+    if recompress.uses_zlib(header.pieces) and header.fingerprint != recompress.zlib_fingerprint():
         raise CorruptDelta(source, f"this zlib ({zlib.ZLIB_RUNTIME_VERSION}) deflates otherwise than the one the "
                            "delta was made with (fingerprints differ): it cannot rebuild the file bit-exactly")
     if header.old_size != len(base.content) or header.old_tag != recompress.content_tag(base.content):
         raise CorruptDelta(source, "the old file's content is not what the delta was made against")
-    if header.inner_method == METHOD_RECOMPRESS:
-        raise CorruptDelta(source, "nested recompression")
     content_size = sum(p.content_size for p in header.pieces)
     content = _rebuild(memoryview(base.content), header.inner_method, payload[header.inner_at:], content_size,
                        source)

@@ -347,11 +347,10 @@ def find_params(kind: int, stream: memoryview, content: bytes,
     """(kind, parameters, blocks) under which this machine's zlib/lzma re-create `stream`
     from `content`: the stream whole, or (deflate) zlib's tokens in the stream's blocks."""
     if kind == KIND_DEFLATE:
-        guesses = list(dict.fromkeys(_deflate_guesses(first)))
-        for p in guesses:
+        for p in dict.fromkeys(_deflate_guesses(first)):
             if _recreates(stream, content, lambda p=p: _deflater(p)):
                 return KIND_DEFLATE, p, ()
-        return _reblocked(stream, content, guesses)
+        return _reblocked(stream, content, first)
     check = stream[7] & 0x0F if len(stream) > 8 else -1
     if check not in (lzma.CHECK_NONE, lzma.CHECK_CRC32, lzma.CHECK_CRC64, lzma.CHECK_SHA256):
         return None
@@ -363,17 +362,19 @@ def find_params(kind: int, stream: memoryview, content: bytes,
     return None
 
 
-REBLOCK_GUESSES = 4  # the first guesses tried for their tokens: zlib's levels 6 and 9 at memLevel 8 and 9
+# guesses tried for their tokens, each a whole compression (a wrong exact guess stops at its
+# first block, these do not): the previous member's, then gzip -9's and -6's (zlib level 9 and 6
+# at memLevel 8, which is GNU gzip's hash size), then the same at memLevel 9
+REBLOCK_GUESSES = (Params(9, 8, 15, 0), Params(6, 8, 15, 0), Params(9, 9, 15, 0), Params(6, 9, 15, 0))
 
 
 def _reblocked(stream: memoryview, content: bytes,
-               guesses: list[Params]) -> tuple[int, Params, tuple[tuple[int, int], ...]] | None:
+               first: Params | None) -> tuple[int, Params, tuple[tuple[int, int], ...]] | None:
     kernel = accel.deflate
     rc, tokens, blocks, used = kernel.tokens(stream, len(content) + 1)
     if rc or used != len(stream):
         return None
-    order = [g for g in guesses if g.d == zlib.Z_DEFAULT_STRATEGY and g.a in (9, 6)]
-    for p in order[:REBLOCK_GUESSES] + [g for g in guesses if g not in order[:REBLOCK_GUESSES]]:
+    for p in dict.fromkeys(([first] if first is not None else []) + list(REBLOCK_GUESSES)):
         rc, ours, _, _ = kernel.tokens(recompress(KIND_DEFLATE, p, content), len(content) + 1)
         if rc or len(ours) != len(tokens) or not np.array_equal(ours, tokens):
             continue
@@ -565,6 +566,11 @@ def zlib_fingerprint() -> bytes:
     return _fingerprint
 
 
+def uses_zlib(pieces: list[Piece]) -> bool:
+    """Whether rebuilding these pieces needs a zlib that deflates as the diff's did."""
+    return any(p.kind in (KIND_DEFLATE, KIND_REBLOCKED) for p in pieces)
+
+
 def content_tag(content: bytes | memoryview) -> bytes:
     """8 bytes naming an expanded old file, so a patcher whose parser expanded it
     otherwise says so instead of producing garbage."""
@@ -589,8 +595,7 @@ def encode_header(old: Expanded, new: Expanded, inner_method: int) -> bytes:
         old_table, dict_type=zstandard.DICT_TYPE_RAWCONTENT)).compress(table)
     enc = Encoder()
     enc.u8(PAYLOAD_VERSION)
-    uses_zlib = any(p.kind in (KIND_DEFLATE, KIND_REBLOCKED) for p in new.pieces)
-    enc.raw(zlib_fingerprint() if uses_zlib else bytes(8))
+    enc.raw(zlib_fingerprint() if uses_zlib(new.pieces) else bytes(8))
     enc.uvarint(len(old.content))
     enc.raw(content_tag(old.content))
     enc.uvarint(len(table))
