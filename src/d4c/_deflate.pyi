@@ -9,15 +9,17 @@ from typing_extensions import Buffer
 # a Cython typed memoryview takes any uint8 buffer; numpy declares __buffer__ only from Python 3.12 on
 _Bytes: TypeAlias = Buffer | NDArray[np.uint8]
 
-API_VERSION: Final = "1"
+API_VERSION: Final = "2"
 E_TRUNCATED: Final = -1
 E_BAD: Final = -2
 E_TOO_MANY: Final = -3
 E_NOMEM: Final = -4
 E_OVERFLOW: Final = -5
 
-def tokens(stream: _Bytes, max_tokens: int) -> tuple[int, NDArray[np.uint32], NDArray[np.int64], int]:
-    """(0 or a negative error, tokens, blocks [n, 2] of (type, token count), bytes of `stream` used)."""
+def tokens(stream: _Bytes, max_tokens: int,
+           history: int = 0) -> tuple[int, NDArray[np.uint32], NDArray[np.int64], int]:
+    """(0 or a negative error, tokens, blocks [n, 2] of (type, token count), bytes of `stream` used);
+    distances may reach `history` bytes before the stream."""
 
 def encode(toks: NDArray[np.uint32], blocks: NDArray[np.int64], content: _Bytes,
            capacity: int) -> tuple[int, bytes]:

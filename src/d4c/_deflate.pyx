@@ -14,7 +14,7 @@ from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
-API_VERSION = "1"
+API_VERSION = "2"
 # what the negative results mean (the same in _deflate_py)
 E_TRUNCATED, E_BAD, E_TOO_MANY, E_NOMEM, E_OVERFLOW = (ERR_TRUNCATED, ERR_BAD, ERR_TOO_MANY, ERR_NOMEM,
                                                       ERR_OVERFLOW)
@@ -167,7 +167,7 @@ cdef int _grow_blocks(int64_t** blocks, Py_ssize_t* cap) noexcept nogil:
 
 cdef int _read_stream(const uint8_t* data, Py_ssize_t size, uint32_t* toks, Py_ssize_t max_tokens,
                       int64_t** blocks, Py_ssize_t* nblocks, Py_ssize_t* cap, Py_ssize_t* ntok,
-                      Py_ssize_t* used) noexcept nogil:
+                      Py_ssize_t* used, Py_ssize_t history) noexcept nogil:
     cdef Reader r
     cdef Huffman lt, dt, ct
     cdef uint8_t lens[320]
@@ -285,7 +285,7 @@ cdef int _read_stream(const uint8_t* data, Py_ssize_t size, uint32_t* toks, Py_s
                     dist = DBASE[ds] + _bits(&r, DEXT[ds])
                     if r.err:
                         return ERR_TRUNCATED
-                    if dist > out_len:
+                    if dist > out_len + history:
                         return ERR_BAD
                     if k >= max_tokens:
                         return ERR_TOO_MANY
@@ -304,9 +304,10 @@ cdef int _read_stream(const uint8_t* data, Py_ssize_t size, uint32_t* toks, Py_s
     return 0
 
 
-def tokens(const uint8_t[::1] stream, Py_ssize_t max_tokens):
+def tokens(const uint8_t[::1] stream, Py_ssize_t max_tokens, Py_ssize_t history=0):
     """(0, tokens uint32, blocks int64 [n, 2] of (type, token count), bytes used), or
-    (negative error, ...) for a truncated or invalid stream or more than `max_tokens`."""
+    (negative error, ...) for a truncated or invalid stream or more than `max_tokens`.
+    history: bytes before the stream that distances may reach (a preset dictionary)."""
     import numpy as np  # here: `version` loads every kernel, and must not load numpy (~10 MiB)
     cdef Py_ssize_t cap = 16, nblocks = 0, ntok = 0, used = 0
     cdef int rc
@@ -318,7 +319,7 @@ def tokens(const uint8_t[::1] stream, Py_ssize_t max_tokens):
     try:
         with nogil:
             rc = _read_stream(&stream[0] if stream.shape[0] else NULL, stream.shape[0], &tv[0], max_tokens,
-                              &blocks, &nblocks, &cap, &ntok, &used)
+                              &blocks, &nblocks, &cap, &ntok, &used, history)
         if rc < 0:
             return rc, np.zeros(0, np.uint32), np.zeros((0, 2), np.int64), 0
         out = np.empty((nblocks, 2), dtype=np.int64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-API_VERSION = "1"
+API_VERSION = "2"
 
 LBASE = (3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
          195, 227, 258)
@@ -100,9 +100,10 @@ def _fixed() -> tuple[list[int], list[int]]:
     return [8] * 144 + [9] * 112 + [7] * 24 + [8] * 8, [5] * 30
 
 
-def tokens(stream: bytes | memoryview, max_tokens: int) -> tuple[int, np.ndarray, np.ndarray, int]:
+def tokens(stream: bytes | memoryview, max_tokens: int, history: int = 0) -> tuple[int, np.ndarray, np.ndarray, int]:
     """(0, tokens uint32, blocks int64 [n, 2] of (type, token count), bytes used), or
-    (negative error, ...) for a truncated or invalid stream or more than `max_tokens`."""
+    (negative error, ...) for a truncated or invalid stream or more than `max_tokens`.
+    history: bytes before the stream that distances may reach (a preset dictionary)."""
     bits = _Bits(bytes(stream))
     toks: list[int] = []
     blocks: list[tuple[int, int]] = []
@@ -167,7 +168,7 @@ def tokens(stream: bytes | memoryview, max_tokens: int) -> tuple[int, np.ndarray
                         if ds > 29:
                             return (E_BAD, *empty)
                         dist = DBASE[ds] + bits.get(DEXT[ds])
-                        if dist > out_len:
+                        if dist > out_len + history:
                             return (E_BAD, *empty)
                         toks.append((length << MATCH_SHIFT) | dist)
                         out_len += length

@@ -226,18 +226,37 @@ cdef inline int64_t _matchlen(const uint8_t* a, int64_t alen, const uint8_t* b, 
 
 
 cdef int64_t _search(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
-                     int64_t newsize, int64_t* pos) noexcept nogil:
+                     int64_t newsize, int64_t* pos, const int64_t* buckets) noexcept nogil:
     """Longest match of new[...] in old: binary search over the suffix array.
 
     Keeps the match lengths of both bounds: every suffix between them shares at
     least the smaller one with new, so comparisons start there (Manber & Myers),
     making a search O(log n + match length) instead of O(log n * match length).
+    buckets (_prefix_buckets) settles the steps outside new's
+    range without touching old: the same steps, so the same answer, with fewer
+    cache misses.
     """
-    cdef int64_t st = 0, en = oldsize, mid, k, p, avail, l
-    cdef int64_t lst = _matchlen(old + sa[0], oldsize - sa[0], new, newsize)
-    cdef int64_t len_ = _matchlen(old + sa[en], oldsize - sa[en], new, newsize)
+    cdef int64_t st = 0, en = oldsize, mid, k, p, avail, l, lo = 0, hi = oldsize + 1
+    cdef int64_t lst, len_
+    if newsize >= 2:
+        k = (<int64_t>new[0] << 8) | new[1]
+        lo = buckets[k]
+        hi = lo + buckets[65536 + k]
+    if hi <= lo:  # no suffix starts with those two bytes: the plain search
+        lo = 0
+        hi = oldsize + 1
+    lst = _matchlen(old + sa[0], oldsize - sa[0], new, newsize) if lo == 0 else 0
+    len_ = _matchlen(old + sa[en], oldsize - sa[en], new, newsize) if hi > oldsize else 0
     while en - st >= 2:
         mid = st + (en - st) // 2
+        if mid < lo:  # sorts before every suffix sharing new's first two bytes
+            st = mid
+            lst = 0
+            continue
+        if mid >= hi:
+            en = mid
+            len_ = 0
+            continue
         k = lst if lst < len_ else len_
         p = sa[mid]
         avail = oldsize - p
@@ -251,11 +270,33 @@ cdef int64_t _search(const idx_t* sa, const uint8_t* old, int64_t oldsize, const
         else:
             en = mid
             len_ = l
+    if st < lo:  # outside the range: at most one byte in common, measured now
+        lst = _matchlen(old + sa[st], oldsize - sa[st], new, newsize)
+    if en >= hi:
+        len_ = _matchlen(old + sa[en], oldsize - sa[en], new, newsize)
     if lst > len_:
         pos[0] = sa[st]
         return lst
     pos[0] = sa[en]
     return len_
+
+
+cdef void _prefix_buckets(const uint8_t* old, int64_t oldsize, int64_t* buckets) noexcept nogil:
+    """buckets[ab] and buckets[ab + 1]: where the suffixes starting with bytes a, b begin
+    and end in the suffix array (sa[0] is the empty suffix; the one-byte suffix old[-1:]
+    sorts before the longer ones starting with its byte).  2 x 65536 entries:
+    starts, then counts."""
+    cdef int64_t i, x, at = 1
+    cdef int64_t* counts = buckets + 65536
+    for i in range(2 * 65536):
+        buckets[i] = 0
+    for i in range(oldsize - 1):
+        counts[(<int64_t>old[i] << 8) | old[i + 1]] += 1
+    for x in range(65536):
+        if (x & 255) == 0 and oldsize > 0 and old[oldsize - 1] == (x >> 8):
+            at += 1
+        buckets[x] = at
+        at += counts[x]
 
 
 cdef struct _Out:
@@ -286,6 +327,18 @@ cdef int _emit(_Out* o, int64_t a, int64_t b, int64_t c) noexcept nogil:
 cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
                int64_t newsize, _Out* o, int64_t slack) noexcept nogil:
     """bsdiff's scan: approximate matches (copy + add bytes) and inserted bytes."""
+    cdef int64_t* buckets = <int64_t*>malloc(2 * 65536 * sizeof(int64_t))
+    cdef int rc
+    if buckets == NULL:
+        return -1
+    _prefix_buckets(old, oldsize, buckets)
+    rc = _scan_with(sa, old, oldsize, new, newsize, o, slack, buckets)
+    free(buckets)
+    return rc
+
+
+cdef int _scan_with(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8_t* new,
+                    int64_t newsize, _Out* o, int64_t slack, const int64_t* buckets) noexcept nogil:
     cdef int64_t scan = 0, length = 0, pos = 0, lastscan = 0, lastpos = 0, lastoffset = 0
     cdef int64_t oldscore, scsc, s, sf, lenf, sb, lenb, i, overlap, ss, lens
     while scan < newsize:
@@ -293,7 +346,7 @@ cdef int _scan(const idx_t* sa, const uint8_t* old, int64_t oldsize, const uint8
         scan += length
         scsc = scan
         while scan < newsize:
-            length = _search(sa, old, oldsize, new + scan, newsize - scan, &pos)
+            length = _search(sa, old, oldsize, new + scan, newsize - scan, &pos, buckets)
             while scsc < scan + length:
                 if scsc + lastoffset < oldsize and scsc + lastoffset >= 0 \
                         and old[scsc + lastoffset] == new[scsc]:

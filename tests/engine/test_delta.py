@@ -6,6 +6,7 @@ import bz2
 import hashlib
 import lzma
 import os
+import random
 import struct
 
 import numpy as np
@@ -129,6 +130,20 @@ def test_the_coder_is_used_where_its_bytes_outweigh_its_decoding() -> None:
     assert delta.apply(old, default) == new
     with pytest.raises(D4CError):
         delta.diff(old, new, link_mbit=-1)
+
+
+def test_bzip2_of_a_large_plain_stream_is_judged_by_a_sample(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Only when its sampled rate could beat the best coding on the link is bzip2 run on
+    the whole stream; below the sample size, or for bytes alone, it always is."""
+    rnd = random.Random(3)
+    raw = bytes(rnd.choice(b"\0\0\0\0\0\0\1\2\x80") for _ in range(delta.BZ2_SAMPLE_MIN))
+    seen = []
+    real = delta.bz2.compress
+    monkeypatch.setattr(delta.bz2, "compress", lambda data, level: seen.append(len(data)) or real(data, level))
+    assert delta._bz2_may_pay(raw, 10.0, 5.0) and not delta._bz2_may_pay(raw, 0.001, 5.0)
+    assert seen == [delta.BZ2_SAMPLE // delta.BZ2_SAMPLE_PIECES * delta.BZ2_SAMPLE_PIECES] * 2
+    assert delta._bz2_may_pay(raw, 0.0, 0) and delta._bz2_may_pay(raw[:1000], 0.0, 5.0)
+    assert len(seen) == 2
 
 
 def test_unrelated_files_fall_back_to_whole() -> None:

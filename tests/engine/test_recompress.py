@@ -222,6 +222,14 @@ def test_deflate_kernel_matches_its_reference_and_zlib() -> None:
         assert k.encode(np.array([97, 98], np.uint32), np.array([[2, 3]], np.int64), b"ab", 100)[0] < 0
         assert k.encode(np.array([97, 98], np.uint32), np.array([[2, 1]], np.int64), b"ab", 100)[0] < 0
         assert k.encode(np.array([97, 98], np.uint32), np.array([[2, 2]], np.int64), b"ab", 2)[0] < 0
+    # a stream made with a preset dictionary reaches before its start: only as far as allowed
+    text_ = prose(8000, 7)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15, 8, 0, zdict=text_[:4000])
+    z = c.compress(text_[4000:]) + c.flush()
+    ours, ref = _deflate.tokens(z, 8000, 4000), _deflate_py.tokens(z, 8000, 4000)
+    assert ours[0] == ref[0] == 0 and np.array_equal(ours[1], ref[1])
+    assert int(recompress.token_lengths(ours[1]).sum()) == 4000
+    assert _deflate.tokens(z, 8000)[0] == _deflate_py.tokens(z, 8000)[0] == _deflate.E_BAD
 
 
 def test_a_stream_that_does_not_recreate_stays_raw() -> None:
@@ -365,11 +373,12 @@ def test_a_version_1_reader_view_and_method_checks() -> None:
     assert int.from_bytes(plain[8:10], "little") == delta.VERSION
 
 
+@pytest.mark.parametrize("base", ["one gzip", "a zip copying and splicing old streams"])
 @SETTINGS
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
-def test_fuzz_mutated_recompress_delta(mutations: list[tuple[int, int]]) -> None:
-    old, new = FUZZ_PAIR
-    bad = bytearray(FUZZ_DELTA)
+def test_fuzz_mutated_recompress_delta(base: str, mutations: list[tuple[int, int]]) -> None:
+    (old, new), d = FUZZ_BASES[base]
+    bad = bytearray(d)
     for pos, value in mutations:
         bad[pos % len(bad)] = value
     try:
@@ -382,13 +391,24 @@ def test_fuzz_mutated_recompress_delta(mutations: list[tuple[int, int]]) -> None
 FUZZ_PAIR = (gz(text(6000, 31), 6), gz(edited(text(6000, 31), 32), 6))
 FUZZ_DELTA = delta.diff(*FUZZ_PAIR)
 
-GOLDEN = os.path.join(TESTS, "data", "golden-v2-recompress.delta")
-GOLDEN_SHA256 = "e0f4b6b08a69229ae12ccfc2c76ac5a83949eb8f74a7332d5e105ccc54ac57dd"
+GOLDEN_P1 = os.path.join(TESTS, "data", "golden-v2-recompress.delta")
+GOLDEN_P1_SHA256 = "e0f4b6b08a69229ae12ccfc2c76ac5a83949eb8f74a7332d5e105ccc54ac57dd"
+GOLDEN = os.path.join(TESTS, "data", "golden-v2-recompress-linked.delta")
+GOLDEN_SHA256 = "fc76a0d642a2657845181b2f89dac8d5bc1f6d1117c548dd44787149192c8c27"
+
+
+def golden_p1_pair() -> tuple[bytes, bytes]:
+    old_m = members(40, 6)
+    return make_zip(old_m, stored=("pkg/mod2.py",)), make_zip(new_members(old_m), stored=("pkg/mod2.py",))
 
 
 def golden_pair() -> tuple[bytes, bytes]:
+    """A zip with unchanged members (copied from the old file) and a large changed one (spliced)."""
     old_m = members(40, 6)
-    return make_zip(old_m, stored=("pkg/mod2.py",)), make_zip(new_members(old_m), stored=("pkg/mod2.py",))
+    old_m["doc/big.txt"] = text(150_000, 41)
+    new_m = new_members(old_m)
+    new_m["doc/big.txt"] = edited(old_m["doc/big.txt"], 42)
+    return make_zip(old_m, stored=("pkg/mod2.py",)), make_zip(new_m, stored=("pkg/mod2.py",))
 
 
 def test_golden_recompress_delta() -> None:
@@ -399,17 +419,125 @@ def test_golden_recompress_delta() -> None:
     _, _, h, _ = _split(stored, old)
     if h.fingerprint != recompress.zlib_fingerprint():
         pytest.skip(f"this zlib ({zlib.ZLIB_RUNTIME_VERSION}) deflates otherwise than the golden file's")
+    assert any(p.kind == recompress.KIND_SPLICED for p in h.pieces)
+    assert any(p.source >= 0 and p.kind != recompress.KIND_SPLICED for p in h.pieces)
     d = delta.diff(old, new)
     assert hashlib.sha256(d).hexdigest() == GOLDEN_SHA256
     assert stored == d
     assert delta.apply(old, stored) == new
 
 
+def test_a_payload_version_1_delta_still_applies() -> None:
+    """Made before tables could name old streams: read as it was written."""
+    old, new = golden_p1_pair()
+    with open(GOLDEN_P1, "rb") as f:
+        stored = f.read()
+    assert hashlib.sha256(stored).hexdigest() == GOLDEN_P1_SHA256
+    assert memoryview(stored)[delta.PREAMBLE.size] == 1  # its payload version
+    _, _, h, _ = _split(stored, old)
+    if h.fingerprint != recompress.zlib_fingerprint():
+        pytest.skip(f"this zlib ({zlib.ZLIB_RUNTIME_VERSION}) deflates otherwise than the golden file's")
+    assert all(p.source < 0 for p in h.pieces)
+    assert delta.apply(old, stored) == new
+
+
 def test_table_codec_round_trip() -> None:
-    pieces = recompress.with_params(PAIR[1], recompress.expand(PAIR[1])).pieces
-    table = recompress.encode_table(pieces)
-    assert recompress.decode_table(table, len(PAIR[1]), corrupt) == pieces
+    old = recompress.expand(PAIR[0]).pieces
+    for new, old_x in ((PAIR[1], PAIR[0]), golden_pair()[::-1]):
+        base = recompress.expand(old_x)
+        x = recompress.link_to_old(old_x, base, new, recompress.with_params(new, recompress.expand(new)))
+        table = recompress.encode_table(x.pieces, base.pieces)
+        version = recompress.table_version(x.pieces)
+        assert recompress.decode_table(table, len(new), corrupt, version, base.pieces) == x.pieces
+    table = recompress.encode_table(recompress.with_params(PAIR[1], recompress.expand(PAIR[1])).pieces)
     with pytest.raises(CorruptDelta, match="trailing"):
-        recompress.decode_table(table + b"\0", len(PAIR[1]), corrupt)
+        recompress.decode_table(table + b"\0", len(PAIR[1]), corrupt, 1, old)
     with pytest.raises(CorruptDelta, match="add up"):
-        recompress.decode_table(table, len(PAIR[1]) + 1, corrupt)
+        recompress.decode_table(table, len(PAIR[1]) + 1, corrupt, 1, old)
+
+
+# ---------------------------------------------------------------- old streams: copies and splices
+
+def test_unchanged_members_are_copied_not_recompressed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    old_m = members(70, 10)
+    old, new = make_zip(old_m), make_zip(new_members(old_m))
+    base = recompress.expand(old)
+    x = recompress.link_to_old(old, base, new, recompress.with_params(new, recompress.expand(new)))
+    streams = [p for p in x.pieces if p.kind != recompress.KIND_RAW]
+    copied = [p for p in streams if p.source >= 0]
+    assert len(copied) == len(streams) - 2  # all but the edited and the added member
+    for p in copied:
+        src = base.pieces[p.source]
+        assert old[src.start:src.start + src.size] == new[p.start:p.start + p.size]
+    d = delta.diff(old, new)
+    rebuilt = []
+    real = recompress.restream
+    monkeypatch.setattr(recompress, "restream", lambda piece, content: rebuilt.append(piece) or real(piece, content))
+    assert delta.apply(old, d) == new
+    assert len(rebuilt) == 2
+
+
+@pytest.mark.parametrize("maker", ["zlib-9", "zlib-6", "gnu-9"])
+def test_a_large_stream_is_spliced_from_the_old_one(maker: str) -> None:
+    """An entry on top and three words changed: on patch zlib deflates the stretches
+    around the changes only, the rest are the old stream's tokens."""
+    content = prose(300_000, 80)
+    if maker.startswith("gnu"):
+        need(shutil.which("gzip") is not None, "GNU gzip is not installed")
+        old, new = gnu_gzip(content, 9), gnu_gzip(edited(content, 81), 9)
+    else:
+        level = int(maker.split("-")[1])
+        old, new = gz(content, level), gz(edited(content, 81), level)
+    base = recompress.expand(old)
+    x = recompress.link_to_old(old, base, new, recompress.with_params(new, recompress.expand(new)))
+    (spliced,) = [p for p in x.pieces if p.kind == recompress.KIND_SPLICED]
+    assert spliced.runs and spliced.source >= 0
+    deflated = []
+    real = recompress._stretch
+    def spy(p, view, start, end, count):  # type: ignore[no-untyped-def]
+        deflated.append(end - start)
+        return real(p, view, start, end, count)
+    d = roundtrip(old, new)
+    recompress._stretch = spy
+    try:
+        assert delta.apply(old, d) == new
+    finally:
+        recompress._stretch = real
+    assert 0 < sum(deflated) <= recompress.SPLICE_SAVES * spliced.content_size
+
+
+def test_hostile_splices_and_sources_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    old, new = golden_pair()
+    d = delta.diff(old, new)
+    _, _, h, _ = _split(d, old)
+    base = recompress.expand(old).pieces
+    i = next(i for i, p in enumerate(h.pieces) if p.kind == recompress.KIND_SPLICED)
+    j = next(j for j, p in enumerate(h.pieces) if p.source >= 0 and p.kind != recompress.KIND_SPLICED)
+    run = h.pieces[i].runs[-1]
+    other_size = next(k for k, p in enumerate(base) if p.kind != recompress.KIND_RAW and p.size != h.pieces[j].size)
+    bad = {
+        "run past the old tokens": (i, h.pieces[i]._replace(runs=h.pieces[i].runs[:-1] + (
+            run._replace(old_start=run.old_start + 10**6),))),
+        "run past the new tokens": (i, h.pieces[i]._replace(runs=h.pieces[i].runs[:-1] + (
+            run._replace(count=run.count + 10**6),))),
+        "run at the wrong place": (i, h.pieces[i]._replace(runs=h.pieces[i].runs[:-1] + (
+            run._replace(content_at=run.content_at + 1),))),
+        "a copy of a stream of another size": (j, h.pieces[j]._replace(source=other_size)),
+    }
+    for what, (k, piece) in bad.items():
+        pieces = list(h.pieces)
+        pieces[k] = piece
+        hostile = _with_table(d, pieces, old=old)
+        with pytest.raises(CorruptDelta):
+            delta.apply(old, hostile)
+        refused_by_patch(tmp_path, old, hostile)
+    # read against an old file without those streams
+    table = recompress.encode_table(h.pieces, base)
+    only_raw = [p for p in base if p.kind == recompress.KIND_RAW]
+    with pytest.raises(CorruptDelta, match="names an old stream"):
+        recompress.decode_table(table, len(new), corrupt, 2, only_raw)
+
+
+LINKED_PAIR = golden_pair()
+FUZZ_BASES = {"one gzip": (FUZZ_PAIR, FUZZ_DELTA), "a zip copying and splicing old streams":
+              (LINKED_PAIR, delta.diff(*LINKED_PAIR))}

@@ -157,7 +157,8 @@ def _pack_stream(data: bytes, level: int, kind: str = "small", threads: int = 1)
     return min(_pack_candidates(data, level, kind, threads), key=lambda o: (len(o[1]), o[0]))
 
 
-def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int = 1) -> list[tuple[int, bytes]]:
+def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int = 1,
+                     with_bz2: bool = True) -> list[tuple[int, bytes]]:
     """(codec, frame) of each codec likely to win for this kind of stream.
 
     kind: "raw" (the plain add stream: mostly zeros, bzip2 wins, lzma -9e and
@@ -168,7 +169,8 @@ def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int 
     if kind == "fast":
         jobs = [(CODEC_ZSTD, lambda: _compress(data, level))]
     elif kind == "raw":
-        jobs = [(CODEC_BZ2, lambda: bz2.compress(data, 9)), (CODEC_ZSTD, lambda: _compress(data, 3))]
+        jobs = [(CODEC_BZ2, lambda: bz2.compress(data, 9))] if with_bz2 else []
+        jobs.append((CODEC_ZSTD, lambda: _compress(data, 3)))
     else:
         sparse = kind == "sparse"
         jobs = [(CODEC_ZSTD, (lambda: _compress_sparse(data, max(level, SPARSE_ZSTD_LEVEL))) if sparse
@@ -511,6 +513,7 @@ def _recompress_payload(old: memoryview, new: memoryview, options: dict[str, flo
     if not expanded.compressed:
         return None  # no stream re-creates: the bytes are all there is
     base = recompress.expand(old)
+    expanded = recompress.link_to_old(old, base, new, expanded)
     method, inner = diff_payload(base.content, expanded.content, expand=False, **options)  # type: ignore[arg-type]
     return recompress.encode_header(base, expanded, method) + inner
 
@@ -561,6 +564,28 @@ def _cm_decisions(parts: list[SegmentDiff]) -> int:
 
 def _cm_pays(saved_bytes: float, decisions: int, link_mbit: float) -> bool:
     return link_mbit <= 0 or saved_bytes * 8 / (link_mbit * 1e6) > decisions * CM_DECODE_NS * 1e-9
+
+
+BZ2_SAMPLE = 900_000      # one bzip2 block, made of pieces spread over the stream
+BZ2_SAMPLE_PIECES = 9
+BZ2_SAMPLE_MIN = 3 * BZ2_SAMPLE
+BZ2_SAMPLE_MARGIN = 0.1   # how much smaller than the sample's rate the whole may come out
+
+
+def _bz2_may_pay(raw: bytes, best_seconds: float, link_mbit: float) -> bool:
+    """Whether bzip2 of the plain add stream can beat the best coding so far on link plus
+    decode time.  A large stream is judged by a one-block sample, a third of the work or
+    less (on the corpus' binaries of 3-5 MB the sample's rate was 3-8 % above the whole's;
+    one block from the middle was off by up to 67 %), since bzip2 is a sixth of the diff
+    time of a 5 MB binary and did not win on any of them at 5 Mbit/s."""
+    if link_mbit <= 0 or len(raw) < BZ2_SAMPLE_MIN:
+        return True
+    piece = BZ2_SAMPLE // BZ2_SAMPLE_PIECES
+    step = len(raw) // BZ2_SAMPLE_PIECES
+    sample = b"".join(raw[i * step:i * step + piece] for i in range(BZ2_SAMPLE_PIECES))
+    rate = len(bz2.compress(sample, 9)) / len(sample)
+    estimate = rate * len(raw) * (1 - BZ2_SAMPLE_MARGIN)
+    return estimate * 8 / (link_mbit * 1e6) + DECODE_NS[CODEC_BZ2] * len(raw) * 1e-9 < best_seconds
 
 
 def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int,
@@ -625,15 +650,12 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     # general codecs is 1.5x larger or more) and bytes are all that count, skip their
     # slow settings: measured on the corpus, same total size and 25% less diff time.
     # Otherwise try them all (weighing the coder needs its real rivals).
-    if quick is not None and use_cm and link_mbit <= 0 and len(quick[1]) >= 1.5 * len(diff_options[0][1]):
+    cm_clearly_wins = quick is not None and use_cm and link_mbit <= 0 and len(quick[1]) >= 1.5 * len(blob)
+    if cm_clearly_wins:
         diff_options.append((DIFF_SPARSE, sparse, quick, 0.0))
     else:
         diff_options += [(DIFF_SPARSE, sparse, c, DECODE_NS[c[0]] * len(sparse))
                          for c in _pack_candidates(sparse, level, "sparse", threads)]
-        if keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
-            raw = b"".join(p.raw or b"" for p in parts)
-            diff_options += [(DIFF_RAW, raw, c, DECODE_NS[c[0]] * len(raw))
-                             for c in _pack_candidates(raw, level, "raw", threads)]
 
     def cost(option: tuple[int, bytes, tuple[int, bytes], float]) -> tuple[float, int, int]:
         """Bytes only (link 0), or the seconds they take on the link plus their decoding."""
@@ -641,6 +663,11 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
         if link_mbit <= 0:
             return (size, option[0], option[2][0])
         return (size * 8 / (link_mbit * 1e6) + option[3] * 1e-9, size, option[0])
+    if not cm_clearly_wins and keep_raw and len(sparse) > dpos[-1] // 8:  # dense changes: the plain stream may win
+        raw = b"".join(p.raw or b"" for p in parts)
+        with_bz2 = _bz2_may_pay(raw, cost(min(diff_options, key=cost))[0], link_mbit)
+        diff_options += [(DIFF_RAW, raw, c, DECODE_NS[c[0]] * len(raw))
+                         for c in _pack_candidates(raw, level, "raw", threads, with_bz2)]
     diff_mode, diff_stream, diff_packed, _ = min(diff_options, key=cost)
     extra = b"".join(p.extra for p in parts)
     # column-coded per segment, so the patcher can stream the controls segment by segment
@@ -850,7 +877,7 @@ def _apply_recompress(old: memoryview, payload: memoryview, new_size: int, sourc
                        source)
     if len(content) != content_size:
         raise CorruptDelta(source, "expanded content has the wrong size")
-    return recompress.reassemble(header.pieces, content, fail)
+    return recompress.reassemble(header.pieces, content, fail, old, base.pieces)
 
 
 _APPLY_ERRORS = {-1: "negative length", -2: "output overflow", -3: "copy outside the old file",

@@ -29,20 +29,39 @@ import zstandard
 from .. import accel
 from ..codec import Cursor, Encoder
 
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION = 2           # written when a table names old streams, else 1
+READ_PAYLOAD_VERSIONS = (1, 2)
 # KIND_REBLOCKED: zlib finds the stream's tokens but ends its blocks elsewhere (GNU gzip's deflate):
-# zlib's tokens are written out again in the stream's own blocks (the _deflate kernel)
-KIND_RAW, KIND_DEFLATE, KIND_XZ, KIND_REBLOCKED = 0, 1, 2, 3
-STREAM_KINDS = (KIND_DEFLATE, KIND_XZ, KIND_REBLOCKED)
+# zlib's tokens are written out again in the stream's own blocks (the _deflate kernel).
+# KIND_SPLICED: a deflate stream whose tokens are runs of an old stream's tokens between stretches
+# zlib makes again (each from a clean point, with the 32 KiB before it as a preset dictionary).
+# Any other stream that names an old stream (Piece.source) is that stream byte for byte (an
+# unchanged zip member): copied, not recompressed.
+KIND_RAW, KIND_DEFLATE, KIND_XZ, KIND_REBLOCKED, KIND_SPLICED = 0, 1, 2, 3, 4
+STREAM_KINDS = (KIND_DEFLATE, KIND_XZ, KIND_REBLOCKED, KIND_SPLICED)
+BLOCK_KINDS = (KIND_REBLOCKED, KIND_SPLICED)   # the table lists their deflate blocks
+V1_KINDS = (KIND_RAW, KIND_DEFLATE, KIND_XZ, KIND_REBLOCKED)
 EXPANDED_LIMIT = 2 << 30      # bytes an expansion may reach; beyond, a file counts as not compressed
 DEFLATE_RATIO = 1032          # deflate's largest expansion: 258 bytes from 2 bits
 XZ_RATIO = 8000               # generous: lzma2 reaches ~7000:1 on runs of one byte
 MIN_STREAM = 64               # smaller compressed streams are kept raw: nothing to gain
 COMPARE_STEP = 64 << 10       # content fed per step while checking a guess
 LEVELS = (6, 9, 1, 5, 4, 3, 2, 7, 8)   # zlib's default first, then gzip -9, then the rest
+MEM_LEVELS = (8, 9)           # zlib's default, and the largest
 XZ_PRESETS = (6, 9, 0, 1, 2, 3, 4, 5, 7, 8)
 XZ_MAX_CONTENT = 64 << 20     # lzma guesses are slow: larger .xz files stay raw
 XZ_EXTREME = 0x80             # in a stored xz preset byte: lzma.PRESET_EXTREME
+
+
+Blocks = tuple[tuple[int, int], ...]  # (block type, token count) of each deflate block
+
+
+class Run(NamedTuple):
+    """Tokens of a spliced stream copied from the old stream's."""
+    start: int          # first token in the new stream
+    content_at: int     # where that token's bytes start in the piece's content
+    old_start: int      # first token in the old stream
+    count: int
 
 
 class Params(NamedTuple):
@@ -59,7 +78,9 @@ class Piece(NamedTuple):
     size: int           # bytes in the file
     content_size: int   # bytes in the expanded file (== size for raw pieces)
     params: Params | None = None
-    blocks: tuple[tuple[int, int], ...] = ()  # KIND_REBLOCKED: (type, token count) of each block
+    blocks: Blocks = ()  # BLOCK_KINDS: (type, token count) of each block
+    source: int = -1     # the old file's piece this one is (or, spliced, is made from)
+    runs: tuple[Run, ...] = ()  # KIND_SPLICED, in token order
 
 
 class Expanded(NamedTuple):
@@ -334,23 +355,27 @@ def _recreates(stream: memoryview, content: bytes, make: Callable[[], object]) -
     return pos + len(out) == len(stream) and stream[pos:] == out
 
 
-def _deflate_guesses(first: Params | None) -> list[Params]:
-    out = [first] if first is not None else []
+def _deflate_guesses() -> list[Params]:
+    out = []
     for strategy in (zlib.Z_DEFAULT_STRATEGY, zlib.Z_FILTERED):
-        for mem in (8, 9):
+        for mem in MEM_LEVELS:
             out += [Params(level, mem, 15, strategy) for level in LEVELS]
     return out
 
 
 def find_params(kind: int, stream: memoryview, content: bytes,
-                first: Params | None = None) -> tuple[int, Params, tuple[tuple[int, int], ...]] | None:
+                first: Params | None = None) -> tuple[int, Params, Blocks] | None:
     """(kind, parameters, blocks) under which this machine's zlib/lzma re-create `stream`
     from `content`: the stream whole, or (deflate) zlib's tokens in the stream's blocks."""
     if kind == KIND_DEFLATE:
-        for p in dict.fromkeys(_deflate_guesses(first)):
-            if _recreates(stream, content, lambda p=p: _deflater(p)):
+        if first is not None and _recreates(stream, content, lambda: _deflater(first)):
+            return KIND_DEFLATE, first, ()
+        parsed = accel.deflate.tokens(stream, len(content) + 1)
+        mems = _zlib_mem_levels(parsed[2])
+        for p in _deflate_guesses():
+            if p != first and p.b in mems and _recreates(stream, content, lambda p=p: _deflater(p)):
                 return KIND_DEFLATE, p, ()
-        return _reblocked(stream, content, first)
+        return _reblocked(stream, content, first, parsed)
     check = stream[7] & 0x0F if len(stream) > 8 else -1
     if check not in (lzma.CHECK_NONE, lzma.CHECK_CRC32, lzma.CHECK_CRC64, lzma.CHECK_SHA256):
         return None
@@ -362,16 +387,25 @@ def find_params(kind: int, stream: memoryview, content: bytes,
     return None
 
 
+def _zlib_mem_levels(blocks: np.ndarray) -> tuple[int, ...]:
+    """The memLevels whose zlib could have cut these blocks.  zlib ends a Huffman block when
+    its symbol buffer is full, after 2**(memLevel + 6) - 1 tokens; so a first block of any
+    other length, not the last, rules zlib out without compressing (GNU gzip's blocks do)."""
+    if len(blocks) < 2 or blocks[0][0] == 0:  # one block, or stored: nothing learnt
+        return MEM_LEVELS
+    return tuple(m for m in MEM_LEVELS if int(blocks[0][1]) == (1 << (m + 6)) - 1)
+
+
 # guesses tried for their tokens, each a whole compression (a wrong exact guess stops at its
 # first block, these do not): the previous member's, then gzip -9's and -6's (zlib level 9 and 6
 # at memLevel 8, which is GNU gzip's hash size), then the same at memLevel 9
 REBLOCK_GUESSES = (Params(9, 8, 15, 0), Params(6, 8, 15, 0), Params(9, 9, 15, 0), Params(6, 9, 15, 0))
 
 
-def _reblocked(stream: memoryview, content: bytes,
-               first: Params | None) -> tuple[int, Params, tuple[tuple[int, int], ...]] | None:
+def _reblocked(stream: memoryview, content: bytes, first: Params | None,
+               parsed: tuple[int, np.ndarray, np.ndarray, int]) -> tuple[int, Params, Blocks] | None:
     kernel = accel.deflate
-    rc, tokens, blocks, used = kernel.tokens(stream, len(content) + 1)
+    rc, tokens, blocks, used = parsed
     if rc or used != len(stream):
         return None
     for p in dict.fromkeys(([first] if first is not None else []) + list(REBLOCK_GUESSES)):
@@ -391,7 +425,7 @@ def _xz(p: Params) -> lzma.LZMACompressor:
 
 
 def valid_params(kind: int, p: Params) -> bool:
-    if kind in (KIND_DEFLATE, KIND_REBLOCKED):
+    if kind in (KIND_DEFLATE, KIND_REBLOCKED, KIND_SPLICED):
         return 0 <= p.a <= 9 and 1 <= p.b <= 9 and 9 <= p.c <= 15 and 0 <= p.d <= 4
     return (p.a & ~XZ_EXTREME) <= 9 and p.b in (0, 1, 4, 10) and p.c == p.d == 0
 
@@ -445,9 +479,21 @@ def with_params(data: bytes | memoryview, expanded: Expanded) -> Expanded:
 
 # ---------------------------------------------------------------- layout table
 
-def encode_table(pieces: list[Piece]) -> bytes:
-    """Columns (kinds, sizes, expanded sizes of streams, parameters): the new file's
-    table compresses to little against the old file's, where most values repeat."""
+def table_version(pieces: list[Piece]) -> int:
+    return 1 if all(p.kind in V1_KINDS and p.source < 0 for p in pieces) else PAYLOAD_VERSION
+
+
+def _old_streams(old: list[Piece]) -> list[int]:
+    """Indexes of the old file's stream pieces: a table names them by their rank."""
+    return [i for i, p in enumerate(old) if p.kind != KIND_RAW]
+
+
+def encode_table(pieces: list[Piece], old: list[Piece] | None = None) -> bytes:
+    """Columns (kinds, sizes, expanded sizes of streams, parameters, blocks, then for
+    version 2 the old streams named and the runs): the new file's table compresses to
+    little against the old file's, where most values repeat.  An old stream is named by
+    its rank among the old streams relative to this one's rank: 0 for an unchanged member
+    of an unchanged zip layout, so a column of them costs next to nothing."""
     enc = Encoder()
     enc.uvarint(len(pieces))
     for p in pieces:
@@ -462,21 +508,46 @@ def encode_table(pieces: list[Piece]) -> bytes:
             for v in p.params or Params(0, 0, 0, 0):
                 enc.u8(v)
     for p in pieces:
-        if p.kind == KIND_REBLOCKED:
+        if p.kind in BLOCK_KINDS:
             enc.uvarint(len(p.blocks))
             for btype, _ in p.blocks:
                 enc.u8(btype)
             for _, count in p.blocks:
                 enc.uvarint(count)
+    if table_version(pieces) == 1:
+        return enc.getvalue()
+    rank = {index: r for r, index in enumerate(_old_streams(old or []))}
+    for r, p in enumerate(q for q in pieces if q.kind != KIND_RAW):
+        enc.uvarint(0 if p.source < 0 else 1 + _zigzag(rank[p.source] - r))
+    for p in pieces:
+        if p.kind == KIND_SPLICED:
+            enc.uvarint(len(p.runs))
+            token, at = 0, 0
+            for r in p.runs:  # gaps: the stretches zlib makes again
+                enc.uvarint(r.start - token)
+                enc.uvarint(r.content_at - at)
+                enc.uvarint(r.old_start)
+                enc.uvarint(r.count)
+                token, at = r.start + r.count, r.content_at
     return enc.getvalue()
 
 
-def decode_table(data: bytes, file_size: int, fail: Callable[[str], None]) -> list[Piece]:
-    """Pieces of the new file from its table; every size, ratio and parameter checked."""
+def _zigzag(v: int) -> int:
+    return v * 2 if v >= 0 else -v * 2 - 1
+
+
+def _unzigzag(v: int) -> int:
+    return v // 2 if v % 2 == 0 else -(v + 1) // 2
+
+
+def decode_table(data: bytes, file_size: int, fail: Callable[[str], None], version: int,
+                 old: list[Piece]) -> list[Piece]:
+    """Pieces of the new file from its table; every size, ratio, parameter and every
+    old stream named checked."""
     cur = Cursor(data, fail)
     n = cur.uvarint(max(1, file_size))
     kinds = [cur.u8() for _ in range(n)]
-    if any(k not in (KIND_RAW, *STREAM_KINDS) for k in kinds):
+    if any(k not in (V1_KINDS if version == 1 else (KIND_RAW, *STREAM_KINDS)) for k in kinds):
         fail("unknown piece kind")
     sizes = [cur.uvarint(file_size) for _ in range(n)]
     if sum(sizes) != file_size:
@@ -500,22 +571,65 @@ def decode_table(data: bytes, file_size: int, fail: Callable[[str], None]) -> li
         pieces.append(Piece(k, start, sizes[i], expanded.get(i, sizes[i]), params))
         start += sizes[i]
     for i, k in enumerate(kinds):
-        if k == KIND_REBLOCKED:
+        if k in BLOCK_KINDS:
             # a block holds at least one token but the last (an empty final block)
             n = cur.uvarint(pieces[i].content_size + 1)
             types = [cur.u8() for _ in range(n)]
             if any(t > 2 for t in types):
                 fail("unknown deflate block type")
             pieces[i] = pieces[i]._replace(blocks=tuple((t, cur.uvarint(pieces[i].content_size)) for t in types))
+    if version > 1:
+        streams = _old_streams(old)
+        for r, i in enumerate(i for i, k in enumerate(kinds) if k != KIND_RAW):
+            named = cur.uvarint()
+            if named == 0:
+                if kinds[i] == KIND_SPLICED:
+                    fail("a spliced stream names no old stream")
+                continue
+            rank = r + _unzigzag(named - 1)
+            if not 0 <= rank < len(streams) or not _fits_source(pieces[i], old[streams[rank]]):
+                fail("a piece names an old stream that does not fit it")
+            pieces[i] = pieces[i]._replace(source=streams[rank])
+        for i, k in enumerate(kinds):
+            if k == KIND_SPLICED:
+                pieces[i] = pieces[i]._replace(runs=_decode_runs(cur, pieces[i], fail))
     if cur.remaining():
         fail("trailing bytes after the layout table")
     return pieces
 
 
-def reassemble(pieces: list[Piece], content: bytes | memoryview, fail: Callable[[str], None]) -> bytearray:
-    """The file from its expanded content: raw pieces copied, streams recompressed
-    (each must come out at its recorded size)."""
+def _fits_source(piece: Piece, old: Piece) -> bool:
+    """A spliced stream takes tokens from an old deflate stream; another is an old stream."""
+    return old.kind == KIND_DEFLATE if piece.kind == KIND_SPLICED else old.size == piece.size
+
+
+def _decode_runs(cur: Cursor, piece: Piece, fail: Callable[[str], None]) -> tuple[Run, ...]:
+    """Runs in token and content order inside the stream, each but the first after a
+    stretch (two runs in a row would have been one).  Gaps count from the previous
+    run's start; whether the old tokens cover what the runs claim is checked on use."""
+    tokens = sum(count for _, count in piece.blocks)
+    n = cur.uvarint(tokens + 1)
+    runs: list[Run] = []
+    token, at = 0, 0
+    for _ in range(n):
+        gap = cur.uvarint(tokens)
+        start, content_at = token + gap, at + cur.uvarint(piece.content_size)
+        old_start, count = cur.uvarint(), cur.uvarint(tokens)
+        if count == 0 or start + count > tokens or content_at > piece.content_size \
+                or (runs != [] and (gap == 0 or content_at <= at)) or (not runs and (start == 0) != (content_at == 0)):
+            fail("spliced runs do not fit the stream")
+        runs.append(Run(start, content_at, old_start, count))
+        token, at = start + count, content_at
+    return tuple(runs)
+
+
+def reassemble(pieces: list[Piece], content: bytes | memoryview, fail: Callable[[str], None],
+               old_data: bytes | memoryview = b"", old: list[Piece] | None = None) -> bytearray:
+    """The file from its expanded content: raw pieces copied, streams recompressed (each
+    must come out at its recorded size), old streams copied or spliced from."""
     view = memoryview(content).cast("B")
+    old_view = memoryview(old_data).cast("B")
+    old_tokens: dict[int, np.ndarray] = {}
     out = bytearray()
     offset = 0
     for p in pieces:
@@ -524,7 +638,19 @@ def reassemble(pieces: list[Piece], content: bytes | memoryview, fail: Callable[
         if p.kind == KIND_RAW:
             out += part
             continue
-        stream = restream(p, part)
+        if p.source >= 0:
+            if old is None or p.source >= len(old) or not _fits_source(p, old[p.source]):
+                fail("a piece names an old stream that does not fit it")
+                raise AssertionError  # fail raises
+            src = old[p.source]
+            if p.kind != KIND_SPLICED:
+                out += old_view[src.start:src.start + src.size]
+                continue
+            if p.source not in old_tokens:
+                old_tokens[p.source] = stream_tokens(old_view[src.start:src.start + src.size], src.content_size)
+            stream = splice(p, old_tokens[p.source], part)
+        else:
+            stream = restream(p, part)
         if stream is None:
             fail("a recompressed stream differs from the original")
             raise AssertionError  # fail raises
@@ -532,6 +658,230 @@ def reassemble(pieces: list[Piece], content: bytes | memoryview, fail: Callable[
     if offset != len(view):
         fail("expanded content has the wrong size")
     return out
+
+
+# ---------------------------------------------------------------- old streams: copies and splices
+
+SPLICE_MIN = 64 << 10     # content bytes: smaller streams are cheap to deflate whole
+SPLICE_MIN_LEVEL = 4      # zlib's lazy levels insert every string, so a preset dictionary
+                          # restarts them exactly; levels 1-3 skip strings inside long matches
+SPLICE_RUN = 1024         # tokens: a shorter common run saves less deflating than a restart costs
+SPLICE_SAVES = 0.5        # splice only when zlib then deflates at most this share of the content
+WINDOW = 32 << 10         # deflate's window: a restarted stretch gets this much history
+LOOKAHEAD = 4 << 10       # content past a stretch fed to zlib, so its last tokens are the stream's
+_HASH_TOKENS = 16         # tokens per hashed window when looking for common runs
+
+
+def stream_tokens(stream: bytes | memoryview, content_size: int) -> np.ndarray:
+    """An old deflate stream's tokens (empty if it does not parse: then no run fits)."""
+    rc, toks, _, _ = accel.deflate.tokens(stream, content_size + 1)
+    return toks if rc == 0 else np.zeros(0, np.uint32)
+
+
+def token_lengths(toks: np.ndarray) -> np.ndarray:
+    """Content bytes of each token: 1 for a literal, the length of a match."""
+    return np.where(toks < (1 << 16), 1, toks >> 16).astype(np.int64)
+
+
+def splice(piece: Piece, old_tokens: np.ndarray, content: bytes | memoryview) -> bytes | None:
+    """The stream of a KIND_SPLICED piece (None: it cannot be made at its size)."""
+    toks = splice_tokens(piece, old_tokens, content)
+    if toks is None:
+        return None
+    rc, stream = accel.deflate.encode(toks, np.array(piece.blocks, dtype=np.int64).reshape(-1, 2),
+                                      content, piece.size)
+    return stream if rc == 0 and len(stream) == piece.size else None
+
+
+def splice_tokens(piece: Piece, old_tokens: np.ndarray, content: bytes | memoryview) -> np.ndarray | None:
+    """Old runs and the stretches between them, deflated again from a clean point: the
+    tokens zlib gives the whole content, made from a fraction of it."""
+    assert piece.params is not None
+    view = memoryview(content).cast("B")
+    total = sum(count for _, count in piece.blocks)
+    parts: list[np.ndarray] = []
+    token, at = 0, 0
+    for r in (*piece.runs, Run(total, len(view), 0, 0)):
+        if r.start > token:
+            stretch = _stretch(piece.params, view, at, r.content_at, r.start - token)
+            if stretch is None:
+                return None
+            parts.append(stretch)
+            at = r.content_at
+        elif r.content_at != at:
+            return None
+        if r.count:
+            if r.old_start + r.count > len(old_tokens):
+                return None
+            copied = old_tokens[r.old_start:r.old_start + r.count]
+            parts.append(copied)
+            at = r.content_at + int(token_lengths(copied).sum())
+        token = r.start + r.count
+    if at != len(view):
+        return None
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+
+
+def _stretch(p: Params, content: memoryview, start: int, end: int, count: int) -> np.ndarray | None:
+    """zlib's first `count` tokens of content[start:], which must cover content[start:end]."""
+    if not start <= end <= len(content):
+        return None
+    history = min(start, WINDOW)
+    zdict = bytes(content[start - history:start])
+    c = zlib.compressobj(p.a, zlib.DEFLATED, -p.c, p.b, p.d, **({"zdict": zdict} if history else {}))
+    stream = c.compress(content[start:min(len(content), end + LOOKAHEAD)]) + c.flush()
+    rc, toks, _, _ = accel.deflate.tokens(stream, end - start + LOOKAHEAD + 1, history)
+    if rc or len(toks) < count:
+        return None
+    toks = toks[:count]
+    return toks if int(token_lengths(toks).sum()) == end - start else None
+
+
+def link_to_old(old_data: bytes | memoryview, old: Expanded, new_data: bytes | memoryview,
+                new: Expanded) -> Expanded:
+    """New streams that are an old stream byte for byte name it (copied on patch, not
+    deflated); large deflate streams that share runs of tokens with the old stream in
+    their place become KIND_SPLICED (a fraction to deflate on patch)."""
+    old_view, new_view = memoryview(old_data).cast("B"), memoryview(new_data).cast("B")
+    by_bytes: dict[tuple[int, bytes], int] = {}
+    old_deflate = []
+    for i, p in enumerate(old.pieces):
+        if p.kind != KIND_RAW:
+            by_bytes.setdefault((p.size, hashlib.sha256(old_view[p.start:p.start + p.size]).digest()), i)
+        if p.kind == KIND_DEFLATE:
+            old_deflate.append(i)
+    pieces: list[Piece] = []
+    parts: list[bytes | memoryview] = []
+    content = memoryview(new.content)
+    offset, ordinal = 0, 0
+    for piece in new.pieces:
+        part = content[offset:offset + piece.content_size]
+        offset += piece.content_size
+        stream = new_view[piece.start:piece.start + piece.size]
+        same = by_bytes.get((piece.size, hashlib.sha256(stream).digest())) if piece.kind != KIND_RAW else None
+        if same is not None:
+            piece = piece._replace(source=same)
+        elif piece.kind in (KIND_DEFLATE, KIND_REBLOCKED) and piece.content_size >= SPLICE_MIN:
+            for index in _splice_sources(old.pieces, old_deflate, ordinal, piece.content_size):
+                src = old.pieces[index]
+                spliced = _plan_splice(piece, stream, part, old_view[src.start:src.start + src.size], src)
+                if spliced is not None:
+                    piece = spliced._replace(source=index)
+                    break
+        if piece.kind in (KIND_DEFLATE, KIND_REBLOCKED, KIND_SPLICED):
+            ordinal += 1
+        _append(pieces, parts, piece, part)
+    return Expanded(pieces, b"".join(parts))
+
+
+def _splice_sources(old: list[Piece], deflate: list[int], ordinal: int, content_size: int) -> list[int]:
+    """Old deflate streams to try splicing from: the one in this stream's place, then the
+    one nearest in content size (a zip that gained or lost members shifts the places)."""
+    large = [i for i in deflate if old[i].content_size >= SPLICE_MIN // 2]
+    out = [deflate[ordinal]] if ordinal < len(deflate) and deflate[ordinal] in large else []
+    if large:
+        out.append(min(large, key=lambda i: abs(old[i].content_size - content_size)))
+    return list(dict.fromkeys(out))
+
+
+def _plan_splice(piece: Piece, stream: memoryview, content: memoryview, old_stream: memoryview,
+                 old_piece: Piece) -> Piece | None:
+    """The piece as KIND_SPLICED, when that rebuilds it exactly and saves most of the deflating."""
+    assert piece.params is not None
+    if piece.params.a < SPLICE_MIN_LEVEL:
+        return None
+    kernel = accel.deflate
+    rc, toks, blocks, used = kernel.tokens(stream, len(content) + 1)
+    old_toks = stream_tokens(old_stream, old_piece.content_size)
+    if rc or used != len(stream) or not len(old_toks):
+        return None
+    rc, again = kernel.encode(toks, blocks, content, len(stream))
+    if rc or again != stream:
+        return None  # our encoder does not write this stream: nothing to splice into
+    offsets = np.concatenate(([0], np.cumsum(token_lengths(toks))))
+    runs = [Run(s, int(offsets[s]), o, n) for s, o, n in _common_runs(toks, old_toks)]
+    if sum(r.count for r in runs) == 0:
+        return None
+    runs = _clean_ends(runs, toks, offsets)
+    stretched = len(content) - sum(int(offsets[r.start + r.count] - offsets[r.start]) for r in runs)
+    if not runs or stretched > SPLICE_SAVES * len(content):
+        return None
+    spliced = piece._replace(kind=KIND_SPLICED, blocks=tuple((int(t), int(n)) for t, n in blocks), runs=tuple(runs))
+    made = splice_tokens(spliced, old_toks, content)
+    if made is None or not np.array_equal(made, toks):
+        return None
+    return spliced
+
+
+def _clean_ends(runs: list[Run], toks: np.ndarray, offsets: np.ndarray) -> list[Run]:
+    """Runs ended after a match token, unless at the stream's end: there zlib's lazy
+    matcher holds nothing pending, so the stretch after starts as a fresh stream would."""
+    out = []
+    for r in runs:
+        end = r.start + r.count
+        if end < len(toks):
+            while end > r.start and toks[end - 1] < (1 << 16):
+                end -= 1
+        if end - r.start >= SPLICE_RUN:
+            out.append(r._replace(count=end - r.start))
+    return out
+
+
+def _common_runs(new: np.ndarray, old: np.ndarray) -> list[tuple[int, int, int]]:
+    """(new start, old start, count) of long runs of equal tokens, in new's order,
+    found through hashed windows of tokens; after a run, its diagonal is tried first."""
+    k = _HASH_TOKENS
+    if len(new) < k or len(old) < k:
+        return []
+    hashes_old, hashes_new = _window_hashes(old, k), _window_hashes(new, k)
+    order = np.argsort(hashes_old, kind="stable")
+    sorted_old = hashes_old[order]
+    at = np.minimum(np.searchsorted(sorted_old, hashes_new), len(sorted_old) - 1)
+    candidate = np.where(sorted_old[at] == hashes_new, order[at], -1)
+    hits = np.flatnonzero(candidate >= 0)
+    runs: list[tuple[int, int, int]] = []
+    i, diagonal = 0, None
+    while i < len(new) - k + 1:
+        j = -1
+        if diagonal is not None and 0 <= i + diagonal <= len(old) - k and \
+                np.array_equal(new[i:i + k], old[i + diagonal:i + diagonal + k]):
+            j = i + diagonal
+        else:
+            nxt = np.searchsorted(hits, i)
+            if nxt == len(hits):
+                break
+            i = int(hits[nxt])
+            j = int(candidate[i])
+        n = _equal_prefix(new[i:], old[j:])
+        if n >= SPLICE_RUN:
+            runs.append((i, j, n))
+            diagonal = j - i
+            i += n
+        else:
+            i += 1
+            diagonal = None if n == 0 else diagonal
+    return runs
+
+
+def _window_hashes(t: np.ndarray, k: int) -> np.ndarray:
+    n = len(t) - k + 1
+    h = np.zeros(n, dtype=np.uint64)
+    for i in range(k):
+        h = h * np.uint64(0x100000001B3) + t[i:i + n].astype(np.uint64)
+    return h
+
+
+def _equal_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading entries a and b share, compared in growing chunks."""
+    n, step = min(len(a), len(b)), 256
+    done = 0
+    while done < n:
+        end = min(n, done + step)
+        diff = np.flatnonzero(a[done:end] != b[done:end])
+        if len(diff):
+            return done + int(diff[0])
+        done, step = end, step * 2
+    return n
 
 
 # ---------------------------------------------------------------- zlib fingerprint
@@ -568,7 +918,7 @@ def zlib_fingerprint() -> bytes:
 
 def uses_zlib(pieces: list[Piece]) -> bool:
     """Whether rebuilding these pieces needs a zlib that deflates as the diff's did."""
-    return any(p.kind in (KIND_DEFLATE, KIND_REBLOCKED) for p in pieces)
+    return any(p.kind in (KIND_DEFLATE, KIND_REBLOCKED, KIND_SPLICED) for p in pieces)
 
 
 def content_tag(content: bytes | memoryview) -> bytes:
@@ -590,11 +940,11 @@ class Header(NamedTuple):
 
 def encode_header(old: Expanded, new: Expanded, inner_method: int) -> bytes:
     old_table = encode_table(old.pieces)
-    table = encode_table(new.pieces)
+    table = encode_table(new.pieces, old.pieces)
     frame = zstandard.ZstdCompressor(level=19, dict_data=zstandard.ZstdCompressionDict(
         old_table, dict_type=zstandard.DICT_TYPE_RAWCONTENT)).compress(table)
     enc = Encoder()
-    enc.u8(PAYLOAD_VERSION)
+    enc.u8(table_version(new.pieces))
     enc.raw(zlib_fingerprint() if uses_zlib(new.pieces) else bytes(8))
     enc.uvarint(len(old.content))
     enc.raw(content_tag(old.content))
@@ -608,8 +958,9 @@ def encode_header(old: Expanded, new: Expanded, inner_method: int) -> bytes:
 def decode_header(payload: memoryview, old: Expanded, file_size: int, fail: Callable[[str], None]) -> Header:
     cur = Cursor(payload, fail)
     version = cur.u8()
-    if version != PAYLOAD_VERSION:
-        fail(f"recompression payload version {version} is not supported (this d4c reads {PAYLOAD_VERSION})")
+    if version not in READ_PAYLOAD_VERSIONS:
+        fail(f"recompression payload version {version} is not supported "
+             f"(this d4c reads {', '.join(map(str, READ_PAYLOAD_VERSIONS))})")
     fingerprint = cur.raw(8)
     old_size = cur.uvarint()
     old_tag = cur.raw(8)
@@ -624,6 +975,6 @@ def decode_header(payload: memoryview, old: Expanded, file_size: int, fail: Call
         raise AssertionError  # fail raises
     if len(table) != table_size:
         fail("the layout table has the wrong size")
-    pieces = decode_table(table, file_size, fail)
+    pieces = decode_table(table, file_size, fail, version, old.pieces)
     inner = cur.u8()
     return Header(fingerprint, old_size, old_tag, pieces, inner, cur.pos)
