@@ -1,8 +1,8 @@
 """One measured diff or patch in a fresh process: prints `seconds peak_rss_kib`.
 
-Python tools are timed around the call only (not interpreter start-up); peak
-RSS is this process's VmHWM, which exec resets (ru_maxrss would carry the
-parent's).  Usage: python -m bench.runner diff|patch TOOL A B OUT [threads]
+Python tools are timed around the call only (not interpreter start-up, nor the
+import of their compiled parts); peak RSS is this process's VmHWM, which exec
+resets (ru_maxrss would carry the parent's).  Usage: python -m bench.runner diff|patch TOOL A B OUT [threads]
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ def main() -> int:
     op, tool, a, b, out = sys.argv[1:6]
     threads = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     if tool.startswith("d4c"):
+        from d4c import accel
         from d4c.engine import delta
+        accel.check()  # the compiled kernels, imported before the clock as the peers' C cores are
         fast = tool == "d4c-fast"
         start = time.perf_counter()
         if op == "diff":

@@ -992,6 +992,9 @@ def diff_files(old_path: str, new_path: str, out_path: str, **kwargs: object) ->
     return len(data)
 
 
+OVERLAP_WRITE_MIN = 4 << 20  # results from this size on are written while they are hashed
+
+
 def apply_files(old_path: str, delta_path: str, out_path: str, *, max_size: int | None = None) -> None:
     """Patch into `out_path`: the result is written (to a temp name) while it is
     hashed, and renamed into place only when its digest is right."""
@@ -1001,12 +1004,17 @@ def apply_files(old_path: str, delta_path: str, out_path: str, *, max_size: int 
         info = read_delta_info(delta, delta_path)
         limit = default_max_size(len(old), len(delta)) if max_size is None else max_size
         new = rebuild_unchecked(old, info, delta[PREAMBLE.size:], max_size=limit, source=delta_path)
-        with atomic_output(out_path) as f, ThreadPoolExecutor(max_workers=1) as pool:
-            written = pool.submit(f.write, new)
-            try:
+        with atomic_output(out_path) as f:
+            if len(new) < OVERLAP_WRITE_MIN:  # a thread costs more than the overlap saves
                 check_result(old, info, new, delta_path)
-            finally:
-                written.result()
+                f.write(new)
+                return
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                written = pool.submit(f.write, new)
+                try:
+                    check_result(old, info, new, delta_path)
+                finally:
+                    written.result()
     finally:
         old.release()
         delta.release()
