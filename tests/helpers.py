@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import stat
 import subprocess
@@ -193,3 +194,18 @@ def diff_chain(full: list[str], out_dir: str) -> list[str]:
 def fuse_server_pids(under: str) -> list[int]:
     """FUSE server processes (ours: started with --ready-fd) that name a path under `under`."""
     return pids_naming(under, flag=b"--ready-fd")
+
+
+def as_format_2(cdimg: str, out: str, tmp: str) -> str:
+    """The same image written as format 2 (unpacked, packed again with its config)."""
+    tree = os.path.join(tmp, os.path.basename(out) + ".tree")
+    code, _, err = run_cli("unpack", "--cdimg", cdimg, "--out", tree)
+    assert code == 0, err
+    from d4c.image.reader import Image
+    with Image(cdimg) as image:
+        config = dict(image.info.config or {})
+    with open(tree + ".json", "w") as f:
+        json.dump(config, f)
+    code, _, err = run_cli("pack", "--in", tree, "--config", tree + ".json", "--out", out, "--format", "2", "-q")
+    assert code == 0, err
+    return out

@@ -8,20 +8,24 @@ import stat
 import subprocess
 import tempfile
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import run_cli
 from test_format import GOLDEN
+from test_grouped import GOLDEN_V2
 from test_hostile import MINUS_ONE, image_of
 
 from d4c.image.reader import Image
-from d4c.image.format import decode_header
+from d4c.image.format import decode_tables
 from d4c.errors import D4CError
 from d4c.image.tree import Entry, EntryType
 
 with open(GOLDEN, "rb") as _f:
     SEED = _f.read()
+with open(GOLDEN_V2, "rb") as _f:
+    SEED_V2 = _f.read()  # format 2: bodies in a group frame
 
 FUZZ = settings(max_examples=int(os.environ.get("D4C_FUZZ_EXAMPLES", "400")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow], derandomize=False)
@@ -40,12 +44,13 @@ def _read_all(data: bytes) -> None:
             pass
 
 
+@pytest.mark.parametrize("seed", [SEED, SEED_V2], ids=["format 1", "format 2"])
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(SEED) - 1), st.integers(0, 255)), min_size=1, max_size=8))
-def test_mutated_images(mutations: list[tuple[int, int]]) -> None:
-    data = bytearray(SEED)
+@given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8))
+def test_mutated_images(seed: bytes, mutations: list[tuple[int, int]]) -> None:
+    data = bytearray(seed)
     for pos, value in mutations:
-        data[pos] = value
+        data[pos % len(data)] = value
     _read_all(bytes(data))
 
 
@@ -59,10 +64,11 @@ def test_spliced_images(cut: int, junk: bytes) -> None:
 @given(st.binary(max_size=512))
 def test_header_decoder_on_random_tables(table: bytes) -> None:
     """The table decoder sees bytes past every digest check: it must hold alone."""
-    try:
-        decode_header(table, "fuzz", 0)
-    except D4CError:
-        pass
+    for grouped in (False, True):
+        try:
+            decode_tables(table, "fuzz", 0, grouped=grouped)
+        except D4CError:
+            pass
 
 
 # ---------------------------------------------------------------- crafted trees

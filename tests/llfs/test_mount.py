@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from helpers import ROOT, assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli, snapshot_tree
+from helpers import (ROOT, as_format_2, assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli,
+                     snapshot_tree)
 
 from d4c.llfs import model as llfs_model
 from d4c.image.stack import open_stack
@@ -377,3 +378,36 @@ def test_corrupt_image_at_mount_exits_3(stack, tmp_path, background) -> None:  #
                         "--cdimg", bad, mnt], capture_output=True, text=True, env=env, timeout=60)
     assert_one_line_error(p.returncode, p.stderr, 3)
     assert "corrupt image" in p.stderr and not os.path.ismount(mnt)
+
+
+def test_format_2_through_a_mount(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A grouped image mounts to its tree; a damaged group frame is EIO for the files in
+    it, and the others (a large file's own frames) are still served."""
+    fuse_ok()
+    v2 = as_format_2(images[3], str(tmp_path / "v2.cdimg"), str(tmp_path))
+    code, _, err = run_cli("unpack", "--cdimg", images[3], "--out", str(tmp_path / "want"))
+    assert code == 0, err
+    with Mounted(v2, str(tmp_path / "mnt")) as mnt:
+        assert diff_trees(snapshot_tree(mnt), snapshot_tree(str(tmp_path / "want"))) == []
+    imgs = open_stack([v2])
+    try:
+        image = imgs[0]
+        group = image.groups[0]
+        in_it = [e.path for e in image.entries if e.storage == Storage.GROUPED and e.group == 0 and e.size]
+        framed = [e.path for e in image.entries if e.storage == Storage.FRAME]
+        where = image.info.body_offset + group.offset + group.csize // 2
+    finally:
+        for i in imgs:
+            i.close()
+    assert in_it and framed
+    damaged = damaged_copy([v2], str(tmp_path / "damaged"), {v2: [where]})
+    with Mounted(damaged, str(tmp_path / "mnt2")) as mnt:
+        for path in in_it:
+            with pytest.raises(OSError) as info:
+                with open(os.path.join(mnt, os.fsdecode(path)), "rb") as f:
+                    f.read()
+            assert info.value.errno == errno.EIO, path
+        for path in framed:
+            with open(os.path.join(mnt, os.fsdecode(path)), "rb") as f, \
+                    open(os.path.join(str(tmp_path / "want"), os.fsdecode(path)), "rb") as g:
+                assert f.read() == g.read()

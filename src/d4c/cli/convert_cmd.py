@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..fsutil import atomic_output
 from ..oci.convert import convert_image
 from ..oci.source import Platform
-from ._common import add_level, add_source_flags, add_threads, platform_of, remote_options
+from ._common import add_level, add_source_flags, add_threads, body_level, platform_of, remote_options
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help="drop PATH (relative to the image root) from the tree; repeat or comma-separate")
     add_source_flags(p)
     add_threads(p)
-    add_level(p)
+    add_level(p, formats=True)
     p.set_defaults(func=run)
 
 
@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> int:
     want_cdimg = args.cdimg or not args.dimg
     options = remote_options(args)
-    image_id, resolved = convert_image(args.image, plat, options, args.output, level=args.level,
-                                       threads=args.threads, cdimg=want_cdimg, dimg=args.dimg,
+    image_id, resolved = convert_image(args.image, plat, options, args.output, level=body_level(args),
+                                       grouped=args.image_format == 2, threads=args.threads, cdimg=want_cdimg, dimg=args.dimg,
                                        excludes=tuple(excludes))
     with atomic_output(os.path.join(args.output, "config.json")) as f:
         f.write(resolved.config_bytes)

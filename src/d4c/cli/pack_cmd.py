@@ -13,7 +13,7 @@ from ..errors import BadInput, NotFound, UsageError
 from ..fsutil import atomic_output, copy_range
 from ..image.pack import pack_dir
 from ..image.writer import save_image
-from ._common import add_level, add_threads
+from ._common import add_level, add_threads, body_level
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -28,7 +28,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--dimg", metavar="FILE", help="existing dimg to wrap into a cdimg")
         p.add_argument("--out", required=True, metavar="FILE", help="output file")
         add_threads(p)
-        add_level(p)
+        add_level(p, formats=True)
         p.set_defaults(func=run)
 
 
@@ -55,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config) if args.config else None
     if args.indir:
         out_dir = os.path.dirname(os.path.abspath(args.out))
-        with BodySpool(out_dir, args.level) as spool:
+        with BodySpool(out_dir, body_level(args), grouped=args.image_format == 2) as spool:
             entries = pack_dir(args.indir, spool, args.threads)
             image_id = save_image(entries, spool, dimg_path=None if config else args.out,
-                                  cdimg_path=args.out if config else None, config=config)
+                                  cdimg_path=args.out if config else None, config=config, threads=args.threads)
         print(format_id(image_id))
         return 0
     with Image(args.dimg) as image:

@@ -18,7 +18,7 @@ from ..oci.convert import convert_image
 from ..oci.registry import Reference, Registry, parse_reference
 from ..oci.source import Platform, RegistrySource, RemoteOptions, open_source
 from ..progress import Progress, human_bytes
-from ._common import add_level, add_source_flags, add_threads, platform_of, print_table, remote_options
+from ._common import add_level, add_source_flags, add_threads, body_level, platform_of, print_table, remote_options
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -124,7 +124,7 @@ def _publish(args: argparse.Namespace, registry: Registry, subject_digest: str, 
              todo: list[tuple[str, Reference, str]], work: str, platform: Platform,
              options: RemoteOptions) -> list[tuple[str, ...]]:
     new_dir = os.path.join(work, "new")
-    image_id, resolved = convert_image(args.image, platform, options, new_dir, level=args.level,
+    image_id, resolved = convert_image(args.image, platform, options, new_dir, level=body_level(args),
                                        threads=args.threads)
     if resolved.manifest_digest != subject_digest:  # the tag moved since it was resolved
         raise UsageError(f"{args.image} changed while it was published: publish again")
@@ -135,7 +135,7 @@ def _publish(args: argparse.Namespace, registry: Registry, subject_digest: str, 
     rows = []
     for tag, base, base_manifest in todo:
         base_dir = os.path.join(work, "base-" + str(len(rows)))
-        base_id, _ = convert_image("docker://" + str(base), platform, options, base_dir, level=args.level,
+        base_id, _ = convert_image("docker://" + str(base), platform, options, base_dir, level=body_level(args),
                                    threads=args.threads)
         delta_path = os.path.join(work, f"delta-{len(rows)}.cdimg")
         with Image(os.path.join(base_dir, "image.cdimg")) as old, Image(new_path) as new:

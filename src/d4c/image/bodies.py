@@ -18,10 +18,18 @@ import zstandard
 from ..errors import BadInput
 from ..fsutil import copy_range
 from ..digests import sha256
+from ..progress import Progress
+from .tree import Entry, EntryType
 
 DEFAULT_LEVEL = 3
+GROUPED_LEVEL = 19     # format 2's default: made once, pulled by every device over a thin link
 READ_CHUNK = 1 << 20
 FRAME_CHUNK = 1 << 20  # content bytes per zstd frame of a body (format constant: docs/FORMAT.md)
+GROUP_FILE_MAX = FRAME_CHUNK  # format 2: bodies up to one frame's content are grouped
+# content per group frame.  nginx image (130 MB of distinct content), level 19, files of at most
+# 1 MiB grouped: 1 MiB groups 43.0 MB, 2 MiB 41.1, 4 MiB 39.1, 8 MiB 38.3, 16 MiB 37.5 (tar | zstd -19:
+# 37.2); a cold read of a small file decodes up to a group (~2 ms per MiB here): 4 MiB is the middle
+GROUP_TARGET = 4 << 20
 
 
 class Frame(NamedTuple):
@@ -36,11 +44,24 @@ class Body(NamedTuple):
     size: int
 
 
+class GroupPlan(NamedTuple):
+    """A group frame being written: its spooled blob and the bodies in it, in order."""
+    key: object
+    digests: list[bytes]
+    offsets: list[int]  # of each body in the group's content
+    usize: int
+
+
 class BodySpool:
-    def __init__(self, tmpdir: str | None = None, level: int = DEFAULT_LEVEL) -> None:
+    """grouped (image format 2): bodies of at most GROUP_FILE_MAX bytes are spooled
+    raw, and group_bodies later compresses them together in group frames."""
+
+    def __init__(self, tmpdir: str | None = None, level: int = DEFAULT_LEVEL, grouped: bool = False) -> None:
         if not 1 <= level <= 22:
             raise BadInput(f"compression level {level} out of range 1..22")
         self.level = level
+        self.grouped = grouped
+        self._raw: dict[bytes, Frame] = {}  # grouped: digest -> its content, spooled uncompressed
         self._tmpdir = tmpdir
         self._files: list[BinaryIO] = []
         self._lock = threading.Lock()
@@ -70,6 +91,8 @@ class BodySpool:
                 if chunk:
                     raise BadInput(f"{what}: changed while reading (grew)")
             return Body(sha256(b"").digest(), 0)
+        if self.grouped and size <= GROUP_FILE_MAX:
+            return self._add_raw_body(chunks, size, what)
         index, f, cctx = self._mine()
         start = f.seek(0, os.SEEK_END)
         h = sha256()
@@ -101,6 +124,62 @@ class BodySpool:
         with self._lock:
             self._frames.setdefault(digest, frame)
         return Body(digest, size)
+
+    def _add_raw_body(self, chunks: Iterable[bytes], size: int, what: str) -> Body:
+        data = b"".join(chunks)
+        if len(data) != size:
+            raise BadInput(f"{what}: changed while reading ({len(data)} of {size} bytes)")
+        digest = sha256(data).digest()
+        index, f, _ = self._mine()
+        start = f.tell()
+        f.write(data)
+        with self._lock:
+            self._raw.setdefault(digest, Frame(index, start, size))
+        return Body(digest, size)
+
+    def group_bodies(self, entries: list[Entry], threads: int = 1) -> list[GroupPlan]:
+        """Compress the raw-spooled bodies in group frames: the holders (first file of
+        each content, in canonical order) sorted by extension then name, so that like
+        files share a frame, cut after GROUP_TARGET bytes of content.  Each frame is
+        one single-threaded zstd frame: the bytes do not depend on `threads`."""
+        from ..parallel import run_parallel
+
+        seen: set[bytes] = set()
+        holders = []
+        for e in entries:
+            if e.type == EntryType.FILE and e.digest in self._raw and e.digest not in seen:
+                seen.add(e.digest)
+                holders.append(e)
+        holders.sort(key=_group_order)
+        plans: list[GroupPlan] = []
+        digests: list[bytes] = []
+        offsets: list[int] = []
+        at = 0
+        for e in holders:
+            assert e.digest is not None
+            digests.append(e.digest)
+            offsets.append(at)
+            at += e.size
+            if at >= GROUP_TARGET:
+                plans.append(GroupPlan(("group", len(plans)), digests, offsets, at))
+                digests, offsets, at = [], [], 0
+        if digests:
+            plans.append(GroupPlan(("group", len(plans)), digests, offsets, at))
+        for f in self._files:
+            f.flush()
+
+        def compress(plan: GroupPlan) -> None:
+            content = b"".join(self._read_raw(d) for d in plan.digests)
+            cctx = zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
+            self.add_raw(plan.key, cctx.compress(content))
+
+        with Progress("grouping", total_items=len(plans)) as progress:
+            run_parallel(lambda plan: (compress(plan), progress.advance(plan.usize, 1)), plans, threads)
+        return plans
+
+    def _read_raw(self, digest: bytes) -> bytes:
+        frame = self._raw[digest]
+        return os.pread(self._files[frame.spool].fileno(), frame.length, frame.offset)
 
     def add_raw(self, key: object, data: bytes) -> None:
         """Keep an already encoded blob (a delta payload, a frame made
@@ -163,3 +242,11 @@ def _read_chunks(f: BinaryIO) -> Iterable[bytes]:
         if not chunk:
             return
         yield chunk
+
+
+def _group_order(e: Entry) -> tuple[bytes, bytes, bytes]:
+    """Extension, then name, then path (measured on the nginx image with 4 MiB groups:
+    39.05 MB, against 39.50 by extension then directory, 39.54 in path order)."""
+    name = e.name
+    dot = name.rfind(b".", 1)
+    return (name[dot + 1:] if dot > 0 else b"", name, e.path)

@@ -14,7 +14,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence
 
 import zstandard
 
@@ -23,7 +23,7 @@ from ..codec import Cursor, Encoder
 from ..errors import CorruptImage, UnsupportedVersion
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
-from .bodies import FRAME_CHUNK
+from .bodies import FRAME_CHUNK, GroupPlan
 from ..zstdframes import read_bounded
 from ..digests import light_sha256, sha256
 
@@ -37,9 +37,11 @@ DELTA_FORMAT_VERSION = 2        # delta images: version 1 + parent storage kinds
 CDIMG_VERSION = 1
 FLAG_HAS_PARENT = 0x1
 FLAG_MULTI_FRAME = 0x2          # bodies of files over FRAME_CHUNK are several zstd frames
+FLAG_GROUPED = 0x4              # small bodies are slices of group frames (storage kind 5, a group table)
 DELTA_METHODS = (1, 2, 4)       # d4c.engine.delta METHOD_SA, METHOD_PREFIX, METHOD_RECOMPRESS
 MAX_DELTA_STEPS = 16
-KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME
+KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME | FLAG_GROUPED
+MAX_GROUP_USIZE = 16 << 20      # a group frame's content: readers hold it whole
 
 # magic, version, flags, reserved, header_csize, header_usize, body_size,
 # image_id, parent_id, header_digest
@@ -100,7 +102,15 @@ def encode_tree(entries: list[Entry]) -> bytes:
     return enc.getvalue()
 
 
-def encode_storage(entries: list[Entry]) -> bytes:
+class Group(NamedTuple):
+    """A group frame: where it lies in the body section, its length, its content's."""
+    offset: int
+    csize: int
+    usize: int
+
+
+def encode_storage(entries: list[Entry], groups: list[Group] | None = None) -> bytes:
+    """The storage table; with `groups` (FLAG_GROUPED), the group table after it."""
     enc = Encoder()
     for e in entries:
         if e.type != EntryType.FILE:
@@ -108,6 +118,9 @@ def encode_storage(entries: list[Entry]) -> bytes:
         enc.u8(int(e.storage))
         if e.storage == Storage.FRAME:
             enc.uvarint(e.body_length)
+        elif e.storage == Storage.GROUPED:
+            enc.uvarint(e.group)
+            enc.uvarint(e.body_offset)
         elif e.storage == Storage.SHARED:
             enc.uvarint(e.shared_with)
         elif e.storage == Storage.DELTA:
@@ -119,17 +132,29 @@ def encode_storage(entries: list[Entry]) -> bytes:
                 if k < len(e.delta_steps) - 1:
                     enc.uvarint(step.size)
                     enc.raw(step.digest)
+    if groups is not None:
+        enc.uvarint(len(groups))
+        for g in groups:
+            enc.uvarint(g.csize)
+            enc.uvarint(g.usize)
     return enc.getvalue()
 
 
 def decode_header(data: bytes, source: str, body_size: int,
                   parent_entries: list[Entry] | None = None) -> tuple[list[Entry], int]:
+    entries, tree_len, _ = decode_tables(data, source, body_size, parent_entries)
+    return entries, tree_len
+
+
+def decode_tables(data: bytes, source: str, body_size: int, parent_entries: list[Entry] | None = None,
+                  grouped: bool = False) -> tuple[list[Entry], int, list[Group]]:
     """Decode and fully validate the tree and storage tables.
 
     `parent_entries` (delta images only) is the parent image's tree: storage
     that refers to it is checked against it.  Returns the entries and the
     length of the tree table.  Raises CorruptImage on anything malformed,
-    unsafe or inconsistent.
+    unsafe or inconsistent.  `grouped` (FLAG_GROUPED): the group table follows,
+    returned last (empty otherwise).
     """
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
@@ -149,8 +174,8 @@ def decode_header(data: bytes, source: str, body_size: int,
     tree_len = cur.pos
     with gc_paused():
         entries = _build_entries(buf, _row_lists(rows), fail)
-        _decode_storage(cur, entries, body_size, parent_entries, fail)
-    return entries, tree_len
+        groups = _decode_storage(cur, entries, body_size, parent_entries, fail, grouped)
+    return entries, tree_len, groups
 
 
 @contextlib.contextmanager
@@ -265,12 +290,12 @@ def _read_xattrs(buf: bytes, pos: int, count: int, e: Entry, fail: Any) -> None:
 
 
 def check_storage(table: bytes, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
-                  source: str) -> None:
+                  source: str, grouped: bool = False) -> list[Group]:
     """Decode and validate a storage table against a tree already in hand (it sets
     the entries' storage fields)."""
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
-    _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail)
+    return _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail, grouped)
 
 
 _FILES_BY_DIGEST: dict[int, tuple[list[Entry], dict[bytes | None, int]]] = {}
@@ -291,13 +316,14 @@ def _files_by_digest(entries: list[Entry]) -> dict[bytes | None, int]:
 
 
 def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
-                    fail: Any) -> None:
+                    fail: Any, grouped: bool = False) -> list[Group]:
     offset = 0
+    sliced: list[Entry] = []  # GROUPED holders, checked against the group table at the end
     parent_files = _files_by_digest(parent_entries) if parent_entries is not None else {}
     # the enum members as locals: this loop runs once per file of every image opened
     file_type, kinds, u8, uvarint = EntryType.FILE, _STORAGE_KINDS, cur.u8, cur.uvarint
-    empty, frame, shared, parent, delta = (Storage.EMPTY, Storage.FRAME, Storage.SHARED, Storage.PARENT,
-                                           Storage.DELTA)
+    empty, frame, shared, parent, delta, in_group = (Storage.EMPTY, Storage.FRAME, Storage.SHARED,
+                                                     Storage.PARENT, Storage.DELTA, Storage.GROUPED)
     sizes: dict[bytes | None, int] = {}  # one content has one size: lookups by digest rely on it
     for index, e in enumerate(entries):
         if e.type is not file_type:
@@ -310,6 +336,8 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
         e.storage = kind
         if parent_entries is None and (kind is parent or kind is delta):
             fail(f"entry {e.path!r}: refers to a parent image, but this is a base image")
+        if kind is in_group and not grouped:
+            fail(f"entry {e.path!r}: grouped body in an image without groups")
         if kind is empty:
             if e.size != 0:
                 fail(f"entry {e.path!r}: non-empty file without a body")
@@ -324,13 +352,16 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
                 fail(f"entry {e.path!r}: body outside the body section")
             e.body_offset = offset
             offset += length
+        elif kind is in_group:
+            e.group, e.body_offset, e.body_length = uvarint(), uvarint(MAX_GROUP_USIZE), e.size
+            sliced.append(e)
         elif kind is shared:
             e.shared_with = uvarint(max(index - 1, 0))
             holder = entries[e.shared_with]
-            if (holder.type is not file_type or holder.storage not in (frame, delta)
+            if (holder.type is not file_type or holder.storage not in (frame, delta, in_group)
                     or holder.digest != e.digest or holder.size != e.size or e.shared_with >= index):
                 fail(f"entry {e.path!r}: shared body does not match")
-            e.body_offset, e.body_length = holder.body_offset, holder.body_length
+            e.body_offset, e.body_length, e.group = holder.body_offset, holder.body_length, holder.group
         elif kind is parent:
             if parent_files.get(e.digest) != e.size:
                 fail(f"entry {e.path!r}: its content is not in the parent image")
@@ -356,10 +387,37 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
                     step = DeltaStep(method, length, e.size, e.digest or b"", offset)
                 e.delta_steps.append(step)
                 offset += length
+    groups = _decode_groups(cur, sliced, offset, body_size, fail) if grouped else []
     if cur.remaining():
         fail("trailing bytes after the storage table")
-    if offset != body_size:
+    if (groups[-1].offset + groups[-1].csize if groups else offset) != body_size:
         fail("body section size does not match the storage table")
+    return groups
+
+
+def _decode_groups(cur: Cursor, sliced: list[Entry], start: int, body_size: int, fail: Any) -> list[Group]:
+    """The group table; every group's content must be exactly its bodies, back to
+    back from 0 (no gap, no overlap, nothing past its end)."""
+    count = cur.uvarint(max(len(sliced), 1))
+    groups, offset = [], start
+    for _ in range(count):
+        csize, usize = cur.uvarint(body_size), cur.uvarint(MAX_GROUP_USIZE)
+        if csize == 0 or usize == 0 or offset + csize > body_size:
+            fail("a group frame lies outside the body section")
+        groups.append(Group(offset, csize, usize))
+        offset += csize
+    filled = [0] * count
+    for e in sorted(sliced, key=lambda e: (e.group, e.body_offset)):
+        if e.group >= count:
+            fail(f"entry {e.path!r}: in group {e.group}, of {count}")
+        if e.body_offset != filled[e.group]:
+            fail(f"entry {e.path!r}: its body overlaps another or leaves a gap in its group")
+        filled[e.group] += e.size
+        if filled[e.group] > groups[e.group].usize:
+            fail(f"entry {e.path!r}: its body ends past its group")
+    if any(f != g.usize for f, g in zip(filled, groups)):
+        fail("a group's bodies do not fill it")
+    return groups
 
 
 EMPTY_DIGEST = light_sha256(b"").digest()
@@ -384,6 +442,7 @@ class ImageInfo(NamedTuple):
     config: dict[str, Any] | None = None
     config_bytes: bytes | None = None
     config_digest: bytes | None = None
+    grouped: bool = False      # FLAG_GROUPED: small bodies are slices of group frames
 
     @property
     def body_offset(self) -> int:
@@ -482,12 +541,12 @@ def read_info(fd: int, source: str) -> ImageInfo:
                      parent_id=parent_id if has_parent else None, header_digest=header_digest,
                      header_csize=hcsize, header_usize=husize, body_size=body_size,
                      dimg_offset=base, dimg_size=dimg_size, multi_frame=bool(flags & FLAG_MULTI_FRAME),
-                     config=config,
-                     config_bytes=config_bytes, config_digest=config_digest)
+                     config=config, config_bytes=config_bytes, config_digest=config_digest,
+                     grouped=bool(flags & FLAG_GROUPED))
 
 
 def read_tables(fd: int, source: str, info: ImageInfo,
-                 parent: "Image | None") -> tuple[list[Entry], bytes]:
+                parent: "Image | None") -> tuple[list[Entry], bytes, list[Group]]:
     """The entries and tree table of the image at `fd`, checked (a delta's need its parent)."""
     base = info.dimg_offset
     pre = pread_exact(fd, DIMG_PREAMBLE.size, base, source)
@@ -496,20 +555,21 @@ def read_tables(fd: int, source: str, info: ImageInfo,
         raise CorruptImage(source, "header digest mismatch")
     header = _decompress_bounded(hcomp, info.header_usize, source, "header",
                                  header_dictionary(parent.tree_table if parent is not None else None))
-    entries, tree_len = decode_header(header, source, info.body_size,
-                                      parent.entries if parent is not None else None)
+    entries, tree_len, groups = decode_tables(header, source, info.body_size,
+                                              parent.entries if parent is not None else None, info.grouped)
     tree = header[:tree_len]
     if image_id_of(tree) != info.image_id:
         raise CorruptImage(source, "image id does not match its tree")
-    return entries, tree
+    return entries, tree, groups
 
 
 
 # ---------------------------------------------------------------- writing
 
 def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
-                  image_id: bytes, parent_id: bytes | None, multi_frame: bool = False) -> bytes:
-    flags = (FLAG_HAS_PARENT if parent_id is not None else 0) | (FLAG_MULTI_FRAME if multi_frame else 0)
+                  image_id: bytes, parent_id: bytes | None, multi_frame: bool = False, grouped: bool = False) -> bytes:
+    flags = (FLAG_HAS_PARENT if parent_id is not None else 0) | (FLAG_MULTI_FRAME if multi_frame else 0) \
+        | (FLAG_GROUPED if grouped else 0)
     version = DELTA_FORMAT_VERSION if parent_id is not None else FORMAT_VERSION
     fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
@@ -537,11 +597,14 @@ def with_layer_id(config: dict[str, Any], image_id: bytes) -> dict[str, Any]:
     return out
 
 
-def assign_storage(entries: list[Entry], frame_lengths: dict[bytes, int]) -> list[bytes]:
-    """Give each file its storage record in canonical order; return the digests
-    of the frames in body order.  The first file with a digest holds the frame."""
+def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int],
+                   plans: Sequence[GroupPlan] = ()) -> tuple[list[Any], list[Group]]:
+    """Give each file its storage record in canonical order; return the keys of
+    the blobs in body order (frames, then group frames) and the groups.  The first
+    file with a digest holds the frame or the slice."""
+    sliced = {d: (g, at) for g, plan in enumerate(plans) for d, at in zip(plan.digests, plan.offsets)}
     holder: dict[bytes, int] = {}
-    order: list[bytes] = []
+    order: list[Any] = []
     offset = 0
     for i, e in enumerate(entries):
         if e.type != EntryType.FILE:
@@ -553,6 +616,11 @@ def assign_storage(entries: list[Entry], frame_lengths: dict[bytes, int]) -> lis
         first = holder.get(e.digest)
         if first is None:
             holder[e.digest] = i
+            if e.digest in sliced:
+                e.storage = Storage.GROUPED
+                e.group, e.body_offset = sliced[e.digest]
+                e.body_length = e.size
+                continue
             e.storage = Storage.FRAME
             e.body_offset = offset
             e.body_length = frame_lengths[e.digest]
@@ -563,7 +631,13 @@ def assign_storage(entries: list[Entry], frame_lengths: dict[bytes, int]) -> lis
             e.shared_with = first
             e.body_offset = entries[first].body_offset
             e.body_length = entries[first].body_length
-    return order
+            e.group = entries[first].group
+    groups = []
+    for plan in plans:
+        groups.append(Group(offset, frame_lengths[plan.key], plan.usize))
+        offset += frame_lengths[plan.key]
+        order.append(plan.key)
+    return order, groups
 
 
 class EncodedHeader(NamedTuple):
@@ -574,6 +648,7 @@ class EncodedHeader(NamedTuple):
     image_id: bytes
     frame_order: list[Any]     # keys of the body blobs, in body order
     multi_frame: bool = False  # some body is larger than FRAME_CHUNK (FLAG_MULTI_FRAME)
+    grouped: bool = False      # FLAG_GROUPED
 
 
 def has_multi_frame_bodies(entries: list[Entry]) -> bool:
@@ -582,16 +657,19 @@ def has_multi_frame_bodies(entries: list[Entry]) -> bool:
     return any(e.storage == Storage.FRAME and e.size > FRAME_CHUNK for e in entries)
 
 
-def encode_header(entries: list[Entry], frame_lengths: dict[bytes, int]) -> EncodedHeader:
-    order = assign_storage(entries, frame_lengths)
+def encode_header(entries: list[Entry], frame_lengths: dict[Any, int],
+                  plans: Sequence[GroupPlan] = ()) -> EncodedHeader:
+    """A base image's header; with group `plans` (BodySpool.group_bodies) format 2."""
+    order, groups = assign_storage(entries, frame_lengths, plans)
     tree = encode_tree(entries)
-    table = tree + encode_storage(entries)
+    table = tree + encode_storage(entries, groups if plans else None)
     body_size = sum(frame_lengths[d] for d in order)
     # self-check: never write what we would refuse to read
-    decode_header(table, "<new image>", body_size)
+    decode_tables(table, "<new image>", body_size, grouped=bool(plans))
     comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
-                         image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries))
+                         image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries),
+                         grouped=bool(plans))
 
 
 class DeltaHeaderCoder:
@@ -667,7 +745,7 @@ def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frames: Any,
     """Write a whole dimg at the current position of `out`; returns its size.
     `copy_frames(keys, out)` writes the bodies (BodySpool.copy_frames)."""
     pre = dimg_preamble(header.compressed, header.usize, header.body_size,
-                        image_id or header.image_id, parent_id, header.multi_frame)
+                        image_id or header.image_id, parent_id, header.multi_frame, header.grouped)
     out.write(pre)
     out.write(header.compressed)
     copy_frames(header.frame_order, out)

@@ -4,8 +4,10 @@ parent image)."""
 
 from __future__ import annotations
 
+import collections
 import os
 import resource
+import threading
 from typing import Callable, Iterable, Iterator
 
 import zstandard
@@ -14,11 +16,12 @@ from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, WrongBa
 from .tree import DeltaStep, Entry, EntryType, Storage
 from ..zstdframes import MAX_WINDOW_LOG, declared_size, decode_frame, frame_length
 from ..digests import sha256
-from .format import format_id, pread_exact, read_info, read_tables
+from .format import Group, format_id, pread_exact, read_info, read_tables
 
 STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of this size
 ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
+GROUP_CACHE = 32 << 20         # decoded group frames an open image keeps (a tree walk decodes each about once)
 
 
 def _memory_available() -> int:
@@ -42,6 +45,7 @@ class Image:
     # what read_body may hold at once (a rebuild holds its source and its result):
     # a file's declared size is not what its image can hold (a 270 KB delta declared 8 GiB)
     memory_limit: int = _memory_available()
+    group_cache: int = GROUP_CACHE  # bytes of decoded group frames kept per image (llfs --group-cache)
 
     def __init__(self, path: str, parent: "Image | None" = None) -> None:
         self.path = path
@@ -58,6 +62,7 @@ class Image:
             self.info = read_info(self._fd, path)
             self._entries: list[Entry] | None = None
             self.tree_table = b""
+            self.groups: list[Group] = []
             if self.info.parent_id is not None and parent is not None \
                     and parent.info.image_id != self.info.parent_id:
                 raise WrongBase(path, format_id(self.info.parent_id), parent.path,
@@ -65,12 +70,15 @@ class Image:
             if parent is not None and self.info.parent_id is not None:
                 parent.entries  # a parent that cannot be read itself: say which base is missing
             if self.info.parent_id is None or parent is not None:
-                self._entries, self.tree_table = read_tables(self._fd, path, self.info, parent)
+                self._entries, self.tree_table, self.groups = read_tables(self._fd, path, self.info, parent)
         except BaseException:
             os.close(self._fd)
             raise
         self._by_path: dict[bytes, int] | None = None
         self._by_digest: dict[bytes, int] | None = None
+        self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
+        self._decoding: dict[int, threading.Lock] = {}
+        self._groups_lock = threading.Lock()
 
     @property
     def is_delta(self) -> bool:
@@ -149,6 +157,15 @@ class Image:
         with self.open_body(entry) as reader:
             yield from reader.chunks()
 
+    def stored_chunks(self, entry: Entry) -> Iterator[bytes]:
+        """The content of a file this (base) image stores, checked: a stored body
+        streams, a grouped one comes whole from its group (at most a frame's size)."""
+        if self.holder(entry).storage == Storage.GROUPED:
+            yield self.read_body(entry)
+            return
+        with self.open_body(entry) as body:
+            yield from body.chunks()
+
     def read_body(self, entry: Entry, check: bool = True) -> bytes:
         """The content of a file entry, whatever its storage (delta images
         rebuild it from the parent stack; the digest is checked either way).
@@ -167,7 +184,48 @@ class Image:
             if check:
                 image.check_digest(e, data)
             return data
+        if e.storage == Storage.GROUPED:
+            data = image.group_content(e)[e.body_offset:e.body_offset + e.size]
+            if check:
+                image.check_digest(e, data)
+            return data
         return image._rebuild(e)
+
+    def group_content(self, entry: Entry) -> bytes:
+        """The decoded content of `entry`'s group frame: decoded once by one thread
+        while others wait for it, kept among the most recent `group_cache` bytes."""
+        index = entry.group
+        with self._groups_lock:
+            data = self._decoded.get(index)
+            if data is not None:
+                self._decoded.move_to_end(index)
+                return data
+            lock = self._decoding.setdefault(index, threading.Lock())
+        with lock:
+            with self._groups_lock:
+                data = self._decoded.get(index)
+            if data is None:
+                data = self._decode_group(entry)
+                with self._groups_lock:
+                    self._decoded[index] = data
+                    total = sum(len(d) for d in self._decoded.values())
+                    while total > self.group_cache and len(self._decoded) > 1:
+                        total -= len(self._decoded.popitem(last=False)[1])
+                    self._decoding.pop(index, None)
+        return data
+
+    def _decode_group(self, entry: Entry) -> bytes:
+        group = self.groups[entry.group]
+        frame = pread_exact(self._fd, group.csize, self.info.body_offset + group.offset, self.path)
+        try:
+            if declared_size(memoryview(frame), 0, group.usize) != group.usize:
+                raise ValueError("the frame declares another size than its group")
+            data = decode_frame(memoryview(frame), group.usize)
+        except (ValueError, zstandard.ZstdError) as exc:
+            raise CorruptImage(self.path, f"{entry.display()}: its group frame does not decompress ({exc})") from None
+        if len(data) != group.usize:
+            raise CorruptImage(self.path, f"{entry.display()}: its group frame has the wrong size")
+        return data
 
     def check_memory(self, entry: Entry, need: int) -> None:
         if need > self.memory_limit:
@@ -181,7 +239,7 @@ class Image:
         if entry.storage == Storage.FRAME and entry.size > ONE_SHOT_MAX:
             for _ in self.body_chunks(entry):
                 pass
-        elif entry.storage in (Storage.FRAME, Storage.DELTA):
+        elif entry.storage in (Storage.FRAME, Storage.DELTA, Storage.GROUPED):
             self.read_body(entry)
 
     def body_frames(self, entry: Entry) -> Iterator[tuple[memoryview, int]]:
@@ -263,8 +321,10 @@ class Image:
 
 
 def stored_bodies(image: Image) -> list[Entry]:
-    """The entries whose bodies `image` stores itself (not its parents')."""
-    return [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA)]
+    """The entries whose bodies `image` stores itself (not its parents'), grouped
+    bodies in group order (a check decodes each group once)."""
+    own = [e for e in image.entries if e.storage in (Storage.FRAME, Storage.DELTA, Storage.GROUPED)]
+    return sorted(own, key=lambda e: (e.storage == Storage.GROUPED, e.group, e.body_offset))
 
 
 def check_bodies(image: Image, threads: int = 1, checked: Callable[[int], None] | None = None) -> None:

@@ -53,6 +53,7 @@ class Storage(enum.IntEnum):
     SHARED = 2     # the same body as an earlier entry (dedup by digest)
     PARENT = 3     # delta images: a file of the parent image has this content
     DELTA = 4      # delta images: binary delta(s) against a file of the parent image
+    GROUPED = 5    # a slice of a group frame: small bodies compressed together (FLAG_GROUPED)
 
 
 class DeltaStep(Record):
@@ -73,14 +74,14 @@ class DeltaStep(Record):
 class Entry(Record):
     __slots__ = ("path", "type", "mode", "uid", "gid", "mtime_ns", "xattrs", "size", "digest", "target", "link",
                  "rdev", "storage", "body_offset", "body_length", "shared_with", "delta_source", "delta_steps",
-                 "inode")
+                 "group", "inode")
 
     def __init__(self, path: bytes, type: EntryType, mode: int = 0o755, uid: int = 0, gid: int = 0,
                  mtime_ns: int = 0, xattrs: dict[bytes, bytes] | None = None, size: int = 0,
                  digest: bytes | None = None, target: bytes = b"", link: int = -1, rdev: tuple[int, int] = (0, 0),
                  storage: Storage = Storage.EMPTY, body_offset: int = 0, body_length: int = 0,
                  shared_with: int = -1, delta_source: int = -1, delta_steps: list[DeltaStep] | None = None,
-                 inode: object = None) -> None:
+                 group: int = -1, inode: object = None) -> None:
         self.path = path
         self.type = type
         self.mode = mode            # permission bits incl. setuid/setgid/sticky (0o7777)
@@ -95,11 +96,12 @@ class Entry(Record):
         self.rdev = rdev            # CHARDEV/BLOCKDEV: (major, minor)
         # storage (not part of the image id)
         self.storage = storage
-        self.body_offset = body_offset  # FRAME: offset in the body section
+        self.body_offset = body_offset  # FRAME: offset in the body section; GROUPED: in the group's content
         self.body_length = body_length  # FRAME: length of the frame
         self.shared_with = shared_with  # SHARED: index of the entry holding the frame
         self.delta_source = delta_source  # DELTA: index of the source file in the parent image
         self.delta_steps: list[DeltaStep] = [] if delta_steps is None else delta_steps  # DELTA: applied in order
+        self.group = group          # GROUPED: index of the group frame
         # producers only: entries with the same inode key become one hard-link group
         self.inode = inode
 

@@ -156,13 +156,12 @@ class _Materialiser:
                          0o600, dir_fd=fd_root)
             try:
                 if e.size:
-                    with self.image.open_body(e) as body:
-                        for chunk in body.chunks():
-                            if chunk == _zeros(len(chunk)):
-                                os.lseek(fd, len(chunk), os.SEEK_CUR)  # leave a hole: sparse output
-                            else:
-                                _write_all(fd, chunk)
-                            progress.advance(len(chunk))
+                    for chunk in self.image.stored_chunks(e):
+                        if chunk == _zeros(len(chunk)):
+                            os.lseek(fd, len(chunk), os.SEEK_CUR)  # leave a hole: sparse output
+                        else:
+                            _write_all(fd, chunk)
+                        progress.advance(len(chunk))
                     os.ftruncate(fd, e.size)
                 self.apply_meta_fd(fd, e)
             finally:

@@ -12,13 +12,15 @@ from .tree import Entry
 
 def save_image(entries: list[Entry], spool: BodySpool, *, dimg_path: str | None = None,
                cdimg_path: str | None = None, config: dict[str, Any] | None = None,
-               parent_id: bytes | None = None, image_id: bytes | None = None) -> bytes:
+               parent_id: bytes | None = None, image_id: bytes | None = None, threads: int = 1) -> bytes:
     """Write the image (canonical entries, bodies in `spool`) to the given paths.
 
     Returns the image id.  A cdimg needs `config`; its rootfs is rewritten to a
     single layer named by the image id (what `load` registers in containerd).
+    A grouped spool (format 2) compresses its group frames here, on `threads`.
     """
-    header = encode_header(entries, spool.frame_lengths())
+    plans = spool.group_bodies(entries, threads) if spool.grouped else []
+    header = encode_header(entries, spool.frame_lengths(), plans)
     final_id = image_id or header.image_id
     if dimg_path:
         with atomic_output(dimg_path) as out:

@@ -256,7 +256,7 @@ class ImageFS:
         if e.size:
             image, stored = self.top.resolve(e)
             stored = image.holder(stored)
-            if stored.storage != Storage.FRAME:  # rebuilt from deltas, once, into the cache
+            if stored.storage not in (Storage.FRAME, Storage.GROUPED):  # rebuilt from deltas, once, into the cache
                 fd = self.cache.open(e.digest or b"", e.size, lambda: image.read_body(stored))
                 stored = None
         handle = Handle(self, e, image, stored, fd)

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 from ..digests import sha256
 from ..errors import CorruptImage
 from ..image.reader import ONE_SHOT_MAX, Image
-from ..image.tree import Entry
+from ..image.tree import Entry, Storage
 from .threads import WakePool
 
 WHOLE_MAX = 1 << 20  # smaller bodies are read and decoded whole at the first read
@@ -39,7 +39,7 @@ def open_reader(image: Image, stored: Entry, verified: bool = False):  # type: i
     mismatch."""
     if stored.size > ONE_SHOT_MAX:
         return Prefetcher.streaming(image.open_body(stored))
-    if stored.size < WHOLE_MAX:
+    if stored.size < WHOLE_MAX or stored.storage == Storage.GROUPED:  # a slice of a cached group frame
         return Buffered(image.read_body(stored, check=not verified))
     return Frames(image, stored, verified)
 

@@ -15,13 +15,13 @@ log = logging.getLogger(__name__)
 
 
 def convert_image(ref: str, platform: Platform, options: RemoteOptions, out_dir: str, *, level: int,
-                  threads: int, cdimg: bool = True, dimg: bool = False,
+                  threads: int, cdimg: bool = True, dimg: bool = False, grouped: bool = False,
                   excludes: tuple[str, ...] = ()) -> tuple[bytes, ResolvedImage]:
     """Write OUT_DIR/image.cdimg (and/or image.dimg) of `ref`; (image id, what was resolved)."""
     with open_source(ref, platform, options) as source:
         resolved = source.resolve()
         os.makedirs(out_dir, exist_ok=True)
-        with BodySpool(out_dir, level) as spool:
+        with BodySpool(out_dir, level, grouped) as spool:
             flat = Flattener(spool, threads)
             try:
                 flat.flatten(resolved.layers, ref)
@@ -34,5 +34,5 @@ def convert_image(ref: str, platform: Platform, options: RemoteOptions, out_dir:
                 flat.entries(), spool,
                 dimg_path=os.path.join(out_dir, "image.dimg") if dimg else None,
                 cdimg_path=os.path.join(out_dir, "image.cdimg") if cdimg else None,
-                config=resolved.config)
+                config=resolved.config, threads=threads)
     return image_id, resolved

@@ -1,0 +1,178 @@
+"""Image format 2: small bodies grouped in shared frames (golden bytes, trees equal to
+format 1's, mixed stacks, hostile group tables, a damaged group)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import zstandard
+
+from helpers import TESTS, as_format_2, assert_one_line_error, diff_trees, make_tree, run_cli, snapshot_tree
+from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
+
+from d4c.errors import EXIT_CORRUPT, CorruptImage
+from d4c.image.bodies import BodySpool
+from d4c.image.format import Group, dimg_preamble, has_multi_frame_bodies, encode_storage, encode_tree, image_id_of
+from d4c.image.reader import Image
+from d4c.image.tree import Entry, EntryType, Storage, canonicalize
+from d4c.image.writer import save_image
+
+GOLDEN_V2 = os.path.join(TESTS, "data", "golden-v2-grouped.cdimg")
+GOLDEN_V2_SHA256 = "4699fe46006589ab64728f6f0da4624cf7c0d3d33c1600a392dae3a704601e4d"
+
+
+def write_golden_v2(path: str) -> bytes:
+    with BodySpool(os.path.dirname(path), level=19, grouped=True) as spool:
+        return save_image(golden_entries(spool), spool, cdimg_path=path, config=GOLDEN_CONFIG)
+
+
+def test_golden_grouped_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The bytes are pinned; the id is format 1's (it names the tree, not the storage)."""
+    out = str(tmp_path / "g.cdimg")
+    assert write_golden_v2(out) == bytes.fromhex(GOLDEN_ID.split(":")[1])
+    with open(out, "rb") as f:
+        data = f.read()
+    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256
+    with open(GOLDEN_V2, "rb") as f:
+        assert f.read() == data, "tests/data/golden-v2-grouped.cdimg differs from what this d4c writes"
+    with Image(GOLDEN_V2) as image:
+        assert image.info.grouped and len(image.groups) == 1
+        kinds = {e.path: e.storage for e in image.entries if e.type == EntryType.FILE}
+        assert kinds[b"bin/copy"] == Storage.GROUPED and kinds[b"data"] == Storage.GROUPED
+        assert image.read_body(image.lookup(b"bin/copy")) == b"hello, d4c\n"
+        assert image.read_body(image.lookup(b"data")) == bytes(range(256)) * 1000
+
+
+def pack(src: str, out: str, *extra: str) -> str:
+    code, stdout, err = run_cli("pack", "--in", src, "--out", out, "-q", *extra)
+    assert code == 0, err
+    return stdout.strip()
+
+
+def test_format_2_unpacks_to_format_1s_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src = str(tmp_path / "src")
+    make_tree(src)
+    for i in range(40):  # enough small files for a group of many
+        with open(os.path.join(src, "dir", f"note{i}.txt"), "wb") as f:
+            f.write(b"note %d\n" % i * (i + 1))
+    one = pack(src, str(tmp_path / "1.dimg"))
+    two = pack(src, str(tmp_path / "2.dimg"), "--format", "2", "--threadNum", "1")
+    assert pack(src, str(tmp_path / "2b.dimg"), "--format", "2", "--threadNum", "4") == two == one
+    with open(tmp_path / "2.dimg", "rb") as a, open(tmp_path / "2b.dimg", "rb") as b:
+        assert a.read() == b.read()  # the thread count changes nothing
+    with Image(str(tmp_path / "2.dimg")) as image:
+        assert image.info.grouped
+        kinds = {e.storage for e in image.entries if e.type == EntryType.FILE}
+        assert Storage.GROUPED in kinds and Storage.FRAME in kinds  # big.bin keeps its frames
+    trees = []
+    for name in ("1", "2"):
+        out = str(tmp_path / f"out{name}")
+        code, _, err = run_cli("unpack", "--dimg", str(tmp_path / f"{name}.dimg"), "--out", out)
+        assert code == 0, err
+        trees.append(snapshot_tree(out))
+    assert diff_trees(trees[0], trees[1]) == []
+
+
+def test_mixed_stacks_diff_patch_and_merge(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Deltas from a format-1 base to a format-2 image and back, patched and merged:
+    every result has the same id as the image it stands for."""
+    tmp = str(tmp_path)
+    v1 = [images[0], as_format_2(images[1], os.path.join(tmp, "v2.cdimg"), tmp), images[2]]  # 1, 2, 1
+    deltas = []
+    for i, (old, new) in enumerate(zip(v1, v1[1:])):
+        deltas.append(os.path.join(tmp, f"d{i}.cdimg"))
+        code, _, err = run_cli("cdimg", "diff", "--oldCdimg", old, "--newCdimg", new, "--outCdimg", deltas[-1],
+                               "-q")
+        assert code == 0, err
+    for i, d in enumerate(deltas):
+        out = os.path.join(tmp, f"p{i}.cdimg")
+        code, _, err = run_cli("cdimg", "patch", "--baseCdimg", v1[i], "--diffCdimg", d, "--outCdimg", out, "-q")
+        assert code == 0, err
+        with Image(out) as got, Image(v1[i + 1]) as want:
+            assert got.info.image_id == want.info.image_id
+    merged = os.path.join(tmp, "m.cdimg")
+    code, _, err = run_cli("cdimg", "merge", "--baseCdimg", v1[0], "--lowerCdimg", deltas[0], "--upperCdimg",
+                           deltas[1], "--outCdimg", merged, "-q")
+    assert code == 0, err
+    with Image(v1[0]) as base, Image(merged, parent=base) as m, Image(v1[2]) as want:
+        assert m.info.image_id == want.info.image_id
+
+
+# ---------------------------------------------------------------- hostile group tables
+
+def grouped(tmp_path) -> tuple[list[Entry], list[Group], bytes]:  # type: ignore[no-untyped-def]
+    """The golden tree plus a file too large for a group: (entries, groups, body section)."""
+    path = str(tmp_path / "g.dimg")
+    with BodySpool(str(tmp_path), level=3, grouped=True) as spool:
+        large = spool.add_bytes(bytes(range(251)) * 9000)
+        entries = canonicalize(golden_entries(spool) + [
+            Entry(b"large", EntryType.FILE, mode=0o644, size=large.size, digest=large.digest)])
+        save_image(entries, spool, dimg_path=path)
+    with Image(path) as image:
+        with open(path, "rb") as f:
+            f.seek(image.info.body_offset)
+            return image.entries, image.groups, f.read()
+
+
+def rewrap(entries: list[Entry], groups: list[Group], body: bytes) -> bytes:
+    """A grouped dimg of these tables, as d4c encodes them but never checked."""
+    tree = encode_tree(entries)
+    table = tree + encode_storage(entries, groups)
+    comp = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(table)
+    return dimg_preamble(comp, len(table), len(body), image_id_of(tree), None, has_multi_frame_bodies(entries),
+                         grouped=True) + comp + body
+
+
+def in_group(entries: list[Entry]) -> list[Entry]:
+    return sorted((e for e in entries if e.storage == Storage.GROUPED), key=lambda e: e.body_offset)
+
+
+def test_hostile_group_tables_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    entries, groups, body = grouped(tmp_path)
+    assert len(in_group(entries)) >= 2
+    table_cases = {
+        "past its frame": lambda es, gs: setattr(in_group(es)[-1], "body_offset", gs[0].usize),
+        "overlapping": lambda es, gs: setattr(in_group(es)[1], "body_offset", 0),
+        "no such group": lambda es, gs: setattr(in_group(es)[0], "group", 5),
+    }
+    for what, spoil in table_cases.items():
+        es = [Entry(**{k: getattr(e, k) for k in Entry.__slots__}) for e in entries]  # type: ignore[arg-type]
+        gs = list(groups)
+        spoil(es, gs)
+        bad = rewrap(es, gs, body)
+        path = tmp_path / f"{what}.dimg"
+        path.write_bytes(bad)
+        with pytest.raises(CorruptImage):
+            Image(str(path)).close()
+        code, _, err = run_cli("unpack", "--dimg", str(tmp_path / f"{what}.dimg"), "--out", str(tmp_path / "x"))
+        assert_one_line_error(code, err, EXIT_CORRUPT)
+        assert not os.path.exists(tmp_path / "x")
+    # a frame that decodes larger than its group declares: the tables are fine, the read is not
+    g = groups[0]
+    content = zstandard.ZstdDecompressor().decompress(body[g.offset:g.offset + g.csize])
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(content + b"more")
+    bigger = body[:g.offset] + frame + body[g.offset + g.csize:]
+    path = tmp_path / "bigger.dimg"
+    path.write_bytes(rewrap(entries, [g._replace(csize=len(frame))] + groups[1:], bigger))
+    with Image(str(path)) as image:
+        with pytest.raises(CorruptImage, match="group frame"):
+            image.read_body(in_group(image.entries)[0])
+    code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "y"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+
+
+def test_a_damaged_group_fails_its_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    entries, groups, body = grouped(tmp_path)
+    g = groups[0]
+    damaged = bytearray(body)
+    damaged[g.offset + g.csize // 2] ^= 0xFF
+    path = tmp_path / "d.dimg"
+    path.write_bytes(rewrap(entries, groups, bytes(damaged)))
+    with Image(str(path)) as image:
+        for e in in_group(image.entries):
+            with pytest.raises(CorruptImage):
+                image.read_body(e)
+        (large,) = [e for e in image.entries if e.storage == Storage.FRAME]
+        assert image.read_body(large) == bytes(range(251)) * 9000  # outside the group: unharmed
