@@ -176,3 +176,29 @@ def test_a_damaged_group_fails_its_files_only(tmp_path) -> None:  # type: ignore
                 image.read_body(e)
         (large,) = [e for e in image.entries if e.storage == Storage.FRAME]
         assert image.read_body(large) == bytes(range(251)) * 9000  # outside the group: unharmed
+
+
+def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A walk over every file decodes each group once; the cache keeps at most its
+    bound (and always the group in use)."""
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    for i in range(60):
+        with open(os.path.join(src, f"f{i:02}.txt"), "wb") as f:
+            f.write(os.urandom(100_000))  # 6 MB: two groups
+    pack(src, str(tmp_path / "g.dimg"), "--format", "2")
+    decoded = []
+    real = Image._decode_group
+    monkeypatch.setattr(Image, "_decode_group", lambda self, e: decoded.append(e.group) or real(self, e))
+    with Image(str(tmp_path / "g.dimg")) as image:
+        assert len(image.groups) == 2
+        files = sorted((e for e in image.entries if e.type == EntryType.FILE), key=lambda e: e.path)
+        for _ in range(2):
+            for e in files:
+                image.read_body(e)
+        assert sorted(decoded) == [0, 1]
+        image.group_cache = 1 << 20  # below one group: only the last one is kept
+        image._decoded.clear()
+        for e in files:
+            image.read_body(e)
+        assert len(image._decoded) == 1

@@ -27,6 +27,9 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    "under /var/tmp, removed at unmount)")
     p.add_argument("--cache-size", type=parse_size, default=2 << 30, metavar="SIZE",
                    help="upper bound of the cache (default 2G); least recently used files go first")
+    p.add_argument("--group-cache", type=parse_size, default=None, metavar="SIZE",
+                   help="decoded group frames of format-2 images kept in memory, per image (default 32M): "
+                   "a tree walk then decodes each group about once")
     p.add_argument("--background", action="store_true",
                    help="return once mounted; a server process keeps the mount (one per mount)")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N",
@@ -71,12 +74,13 @@ def run_mount(args: argparse.Namespace) -> int:
             image.close()
         spawn_mount(reexec_command(), paths, args.mountpoint, cache_dir=args.cache_dir,
                     cache_size=args.cache_size, workers=args.workers, log=args.log, debug=args.debug,
-                    verified_bodies=args.verified_bodies, suid_dev=args.allow_suid_dev)
+                    verified_bodies=args.verified_bodies, suid_dev=args.allow_suid_dev,
+                    group_cache=args.group_cache)
         return 0
     private = args.cache_dir is None
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="d4c-llfs-", dir="/var/tmp")
     try:
-        serve(paths, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies),
+        serve(paths, args.mountpoint, Options.of(cache_dir, args.cache_size, args.verified_bodies, args.group_cache),
               workers=args.workers, suid_dev=args.allow_suid_dev)
     finally:
         if private:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import zstandard
 
 from ..errors import CorruptImage
-from ..image.reader import ONE_SHOT_MAX, Image
+from ..image.reader import GROUP_CACHE, ONE_SHOT_MAX, Image
 from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage
 from .cache import BodyCache
 from .streams import FsError, open_reader
@@ -145,6 +145,12 @@ class Options(NamedTuple):
     # skip a second sha256 pass, as overlayfs snapshots are not re-hashed on
     # read either.  Files rebuilt from deltas are always checked.
     verified_bodies: bool = False
+    group_cache: int = GROUP_CACHE  # bytes of decoded group frames (format 2) each image keeps
+
+    @classmethod
+    def of(cls, cache_dir: str, cache_limit: int, verified_bodies: bool, group_cache: int | None) -> "Options":
+        """Options from command-line values (None: the default)."""
+        return cls(cache_dir, cache_limit, verified_bodies, GROUP_CACHE if group_cache is None else group_cache)
 
 
 READDIR_BATCH = 512  # directory entries per readdir call: more than a kernel buffer takes
@@ -159,6 +165,8 @@ class ImageFS:
         self.entries = self.top.entries
         self.cache = BodyCache(options.cache_dir, options.cache_limit)
         self.verified_bodies = options.verified_bodies
+        for image in images:
+            image.group_cache = options.group_cache
         n = len(self.entries)
         self.children: dict[int, list[tuple[bytes, int]]] = {}
         self._child_index: dict[tuple[int, bytes], int] = {}

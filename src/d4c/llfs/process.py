@@ -25,12 +25,14 @@ def reexec_command() -> list[str]:
 
 def spawn_mount(prefix: list[str], paths: list[str], mountpoint: str, *, cache_dir: str | None = None,
                 cache_size: int | None = None, workers: int | None = None, log: str | None = None,
-                debug: bool = False, verified_bodies: bool = False, suid_dev: bool = False) -> int:
+                debug: bool = False, verified_bodies: bool = False, suid_dev: bool = False,
+                group_cache: int | None = None) -> int:
     """Mount the stack `paths` (base first) at `mountpoint` in a new process started
     with `prefix` + the server's arguments; returns its pid once the mount serves."""
     read_end, write_end = os.pipe()
     cmd = prefix + command_line(paths, mountpoint, write_end, cache_dir=cache_dir, cache_size=cache_size,
-                                workers=workers, debug=debug, verified_bodies=verified_bodies, suid_dev=suid_dev)
+                                workers=workers, debug=debug, verified_bodies=verified_bodies, suid_dev=suid_dev,
+                                group_cache=group_cache)
     try:
         with open(os.devnull, "rb") as null_in, open(log or os.devnull, "ab") as out:
             child = subprocess.Popen(cmd, stdin=null_in, stdout=out, stderr=out, pass_fds=(write_end,),

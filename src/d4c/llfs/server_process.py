@@ -41,7 +41,7 @@ def bundle_is_temporary() -> bool:
 
 def command_line(paths: list[str], mountpoint: str, ready_fd: int, *, cache_dir: str | None = None,
                  cache_size: int | None = None, workers: int | None = None, debug: bool = False,
-                 verified_bodies: bool = False, suid_dev: bool = False) -> list[str]:
+                 verified_bodies: bool = False, suid_dev: bool = False, group_cache: int | None = None) -> list[str]:
     """The arguments after the program: serve the stack `paths` (base first) at `mountpoint`."""
     line = [SERVER_WORD]
     if debug:
@@ -52,6 +52,8 @@ def command_line(paths: list[str], mountpoint: str, ready_fd: int, *, cache_dir:
         line += ["--cache-size", str(cache_size)]
     if workers:
         line += ["--workers", str(workers)]
+    if group_cache is not None:
+        line += ["--group-cache", str(group_cache)]
     if verified_bodies:
         line.append("--verified-bodies")
     if suid_dev:
@@ -67,6 +69,7 @@ class ServerArgs:
         self.cache_dir: str | None = None
         self.cache_size = 2 << 30
         self.workers: int | None = None
+        self.group_cache: int | None = None
         self.ready_fd = -1
         self.mountpoint = ""
         self.images: list[str] = []
@@ -74,7 +77,7 @@ class ServerArgs:
 
 _SWITCHES = {"--debug": "debug", "--verified-bodies": "verified_bodies", "--suid-dev": "suid_dev"}
 _VALUES = {"--cache-dir": ("cache_dir", str), "--cache-size": ("cache_size", int), "--workers": ("workers", int),
-           "--ready-fd": ("ready_fd", int)}
+           "--ready-fd": ("ready_fd", int), "--group-cache": ("group_cache", int)}
 
 
 def parse_line(argv: list[str]) -> ServerArgs:
@@ -146,8 +149,9 @@ def main(argv: list[str]) -> int:
     from .model import Options
     from .serve import serve
     try:
-        serve(args.images, args.mountpoint, Options(cache_dir, args.cache_size, args.verified_bodies), ready=ready,
-              workers=args.workers, suid_dev=args.suid_dev)
+        serve(args.images, args.mountpoint, Options.of(cache_dir, args.cache_size, args.verified_bodies,
+                                                       args.group_cache), ready=ready, workers=args.workers,
+              suid_dev=args.suid_dev)
     except errors.D4CError as exc:
         logging.getLogger("d4c.llfs").debug("mount failed", exc_info=True)
         report(FAILED + str(exc).encode(errors="replace")[:4000])
