@@ -81,13 +81,64 @@ def main() -> int:
             peer = unpack_peer if "unpack" in name or name.endswith("-d") else pack_peer
             lines.append(f"| {name} | {human_bytes(size) if size else '-'} | {secs:.2f} | "
                          f"{raw / secs / 1e6:.0f} | {secs / peer:.2f} |")
+        installs = first_installs(work, [("the image bench's nginx image (B)", _nginx_tree()), (corpus, src)])
+        lines += ["", "## A first install: image format 2 against `tar | zstd -19`", "",
+                  "Format 2 (`pack --format 2`: files of at most 1 MiB grouped in 4 MiB frames, level 19) against "
+                  "the same tree as one `tar | zstd -19 -T2` stream, and format 1 at its default (one frame per "
+                  "file, level 3). One run each, 2 threads. Target: format 2 <= 1.0 x the tar stream; pack time "
+                  "<= 3 x its.", "",
+                  "| tree | format 1 | format 2 | tar \\| zstd -19 | format 2 / tar | pack s | tar s | time ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in installs:
+            lines.append(f"| {r['tree']} | {r['format1']:,} | {r['format2']:,} | {r['tar']:,} | "
+                         f"{r['format2'] / r['tar']:.3f} | {r['format2_s']:.1f} | {r['tar_s']:.1f} | "
+                         f"{r['format2_s'] / r['tar_s']:.2f} |")
         text = "\n".join(lines) + "\n"
-        data = {"corpus": corpus, "raw_bytes": raw,
+        data = {"corpus": corpus, "raw_bytes": raw, "first_install": installs,
                 "rows": [{"what": name, "size": size, "seconds": secs} for name, size, secs in rows]}
         report.save("pack", text, data, plot)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _nginx_tree() -> str | None:
+    """The image bench's B tree, when it can be built here (root, debootstrap) or is cached."""
+    from . import image_bench
+    try:
+        return image_bench.build_rootfs("B")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"pack bench: no nginx tree ({exc}); that row is skipped", file=sys.stderr)
+        return None
+
+
+def first_installs(work: str, trees: list[tuple[str, str | None]]) -> list[dict]:  # type: ignore[type-arg]
+    out = []
+    for name, tree in trees:
+        if tree is None:
+            continue
+        sizes = {}
+        for fmt in ("1", "2"):
+            dimg = f"{work}/install{fmt}.dimg"
+            start = time.perf_counter()
+            ctr_cli(["-q", "pack", "--in", tree, "--out", dimg, "--threadNum", "2", "--format", fmt])
+            os.sync()
+            sizes[fmt] = (os.path.getsize(dimg), time.perf_counter() - start)
+            os.unlink(dimg)
+        start = time.perf_counter()
+        with open(f"{work}/install.tar.zst", "wb") as f:
+            tar = subprocess.Popen(["tar", "-cf", "-", "-C", tree, "."], stdout=subprocess.PIPE)
+            subprocess.run(["zstd", "-19", "-T2", "-q", "-c"], stdin=tar.stdout, stdout=f, check=True)
+            assert tar.stdout is not None
+            tar.stdout.close()
+            if tar.wait():
+                raise RuntimeError(f"tar of {tree} failed")
+        os.sync()
+        tar_s = time.perf_counter() - start
+        out.append({"tree": name, "format1": sizes["1"][0], "format2": sizes["2"][0], "format2_s": sizes["2"][1],
+                    "tar": os.path.getsize(f"{work}/install.tar.zst"), "tar_s": tar_s})
+        os.unlink(f"{work}/install.tar.zst")
+    return out
 
 
 def plot(data: dict, path: str) -> None:  # type: ignore[type-arg]
