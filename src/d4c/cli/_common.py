@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 from .. import paths
 from ..args import link_rate, positive_int
 from ..errors import UsageError
-from ..image.bodies import DEFAULT_LEVEL, GROUPED_LEVEL
 
 if TYPE_CHECKING:
     from ..oci.source import Platform, RemoteOptions
@@ -50,7 +49,7 @@ def add_link_rate(p: argparse.ArgumentParser) -> None:
 def add_level(p: argparse.ArgumentParser, formats: bool = False) -> None:
     """--level; with `formats`, --format too (base images: 1 per-file frames, 2 grouped)."""
     p.add_argument("--level", type=int, default=None, metavar="L",
-                   help="zstd level for file bodies, 1..22 (default 3; 19 with --format 2)")
+                   help="zstd level for file bodies, 1..22 (default 3" + ("; 19 with --format 2)" if formats else ")"))
     if formats:
         p.add_argument("--format", type=int, choices=(1, 2), default=1, dest="image_format",
                        help="image format: 1 (one zstd frame per file; every d4c reads it) or 2 (small files "
@@ -60,6 +59,7 @@ def add_level(p: argparse.ArgumentParser, formats: bool = False) -> None:
 
 def body_level(args: argparse.Namespace) -> int:
     """--level, or the default of the image format asked for."""
+    from ..image.bodies import DEFAULT_LEVEL, GROUPED_LEVEL  # not at import: every command loads this module
     if args.level is not None:
         return int(args.level)
     return GROUPED_LEVEL if getattr(args, "image_format", 1) == 2 else DEFAULT_LEVEL
