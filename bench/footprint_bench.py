@@ -109,7 +109,9 @@ def main() -> int:
             image, tree = os.path.join(work, "corpus.dimg"), os.path.join(work, "tree")
             # links followed: a link out of the tree is refused by pack
             shutil.copytree(CORPUS, tree, symlinks=False, ignore_dangling_symlinks=True)
-            subprocess.run(progs[-1][1] + ["-q", "pack", "--in", tree, "--out", image], check=True,
+            # format 1: its rows stay comparable with earlier runs; a format-2 image adds the
+            # decoded-group cache (mount --group-cache, 32 MiB by default) to "serving"
+            subprocess.run(progs[-1][1] + ["-q", "pack", "--in", tree, "--out", image, "--format", "1"], check=True,
                            capture_output=True, env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
             mnt = os.path.join(work, "mnt")
             os.makedirs(mnt, exist_ok=True)

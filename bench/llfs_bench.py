@@ -69,6 +69,8 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
+DI3FS = "llfs, default workers, --verified-bodies (as di3fs mounts)"
+DI3FS_F2 = "llfs, format 2, default workers, --verified-bodies (as di3fs mounts)"
 ROUNDS = 5  # of the paired large-file reads
 FIRST_RUNS = 7  # of a first read and of its util patch peer: 10-20 ms, single runs vary by +-40 %
 TARGET_BIG = 0.70  # the target: unchanged large files at >= this fraction of the disk's throughput
@@ -248,6 +250,41 @@ def cpu_per_mib(paths: list[str], mib: float, server: int | None) -> dict[str, f
                                           **reader}
 
 
+SMALL_MAX = 64 << 10  # the small files of the cold-read rows: at most this large, one per group
+SMALL_FILES = 15
+
+
+def small_files(grouped: str, new: str) -> list[str]:
+    """Unchanged small files of the format-2 base `grouped` that `new` also has, the
+    first of each of SMALL_FILES groups spread over the image: each read then
+    starts on a group that neither the page cache nor the group cache holds."""
+    from d4c.image.reader import Image
+    from d4c.image.tree import EntryType, Storage
+    with Image(new) as after:
+        kept = {e.path: e.digest for e in after.entries if e.type == EntryType.FILE}
+    firsts: dict[int, str] = {}
+    with Image(grouped) as image:
+        for e in image.entries:
+            h = image.holder(e) if e.type == EntryType.FILE else e
+            if (e.type == EntryType.FILE and h.storage == Storage.GROUPED and 0 < e.size <= SMALL_MAX
+                    and kept.get(e.path) == e.digest and h.group not in firsts):
+                firsts[h.group] = e.path.decode().lstrip("/")
+    groups = sorted(firsts)
+    step = max(1, len(groups) // SMALL_FILES)
+    return [firsts[g] for g in groups[::step][:SMALL_FILES]]
+
+
+def cold_small_reads(root: str, rels: list[str]) -> float:
+    """Median time of reading each of `rels` under `root` alone, the page cache dropped before each."""
+    times = []
+    for rel in rels:
+        drop_caches()
+        start = time.perf_counter()
+        read_files([os.path.join(root, rel)])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def ctr_cli(*args: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src"))
     subprocess.run([sys.executable, "-m", "d4c", "-q", *args], check=True, env=env)
@@ -257,14 +294,19 @@ def main() -> int:
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("llfs bench: needs root and /dev/fuse (skipped)", file=sys.stderr)
         return 0
-    a, b = image_bench.cdimg("A"), image_bench.cdimg("B")
+    a, b = image_bench.cdimg("A", 1), image_bench.cdimg("B", 1)
+    a2, b2 = image_bench.cdimg("A", 2), image_bench.cdimg("B", 2)
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="d4c-lbench-", dir="/var/tmp") as work:
-        folder = os.path.join(work, "images")
-        os.makedirs(folder)
-        shutil.copyfile(a, os.path.join(folder, "a.cdimg"))
-        top = os.path.join(folder, "ab.cdimg")
-        ctr_cli("cdimg", "diff", "--oldCdimg", a, "--newCdimg", b, "--outCdimg", top)
+        tops = {}
+        for image_format, (old, new) in ((1, (a, b)), (2, (a2, b2))):
+            folder = os.path.join(work, f"images-f{image_format}")
+            os.makedirs(folder)
+            shutil.copyfile(old, os.path.join(folder, "a.cdimg"))
+            tops[image_format] = os.path.join(folder, "ab.cdimg")
+            ctr_cli("cdimg", "diff", "--oldCdimg", old, "--newCdimg", new, "--outCdimg", tops[image_format])
+        top, folder = tops[1], os.path.dirname(tops[1])
+        small = small_files(a2, b2)
         disk = os.path.join(work, "disk")
         ctr_cli("unpack", "--cdimg", b, "--out", disk)
         nginx_rel = "usr/sbin/nginx"
@@ -312,18 +354,20 @@ def main() -> int:
 
         # the snapshotter mounts with --verified-bodies (it checked every body at load)
         # workers None: llfuse's default, 30 threads, what `ctr-cli mount` and the snapshotter use
-        rows: list[tuple[str, int | None, list[str]]] = [
-            ("llfs, 1 worker", 1, []), ("llfs, 2 workers", 2, []), ("llfs, default workers (as ctr-cli mount)", None, []),
-            ("llfs, 1 worker, --verified-bodies", 1, ["--verified-bodies"]),
-            ("llfs, 2 workers, --verified-bodies", 2, ["--verified-bodies"]),
-            ("llfs, default workers, --verified-bodies (as di3fs mounts)", None, ["--verified-bodies"])]
+        # format 1 unless the row says format 2 (base A and B converted with --format 2)
+        rows: list[tuple[str, int | None, list[str], int]] = [
+            ("llfs, 1 worker", 1, [], 1), ("llfs, 2 workers", 2, [], 1),
+            ("llfs, default workers (as ctr-cli mount)", None, [], 1),
+            ("llfs, 1 worker, --verified-bodies", 1, ["--verified-bodies"], 1),
+            ("llfs, 2 workers, --verified-bodies", 2, ["--verified-bodies"], 1),
+            (DI3FS, None, ["--verified-bodies"], 1), (DI3FS_F2, None, ["--verified-bodies"], 2)]
         mounts: dict[str, str] = {}
         results["disk"] = {}  # the first row
         try:
-            for n, (name, workers, extra) in enumerate(rows):
+            for n, (name, workers, extra, image_format) in enumerate(rows):
                 mnt, cache = os.path.join(work, f"mnt{n}"), os.path.join(work, f"cache{n}")
                 os.makedirs(mnt)
-                ctr_cli("mount", "--background", "--cdimg", top, "--cache-dir", cache,
+                ctr_cli("mount", "--background", "--cdimg", tops[image_format], "--cache-dir", cache,
                         *(["--workers", str(workers)] if workers else []), *extra, mnt)
                 mounts[name] = mnt
                 # emptying the body cache makes the next read a first read again
@@ -331,12 +375,14 @@ def main() -> int:
                                                   FIRST_RUNS, setup=lambda: empty_dir(cache)),
                                  "cached_s": clock(lambda: read_files([os.path.join(mnt, nginx_rel)]))}
             compare(mounts, "disk")
+            for name, root in [("disk", disk), (DI3FS, mounts[DI3FS]), (DI3FS_F2, mounts[DI3FS_F2])]:
+                results[name]["small_s"] = cold_small_reads(root, small)
             for name, root in [("disk", disk), *mounts.items()]:
                 results[name].update(cpu_per_mib([os.path.join(root, p) for p in big], big_bytes / 2**20,
                                                  None if root == disk else server_pid(root)))
             with guest_halt_polling(HALT_POLL_NS) as polling:
                 if polling:
-                    name = rows[-1][0]  # as di3fs mounts
+                    name = DI3FS
                     results[POLLED + "disk"] = {"base": POLLED + "disk"}
                     results[POLLED + name] = {"base": POLLED + "disk"}
                     compare({POLLED + name: mounts[name]}, POLLED + "disk")
@@ -355,10 +401,12 @@ def main() -> int:
                 edge = edge_rows(work, disk, folder, top, big)
             except (OSError, subprocess.CalledProcessError) as exc:  # the rows above still get written
                 print(f"llfs bench: no edge-disk rows: {exc}", file=sys.stderr)
-    report = render(results, len(big), big_bytes, patch_s, edge)
+        delta_bytes = {f: os.path.getsize(t) for f, t in tops.items()}
+    report = render(results, len(big), big_bytes, patch_s, edge) + render_formats(results, len(small), delta_bytes)
     with open(os.path.join(RESULTS, "llfs.md"), "w") as f:
         f.write(report)
-    data = {"results": results, "big_files": len(big), "big_bytes": big_bytes, "util_patch_s": patch_s, "edge": edge}
+    data = {"results": results, "big_files": len(big), "big_bytes": big_bytes, "util_patch_s": patch_s, "edge": edge,
+            "small_files": len(small), "delta_bytes": delta_bytes}
     with open(os.path.join(RESULTS, "llfs.json"), "w") as f:
         json.dump(data, f, indent=1)
     plot(data, os.path.join(RESULTS, "llfs.png"))
@@ -507,6 +555,28 @@ def render(results: dict[str, dict[str, Any]], nbig: int, big_bytes: int, patch_
     lines += ["", f"`util patch` of the same file (the single-file engine): {patch_s:.3f} s. Both are the fastest "
               f"of {FIRST_RUNS} runs with the page cache dropped before each (a first read finds its image cold; "
               "the patch its old file and delta). Target: first read <= 1.2 x that."]
+    return "\n".join(lines) + "\n"
+
+
+def render_formats(results: dict[str, dict[str, Any]], nsmall: int, delta_bytes: dict[int, int]) -> str:
+    """Format 2 against format 1, both as di3fs mounts, on the issue's three targets."""
+    one, two, disk = results[DI3FS], results[DI3FS_F2], results["disk"]
+    walk1, walk2 = statistics.median(one["walk_ratios"]), statistics.median(two["walk_ratios"])
+    big1, big2 = statistics.median(one["big_ratios"]), statistics.median(two["big_ratios"])
+    lines = ["", "## Image format 2 (small files grouped) against format 1", "",
+             "A and B converted with `--format 2` (files of at most 1 MiB in 4 MiB zstd frames, level 19), "
+             "mounted as A + the delta A -> B as di3fs mounts, against the format-1 row above. Cold read of one "
+             f"small file: median over {nsmall} unchanged files of at most {SMALL_MAX >> 10} KiB, each in a "
+             "different group, the page cache dropped before each (the group cache starts without their groups).",
+             "", "| | disk | format 1 | format 2 | format 2 / format 1 | target |", "|---|---:|---:|---:|---:|---|",
+             f"| cold read of one small file, ms | {disk['small_s'] * 1000:.2f} | {one['small_s'] * 1000:.2f} | "
+             f"{two['small_s'] * 1000:.2f} | {two['small_s'] / one['small_s']:.2f} | <= 1.5 x format 1 |",
+             f"| full-tree read, x disk | 1.00 | {walk1:.2f} | {walk2:.2f} | {walk2 / walk1:.2f} | "
+             "format 2 <= 2.5 x disk |",
+             f"| unchanged files >= 1 MiB, fraction of disk throughput | 1.00 | {big1:.2f} | {big2:.2f} | "
+             f"{big2 / big1:.2f} | no slower than format 1 |",
+             f"| delta A -> B, bytes | | {delta_bytes[1]:,} | {delta_bytes[2]:,} | "
+             f"{delta_bytes[2] / delta_bytes[1]:.3f} | no larger than format 1 |"]
     return "\n".join(lines) + "\n"
 
 

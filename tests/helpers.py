@@ -196,8 +196,8 @@ def fuse_server_pids(under: str) -> list[int]:
     return pids_naming(under, flag=b"--ready-fd")
 
 
-def as_format_2(cdimg: str, out: str, tmp: str) -> str:
-    """The same image written as format 2 (unpacked, packed again with its config)."""
+def as_format(cdimg: str, out: str, tmp: str, image_format: int) -> str:
+    """The same image written in `image_format` (unpacked, packed again with its config)."""
     tree = os.path.join(tmp, os.path.basename(out) + ".tree")
     code, _, err = run_cli("unpack", "--cdimg", cdimg, "--out", tree)
     assert code == 0, err
@@ -206,6 +206,6 @@ def as_format_2(cdimg: str, out: str, tmp: str) -> str:
         config = dict(image.info.config or {})
     with open(tree + ".json", "w") as f:
         json.dump(config, f)
-    code, _, err = run_cli("pack", "--in", tree, "--config", tree + ".json", "--out", out, "--format", "2", "-q")
+    code, _, err = run_cli("pack", "--in", tree, "--config", tree + ".json", "--out", out, "--format", str(image_format), "-q")
     assert code == 0, err
     return out

@@ -109,8 +109,9 @@ def test_golden_file_reads_back() -> None:
 
 
 def _pack(src: str, out: str, threads: int, level: int = 3) -> str:
+    """Format 1, whose per-file frames these tests look at."""
     code, stdout, err = run_cli("pack", "--in", src, "--out", out, "--threadNum", str(threads),
-                                "--level", str(level))
+                                "--level", str(level), "--format", "1")
     assert code == 0, err
     return stdout.strip()
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import zstandard
 
-from helpers import TESTS, as_format_2, assert_one_line_error, diff_trees, make_tree, run_cli, snapshot_tree
+from helpers import TESTS, as_format, assert_one_line_error, diff_trees, make_tree, run_cli, snapshot_tree
 from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
 
 from d4c.errors import EXIT_CORRUPT, CorruptImage
@@ -57,11 +57,13 @@ def test_format_2_unpacks_to_format_1s_tree(tmp_path) -> None:  # type: ignore[n
     for i in range(40):  # enough small files for a group of many
         with open(os.path.join(src, "dir", f"note{i}.txt"), "wb") as f:
             f.write(b"note %d\n" % i * (i + 1))
-    one = pack(src, str(tmp_path / "1.dimg"))
+    one = pack(src, str(tmp_path / "1.dimg"), "--format", "1")
     two = pack(src, str(tmp_path / "2.dimg"), "--format", "2", "--threadNum", "1")
     assert pack(src, str(tmp_path / "2b.dimg"), "--format", "2", "--threadNum", "4") == two == one
     with open(tmp_path / "2.dimg", "rb") as a, open(tmp_path / "2b.dimg", "rb") as b:
         assert a.read() == b.read()  # the thread count changes nothing
+    with Image(str(tmp_path / "1.dimg")) as image:
+        assert not image.info.grouped
     with Image(str(tmp_path / "2.dimg")) as image:
         assert image.info.grouped
         kinds = {e.storage for e in image.entries if e.type == EntryType.FILE}
@@ -79,7 +81,8 @@ def test_mixed_stacks_diff_patch_and_merge(images, tmp_path) -> None:  # type: i
     """Deltas from a format-1 base to a format-2 image and back, patched and merged:
     every result has the same id as the image it stands for."""
     tmp = str(tmp_path)
-    v1 = [images[0], as_format_2(images[1], os.path.join(tmp, "v2.cdimg"), tmp), images[2]]  # 1, 2, 1
+    v1 = [as_format(image, os.path.join(tmp, f"{n}.cdimg"), tmp, image_format)
+          for n, (image, image_format) in enumerate(zip(images, (1, 2, 1)))]
     deltas = []
     for i, (old, new) in enumerate(zip(v1, v1[1:])):
         deltas.append(os.path.join(tmp, f"d{i}.cdimg"))
@@ -98,6 +101,34 @@ def test_mixed_stacks_diff_patch_and_merge(images, tmp_path) -> None:  # type: i
     assert code == 0, err
     with Image(v1[0]) as base, Image(merged, parent=base) as m, Image(v1[2]) as want:
         assert m.info.image_id == want.info.image_id
+
+
+def test_the_default_is_format_2_and_patch_writes_what_pack_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pack's default is format 2; patch --outDimg writes the same bytes pack does for
+    the new tree, in the default format and with --format 1 alike."""
+    from d4c.cli._common import DEFAULT_IMAGE_FORMAT
+    from d4c.image.bodies import DEFAULT_FORMAT
+    assert DEFAULT_IMAGE_FORMAT == DEFAULT_FORMAT == 2
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    make_tree(old)
+    make_tree(new)
+    for i in range(30):
+        with open(os.path.join(new, "dir", f"n{i}.txt"), "wb") as f:
+            f.write(b"line %d\n" % i * 50)
+    for flags, grouped in (((), True), (("--format", "1"), False)):
+        tag = "-".join(flags) or "default"
+        a, b = str(tmp_path / f"a{tag}.dimg"), str(tmp_path / f"b{tag}.dimg")
+        pack(old, a, *flags)
+        pack(new, b, *flags)
+        with Image(b) as image:
+            assert image.info.grouped is grouped
+        d, out = str(tmp_path / f"d{tag}.dimg"), str(tmp_path / f"p{tag}.dimg")
+        for args in (("dimg", "diff", "--oldDimg", a, "--newDimg", b, "--outDimg", d),
+                     ("dimg", "patch", "--baseDimg", a, "--diffDimg", d, "--outDimg", out, *flags)):
+            code, _, err = run_cli(*args, "-q")
+            assert code == 0, err
+        with open(out, "rb") as got, open(b, "rb") as want:
+            assert got.read() == want.read()
 
 
 # ---------------------------------------------------------------- hostile group tables

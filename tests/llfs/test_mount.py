@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import IS_ROOT
-from helpers import (ROOT, as_format_2, assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli,
+from helpers import (ROOT, as_format, assert_one_line_error, diff_trees, fuse_server_pids, need, run_cli,
                      snapshot_tree)
 
 from d4c.llfs import model as llfs_model
@@ -381,12 +381,15 @@ def test_corrupt_image_at_mount_exits_3(stack, tmp_path, background) -> None:  #
 
 
 def test_format_2_through_a_mount(images, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """A grouped image mounts to its tree; a damaged group frame is EIO for the files in
-    it, and the others (a large file's own frames) are still served."""
+    """A grouped image mounts to its tree, as format 1 does; a damaged group frame is EIO
+    for the files in it, and the others (a large file's own frames) are still served."""
     fuse_ok()
-    v2 = as_format_2(images[3], str(tmp_path / "v2.cdimg"), str(tmp_path))
+    v2 = as_format(images[3], str(tmp_path / "v2.cdimg"), str(tmp_path), 2)
     code, _, err = run_cli("unpack", "--cdimg", images[3], "--out", str(tmp_path / "want"))
     assert code == 0, err
+    v1 = as_format(images[3], str(tmp_path / "v1.cdimg"), str(tmp_path), 1)
+    with Mounted(v1, str(tmp_path / "mnt1")) as mnt:
+        assert diff_trees(snapshot_tree(mnt), snapshot_tree(str(tmp_path / "want"))) == []
     with Mounted(v2, str(tmp_path / "mnt"), "--group-cache", "1M") as mnt:  # below a group: decoded per read
         assert diff_trees(snapshot_tree(mnt), snapshot_tree(str(tmp_path / "want"))) == []
     imgs = open_stack([v2])

@@ -46,23 +46,24 @@ def add_link_rate(p: argparse.ArgumentParser) -> None:
                    "smallest delta, whatever it costs to patch)")
 
 
-def add_level(p: argparse.ArgumentParser, formats: bool = False) -> None:
-    """--level; with `formats`, --format too (base images: 1 per-file frames, 2 grouped)."""
+IMAGE_FORMATS = (1, 2)
+DEFAULT_IMAGE_FORMAT = 2  # image.bodies.DEFAULT_FORMAT, not imported here: every command loads this module
+
+
+def add_level(p: argparse.ArgumentParser) -> None:
+    """--level and --format of a base image (1: a frame per file, 2: small files grouped)."""
     p.add_argument("--level", type=int, default=None, metavar="L",
-                   help="zstd level for file bodies, 1..22 (default 3" + ("; 19 with --format 2)" if formats else ")"))
-    if formats:
-        p.add_argument("--format", type=int, choices=(1, 2), default=1, dest="image_format",
-                       help="image format: 1 (one zstd frame per file; every d4c reads it) or 2 (small files "
-                            "grouped in 4 MiB frames: a smaller first install, needs a d4c that reads format 2); "
-                            "default 1")
+                   help="zstd level for file bodies, 1..22 (default 19 for format 2, 3 for format 1)")
+    p.add_argument("--format", type=int, choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT, dest="image_format",
+                   help="image format: 2 (small files grouped in 4 MiB frames: the smallest first install) or 1 "
+                        "(one zstd frame per file: for readers that predate format 2); "
+                        f"default {DEFAULT_IMAGE_FORMAT}")
 
 
 def body_level(args: argparse.Namespace) -> int:
     """--level, or the default of the image format asked for."""
-    from ..image.bodies import DEFAULT_LEVEL, GROUPED_LEVEL  # not at import: every command loads this module
-    if args.level is not None:
-        return int(args.level)
-    return GROUPED_LEVEL if getattr(args, "image_format", 1) == 2 else DEFAULT_LEVEL
+    from ..image.bodies import base_level  # not at import: every command loads this module
+    return base_level(args.image_format, args.level)
 
 
 

@@ -42,7 +42,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help="drop PATH (relative to the image root) from the tree; repeat or comma-separate")
     add_source_flags(p)
     add_threads(p)
-    add_level(p, formats=True)
+    add_level(p)
     p.set_defaults(func=run)
 
 

@@ -28,7 +28,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument("--dimg", metavar="FILE", help="existing dimg to wrap into a cdimg")
         p.add_argument("--out", required=True, metavar="FILE", help="output file")
         add_threads(p)
-        add_level(p, formats=True)
+        add_level(p)
         p.set_defaults(func=run)
 
 

@@ -7,10 +7,10 @@ import os
 import tempfile
 
 from ..errors import UsageError
-from ..image.deltas import BASE_LEVEL, patch_image
+from ..image.deltas import patch_image
 from ..image.stack import close_all, open_stack
 from ..image.unpack import unpack
-from ._common import add_threads, refuse_output_over_input
+from ._common import add_level, add_threads, refuse_output_over_input
 from ..args import parse_size
 
 
@@ -26,8 +26,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                        help="the image the delta applies to; repeat, lowest first, when that is a delta too")
         p.add_argument(f"--out{flag}", dest="out", metavar="FILE", help="write the full new image here")
         p.add_argument("--outDir", metavar="DIR", help="write the new tree to this directory (must not exist or be empty)")
-        p.add_argument("--level", type=int, default=BASE_LEVEL, metavar="L",
-                       help=f"zstd level for the bodies of the new image (default {BASE_LEVEL}, as convert)")
+        add_level(p)  # --out: the format and level convert would be given for the same bytes
         p.add_argument("--no-same-owner", action="store_true", help="--outDir: do not restore owners")
         p.add_argument("--memory-limit", type=parse_size, default=None, metavar="SIZE",
                        help="refuse a file whose rebuild from deltas would hold more than this in memory "
@@ -51,12 +50,13 @@ def run(args: argparse.Namespace) -> int:
         top = stack[-1]
         top.entries  # a missing base is reported before anything is written
         if args.out:
-            patch_image(top, args.out, cdimg=args.kind == "cdimg", level=args.level, threads=args.threads)
+            patch_image(top, args.out, cdimg=args.kind == "cdimg", image_format=args.image_format, level=args.level,
+                        threads=args.threads)
             return 0
         parent = os.path.dirname(os.path.abspath(args.outDir))
         with tempfile.TemporaryDirectory(prefix=".d4c-patch-", dir=parent) as tmp:
             full = os.path.join(tmp, "image.dimg")
-            patch_image(top, full, cdimg=False, level=1, threads=args.threads)
+            patch_image(top, full, cdimg=False, image_format=1, level=1, threads=args.threads)  # scratch
             close_all(stack)
             stack = open_stack([full])
             unpack(stack[0], args.outDir, same_owner=False if args.no_same_owner else None)

@@ -120,12 +120,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+SCRATCH_LEVEL = 1
+
+
 def _publish(args: argparse.Namespace, registry: Registry, subject_digest: str, have_full: bool,
              todo: list[tuple[str, Reference, str]], work: str, platform: Platform,
              options: RemoteOptions) -> list[tuple[str, ...]]:
     new_dir = os.path.join(work, "new")
     image_id, resolved = convert_image(args.image, platform, options, new_dir, level=body_level(args),
-                                       threads=args.threads)
+                                       grouped=args.image_format == 2, threads=args.threads)
     if resolved.manifest_digest != subject_digest:  # the tag moved since it was resolved
         raise UsageError(f"{args.image} changed while it was published: publish again")
     new_path = os.path.join(new_dir, "image.cdimg")
@@ -135,7 +138,8 @@ def _publish(args: argparse.Namespace, registry: Registry, subject_digest: str, 
     rows = []
     for tag, base, base_manifest in todo:
         base_dir = os.path.join(work, "base-" + str(len(rows)))
-        base_id, _ = convert_image("docker://" + str(base), platform, options, base_dir, level=body_level(args),
+        # the base is only diffed against, then deleted: its bodies' level does not reach the delta
+        base_id, _ = convert_image("docker://" + str(base), platform, options, base_dir, level=SCRATCH_LEVEL,
                                    threads=args.threads)
         delta_path = os.path.join(work, f"delta-{len(rows)}.cdimg")
         with Image(os.path.join(base_dir, "image.cdimg")) as old, Image(new_path) as new:

@@ -21,8 +21,9 @@ from ..digests import sha256
 from ..progress import Progress
 from .tree import Entry, EntryType
 
-DEFAULT_LEVEL = 3
+DEFAULT_LEVEL = 3      # format 1's default, and of the scratch images commands write for themselves
 GROUPED_LEVEL = 19     # format 2's default: made once, pulled by every device over a thin link
+DEFAULT_FORMAT = 2     # what convert, pack, patch and the server's full images write
 READ_CHUNK = 1 << 20
 FRAME_CHUNK = 1 << 20  # content bytes per zstd frame of a body (format constant: docs/FORMAT.md)
 GROUP_FILE_MAX = FRAME_CHUNK  # format 2: bodies up to one frame's content are grouped
@@ -30,6 +31,13 @@ GROUP_FILE_MAX = FRAME_CHUNK  # format 2: bodies up to one frame's content are g
 # 1 MiB grouped: 1 MiB groups 43.0 MB, 2 MiB 41.1, 4 MiB 39.1, 8 MiB 38.3, 16 MiB 37.5 (tar | zstd -19:
 # 37.2); a cold read of a small file decodes up to a group (~2 ms per MiB here): 4 MiB is the middle
 GROUP_TARGET = 4 << 20
+
+
+def base_level(image_format: int, level: int | None = None) -> int:
+    """`level`, or the default of a base image written in `image_format`."""
+    if level is not None:
+        return level
+    return GROUPED_LEVEL if image_format == 2 else DEFAULT_LEVEL
 
 
 class Frame(NamedTuple):

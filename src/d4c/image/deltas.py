@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from ..engine import delta
-from .bodies import READ_CHUNK, BodySpool
+from .bodies import DEFAULT_FORMAT, READ_CHUNK, BodySpool, base_level
 from .format import (MAX_DELTA_STEPS, DeltaHeaderCoder, canonical_config, cdimg_preamble, dimg_size_of,
                      encode_delta_header, with_layer_id, write_dimg_to)
 from .reader import ONE_SHOT_MAX, Image
@@ -37,7 +37,6 @@ ENCODINGS = {"d4c": "d4c", "bsdiffx": "d4c", "fast": "fast", "xdelta3": "fast", 
 MIXED_FAST_ABOVE = 512 << 20     # `mixed`: the original switched to xdelta3 above 512 MiB
 MIN_DIFF_MEMORY = 16 << 20       # a diff's working set below this cannot hold one small segment: store whole
 DEFAULT_FRAME_LEVEL = 19         # whole files in a delta: made once, shipped many times
-BASE_LEVEL = 3                   # what convert uses: patch rebuilds bodies at this level
 
 
 @dataclass
@@ -277,10 +276,11 @@ def decisions(entries: list[Entry], parent: Image | None) -> list[Decision]:
 
 # ---------------------------------------------------------------- patch
 
-def patch_image(top: Image, out_path: str, *, cdimg: bool, level: int = BASE_LEVEL,
-                threads: int = 1) -> bytes:
+def patch_image(top: Image, out_path: str, *, cdimg: bool, image_format: int = DEFAULT_FORMAT,
+                level: int | None = None, threads: int = 1) -> bytes:
     """Write the full image that `top` (opened on its parent stack) describes:
-    the same bytes convert writes for that tree at `level`.  Returns its id."""
+    the same bytes convert writes for that tree in `image_format` at `level`
+    (that format's default when None).  Returns its id."""
     config = None
     if cdimg:
         if top.info.config is None:
@@ -289,14 +289,14 @@ def patch_image(top: Image, out_path: str, *, cdimg: bool, level: int = BASE_LEV
     entries = _copy_entries(top.entries)
     todo = _storage_plan(entries, lambda d: False)
     progress = Progress("patching", total_bytes=sum(entries[i].size for i in todo))
-    with BodySpool(level=level) as spool, progress:
+    with BodySpool(level=base_level(image_format, level), grouped=image_format == 2) as spool, progress:
         def one(i: int) -> None:
             _stream_content(spool, top, top.entries[i], entries[i].display())
             progress.advance(entries[i].size, 1)
 
         run_parallel(one, sorted(todo, key=lambda i: -entries[i].size), threads)
         image_id = save_image(entries, spool, cdimg_path=out_path if cdimg else None,
-                              dimg_path=None if cdimg else out_path, config=config)
+                              dimg_path=None if cdimg else out_path, config=config, threads=threads)
     if image_id != top.info.image_id:  # cannot happen unless this code is wrong: the tree is checked
         os.unlink(out_path)
         raise CorruptImage(top.path, "patched image does not have the delta's image id")
