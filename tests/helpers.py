@@ -206,6 +206,7 @@ def as_format(cdimg: str, out: str, tmp: str, image_format: int) -> str:
         config = dict(image.info.config or {})
     with open(tree + ".json", "w") as f:
         json.dump(config, f)
-    code, _, err = run_cli("pack", "--in", tree, "--config", tree + ".json", "--out", out, "--format", str(image_format), "-q")
+    code, _, err = run_cli("pack", "--in", tree, "--config", tree + ".json", "--out", out,
+                           "--format", str(image_format), "-q")
     assert code == 0, err
     return out
