@@ -59,3 +59,27 @@ def stack(images, tmp_path_factory) -> list[str]:  # type: ignore[no-untyped-def
     base = str(tmp / "v1.cdimg")
     shutil.copyfile(images[0], base)
     return [base] + diff_chain(images, str(tmp))[1:]
+
+
+BIG_SIZE = 4 << 20  # incompressible: a push or pull of `big` is many link cuts long
+
+
+@pytest.fixture(scope="session")
+def big(tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
+    """A base cdimg of ~4 MiB of random bytes (a payload many cuts long)."""
+    import json
+    import random
+    from helpers import run_cli
+    tmp = tmp_path_factory.mktemp("big")
+    tree = tmp / "tree"
+    tree.mkdir()
+    rnd = random.Random(24)
+    for i in range(4):
+        (tree / f"blob{i}").write_bytes(rnd.randbytes(BIG_SIZE // 4))
+    config = tmp / "config.json"
+    config.write_text(json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
+                                  "rootfs": {"type": "layers", "diff_ids": []}}))
+    out = str(tmp / "big.cdimg")
+    code, _, err = run_cli("pack", "--in", str(tree), "--config", str(config), "--out", out, "-q")
+    assert code == 0, err
+    return out

@@ -518,7 +518,8 @@ class CuttingProxy:
     each connection (closes it, mid-answer) once it has passed `cut_every` bytes
     to the client (None: never), resets every new connection while `down`, and
     counts what it passed and the connections.  `on_cut` runs after each cut; `on_request(first_line)` before a
-    request is forwarded."""
+    request is forwarded.  `rate` (bytes/s, each way) throttles it; `stall_after` bytes to a client, it
+    goes silent for `stall_for` seconds once (a link that stalls, then comes back)."""
 
     def __init__(self, upstream: str, cut_every: int | None = None) -> None:
         import socket
@@ -533,6 +534,10 @@ class CuttingProxy:
         self._open: list = []  # type: ignore[type-arg]  # client sockets being served
         self.on_cut: Callable[[], None] | None = None
         self.on_request: Callable[[bytes], None] | None = None
+        self.rate: float | None = None
+        self.stall_after: int | None = None
+        self.stall_for = 0.0
+        self.stalls = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
         self.host = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -596,10 +601,15 @@ class CuttingProxy:
                     if self.on_cut:
                         self.on_cut()
                     return
+                if self.stall_after is not None and self.sent + len(data) >= self.stall_after:
+                    self.stall_after = None
+                    self.stalls += 1
+                    time.sleep(self.stall_for)
                 client.sendall(data)
                 passed += len(data)
                 with self._lock:
                     self.sent += len(data)
+                self._throttle(len(data))
         except OSError:
             pass
         with contextlib.suppress(OSError):
@@ -619,10 +629,15 @@ class CuttingProxy:
                     if self.on_request:
                         self.on_request(line)
                 upstream.sendall(data)
+                self._throttle(len(data))
         except OSError:
             pass
         with contextlib.suppress(OSError):
             upstream.shutdown(1)
+
+    def _throttle(self, n: int) -> None:
+        if self.rate:
+            time.sleep(n / self.rate)
 
     def stop(self) -> None:
         self._stopped = True

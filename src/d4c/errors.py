@@ -16,6 +16,8 @@ EXIT_NOT_FOUND = 4      # a named input (file, image, tag) does not exist
 EXIT_IO = 5             # the system refused (permissions, full disk, ...)
 EXIT_UNSUPPORTED = 6    # valid input we do not handle (yet)
 EXIT_UNREACHABLE = 7    # a server, registry or daemon that cannot be reached
+EXIT_UNTRUSTED = 8      # --trust is set and the artifact is unsigned or signed by no trusted key
+EXIT_UNAUTHORIZED = 9   # the server wants a token (or another one) for this
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_TERMINATED = 143   # SIGTERM (128 + 15), cleaned up as for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # the reader of our output went away (128 + SIGPIPE)
@@ -101,6 +103,18 @@ class Unsupported(D4CError):
     """{}"""
 
     exit_code = EXIT_UNSUPPORTED
+
+
+class Untrusted(D4CError):
+    """refused: {}"""
+
+    exit_code = EXIT_UNTRUSTED
+
+
+class Unauthorized(D4CError):
+    """{}"""
+
+    exit_code = EXIT_UNAUTHORIZED
 
 
 class ExtensionMismatch(D4CError):

@@ -24,6 +24,16 @@ def exclusive_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
     raise FileExistsError(errno.EEXIST, "no free temporary name", directory)
 
 
+def fsync_dir(directory: str) -> None:
+    """Make a rename or a new name in `directory` survive a power loss (the
+    file's own fsync does not cover the directory entry)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Write `path` through a temp file in the same directory; rename on success.
@@ -46,6 +56,7 @@ def atomic_output(path: str, mode: int = 0o644) -> Iterator[BinaryIO]:
         os.chmod(tmp, mode & ~_UMASK)
         os.replace(tmp, path)
         ok = True
+        fsync_dir(directory)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise SystemFailure(f"no space left on device while writing {path}") from exc

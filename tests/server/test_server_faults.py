@@ -8,7 +8,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import random
 import shutil
 import socket
 import sqlite3
@@ -25,7 +24,7 @@ from d4c.image.format import read_info
 from d4c.server.store import Store
 from d4c.image.tree import Storage
 
-BIG_SIZE = 4 << 20          # incompressible: the payload is about this size
+from conftest import BIG_SIZE  # the `big` fixture: a payload of about this size
 CUT = 500 << 10             # the field's link dropped every 500 KB
 
 
@@ -48,24 +47,6 @@ def big_tagged(server, big) -> str:  # type: ignore[no-untyped-def]
     code, _, err = push(server.host, big, "big:1")
     assert code == 0, err
     return big
-
-
-@pytest.fixture(scope="module")
-def big(tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
-    """A base cdimg of ~4 MiB of random bytes (a payload many cuts long)."""
-    tmp = tmp_path_factory.mktemp("big")
-    tree = tmp / "tree"
-    tree.mkdir()
-    rnd = random.Random(24)
-    for i in range(4):
-        (tree / f"blob{i}").write_bytes(rnd.randbytes(BIG_SIZE // 4))
-    config = tmp / "config.json"
-    config.write_text(json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                                  "rootfs": {"type": "layers", "diff_ids": []}}))
-    out = str(tmp / "big.cdimg")
-    code, _, err = run_cli("pack", "--in", str(tree), "--config", str(config), "--out", out, "-q")
-    assert code == 0, err
-    return out
 
 
 def read(path: str) -> bytes:
@@ -380,39 +361,7 @@ def test_a_reset_upload_leaves_no_temp_file(server, big) -> None:  # type: ignor
     assert not os.listdir(os.path.join(server.root, "tmp"))
 
 
-def test_a_full_disk_is_reported_and_recovered_from(tmp_path, stack, big) -> None:  # type: ignore[no-untyped-def]
-    need_root()
-    srv = Server(str(tmp_path), binary("server"))
-    os.makedirs(srv.root)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", srv.root], check=True)
-    try:
-        srv.start()
-        try:
-            code, _, err = push(srv.host, stack[0], "d4c-app:1")
-            assert code == 0, err
-            code, _, err = push(srv.host, big, "big:1")  # larger than the disk
-            assert_one_line_error(code, err, 5)
-            assert "server" in err and "no space left on device" in err
-            assert not os.listdir(os.path.join(srv.root, "tmp"))
-            # a disk filled by someone else, then space given back: no restart needed
-            filler = os.path.join(srv.root, "filler")
-            with open(filler, "wb") as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                except OSError:
-                    pass
-            code, _, err = push(srv.host, stack[1])
-            assert_one_line_error(code, err, 5)
-            assert not os.listdir(os.path.join(srv.root, "tmp"))
-            os.unlink(filler)
-            code, _, err = push(srv.host, stack[1])
-            assert code == 0, err
-        finally:
-            srv.stop()
-    finally:
-        subprocess.run(["umount", "-l", srv.root], check=False)
+# a full server disk: tests/test_faults.py (test_a_full_server_disk)
 
 
 # ---------------------------------------------------------------- 5. crash mid-merge

@@ -83,20 +83,25 @@ def publish_versions(host: str) -> None:
         assert code == 0, err
 
 
+def pull_1_then_2(ctrd, snap, front) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """CRI pulls of REPO:1 (taken as the full d4c image) then REPO:2: (bytes the
+    registry served for 2, the snapshotter's log)."""
+    channel, stub = cri_images(ctrd)
+    try:
+        pull(stub, f"{front.host}/{REPO}:1")
+        assert "fetched the full image" in snap.logs(), snap.logs()[-2000:]
+        before = front.served
+        pull(stub, f"{front.host}/{REPO}:2")
+        return front.served - before, snap.logs()
+    finally:
+        channel.close()
+
+
 def test_cri_pull_takes_the_delta_from_the_registry(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
     reg, front = published
     publish_versions(reg.host)
     with cri_device(tmp_path, front.host) as (ctrd, snap):
-        channel, stub = cri_images(ctrd)
-        try:
-            pull(stub, f"{front.host}/{REPO}:1")
-            assert "fetched the full image" in snap.logs(), snap.logs()[-2000:]
-            before = front.served
-            pull(stub, f"{front.host}/{REPO}:2")
-            update = front.served - before
-        finally:
-            channel.close()
-        logs = snap.logs()
+        update, logs = pull_1_then_2(ctrd, snap, front)
         assert "fetched the delta from" in logs, logs[-2000:]
         delta = delta_size(reg.host, "2")
         # the delta, the manifests, the config and the referrers index: no layer crossed the link
@@ -223,3 +228,43 @@ def platform_manifest_digest(r: Registry, tag: str) -> str:
     from d4c.digests import sha256
     _, data = r.manifest(tag)
     return "sha256:" + sha256(data).hexdigest()
+
+
+def test_a_trusting_device_takes_only_signed_registry_artifacts(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """di3fs --trust: a signed artifact is fetched and mounted; an unsigned one is
+    not even downloaded and containerd pulls the layers instead (logged with the
+    reason); `ctr-cli pull --trust` refuses it with one line until `publish
+    --sign-key` adds the signatures."""
+    from d4c.errors import EXIT_UNTRUSTED
+    from helpers import assert_one_line_error
+    reg, front = published
+    code, _, err = run_cli("-q", "keygen", "--output", str(tmp_path / "k"))
+    assert code == 0, err
+    key, pub = str(tmp_path / "k.key"), str(tmp_path / "k.pub")
+    for tag, extra in (("1", ("--sign-key", key)), ("2", ("--from", "1"))):
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
+                               "--blob-cache", "none", *extra)
+        assert code == 0, err
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    with running(base, binary("snapshotter"), ("--plain-http-registry", front.host, "--trust", pub),
+                 (front.host,)) as (ctrd, snap):
+        served, logs = pull_1_then_2(ctrd, snap, front)
+        assert "is not signed" in logs and "containerd pulls the layers" in logs, logs[-2000:]
+        assert "fetched the delta" not in logs
+        print(f"unsigned update: {served} bytes served (the layers)")
+        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", "cri-trust-2").stdout
+        assert out.strip() == "v2"
+        dest = str(tmp_path / "2.cdimg")
+        args = ("pull", "--image", f"docker://{front.host}/{REPO}:2", "--plain-http", "--output", dest,
+                "--have", "sha256:" + "0" * 64, "--trust", pub)
+        code, _, err = run_cli(*args)
+        assert_one_line_error(code, err, EXIT_UNTRUSTED)
+        assert not os.path.exists(dest) and not os.path.exists(dest + ".partial")
+        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:2", "--plain-http",
+                               "--blob-cache", "none", "--from", "1", "--sign-key", key)
+        assert code == 0, err
+        code, out, err = run_cli(*args)
+        assert code == 0, err
+        code, out, err = run_cli("cdimg", "show", "--cdimg", dest, "--trust", pub)
+        assert code == 0 and "verified: signed by" in out, err

@@ -298,3 +298,38 @@ def test_a_delta_server_is_asked_first_and_checked_against_the_manifest(registry
             assert sn.stat("sha256:b").image == v2.info.image_id.hex()
     finally:
         srv.stop()
+
+
+def test_a_delta_server_that_wants_a_read_token_gets_it(registry, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """--delta-server-token-file: without the token the server answers 401 and the
+    registry is asked instead; with it the update comes from the server."""
+    from daemons import Server
+    from d4c.snap.remote import DeltaServerAuth
+    push_token, read_token = "push-token-0123456789abcdef", "read-token-0123456789abcdef"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"push {push_token}\nread {read_token}\n")
+    pusher = tmp_path / "push.token"
+    pusher.write_text(push_token + "\n")
+    code, _, err = run_cli("-q", "convert", "--image", f"docker://{registry.host}/{REPO}:2", "--output",
+                           str(tmp_path / "2"), "--plain-http", "--blob-cache", "none")
+    assert code == 0, err
+    srv = Server(str(tmp_path), extra=("--auth-tokens", str(tokens)))
+    srv.start()
+    try:
+        code, _, err = run_cli("-q", "push", "--cdimg", str(tmp_path / "2" / "image.cdimg"), "--serverHost", srv.host,
+                               "--imageTag", f"{registry.host}/{REPO}:2", "--token-file", str(pusher))
+        assert code == 0, err
+        for n, auth in enumerate((DeltaServerAuth(), DeltaServerAuth(token=read_token))):
+            images = RegistryImages(frozenset({registry.host}), hosts_dir=None, delta_server=srv.host,
+                                    delta_auth=auth)
+            sn = Snapshotter(str(tmp_path / f"root{n}"), FakeFS(), images)
+            caplog.clear()
+            with caplog.at_level("INFO", logger="d4c.snap"):
+                with pytest.raises(AlreadyExists):
+                    sn.prepare("extract-0 sha256:b", "", labels(registry, "2", "sha256:b"))
+            from_server = any("fetched the update" in r.getMessage() for r in caplog.records)
+            assert from_server == bool(auth.token), caplog.text
+            if not auth.token:
+                assert any("token" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        srv.stop()

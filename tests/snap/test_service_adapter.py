@@ -167,6 +167,8 @@ EXPECTED = {
     errors.MissingBase: Code.INTERNAL,
     errors.WrongBase: Code.INVALID_ARGUMENT,
     errors.WrongSource: Code.INVALID_ARGUMENT,
+    errors.Untrusted: Code.INVALID_ARGUMENT,   # a refused image, as load reports it
+    errors.Unauthorized: Code.INTERNAL,
 }
 
 

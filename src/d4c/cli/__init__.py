@@ -24,7 +24,8 @@ from ._common import common_parser, finish_args
 
 PROG = "ctr-cli"
 COMMANDS = ("version_cmd", "convert_cmd", "pack_cmd", "unpack_cmd", "show_cmd", "diff_cmd", "patch_cmd",
-            "merge_cmd", "mount_cmd", "load_cmd", "push_cmd", "pull_cmd", "publish_cmd", "stat_cmd", "util_cmd")
+            "merge_cmd", "mount_cmd", "load_cmd", "push_cmd", "pull_cmd", "publish_cmd", "stat_cmd", "util_cmd",
+            "keygen_cmd", "sign_cmd")
 # the modules that register the commands under a line's first word: a call imports
 # only its own command's module (`ctr-cli version` and every FUSE mount server,
 # which is `ctr-cli mount`, load none of the others' dependencies)
@@ -32,7 +33,7 @@ MODULES_BY_WORD = {
     "version": ("version_cmd",), "convert": ("convert_cmd",), "pack": ("pack_cmd",),
     "unpack": ("unpack_cmd",), "mount": ("mount_cmd",), "umount": ("mount_cmd",), "load": ("load_cmd",),
     "push": ("push_cmd",), "pull": ("pull_cmd",), "publish": ("publish_cmd",), "stat": ("stat_cmd",),
-    "util": ("util_cmd",),
+    "util": ("util_cmd",), "keygen": ("keygen_cmd",), "sign": ("sign_cmd",),
     "dimg": ("show_cmd", "diff_cmd", "patch_cmd", "merge_cmd", "pack_cmd"),
     "cdimg": ("show_cmd", "diff_cmd", "patch_cmd", "merge_cmd"),
 }

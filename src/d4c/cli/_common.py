@@ -14,6 +14,8 @@ from ..errors import UsageError
 
 if TYPE_CHECKING:
     from ..oci.source import Platform, RemoteOptions
+    from ..image.signing import TrustedKeys
+    from ..server.client import Client
 
 
 
@@ -65,6 +67,42 @@ def body_level(args: argparse.Namespace) -> int:
     from ..image.bodies import base_level  # not at import: every command loads this module
     return base_level(args.image_format, args.level)
 
+
+
+def add_sign_key(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--sign-key", dest="sign_keys", action="append", default=[], required=required, metavar="KEY",
+                   help="sign with this private key (`ctr-cli keygen`); repeat to sign with two keys during a "
+                   "key rotation")
+
+
+def add_server_auth(p: argparse.ArgumentParser) -> None:
+    """How to reach a server with --auth-tokens and TLS (docs/API.md)."""
+    p.add_argument("--token-file", metavar="FILE", default=os.environ.get("D4C_TOKEN_FILE"),
+                   help="the bearer token the server asks for, on the file's first line (never on the command "
+                   "line, where ps shows it; default $D4C_TOKEN_FILE)")
+    p.add_argument("--ca-cert", metavar="PEM", help="for an https:// server: the CA that signed its certificate "
+                   "(default: the system's)")
+
+
+def server_client(args: argparse.Namespace, host: str, **kwargs: Any) -> "Client":
+    """The client of the server at `host` with add_server_auth's options."""
+    from ..server.client import Client as ServerClient, read_token
+    token = read_token(args.token_file) if args.token_file else None
+    return ServerClient(host, token=token, ca_cert=args.ca_cert, **kwargs)
+
+
+def add_trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE|DIR",
+                   help="accept only images and deltas signed by these public keys (a .pub file, or a "
+                   "directory of them; repeatable); anything else is refused before it is parsed")
+
+
+def trusted_keys(args: argparse.Namespace) -> "TrustedKeys | None":
+    """--trust's keys, loaded; None without --trust."""
+    if not getattr(args, "trust", None):
+        return None
+    from ..image.signing import TrustedKeys as Keys
+    return Keys.load(args.trust)
 
 
 def add_platform_flags(p: argparse.ArgumentParser) -> None:

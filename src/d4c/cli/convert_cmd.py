@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..fsutil import atomic_output
 from ..oci.convert import convert_image
 from ..oci.source import Platform
-from ._common import add_level, add_source_flags, add_threads, body_level, platform_of, remote_options
+from ._common import add_level, add_sign_key, add_source_flags, add_threads, body_level, platform_of, remote_options
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     add_source_flags(p)
     add_threads(p)
     add_level(p)
+    add_sign_key(p)
     p.set_defaults(func=run)
 
 
@@ -62,11 +63,20 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> int:
     want_cdimg = args.cdimg or not args.dimg
+    if args.sign_keys:
+        from ..image.signing import load_private_key
+        if not want_cdimg:
+            raise UsageError("--sign-key signs the cdimg: not with --dimg alone")
+        for key in args.sign_keys:
+            load_private_key(key)  # a bad key is said before minutes of converting
     options = remote_options(args)
     image_id, resolved = convert_image(args.image, plat, options, args.output, level=body_level(args),
                                        grouped=args.image_format == 2, threads=args.threads, cdimg=want_cdimg, dimg=args.dimg,
                                        excludes=tuple(excludes))
     with atomic_output(os.path.join(args.output, "config.json")) as f:
         f.write(resolved.config_bytes)
+    if args.sign_keys:
+        from ..image.signing import sign_file
+        sign_file(os.path.join(args.output, "image.cdimg"), args.sign_keys, resolved.manifest_digest or None)
     print(format_id(image_id))
     return 0

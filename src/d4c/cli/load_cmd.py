@@ -22,13 +22,17 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                    help=f"containerd namespace (default {DEFAULT_NAMESPACE})")
     p.add_argument("--snapshotter-root", default=DEFAULT_SNAPSHOTTER_ROOT, metavar="DIR",
                    help=f"the snapshotter's --root (default {DEFAULT_SNAPSHOTTER_ROOT})")
+    from ._common import add_trust
+    add_trust(p)
+    p.add_argument("--signature", metavar="FILE", help="the cdimg's signature (default: FILE.sig beside it)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..snap.load import load_image
+    from ._common import trusted_keys
     image_id = load_image(args.cdimg, args.image, address=args.address, namespace=args.namespace,
-                          snapshotter_root=args.snapshotter_root)
+                          snapshotter_root=args.snapshotter_root, trust=trusted_keys(args), signature=args.signature)
     if not args.quiet:
         print(f"{args.image}: {image_id}")
     return 0

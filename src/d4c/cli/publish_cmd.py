@@ -18,7 +18,8 @@ from ..oci.convert import convert_image
 from ..oci.registry import Reference, Registry, parse_reference
 from ..oci.source import Platform, RegistrySource, RemoteOptions, open_source
 from ..progress import Progress, human_bytes
-from ._common import add_level, add_source_flags, add_threads, body_level, platform_of, print_table, remote_options
+from ._common import (add_level, add_sign_key, add_source_flags, add_threads, body_level, platform_of, print_table,
+                      remote_options)
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -40,6 +41,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     add_source_flags(p)
     add_threads(p)
     add_level(p)
+    add_sign_key(p)
     p.set_defaults(func=run)
 
 
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("publish --image with a local source needs --to docker://REG/REPO:TAG (where it is pushed)")
     if args.previous < 0:
         raise UsageError("--previous takes a count >= 0")
+    keys = []
+    if args.sign_keys:
+        from ..image.signing import load_private_key
+        keys = [load_private_key(k) for k in args.sign_keys]  # a bad key is said before any network
     local = ""
     if not args.image.startswith("docker://"):  # a missing or bad local image is said before any network
         with open_source(args.image, platform, options) as source:
@@ -108,16 +114,38 @@ def run(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = [(("delta from " + a.annotations.get(artifacts.ANNOTATION_BASE_ID, "?")[:19])
                                     if a.is_delta else "image", human_bytes(max(a.size, 0)), a.digest[:19],
                                     "already there") for a in existing]
-    if have_full and not todo:
-        print_table(rows, ("artifact", "size", "manifest", "pushed"))
-        return 0
-    work = tempfile.mkdtemp(prefix="d4c-publish-")
-    try:
-        rows = _publish(args, registry, subject_digest, have_full, todo, work, platform, options) + rows
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if not have_full or todo:
+        work = tempfile.mkdtemp(prefix="d4c-publish-")
+        try:
+            rows = _publish(args, registry, subject_digest, have_full, todo, work, platform, options) + rows
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if keys:
+        rows += _sign_all(registry, subject_digest, keys)
     print_table(rows, ("artifact", "size", "manifest", "pushed"))
     return 0
+
+
+def _sign_all(registry: Registry, subject_digest: str, keys: list[object]) -> list[tuple[str, ...]]:
+    """Sign every d4c artifact of the subject that the keys have not signed yet
+    (docs/SIGNING.md): the statement comes from its annotations and its layer."""
+    from ..image.signing import MAX_ENVELOPE, Statement, key_id, sign, signer_ids
+    wanted = {key_id(k.public_key()) for k in keys}  # type: ignore[attr-defined]
+    rows = []
+    for art in artifacts.find_artifacts(registry, subject_digest):
+        envelopes = artifacts.find_signatures(registry, art, MAX_ENVELOPE)
+        if any(wanted <= set(signer_ids(e, art.digest)) for e in envelopes):
+            rows.append((f"signature of {art.digest[:19]}", "", "", "already there"))
+            continue
+        layer_digest, size = artifacts.layer_of(registry, art)
+        statement = Statement(image=art.image_id, base=art.base_id or None, artifact=layer_digest, size=size,
+                              manifest=subject_digest)
+        envelope = sign(statement, keys)
+        digest, new = artifacts.push_signature(registry, artifacts.artifact_descriptor(registry, art), envelope,
+                                               sorted(wanted))
+        rows.append((f"signature of {art.digest[:19]}", human_bytes(len(envelope)), digest[:19],
+                     "yes" if new else "already there"))
+    return rows
 
 
 SCRATCH_LEVEL = 1

@@ -34,6 +34,9 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
     p.add_argument("--snapshotter-root", default=SNAPSHOTTER_ROOT, metavar="DIR")
     add_platform_flags(p)
     add_registry_flags(p)
+    from ._common import add_server_auth, add_trust
+    add_trust(p)
+    add_server_auth(p)
     p.set_defaults(func=run)
 
 
@@ -47,8 +50,10 @@ def pull_cache_dir() -> str:
 def run(args: argparse.Namespace) -> int:
     from ..errors import UsageError
     from ..server.store import check_tag
-    from ..server.client import Client, check_update, have_files
+    from ..server.client import check_update, have_files, plan_envelopes
+    from ..image.signing import SIG_SUFFIX, check_file, trusted_envelope
     from ..snap.load import local_images
+    from ._common import server_client, trusted_keys
     if args.retry_time < 0:
         raise UsageError("--retry-time must not be negative")
     if not args.image.startswith("docker://"):
@@ -57,27 +62,41 @@ def run(args: argparse.Namespace) -> int:
         local_images(args.address, args.namespace), "")
     if args.image.startswith("docker://"):
         return _from_registry(args, files)
-    client = Client(args.host, retry_time=args.retry_time)
+    client = server_client(args, args.host, retry_time=args.retry_time)
     known = {k: v for k, v in files.items() if v}
+    trust = trusted_keys(args)
+    signature: list[bytes] = []
+
+    def approve(plan: dict) -> None:  # type: ignore[type-arg]
+        """With --trust, a plan for an image no trusted key signed is refused before its download."""
+        envelopes = plan_envelopes(plan)
+        if trust is not None:
+            envelopes = [trusted_envelope(envelopes, trust, plan["to"], f"the server's {args.image} ({plan['to']})")[0]]
+        signature[:] = envelopes[:1]
 
     def check(path: str, plan: dict) -> None:  # type: ignore[type-arg]
+        if trust is not None:  # the signed artifact, or a merge that must give the signed image
+            check_file(path, signature[0], trust, expect_image=plan["to"], source=f"the server's {args.image}")
         check_update(path, plan, known)
 
     if args.output:
-        plan, wire = client.fetch_update(args.image, set(files), args.output, args.expectedDimgsNum, check)
+        plan, wire = client.fetch_update(args.image, set(files), args.output, args.expectedDimgsNum, check, approve)
+        _keep_signature(args.output, signature)
     else:
         from ..snap.load import load_image
         cache = pull_cache_dir()
         os.makedirs(cache, mode=0o700, exist_ok=True)
         path = os.path.join(cache, f"{args.image.replace('/', '_')}.cdimg")
-        plan, wire = client.fetch_update(args.image, set(files), path, args.expectedDimgsNum)
+        plan, wire = client.fetch_update(args.image, set(files), path, args.expectedDimgsNum, approve=approve)
         if not plan.get("upToDate"):
             try:
+                _keep_signature(path, signature)
                 load_image(path, args.image, address=args.address, namespace=args.namespace,
-                           snapshotter_root=args.snapshotter_root)
+                           snapshotter_root=args.snapshotter_root, trust=trust)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                for leftover in (path, path + SIG_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(leftover)
     if plan.get("upToDate"):
         if not args.quiet:
             print(f"{args.image}: up to date ({plan['to']})")
@@ -86,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.image}: {plan['to']} from {plan['from'] or 'nothing'}: {plan['size']} bytes "
               f"({plan['dimgs']} stored images merged), {wire} bytes downloaded")
     return 0
+
+
+def _keep_signature(path: str, signature: list[bytes]) -> None:
+    """The update's signature beside it (FILE.sig), so `load --trust` takes it
+    on a device the file is carried to; none when the server had none."""
+    from ..image.signing import SIG_SUFFIX, write_envelope
+    if signature and os.path.exists(path):
+        write_envelope(path + SIG_SUFFIX, signature[0])
 
 
 def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
@@ -113,6 +140,13 @@ def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
     chosen = artifacts.cheapest(found, set(files))
     if chosen is None:
         raise NotFound(f"{ref}: no artifact usable from the images here (only deltas from others)")
+    from ..image.signing import MAX_ENVELOPE, SIG_SUFFIX, check_file, trusted_envelope
+    from ._common import trusted_keys
+    trust = trusted_keys(args)
+    envelopes = artifacts.find_signatures(registry, chosen, MAX_ENVELOPE)
+    what = f"{ref}'s artifact {chosen.digest[:19]}"
+    if trust is not None:  # refused before a byte of it is downloaded
+        envelopes = [trusted_envelope(envelopes, trust, chosen.image_id, what)[0]]
     if args.output:
         path = args.output
     else:
@@ -122,6 +156,9 @@ def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
     with Progress(f"pull {ref}", total_bytes=max(chosen.size, 0)) as progress:
         wire = artifacts.fetch_layer(registry, chosen, path, lambda n: progress.advance(n - progress.bytes))
     try:
+        if trust is not None:
+            check_file(path, envelopes[0], trust, expect_image=chosen.image_id, source=what)
+        _keep_signature(path, envelopes)
         got = read_info_at(path).image_id.hex()
         if got != chosen.image_id.split(":", 1)[-1]:
             raise CorruptImage(path, f"gives image sha256:{got}, the artifact says {chosen.image_id}")
@@ -130,14 +167,16 @@ def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
         if not args.output:
             from ..snap.load import load_image
             load_image(path, f"{ref.host}/{ref.repository}:{ref.reference}", address=args.address,
-                       namespace=args.namespace, snapshotter_root=args.snapshotter_root)
+                       namespace=args.namespace, snapshotter_root=args.snapshotter_root, trust=trust)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # checked and refused (or loading failed): not kept under its name
+        for leftover in (path, path + SIG_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)  # checked and refused (or loading failed): not kept under its name
         raise
     if not args.output:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        for leftover in (path, path + SIG_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
     if not args.quiet:
         kind = f"delta from {chosen.base_id}" if chosen.is_delta else "full image"
         print(f"{ref}: {chosen.image_id} as a {kind}: {chosen.size} bytes, {wire} bytes downloaded")

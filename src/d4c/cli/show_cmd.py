@@ -6,7 +6,7 @@ import argparse
 import stat
 import time
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..image.reader import Image
 from ..image.format import format_id
@@ -16,6 +16,9 @@ from ..errors import UsageError
 from ..progress import human_bytes
 from ..image.tree import S_IFMT_OF, Entry, EntryType, Storage, printable
 from ._common import print_json, print_table
+
+if TYPE_CHECKING:
+    from ..image.signing import TrustedKeys
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -27,6 +30,9 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
         p.add_argument(f"--base{kind[0].upper() + kind[1:]}", dest="bases", action="append", metavar="FILE",
                        help="for a delta: the image it applies to (repeat, lowest first, for a chain); "
                        "without it only the delta's ids and sizes are shown")
+        if kind == "cdimg":
+            from ._common import add_trust
+            add_trust(p)
         p.set_defaults(func=run, kind=kind)
 
 
@@ -90,8 +96,28 @@ def entry_json(e: Entry, image: Image) -> dict[str, Any]:
     return d
 
 
+def signature_summary(path: str, trust: "TrustedKeys | None") -> dict[str, Any] | None:
+    """FILE.sig's signers and statement; with `trust` checked first (refused: Untrusted)."""
+    import os
+    from ..image.signing import SIG_SUFFIX, check_file, read_envelope, signer_ids, unverified_statement
+    sig_path = path + SIG_SUFFIX
+    if trust is None and not os.path.exists(sig_path):
+        return None
+    envelope = read_envelope(sig_path)
+    out: dict[str, Any] = {"file": sig_path, "signers": signer_ids(envelope, sig_path), "verifiedBy": None}
+    if trust is not None:
+        verified = check_file(path, envelope, trust, source=sig_path)
+        out.update(verifiedBy=verified.key_id, exactArtifact=verified.exact)
+    stmt = unverified_statement(envelope, sig_path)
+    out["statement"] = {"image": stmt.image, "base": stmt.base, "artifact": stmt.artifact, "size": stmt.size,
+                        "imageFormat": stmt.image_format, "manifest": stmt.manifest}
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    from ._common import trusted_keys
     bases = args.bases or []
+    signature = signature_summary(args.path, trusted_keys(args)) if args.kind == "cdimg" else None
     stack = open_stack(bases[1:] + [args.path], bases[0] if bases else None)
     try:
         image = stack[-1]
@@ -101,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         if args.entries and not readable:
             image.entries  # raises: which base is needed
         s = summary(image)
+        if args.kind == "cdimg":
+            s["signature"] = signature
         if args.json:
             if args.entries:
                 s["entryList"] = [entry_json(e, image) for e in image.entries]
@@ -119,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
             c = s["config"]
             rows += [("config", c["digest"]), ("platform", c["platform"] or "-"),
                      ("entrypoint", str(c["entrypoint"])), ("cmd", str(c["cmd"]))]
+        if args.kind == "cdimg":
+            rows.append(("signature", _signature_line(signature)))
         print_table(rows)
         if "decisions" in s:
             print()
@@ -134,6 +164,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close_all(stack)
     return 0
+
+
+def _signature_line(sig: dict[str, Any] | None) -> str:
+    if sig is None:
+        return "none (no FILE.sig beside it)"
+    if sig["verifiedBy"]:
+        how = "" if sig["exactArtifact"] else ", for the image it gives (not this file's digest)"
+        return f"verified: signed by {sig['verifiedBy']}{how}"
+    return f"signed by {', '.join(sig['signers']) or 'no key'} (not checked: give --trust)"
 
 
 def _ls_line(e: Entry, image: Image) -> str:

@@ -9,6 +9,7 @@ read chunk size times the number of threads, whatever the file sizes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import BinaryIO, Iterable, NamedTuple
@@ -233,8 +234,11 @@ class BodySpool:
             copy_range(*run, out)
 
     def close(self) -> None:
+        """Every spool file, even when one's close fails (a full disk fails the
+        flush of buffered bytes nobody will read): none stays open."""
         for f in self._files:
-            f.close()
+            with contextlib.suppress(OSError):
+                f.close()
         self._files.clear()
 
     def __enter__(self) -> "BodySpool":

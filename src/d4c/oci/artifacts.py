@@ -24,6 +24,9 @@ IMAGE_ARTIFACT = "application/vnd.d4c.image.v1"      # a full cdimg of the subje
 DELTA_ARTIFACT = "application/vnd.d4c.delta.v1"      # a delta cdimg: an older image -> the subject
 ARTIFACT_TYPES = (IMAGE_ARTIFACT, DELTA_ARTIFACT)
 CDIMG_LAYER = "application/vnd.d4c.cdimg.v1"
+SIGNATURE_ARTIFACT = "application/vnd.d4c.signature.v1"  # a referrer of an artifact: its DSSE envelope
+ENVELOPE_LAYER = "application/vnd.dsse.envelope.v1+json"
+MAX_SIGNATURE_REFERRERS = 8   # signature artifacts of one artifact a device reads
 EMPTY_CONFIG = {"mediaType": "application/vnd.oci.empty.v1+json",
                 "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
 EMPTY_CONFIG_BYTES = b"{}"
@@ -33,6 +36,7 @@ ANNOTATION_BASE_ID = "io.d4c.base.id"                 # deltas: the image id the
 ANNOTATION_BASE_MANIFEST = "io.d4c.base.manifest"     # deltas: the base image's platform manifest digest
 ANNOTATION_SIZE = "io.d4c.size"                       # bytes of the cdimg layer
 ANNOTATION_IMAGE_SIZE = "io.d4c.image.size"           # bytes of the full cdimg of the subject
+ANNOTATION_SIGNERS = "io.d4c.signers"                 # signature artifacts: the key ids, comma-separated
 
 
 @dataclass
@@ -75,22 +79,21 @@ def subject_descriptor(registry: Registry, digest: str) -> dict[str, Any]:
 
 
 def artifact_manifest(subject: dict[str, Any], artifact_type: str, layer_digest: str, layer_size: int,
-                      annotations: dict[str, str]) -> bytes:
+                      annotations: dict[str, str], layer_type: str = CDIMG_LAYER,
+                      title: str = "image.cdimg") -> bytes:
     """The artifact's manifest, canonical JSON: the same inputs give the same digest,
     which is what makes publishing twice push nothing new."""
     doc = {"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "artifactType": artifact_type,
            "config": EMPTY_CONFIG,
-           "layers": [{"mediaType": CDIMG_LAYER, "digest": layer_digest, "size": layer_size,
-                       "annotations": {"org.opencontainers.image.title": "image.cdimg"}}],
+           "layers": [{"mediaType": layer_type, "digest": layer_digest, "size": layer_size,
+                       "annotations": {"org.opencontainers.image.title": title}}],
            "subject": subject, "annotations": dict(sorted(annotations.items()))}
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def find_artifacts(registry: Registry, subject_digest: str, referrers_timeout: float | None = None) -> list[Artifact]:
-    """The d4c artifacts whose subject is `subject_digest`: by the referrers
-    API, else from the tag schema's index (none: an empty list).  With
-    `referrers_timeout`, a referrers call that takes longer counts as no API
-    (registries have taken 10-20 s to answer it with a 404)."""
+def _referrers(registry: Registry, subject_digest: str, referrers_timeout: float | None) -> list[dict[str, Any]]:
+    """The descriptors of the manifests whose subject is `subject_digest`: by
+    the referrers API, else from the tag schema's index (none: empty)."""
     if referrers_timeout is None:
         found = registry.referrers(subject_digest)
     else:
@@ -107,6 +110,15 @@ def find_artifacts(registry: Registry, subject_digest: str, referrers_timeout: f
         except NotFound:
             return []
         found = index_descriptors(data, f"{registry.ref.host}: the referrers index")
+    return found
+
+
+def find_artifacts(registry: Registry, subject_digest: str, referrers_timeout: float | None = None) -> list[Artifact]:
+    """The d4c artifacts whose subject is `subject_digest`: by the referrers
+    API, else from the tag schema's index (none: an empty list).  With
+    `referrers_timeout`, a referrers call that takes longer counts as no API
+    (registries have taken 10-20 s to answer it with a 404)."""
+    found = _referrers(registry, subject_digest, referrers_timeout)
     out = []
     for desc in found:
         kind, digest, notes = desc.get("artifactType"), desc.get("digest"), desc.get("annotations") or {}
@@ -171,14 +183,21 @@ def fetch_layer(registry: Registry, artifact: Artifact, dest: str,
 def push_artifact(registry: Registry, subject: dict[str, Any], artifact_type: str, path: str,
                   annotations: dict[str, str], progress: Callable[[int], None] | None = None) -> tuple[str, bool]:
     """Push the cdimg at `path` as an artifact of `subject`; (manifest digest,
-    whether anything was new).  The registry's referrers API indexes it when
-    the manifest's answer says so (OCI-Subject); otherwise the tag schema's
-    index gains its descriptor."""
+    whether anything was new)."""
     layer_digest, size = "sha256:" + path_sha256(path).hexdigest(), os.path.getsize(path)
     notes = dict(annotations, **{ANNOTATION_SIZE: str(size)})
     manifest = artifact_manifest(subject, artifact_type, layer_digest, size, notes)
-    digest = "sha256:" + sha256(manifest).hexdigest()
     new = registry.push_blob(path, layer_digest, progress)
+    digest, indexed = _push_referrer(registry, subject, artifact_type, manifest, notes, new)
+    return digest, new or indexed
+
+
+def _push_referrer(registry: Registry, subject: dict[str, Any], artifact_type: str, manifest: bytes,
+                   notes: dict[str, str], new: bool) -> tuple[str, bool]:
+    """Put a referrer's manifest (its layer is pushed) and index it: the
+    registry's referrers API does when the manifest's answer says so
+    (OCI-Subject); otherwise the tag schema's index gains its descriptor."""
+    digest = "sha256:" + sha256(manifest).hexdigest()
     registry.push_blob(EMPTY_CONFIG_BYTES, str(EMPTY_CONFIG["digest"]))
     indexed_by_api = False
     if new or not registry.has_manifest(digest):
@@ -190,6 +209,43 @@ def push_artifact(registry: Registry, subject: dict[str, Any], artifact_type: st
             "mediaType": MANIFEST_TYPE, "digest": digest, "size": len(manifest), "artifactType": artifact_type,
             "annotations": dict(sorted(notes.items()))}) or new
     return digest, new
+
+
+def artifact_descriptor(registry: Registry, artifact: Artifact) -> dict[str, Any]:
+    """The descriptor of an artifact's manifest, as a signature's subject."""
+    return subject_descriptor(registry, artifact.digest)
+
+
+def push_signature(registry: Registry, artifact_subject: dict[str, Any], envelope: bytes,
+                   signers: list[str]) -> tuple[str, bool]:
+    """Push a DSSE envelope as a referrer of the artifact `artifact_subject`."""
+    envelope_digest = "sha256:" + sha256(envelope).hexdigest()
+    notes = {ANNOTATION_SIGNERS: ",".join(signers)}
+    manifest = artifact_manifest(artifact_subject, SIGNATURE_ARTIFACT, envelope_digest, len(envelope), notes,
+                                 layer_type=ENVELOPE_LAYER, title="image.cdimg.sig")
+    new = registry.push_blob(envelope, envelope_digest)
+    return _push_referrer(registry, artifact_subject, SIGNATURE_ARTIFACT, manifest, notes, new)
+
+
+def find_signatures(registry: Registry, artifact: Artifact, max_size: int,
+                    referrers_timeout: float | None = None) -> list[bytes]:
+    """The DSSE envelopes of the artifact's signature referrers (unverified)."""
+    out = []
+    found = [d for d in _referrers(registry, artifact.digest, referrers_timeout)
+             if d.get("artifactType") == SIGNATURE_ARTIFACT and isinstance(d.get("digest"), str)]
+    for desc in found[:MAX_SIGNATURE_REFERRERS]:
+        _, data = registry.manifest(str(desc["digest"]))
+        if "sha256:" + sha256(data).hexdigest() != desc["digest"]:
+            raise BadInput(f"{registry.ref.host}: signature {desc['digest']} does not match its digest")
+        try:
+            layer = json.loads(data)["layers"][0]
+            digest = str(layer["digest"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+        blob = registry.blob(digest, max_size)
+        if "sha256:" + sha256(blob).hexdigest() == digest:
+            out.append(blob)
+    return out
 
 
 def _add_to_fallback_index(registry: Registry, subject_digest: str, descriptor: dict[str, Any]) -> bool:

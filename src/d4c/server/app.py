@@ -14,6 +14,8 @@ merge asked twice at once is computed once (updates.py).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import errno
 import json
@@ -22,16 +24,21 @@ import os
 import socket
 import threading
 import urllib.parse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..daemons import record_signals, wait_for_signal
 from ..errors import AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
+from .auth import Tokens
 from .pool import IDLE_TIMEOUT, WORKERS, PooledHandler, PooledHTTPServer
 from .store import Store, check_tag
 from .updates import PIN_TIME, Updates
 
+if TYPE_CHECKING:
+    import ssl
+
 log = logging.getLogger("d4c.server")
 MAX_UPLOAD = 64 << 30
+SIGNATURE_HEADER = "D4C-Signature"   # push: the artifact's DSSE envelope, base64 (docs/SIGNING.md)
 COPY = 1 << 20
 SEND = 64 << 10
 RECV = 256 << 10
@@ -52,7 +59,7 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  # type: ignore[no-untyped-def]
-                 idle_timeout: float = IDLE_TIMEOUT):
+                 idle_timeout: float = IDLE_TIMEOUT, tokens: Tokens | None = None):
     class Handler(PooledHandler):
         protocol_version = "HTTP/1.1"
         server_version = "d4c-server"
@@ -102,6 +109,29 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
                 log.exception("request failed")
             self._json(status, {"error": str(exc) if isinstance(exc, D4CError) else "internal error"})
 
+        def _denied(self, scope: str) -> str | None:
+            """Why the request's token does not allow `scope` (None: it does)."""
+            if tokens is None:
+                return None
+            status = tokens.check(self.headers.get("Authorization"), scope)
+            if not status:
+                return None
+            return "a push token is needed" if status == 403 else f"a valid {scope} token is needed"
+
+        def _unauthorized(self, message: str, refuse: bool) -> None:
+            status = 403 if message.startswith("a push") else 401
+            self._challenge = status == 401
+            if refuse:
+                self._refuse(status, message)
+            else:
+                self._json(status, {"error": message})
+
+        def end_headers(self) -> None:
+            if getattr(self, "_challenge", False):
+                self.send_header("WWW-Authenticate", 'Bearer realm="d4c"')
+                self._challenge = False
+            super().end_headers()
+
         def _route(self) -> tuple[str, dict[str, list[str]]]:
             url = urllib.parse.urlsplit(self.path)
             return url.path, urllib.parse.parse_qs(url.query)
@@ -110,6 +140,10 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             path, query = self._route()
             if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
                 self.close_connection = True  # a body we do not read must not be taken for the next request
+            denied = self._denied("read")
+            if denied:
+                self._unauthorized(denied, refuse=False)
+                return
             try:
                 if path == "/v1/tags":
                     self._json(200, {t: "sha256:" + i for t, i in store.tags().items()})
@@ -133,6 +167,10 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             if path != "/v1/push":
                 self._refuse(404, f"no such endpoint {path}")
                 return
+            denied = self._denied("push")
+            if denied:  # before a byte of the body is stored
+                self._unauthorized(denied, refuse=True)
+                return
             lengths = self.headers.get_all("Content-Length") or []
             if len(lengths) > 1:  # which one frames the body is ambiguous: request smuggling
                 self._refuse(400, "more than one Content-Length header")
@@ -152,11 +190,19 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             except UsageError as exc:
                 self._refuse(400, str(exc))
                 return
+            envelope = None
+            signature = self.headers.get(SIGNATURE_HEADER)
+            if signature is not None:
+                try:
+                    envelope = base64.b64decode(signature, validate=True)
+                except (ValueError, binascii.Error):
+                    self._refuse(400, f"{SIGNATURE_HEADER} is not base64")
+                    return
             tmp = store.temp_path()
             try:
                 try:
                     self._receive(tmp, size)
-                    a = store.add(tmp, tag)
+                    a = store.add(tmp, tag, envelope)
                 finally:  # whatever went wrong, no upload is left behind (before the answer)
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(tmp)
@@ -262,6 +308,18 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
     return Handler
 
 
+def tls_context(cert: str, key: str) -> "ssl.SSLContext":
+    """The server's TLS (stdlib ssl): TLS 1.2 and later, the certificate chain and its key."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: {exc}") from None
+    return context
+
+
 def _peak_rss_kib() -> int:
     try:
         with open("/proc/self/status") as f:
@@ -275,16 +333,18 @@ def _peak_rss_kib() -> int:
 
 def serve(root: str, host: str, port: int, cache_limit: int, threads: int, storage: str | None = None,
           storage_plain_http: bool = False, workers: int = WORKERS, idle_timeout: float = IDLE_TIMEOUT,
-          pin_time: float = PIN_TIME) -> None:
+          pin_time: float = PIN_TIME, auth_tokens: str | None = None, tls: tuple[str, str] | None = None) -> None:
     import signal
     backend = None
     if storage:
         from .registry_backend import RegistryBackend
         backend = RegistryBackend(storage, plain_http=storage_plain_http)
+    tokens = Tokens(auth_tokens) if auth_tokens else None
+    context = tls_context(*tls) if tls else None
     store = Store(root, backend, threads)
     updates = Updates(store, cache_limit, threads, pin_time)
-    server = PooledHTTPServer((host, port), make_handler(store, updates, idle_timeout=idle_timeout), workers,
-                              idle_timeout)
+    server = PooledHTTPServer((host, port), make_handler(store, updates, idle_timeout=idle_timeout, tokens=tokens),
+                              workers, idle_timeout, context)
     signals = record_signals(signal.SIGTERM)  # a watcher stops the server
 
     def stop_on_signal() -> None:
@@ -292,7 +352,8 @@ def serve(root: str, host: str, port: int, cache_limit: int, threads: int, stora
         server.shutdown()
 
     threading.Thread(target=stop_on_signal, name="d4c-stop", daemon=True).start()
-    log.info("serving on http://%s:%d (store %s, %d workers)", host, server.server_address[1], store.root, workers)
+    log.info("serving on %s://%s:%d (store %s, %d workers%s)", "https" if context else "http", host,
+             server.server_address[1], store.root, workers, ", tokens required to push" if tokens else "")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ only once its digest (and, where the client can, every body) is checked."""
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import http.client
 import json
@@ -14,8 +15,8 @@ import time
 import urllib.parse
 from typing import Any, BinaryIO, Callable
 
-from ..errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unavailable,
-                      UsageError, from_oserror)
+from ..errors import (BadInput, Conflict, CorruptDelta, CorruptImage, D4CError, NotFound, SystemFailure, Unauthorized,
+                      Unavailable, UsageError, from_oserror)
 from ..fsutil import open_input
 from ..progress import Progress
 from ..digests import path_sha256
@@ -59,8 +60,39 @@ class _Retry:
         return True
 
 
+def read_token(path: str) -> str:
+    """A bearer token from its file (its first line: the token, or a `push|read
+    TOKEN` line as the server's file has it): never from the command line,
+    where `ps` shows it to every user."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = f.readline(4096).split()
+    except FileNotFoundError:
+        raise NotFound(f"no such token file: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the token file {path}: {exc}") from None
+    if len(words) == 2 and words[0] in ("push", "read"):
+        words = words[1:]
+    if len(words) != 1 or not words[0].isprintable():
+        raise UsageError(f"{path}: its first line is not a token")
+    return words[0]
+
+
 class Client:
-    def __init__(self, server: str, timeout: float = 120.0, retry_time: float = RETRY_TIME) -> None:
+    def __init__(self, server: str, timeout: float = 120.0, retry_time: float = RETRY_TIME,
+                 token: str | None = None, ca_cert: str | None = None) -> None:
+        """`server`: HOST:PORT, or https://HOST:PORT for a server with --tls-cert
+        (checked against the system's CAs, or `ca_cert`).  `token`: the bearer
+        token a server with --auth-tokens asks for."""
+        self.tls = server.startswith("https://")
+        self._context = None
+        if self.tls:
+            import ssl
+            try:
+                self._context = ssl.create_default_context(cafile=ca_cert)
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageError(f"--ca-cert {ca_cert}: {exc}") from None
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.host, self.port = _split(server)
         # one attempt never outlasts the time a pull may go without progress
         self.timeout = min(timeout, max(5.0, retry_time))
@@ -68,6 +100,9 @@ class Client:
         self.reached = False   # a server that answered once is worth waiting for when it goes away
 
     def _conn(self, timeout: float | None = None) -> http.client.HTTPConnection:
+        if self.tls:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout or self.timeout,
+                                               context=self._context)
         return http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
 
     def _unreachable(self, exc: BaseException, what: str) -> Unavailable:
@@ -82,12 +117,20 @@ class Client:
             message = json.loads(body).get("error", "")
         except (ValueError, AttributeError):
             message = body[:200].decode(errors="replace")
+        if status in (401, 403):
+            hint = "" if self._auth else " (give --token-file)"
+            return Unauthorized(f"server: {what}: {message or status}{hint}")
         kind = {404: NotFound, 409: Conflict, 400: BadInput, 413: UsageError, 507: SystemFailure}.get(status, D4CError)
         return kind(f"server: {what}: {message or status}")  # type: ignore[arg-type]
 
     def _gives_up(self, exc: BaseException) -> bool:
         """A refused connection before the server ever answered is a server not
-        running (or a wrong address): said at once, not after minutes of retries."""
+        running (or a wrong address), and a certificate that does not verify will
+        not start to: said at once, not after minutes of retries."""
+        if self.tls:
+            import ssl
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                return True
         return isinstance(exc, ConnectionRefusedError) and not self.reached
 
     def get_json(self, path: str, what: str) -> Any:
@@ -95,7 +138,7 @@ class Client:
         while True:
             conn = self._conn()
             try:
-                conn.request("GET", path)
+                conn.request("GET", path, headers=self._auth)
                 resp = conn.getresponse()
                 body = resp.read(16 << 20)
                 self.reached = True
@@ -117,7 +160,7 @@ class Client:
         except ValueError:
             raise BadInput(f"server: {what}: not JSON") from None
 
-    def push(self, path: str, tag: str | None) -> dict[str, Any]:
+    def push(self, path: str, tag: str | None, envelope: bytes | None = None) -> dict[str, Any]:
         f = open_input(path)
         query = ("?" + urllib.parse.urlencode({"tag": tag})) if tag else ""
         conn = self._conn()
@@ -127,6 +170,10 @@ class Client:
                 conn.putrequest("POST", "/v1/push" + query)
                 conn.putheader("Content-Length", str(size))
                 conn.putheader("Content-Type", "application/octet-stream")
+                for name, value in self._auth.items():
+                    conn.putheader(name, value)
+                if envelope is not None:
+                    conn.putheader("D4C-Signature", base64.b64encode(envelope).decode())
                 conn.endheaders()
                 with Progress(f"pushing {os.path.basename(path)}", total_bytes=size) as progress:
                     try:
@@ -206,10 +253,10 @@ class Client:
                 failure: BaseException | None = None
                 conn = self._conn(min(STALL_TIMEOUT, self.timeout))
                 try:
-                    conn.request("GET", url, headers={"Range": f"bytes={got}-"} if got else {})
+                    conn.request("GET", url, headers=dict(self._auth, **({"Range": f"bytes={got}-"} if got else {})))
                     resp = conn.getresponse()
                     self.reached = True
-                    if resp.status == 404:
+                    if resp.status in (401, 403, 404):
                         raise self._error(resp.status, resp.read(1 << 16), "download")
                     if resp.status in TRANSIENT:
                         raise ConnectionError(f"HTTP {resp.status}")
@@ -248,11 +295,13 @@ class Client:
         return wire
 
     def fetch_update(self, tag: str, have: set[str], out_path: str, expected_dimgs: int = 0,
-                     check: Callable[[str, dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], int]:
+                     check: Callable[[str, dict[str, Any]], None] | None = None,
+                     approve: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], int]:
         """Plan the update to `tag` from `have` and download it to `out_path`:
         (plan, bytes downloaded); the plan is asked again when its payload was
         evicted before the download (404).  The plan is {"upToDate": True} and
-        nothing is written when there is nothing to fetch."""
+        nothing is written when there is nothing to fetch.  `approve(plan)` may
+        refuse a plan (its signatures) before a byte is downloaded."""
         query = "&".join([f"tag={urllib.parse.quote(tag)}"] + [f"have=sha256:{h}" for h in sorted(have)])
         replans = 0
         while True:
@@ -261,6 +310,8 @@ class Client:
                 return plan, 0
             if expected_dimgs and plan["dimgs"] != expected_dimgs:
                 raise Conflict(f"the server used {plan['dimgs']} stored images, expected {expected_dimgs}")
+            if approve is not None:
+                approve(plan)
             before = _size_or_zero(out_path + ".partial")
             try:
                 wire = self.download(plan["url"], plan["sha256"], plan["size"], out_path,
@@ -305,6 +356,12 @@ def check_update(path: str, plan: dict[str, Any], have_files: dict[str, str]) ->
                            f"{exc.args[-1] if exc.args else exc} (the server stores a damaged file)") from None
     finally:
         close_all(images)
+
+
+def plan_envelopes(plan: dict[str, Any]) -> list[bytes]:
+    """The signatures a plan carries for its target image."""
+    found = plan.get("signatures") or []
+    return [e.encode() for e in found if isinstance(e, str)] if isinstance(found, list) else []
 
 
 def have_ids(values: list[str]) -> set[str]:

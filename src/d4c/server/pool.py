@@ -10,6 +10,7 @@ import http.server
 import io
 import selectors
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +61,16 @@ class PooledHandler(http.server.BaseHTTPRequestHandler):
         self.handle_one_request()
 
 
+def _recv_parked(sock: socket.socket) -> bytes:
+    """What a parked connection sent; for TLS also the bytes OpenSSL decrypted
+    beyond the first record, which no selector readiness announces."""
+    data = sock.recv(MAX_HEAD)
+    if isinstance(sock, ssl.SSLSocket):
+        while data and sock.pending() and len(data) <= MAX_HEAD:
+            data += sock.recv(sock.pending())
+    return data
+
+
 def _has_head(data: bytes | bytearray) -> bool:
     return b"\r\n\r\n" in data or b"\n\n" in data or len(data) > MAX_HEAD
 
@@ -75,9 +86,10 @@ class PooledHTTPServer(http.server.HTTPServer):
     request_queue_size = BACKLOG
 
     def __init__(self, address: tuple[str, int], handler: type, workers: int = WORKERS,
-                 idle_timeout: float = IDLE_TIMEOUT) -> None:
+                 idle_timeout: float = IDLE_TIMEOUT, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(address, handler)
         self.idle_timeout = idle_timeout
+        self.tls = tls  # connections are TLS: the handshake runs in the waiter, without blocking
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="d4c-http")
         self._selector = selectors.DefaultSelector()
         self._incoming: list[tuple[socket.socket, Any, bytes]] = []
@@ -91,6 +103,16 @@ class PooledHTTPServer(http.server.HTTPServer):
         self._active: set[socket.socket] = set()   # being served: cut at shutdown, so workers end
         self._waiter = threading.Thread(target=self._park_loop, name="d4c-parked", daemon=True)
         self._waiter.start()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        try:
+            return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+        except (OSError, ValueError):
+            sock.close()
+            raise OSError("TLS set-up failed") from None
 
     def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
         self._park(request, client_address, b"")
@@ -123,9 +145,9 @@ class PooledHTTPServer(http.server.HTTPServer):
                     self._wake_r.recv(4096)
                 continue
             try:
-                data = sock.recv(MAX_HEAD)  # type: ignore[union-attr]
-            except BlockingIOError:
-                continue
+                data = _recv_parked(sock)  # type: ignore[arg-type]
+            except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue  # nothing yet, or a TLS handshake half done
             except OSError:
                 data = b""
             if not data:  # the client closed (or reset) it
@@ -140,6 +162,9 @@ class PooledHTTPServer(http.server.HTTPServer):
         with self._lock:
             incoming, self._incoming = self._incoming, []
         for sock, address, head in incoming:
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():  # decrypted already: no readiness will say so
+                with contextlib.suppress(OSError):
+                    head += sock.recv(sock.pending())
             if head and _has_head(head):  # a pipelined request, already whole
                 self._dispatch(sock, address, head)
                 continue

@@ -24,6 +24,7 @@ from ..image.format import format_id
 from ..image.stack import read_info_at
 from ..errors import EXIT_CORRUPT, BadInput, Conflict, D4CError, NotFound, UsageError
 from ..digests import path_sha256
+from ..fsutil import fsync_dir
 
 TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:]{0,254}:[A-Za-z0-9_][A-Za-z0-9._\-]{0,127}$")
 
@@ -38,6 +39,13 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 CREATE INDEX IF NOT EXISTS artifacts_image ON artifacts(image);
 CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, image TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signatures (
+    artifact TEXT NOT NULL,       -- sha256 hex of the artifact the envelope names
+    image TEXT NOT NULL,          -- hex id of the image the statement names
+    envelope TEXT NOT NULL,       -- the DSSE envelope (docs/SIGNING.md), kept as pushed, not verified here
+    PRIMARY KEY (artifact, envelope)
+);
+CREATE INDEX IF NOT EXISTS signatures_image ON signatures(image);
 """
 
 
@@ -123,15 +131,19 @@ class Store:
         return os.path.join(self.tmp, uuid.uuid4().hex)
 
     # ---------------------------------------------------------------- writes
-    def add(self, tmp: str, tag: str | None = None) -> Artifact:
+    def add(self, tmp: str, tag: str | None = None, envelope: bytes | None = None) -> Artifact:
         """Adopt an uploaded file (already fully written to `tmp`): checked as a
         cdimg whose parent the store knows, every body checked as `load` checks
         it (a corrupt copy must never be served in place of a good one), stored
-        under its digest.  Idempotent; `tmp` is gone afterwards, whatever happens."""
+        under its digest, with its signature `envelope` when it came with one
+        (it must name this file and its image; devices verify it, the server
+        holds no keys).  Idempotent; `tmp` is gone afterwards, whatever happens."""
         from ..image.stack import close_all, open_stack
+        from ..image.signing import check_envelope_form
         try:
             if tag is not None:
                 check_tag(tag)
+            statement = check_envelope_form(envelope, "upload: the signature") if envelope is not None else None
             info = read_info_at(tmp, "upload")
             if info.kind != "cdimg":
                 raise BadInput("upload: not a cdimg (a dimg has no config to run)")
@@ -150,11 +162,15 @@ class Store:
                 close_all(stack)
             digest = path_sha256(tmp).hexdigest()
             artifact = Artifact(digest, image, parent, os.path.getsize(tmp))
+            if statement is not None and (statement.artifact, statement.size, statement.image) != \
+                    ("sha256:" + digest, artifact.size, format_id(info.image_id)):
+                raise BadInput("upload: the signature names another file or image")
             with self._lock:
                 final = os.path.join(self.dir, digest + ".cdimg")
                 placed = not os.path.exists(final)  # a stored file is never replaced
                 if placed:
                     os.rename(tmp, final)
+                    fsync_dir(self.dir)  # before the index names it: a power loss keeps both or neither
                 try:
                     if self.backend is not None:  # shared first: a replica may answer the next request
                         self.backend.add_artifact(final, image, parent, digest, artifact.size)
@@ -163,6 +179,9 @@ class Store:
                     with self._transaction():
                         self._db.execute("INSERT OR IGNORE INTO artifacts VALUES (?, ?, ?, ?)",
                                          (digest, image, parent, artifact.size))
+                        if envelope is not None:
+                            self._db.execute("INSERT OR IGNORE INTO signatures VALUES (?, ?, ?)",
+                                             (digest, image, envelope.decode()))
                         if tag:
                             self._db.execute("INSERT OR REPLACE INTO tags VALUES (?, ?)", (check_tag(tag), image))
                 except BaseException:
@@ -185,6 +204,14 @@ class Store:
             rows = self._db.execute("SELECT digest, image, parent, size FROM artifacts WHERE image = ? "
                                     "ORDER BY size, digest", (image,)).fetchall()
         return [Artifact(*r) for r in rows]
+
+    def signatures(self, image: str) -> list[str]:
+        """The envelopes pushed with the artifacts that give `image` (any of them
+        vouches for the image a merged delta must prove to give)."""
+        with self._lock:
+            rows = self._db.execute("SELECT envelope FROM signatures WHERE image = ? ORDER BY artifact, envelope",
+                                    (image,)).fetchall()
+        return [r[0] for r in rows]
 
     def artifacts(self) -> list[Artifact]:
         with self._lock:

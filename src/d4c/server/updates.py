@@ -63,7 +63,7 @@ class Updates:
             digest, size = self._merged(start, target, path)
         return {"tag": tag, "to": "sha256:" + target, "from": ("sha256:" + start) if start else None,
                 "dimgs": len(path), "artifacts": [a.digest for a in path], "size": size, "sha256": digest,
-                "url": f"/v1/payloads/{digest}"}
+                "url": f"/v1/payloads/{digest}", "signatures": self.store.signatures(target)}
 
     def _merged(self, start: str, target: str, path: list[Artifact]) -> tuple[str, int]:
         key = f"{start or 'base'}-{target}"

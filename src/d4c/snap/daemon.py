@@ -45,9 +45,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "skip_verify) used when fetching artifacts; 'none' to ignore (default %(default)s)")
     p.add_argument("--delta-server", metavar="HOST:PORT",
                    help="a d4c server asked first for the update to an image CRI pulls (its tag: the image "
-                   "reference, e.g. `ctr-cli push --image REG/REPO:TAG`), then the registry")
+                   "reference, e.g. `ctr-cli push --image REG/REPO:TAG`), then the registry; "
+                   "https://HOST:PORT for a server with --tls-cert")
+    p.add_argument("--delta-server-token-file", metavar="FILE",
+                   help="the read token the delta server asks for (the file's first line; docs/API.md)")
+    p.add_argument("--delta-server-ca-cert", metavar="PEM",
+                   help="the CA that signed an https:// delta server's certificate (default: the system's)")
     p.add_argument("--remote-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long a registry may take to answer before containerd pulls the layers (default 5)")
+    p.add_argument("--trust", action="append", default=[], metavar="KEYFILE|DIR",
+                   help="store only images and deltas signed by these public keys (a .pub file or a directory "
+                   "of them; repeatable): `load` must hand over FILE.sig, and artifacts of registries and the "
+                   "delta server without a trusted signature are not fetched (containerd pulls the layers)")
     p.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return p
@@ -64,8 +73,10 @@ def serve(args: argparse.Namespace) -> int:
     from ..llfs.process import reexec_command
     from .api import snapshots_pb2_grpc
     from .service import SnapshotsService
-    from .remote import RegistryImages
+    from .remote import DeltaServerAuth, RegistryImages
+    from ..server.client import read_token
     from .snapshotter import LlfsFileSystem, Snapshotter
+    from ..image.signing import TrustedKeys
 
     if os.geteuid() != 0:
         raise errors.Unsupported("the snapshotter needs root (FUSE and overlay mounts)")
@@ -76,10 +87,12 @@ def serve(args: argparse.Namespace) -> int:
     os.chmod(os.path.dirname(address), 0o700)
     if os.path.exists(address):
         os.unlink(address)  # a previous run's socket: nobody listens on it
+    trust = TrustedKeys.load(args.trust) if args.trust else None
+    token = read_token(args.delta_server_token_file) if args.delta_server_token_file else None
     remote = None if args.no_remote else RegistryImages(
         frozenset(args.plain_http_registry), args.remote_timeout, None if args.hosts_dir == "none" else args.hosts_dir,
-        args.delta_server)
-    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote)
+        args.delta_server, trust, DeltaServerAuth(token, args.delta_server_ca_cert))
+    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote, trust)
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()
     watcher = threading.Thread(target=core.watch, args=(stop_watching,), name="d4c-watch", daemon=True)

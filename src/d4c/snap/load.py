@@ -24,9 +24,10 @@ from ..containerd import Containerd
 from ..image.reader import Image
 from ..image.format import format_id
 from ..image.stack import read_info_at
-from ..errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, UsageError, from_oserror
+from ..errors import Conflict, CorruptImage, D4CError, NotFound, Unavailable, Untrusted, UsageError, from_oserror
 from ..fsutil import atomic_output, copy_range
 from ..progress import Progress
+from ..image.signing import MAX_ENVELOPE, SIG_SUFFIX, TrustedKeys, check_file, read_envelope
 from .api.types import descriptor_pb2
 from .snapshotter import IMAGE_LABEL, check_progress_path, read_check_progress
 
@@ -55,10 +56,16 @@ def manifest_for(config_digest: str, config_size: int, image_id: str, size: int)
 
 
 def load_image(path: str, name: str, *, address: str, namespace: str,
-               snapshotter_root: str = DEFAULT_SNAPSHOTTER_ROOT) -> str:
+               snapshotter_root: str = DEFAULT_SNAPSHOTTER_ROOT, trust: TrustedKeys | None = None,
+               signature: str | None = None) -> str:
     """Load `path` as image `name`; returns the image id.  Loading the same image
-    again is a no-op apart from (re)pointing the name at it."""
+    again is a no-op apart from (re)pointing the name at it.  With `trust`, the
+    signature (`signature`, default PATH.sig) is checked before the file is
+    parsed; a signature there is handed to the snapshotter with the file."""
     check_name(name)
+    sig_path = signature or path + SIG_SUFFIX
+    if trust is not None:
+        check_file(path, read_envelope(sig_path), trust, source=sig_path)
     info = read_info_at(path)
     if info.config_bytes is None:
         raise UsageError(f"{path} is a dimg: load needs a cdimg (it carries the image config)")
@@ -79,7 +86,8 @@ def load_image(path: str, name: str, *, address: str, namespace: str,
                                     info.dimg_offset + info.dimg_size)
             manifest_digest = ctrd.write_blob(manifest, {"containerd.io/gc.ref.content.config": config_digest})
             if not _snapshot_exists(ctrd, image_id):
-                _create_snapshot(ctrd, path, info.image_id.hex(), image_id, incoming_dir, snapshotter_root)
+                _create_snapshot(ctrd, path, info.image_id.hex(), image_id, incoming_dir, snapshotter_root,
+                                 sig_path if os.path.exists(sig_path) else None)
             target = descriptor_pb2.Descriptor(media_type=MANIFEST_TYPE, digest=manifest_digest, size=len(manifest))
             ctrd.put_image(name, target, {IMAGE_LABEL: image_id})
     return image_id
@@ -172,7 +180,11 @@ def _prepare_checked(ctrd: Containerd, path: str, key: str, image_id: str, incom
         # our request is well-formed and containerd knows the snapshotter (the
         # Stat before worked): an invalid argument here is the image, which the
         # snapshotter refused after its check (containerd keeps only the code)
-        raise CorruptImage(path, f"{_refusal(str(exc), incoming)} (refused by the {SNAPSHOTTER} snapshotter)") from None
+        reason = _refusal(str(exc), incoming)
+        _, trust_refusal, why = reason.partition("refused: ")
+        if trust_refusal:  # its --trust: unsigned, or not by a key it trusts
+            raise Untrusted(f"{why} (the {SNAPSHOTTER} snapshotter's --trust)") from None
+        raise CorruptImage(path, f"{reason} (refused by the {SNAPSHOTTER} snapshotter)") from None
     finally:
         done.set()
         if watcher.is_alive():
@@ -190,15 +202,19 @@ def _refusal(message: str, incoming: str) -> str:
 
 
 def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, incoming_dir: str,
-                     root: str) -> None:
-    """Hand the file over, then Prepare (the snapshotter checks and mounts it) and
-    Commit under the image id.  On failure nothing stays behind."""
+                     root: str, sig_path: str | None) -> None:
+    """Hand the file (and its signature) over, then Prepare (the snapshotter
+    checks and mounts it) and Commit under the image id.  On failure nothing
+    stays behind."""
     stored = os.path.join(root, "images", hexid + ".cdimg")
     incoming = os.path.join(incoming_dir, hexid + ".cdimg")
     if not os.path.isdir(incoming_dir):
         raise NotFound(f"snapshotter state {root} not found: is `snapshotter` running with --root {root}?")
     handed = False
     if not os.path.exists(stored):
+        if sig_path is not None:
+            with open(sig_path, "rb") as src, atomic_output(incoming + SIG_SUFFIX, 0o600) as dst:
+                dst.write(src.read(MAX_ENVELOPE + 1))
         _hand_over(path, incoming)
         handed = True
     key = f"d4c-load-{uuid.uuid4().hex[:12]}"
@@ -213,8 +229,10 @@ def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, inc
                 pass
             raise
     except BaseException:
-        if handed and os.path.exists(incoming):
-            os.unlink(incoming)
+        if handed:
+            for leftover in (incoming, incoming + SIG_SUFFIX):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
         raise
 
 

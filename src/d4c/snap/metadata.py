@@ -32,7 +32,8 @@ CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent);
 CREATE TABLE IF NOT EXISTS images (
     id TEXT PRIMARY KEY,
     parent TEXT NOT NULL DEFAULT '',
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    signer TEXT NOT NULL DEFAULT ''
 );
 """
 
@@ -54,6 +55,7 @@ class StoredImage:
     id: str                  # hex
     parent: str              # hex, "" for a base
     size: int
+    signer: str = ""         # the trusted key (its id) whose signature was checked when it was stored, or ""
 
 
 class Metadata:
@@ -64,6 +66,9 @@ class Metadata:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(images)")}
+        if "signer" not in columns:  # a store made before signatures
+            self._db.execute("ALTER TABLE images ADD COLUMN signer TEXT NOT NULL DEFAULT ''")
         self._lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -129,17 +134,17 @@ class Metadata:
     # images
     def image(self, image_id: str) -> StoredImage | None:
         with self._lock:
-            row = self._db.execute("SELECT id, parent, size FROM images WHERE id = ?", (image_id,)).fetchone()
+            row = self._db.execute("SELECT id, parent, size, signer FROM images WHERE id = ?", (image_id,)).fetchone()
         return StoredImage(*row) if row else None
 
     def images(self) -> list[StoredImage]:
         with self._lock:
-            return [StoredImage(*r) for r in self._db.execute("SELECT id, parent, size FROM images").fetchall()]
+            return [StoredImage(*r) for r in self._db.execute("SELECT id, parent, size, signer FROM images").fetchall()]
 
     @staticmethod
     def add_image(db: sqlite3.Connection, image: StoredImage) -> None:
-        db.execute("INSERT OR IGNORE INTO images (id, parent, size) VALUES (?, ?, ?)",
-                   (image.id, image.parent, image.size))
+        db.execute("INSERT OR IGNORE INTO images (id, parent, size, signer) VALUES (?, ?, ?, ?)",
+                   (image.id, image.parent, image.size, image.signer))
 
     @staticmethod
     def delete_image(db: sqlite3.Connection, image_id: str) -> None:

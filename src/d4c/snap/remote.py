@@ -19,11 +19,12 @@ import os
 import threading
 import tomllib
 import urllib.parse
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import BadInput, D4CError
 from ..oci import artifacts
 from ..oci.registry import Reference, Registry, parse_reference
+from ..image.signing import MAX_ENVELOPE, SIG_SUFFIX, TrustedKeys, trusted_envelope, write_envelope
 
 log = logging.getLogger("d4c.snap")
 
@@ -73,15 +74,30 @@ def _endpoint(url: str, skip_verify: bool, default: Endpoint) -> Endpoint:
     return parsed.netloc, parsed.scheme == "http", skip_verify
 
 
+def without_rootfs(config: object) -> object:
+    """An image config but its rootfs, which a cdimg names by its image id
+    (its one layer) where the registry's config lists the image's layers."""
+    return {k: v for k, v in config.items() if k != "rootfs"} if isinstance(config, dict) else config
+
+
+class DeltaServerAuth(NamedTuple):
+    """How to reach a --delta-server with --auth-tokens or TLS (docs/API.md)."""
+    token: str | None = None
+    ca_cert: str | None = None
+
+
 class RegistryImages:
     """Finds and fetches d4c artifacts for the snapshotter."""
 
     def __init__(self, plain_http: frozenset[str] = frozenset(), timeout: float = DISCOVERY_TIMEOUT,
-                 hosts_dir: str | None = HOSTS_DIR, delta_server: str | None = None) -> None:
+                 hosts_dir: str | None = HOSTS_DIR, delta_server: str | None = None,
+                 trust: TrustedKeys | None = None, delta_auth: DeltaServerAuth = DeltaServerAuth()) -> None:
         self.plain_http = plain_http  # registry hosts spoken to over HTTP (local and test registries)
         self.timeout = timeout
         self.hosts_dir = hosts_dir
         self.delta_server = delta_server  # a d4c server asked first (its merged cheapest path)
+        self.trust = trust  # --trust: an artifact no trusted key signed is not even downloaded
+        self.delta_auth = delta_auth
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -112,17 +128,25 @@ class RegistryImages:
         gives it (`ctr-cli push --image REG/REPO:TAG`).  Its image must have the
         manifest's config, or it is another image under the same name: refused."""
         from ..image.stack import read_info_at
-        from ..server.client import Client
+        from ..server.client import Client, plan_envelopes
         partial = dest_of("server-" + manifest.split(":", 1)[-1])
+        signature: list[bytes] = []
+
+        def approve(plan: dict) -> None:  # type: ignore[type-arg]
+            if self.trust is not None:
+                signature[:] = [trusted_envelope(plan_envelopes(plan), self.trust, str(plan.get("to")),
+                                                 f"the server's {image_ref}")[0]]
         try:
-            plan, got = Client(self.delta_server or "", timeout=60.0, retry_time=self.timeout).fetch_update(
-                image_ref, held, partial)
+            plan, got = Client(self.delta_server or "", timeout=60.0, retry_time=self.timeout,
+                               token=self.delta_auth.token, ca_cert=self.delta_auth.ca_cert).fetch_update(
+                image_ref, held, partial, approve=approve)
             hexid = str(plan.get("to", "")).split(":", 1)[-1]
             if plan.get("upToDate"):
                 return hexid if hexid in held else None
-            config = read_info_at(partial).config
-            if config != self._config_of(image_ref, manifest):
+            if not self._is_image_of(image_ref, manifest, read_info_at(partial).config, hexid):
                 raise BadInput(f"the server's {image_ref} (sha256:{hexid}) is not the image of manifest {manifest}")
+            if signature:
+                write_envelope(dest_of(hexid) + SIG_SUFFIX, signature[0])
             os.rename(partial, dest_of(hexid))
             log.info("%s: fetched the update to sha256:%s from the d4c server %s (%d bytes over the link)",
                      image_ref, hexid, self.delta_server, got)
@@ -132,6 +156,24 @@ class RegistryImages:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(partial)
             return None
+
+    def _is_image_of(self, image_ref: str, manifest: str, config: object, hexid: str) -> bool:
+        """Whether the server's image (its config, its id) is the one `manifest`
+        names: the same config, or, since a cdimg's config names its one layer by
+        the image id, the same config but the rootfs and a d4c artifact of the
+        manifest that gives this image id."""
+        theirs = self._config_of(image_ref, manifest)
+        if config == theirs:
+            return True
+        if without_rootfs(config) != without_rootfs(theirs):
+            return False
+        try:
+            registry, found = self._discover(image_ref, manifest)
+        except D4CError:
+            return False
+        if registry is not None:
+            registry.close()
+        return any(a.image_id.split(":", 1)[-1] == hexid for a in found)
 
     def _config_of(self, image_ref: str, manifest: str) -> object:
         """The image config the registry's manifest names, parsed."""
@@ -144,6 +186,14 @@ class RegistryImages:
             return json.loads(registry.blob(json.loads(data)["config"]["digest"]))
         finally:
             registry.close()
+
+    def _trusted(self, registry: Registry, chosen: artifacts.Artifact, image_ref: str) -> bytes | None:
+        """With --trust, the artifact's signature by a trusted key (Untrusted if
+        none: the artifact is not downloaded); None without --trust."""
+        if self.trust is None:
+            return None
+        envelopes = artifacts.find_signatures(registry, chosen, MAX_ENVELOPE, referrers_timeout=self.timeout / 2)
+        return trusted_envelope(envelopes, self.trust, chosen.image_id, f"{image_ref}'s artifact {chosen.digest[:19]}")[0]
 
     def fetch(self, image_ref: str, manifest: str, held: set[str], dest_of: Callable[[str], str]) -> str | None:
         """The id (hex) of the image now at `dest_of(id)`: the cheapest d4c
@@ -172,9 +222,12 @@ class RegistryImages:
                                 chosen.digest)
                     return None
                 dest = dest_of(hexid)
+                envelope = self._trusted(registry, chosen, image_ref)
                 # the download itself may take long: a registry that answered is given time (and resumes)
                 registry.timeout, registry.retries = 60.0, 4
                 got = artifacts.fetch_layer(registry, chosen, dest)
+                if envelope is not None:
+                    write_envelope(dest + SIG_SUFFIX, envelope)
                 log.info("%s: fetched the %s of %s (%d bytes over the link)", image_ref,
                          "delta from " + chosen.base_id if chosen.is_delta else "full image", chosen.image_id, got)
                 return hexid

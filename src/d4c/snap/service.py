@@ -14,7 +14,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from ..errors import EXIT_CORRUPT, AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, UsageError
+from ..errors import (EXIT_CORRUPT, AlreadyExists, BadInput, Conflict, CorruptImage, D4CError, NotFound, Untrusted,
+                      UsageError)
 from .api import snapshots_pb2 as pb
 from .api import snapshots_pb2_grpc as pb_grpc
 from .api.types import mount_pb2
@@ -31,6 +32,7 @@ CODES: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (CorruptImage, grpc.StatusCode.INVALID_ARGUMENT),
     (BadInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (Untrusted, grpc.StatusCode.INVALID_ARGUMENT),  # a refused image, as containerd 1.6 passes codes on
 ]
 LIST_BATCH = 100
 

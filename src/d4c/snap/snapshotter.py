@@ -25,8 +25,9 @@ from typing import Protocol
 from ..image.reader import Image, check_bodies, stored_bodies
 from ..image.format import format_id
 from ..image.stack import close_all, open_stack, read_info_at, walk_chain
-from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, UsageError
+from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, Untrusted, UsageError
 from ..llfs import mounts
+from ..image.signing import SIG_SUFFIX, TrustedKeys, check_file, read_envelope
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
 from .remote import CRI_IMAGE_REF, CRI_MANIFEST, REF_LABEL, REMOTE_LABEL, RegistryImages
 
@@ -63,10 +64,12 @@ def parse_image_label(value: str) -> str:
 
 
 class Snapshotter:
-    def __init__(self, root: str, fs: FileSystem, remote: RegistryImages | None = None) -> None:
+    def __init__(self, root: str, fs: FileSystem, remote: RegistryImages | None = None,
+                 trust: TrustedKeys | None = None) -> None:
         self.root = os.path.abspath(root)
         self.fs = fs
         self.remote = remote  # fetches d4c artifacts when containerd unpacks an image (remote.py)
+        self.trust = trust    # --trust: only images signed by these keys enter the store
         # only root may enter: the image mounts honour setuid bits and device
         # nodes (containers need them) and serve every user (allow_other)
         for sub in ("", "snapshots", "images", "incoming", "cache", "logs"):
@@ -346,21 +349,48 @@ class Snapshotter:
             incoming = self.incoming_path(hexid)
             if not os.path.exists(incoming):
                 raise NotFound(f"image sha256:{hexid} was not handed to the snapshotter (use ctr-cli load)")
+            signer = self._check_signature(incoming, hexid)
             info = read_info_at(incoming)
             if info.image_id.hex() != hexid:
-                os.unlink(incoming)
+                self._drop_incoming(incoming)
                 raise CorruptImage(incoming, f"is image {format_id(info.image_id)}, not sha256:{hexid}")
             parent = info.parent_id.hex() if info.parent_id else ""
             if parent and self.meta.image(parent) is None:
                 raise Conflict(f"image sha256:{hexid} is a delta of sha256:{parent}, which is not loaded: "
                                "load that image first")
             self._verify(incoming, parent)
+            if os.path.exists(incoming + SIG_SUFFIX):
+                os.rename(incoming + SIG_SUFFIX, final + SIG_SUFFIX)
             os.rename(incoming, final)
             with self.meta.transaction() as db:
-                self.meta.add_image(db, StoredImage(hexid, parent, os.path.getsize(final)))
+                self.meta.add_image(db, StoredImage(hexid, parent, os.path.getsize(final), signer))
         elif self.meta.image(hexid) is None:
             raise CorruptImage(final, "is in the image store but not in its index")
         return self._stack(hexid)
+
+    def _check_signature(self, incoming: str, hexid: str) -> str:
+        """With --trust: the id of the trusted key that signed the incoming image,
+        checked before the image is parsed; refused (and dropped) otherwise.
+        The signature may be for another artifact of the same image (a merged
+        delta): the image's full check below then proves its result."""
+        if self.trust is None:
+            return ""
+        if not os.path.exists(incoming + SIG_SUFFIX):
+            self._drop_incoming(incoming)
+            raise Untrusted(f"image sha256:{hexid} is not signed (no FILE.sig was handed over with it)")
+        try:
+            verified = check_file(incoming, read_envelope(incoming + SIG_SUFFIX), self.trust,
+                                  expect_image="sha256:" + hexid, source=f"image sha256:{hexid}")
+        except D4CError:
+            self._drop_incoming(incoming)
+            raise
+        return verified.key_id
+
+    @staticmethod
+    def _drop_incoming(incoming: str) -> None:
+        for path in (incoming, incoming + SIG_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def _verify(self, path: str, parent: str) -> None:
         """Check a whole image before it is stored: the header (ids, the tree
@@ -398,10 +428,9 @@ class Snapshotter:
             if stored.id not in needed:
                 with self.meta.transaction() as db:
                     self.meta.delete_image(db, stored.id)
-                try:
-                    os.unlink(self.image_path(stored.id))
-                except FileNotFoundError:
-                    pass
+                for path in (self.image_path(stored.id), self.image_path(stored.id) + SIG_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
         folder = os.path.join(self.root, "incoming")
         for name in os.listdir(folder):
             path = os.path.join(folder, name)
