@@ -11,7 +11,7 @@ APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
 KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx src/d4c/_tables.pyx src/d4c/_deflate.pyx
 BINARIES := ctr-cli snapshotter server
 
-.PHONY: deps apt venv ext proto test all dist bench bench-link demo clean
+.PHONY: deps apt venv ext proto test all dist bench bench-link bench-faults demo clean
 
 deps: apt venv ext
 
@@ -79,6 +79,12 @@ bench: deps dist
 bench-link: all
 	$(PIP) install -q -r requirements-bench.txt
 	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench.link_bench
+
+# the long form of the fault campaign (as root): every scenario of tests/test_faults.py
+# D4C_FAULT_RUNS times (20), counts in bench/results/faults.md
+bench-faults: all
+	$(PIP) install -q -r requirements-bench.txt
+	cd $(CURDIR) && PYTHONPATH=$(CURDIR)/src:$(CURDIR) $(PY) -m bench.faults_bench
 
 demo: all
 	bash demo/demo.sh

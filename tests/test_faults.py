@@ -11,6 +11,7 @@ fails its test when any run did not hold."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,9 +29,10 @@ from typing import Callable
 import pytest
 
 from conftest import BIG_SIZE, IS_ROOT
-from daemons import SRC, CuttingProxy, Server, thread_count
+from daemons import (SRC, CuttingProxy, Server, clean_below, have_containerd, mounts_below, pids_naming, thread_count,
+                     unmount_below)
 from helpers import binary, fuse_server_pids, need, run_cli
-from test_snapshotter import chain, daemons, load, wait_redial  # noqa: F401  (chain, daemons: the device's fixtures)
+from test_snapshotter import chain, daemons, load, running, wait_redial  # noqa: F401  (chain, daemons: fixtures)
 
 RUNS = max(1, int(os.environ.get("D4C_FAULT_RUNS", "1")))
 DEVICE_RUNS = max(2, RUNS)  # kill -9 of a device daemon: at least twice (the long form: N >= 20)
@@ -579,3 +581,186 @@ def test_containerd_killed(device) -> None:  # type: ignore[no-untyped-def]
         return 0
     campaign("containerd killed", DEVICE_RUNS, one)
 
+
+
+# ---------------------------------------------------------------- the device's disk
+
+V4_LIBDATA = hashlib.sha256(bytes(range(256)) * 399 + b"x" * 256).hexdigest()
+
+
+def image_mount(snap_root: str, version: str) -> str:
+    """The FUSE mount of the loaded image whose /etc/version is `version`."""
+    for point in mounts_below(snap_root, "fuse.d4c"):
+        with contextlib.suppress(OSError), open(os.path.join(point, "etc", "version")) as f:
+            if f.read() == version + "\n":
+                return point
+    raise Broken(f"no mount of {version}")
+
+
+def stored_images_whole(snap_root: str, loaded: list[str]) -> None:
+    """Every image file di3fs stores is the image its name says, every image it
+    acknowledged is there, and no hand-over is left half copied."""
+    from d4c.image.stack import read_info_at
+    folder = os.path.join(snap_root, "images")
+    names = [n for n in os.listdir(folder) if n.endswith(".cdimg")]
+    for name in names:
+        must(read_info_at(os.path.join(folder, name)).image_id.hex() == name[:-6], f"images/{name} is another image")
+    for path in loaded:
+        must(f"{read_info_at(path).image_id.hex()}.cdimg" in names, f"the acknowledged {path} is gone")
+    db = sqlite3.connect(f"file:{os.path.join(snap_root, 'metadata.db')}?mode=ro", uri=True)
+    try:
+        rows = {i for (i,) in db.execute("SELECT id FROM images")}
+    finally:
+        db.close()
+    must(all(f"{r}.cdimg" in names for r in rows), "metadata.db names an image whose file is gone")
+
+
+def fill(folder: str) -> str:
+    """Fill the file system of `folder` to the last byte; the filler's path."""
+    filler = os.path.join(folder, "filler")
+    with open(filler, "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        with contextlib.suppress(OSError):
+            f.close()
+    return filler
+
+
+@contextlib.contextmanager
+def device_on(base: str, mount: Callable[[str], None]):  # type: ignore[no-untyped-def]
+    """containerd + di3fs whose --root is on the file system `mount(path)` makes."""
+    need(IS_ROOT, "containerd, runc, FUSE and tmpfs need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    os.makedirs(os.path.join(base, "run"), exist_ok=True)
+    os.makedirs(os.path.join(base, "di3fs"), exist_ok=True)
+    mount(os.path.join(base, "di3fs"))
+    with running(base, binary("snapshotter")) as both:
+        yield both
+
+
+def test_a_full_snapshotter_disk_and_llfs_cache(chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """di3fs's root (its images, the hand-over, the llfs cache of rebuilt files)
+    on a full disk: a load is refused with the reason and leaves nothing, a
+    rebuild fails its read (never a wrong byte), and all works once there is room."""
+    base = str(tmp_path / "d")
+
+    def tmpfs(path: str) -> None:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", path], check=True)
+    try:
+        with device_on(base, tmpfs) as (ctrd, snap):
+            code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+            assert code == 0, err
+
+            def one(run: int) -> int:
+                loaded = [chain[0]]
+                filler = fill(snap.root)
+                code, _, err = load(ctrd, snap, f"d4c-bb:2-{run}", chain[1])
+                if code == 0:  # the delta fitted in what the filler left: it is stored whole
+                    loaded.append(chain[1])
+                else:
+                    must(code == 5 and "no space" in err and len(err.strip().splitlines()) == 1,
+                         f"a load to a full disk: {err.strip()}")
+                with open(os.path.join(image_mount(snap.root, "v1"), "lib", "libdata.so"), "rb") as f:
+                    must(hashlib.sha256(f.read()).hexdigest() == hashlib.sha256(bytes(range(256)) * 400).hexdigest(),
+                         "v1 read wrong bytes while the disk was full")
+                os.unlink(filler)
+                for n, path in enumerate(chain[1:], 2):
+                    code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+                    must(code == 0, f"load of v{n} once there is room: {err.strip()}")
+                    loaded.append(path)
+                subprocess.run(["sync"], check=False)
+                for name in os.listdir(os.path.join(snap.root, "cache")):  # rebuilt bodies: rebuilt again (the
+                    shutil.rmtree(os.path.join(snap.root, "cache", name), ignore_errors=True)  # cache makes its dir)
+                filler = fill(snap.root)
+                v4 = os.path.join(image_mount(snap.root, "v4"), "lib", "libdata.so")
+                try:
+                    with open(v4, "rb") as f:
+                        must(hashlib.sha256(f.read()).hexdigest() == V4_LIBDATA, "a rebuild on a full disk read wrong")
+                except OSError:
+                    pass  # refused for want of room: the read fails, nothing wrong is read
+                os.unlink(filler)
+                with open(v4, "rb") as f:
+                    must(hashlib.sha256(f.read()).hexdigest() == V4_LIBDATA, "the rebuilt file is wrong")
+                out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", "d4c-bb:4", f"full{run}-{ctrd.namespace}",
+                               check=False)
+                must(out.stdout == "v4\n", f"a container of v4 after the full disk: {out.stderr.strip()}")
+                stored_images_whole(snap.root, loaded)
+                must(not [n for n in os.listdir(os.path.join(snap.root, "incoming")) if not n.endswith(".checked")],
+                     "a refused load left its hand-over")
+                return 0
+            campaign("snapshotter root and llfs cache full", DEVICE_RUNS, one)
+    finally:
+        clean_below(base)
+        subprocess.run(["umount", "-l", os.path.join(base, "di3fs")], check=False)
+
+
+def test_power_loss_under_the_snapshotter(chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """di3fs's root (metadata.db, images) on a disk that loses power with a load
+    in flight, everything killed at once: after the reboot every acknowledged
+    image is there, whole, its containers run, and the next load works."""
+    need(shutil.which("losetup") and shutil.which("mkfs.ext4"), "losetup and mkfs.ext4 are needed")
+    base = str(tmp_path / "d")
+    rnd = random.Random(8)
+    disks: list[LoopDisk] = []
+
+    def ext4(path: str) -> None:
+        disks.append(LoopDisk(str(tmp_path / "root.img"), path))
+
+    try:
+        with device_on(base, ext4) as (ctrd, snap):
+            disk = disks[0]
+
+            def one(run: int) -> int:
+                if run:  # after the last run's power loss: the device again, its images removed
+                    snap.start()
+                    ctrd.start()
+                    wait_redial(ctrd)
+                    ctrd.ctr("images", "rm", "--sync", "d4c-bb:1", "d4c-bb:2", check=False)
+                code, _, err = load(ctrd, snap, "d4c-bb:1", chain[0])
+                must(code == 0, f"load of v1: {err.strip()}")
+                loading = subprocess.Popen(cli("load", "--image", "d4c-bb:2", "--cdimg", chain[1], "--address",
+                                               ctrd.socket, "--namespace", ctrd.namespace, "--snapshotter-root",
+                                               snap.root, "-q"), env=cli_env(), stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+                time.sleep(rnd.uniform(0.0, 0.6))
+                # the power goes: every process at once, then the disk as far as it was written
+                assert ctrd.proc is not None
+                for proc in (snap.proc, ctrd.proc):
+                    if proc and proc.poll() is None:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                for pid in pids_naming(base):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                loading.wait(timeout=60)
+                loaded = [chain[0]] + ([chain[1]] if loading.returncode == 0 else [])
+                unmount_below(snap.root)
+                disk.cut()
+                if os.path.exists(ctrd.socket):
+                    os.unlink(ctrd.socket)
+                snap.start()
+                ctrd.start()
+                wait_redial(ctrd)
+                stored_images_whole(snap.root, loaded)
+                for n, path in enumerate(chain[:2], 1):  # the next load (again, where it was lost) works
+                    code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+                    must(code == 0, f"load of v{n} after the power loss: {err.strip()}")
+                out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", "d4c-bb:2", f"pl{run}-{ctrd.namespace}",
+                               check=False)
+                must(out.stdout == "v2\n", f"a container of v2 after the power loss: {out.stderr.strip()}")
+                ctrd.remove_containers()
+                ctrd.stop()
+                snap.stop()
+                for pid in pids_naming(base):  # the FUSE servers; the disk itself stays mounted
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                unmount_below(snap.root)
+                return 0
+            campaign("power loss under the snapshotter's root", RUNS, one)
+    finally:
+        clean_below(base)
+        for disk in disks:
+            disk.detach()

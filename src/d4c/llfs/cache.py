@@ -83,7 +83,12 @@ class BodyCache:
         tmp_name = self.entries.temp_path()
         fd = -1
         try:
-            with open(tmp_name, "xb") as tmp:
+            try:
+                tmp = open(tmp_name, "xb")
+            except FileNotFoundError:  # the cache directory was removed under the mount: made again
+                os.makedirs(self.dir, mode=0o700, exist_ok=True)
+                tmp = open(tmp_name, "xb")
+            with tmp:
                 written = 0
                 for chunk in [body] if isinstance(body, bytes) else body:
                     tmp.write(chunk)
