@@ -83,6 +83,21 @@ def test_small_edits_give_small_deltas() -> None:
     assert delta.read_delta_info(d).method_name == "sa" and delta.read_delta_info(f).method_name == "prefix"
 
 
+def test_a_shift_inside_a_same_size_file_is_matched_not_spelled_out() -> None:
+    """A rebuilt binary of the same size whose one function grew by 3 bytes (the
+    code after it shifted until padding took the bytes back): the aligned copy
+    would carry every shifted byte as an add byte; the local scan inserts 3."""
+    old = lcg_bytes(2 << 20, 5)
+    at, span = 700_000, 600
+    new = bytearray(old)
+    new[at:at + span] = b"\x49\x89\xf1" + old[at:at + span - 3]  # 3 bytes in, the padding's 3 out
+    new[900:920] = bytes(range(20))  # and a new build id elsewhere
+    new = bytes(new)
+    d = roundtrip(old, new)
+    assert len(d) < delta.PREAMBLE.size + 160, len(d)  # aligned add bytes alone: ~600 incompressible ones
+    assert delta.read_delta_info(d).method_name == "sa"
+
+
 def pointer_table(n: int, seed: int, shift: int) -> bytes:
     """Executable-like data: code with 4-byte displacements after 0xE8, which a
     rebuild shifts; the add-stream coder learns that from the old bytes."""

@@ -78,6 +78,9 @@ CM_GAIN_BOUND = 0.4  # of zstd -3's run-coded stream: the coder saved 20-36 % of
 SMALL_FILE = 256 << 10            # at most this size the zstd prefix delta is tried too
 SMALL_FILE_LEVEL = 19
 ALIGNED_MAX_CHANGE = 1000         # same-size files with < 1/1000 bytes changed skip the scan
+CLUSTER_GAP = 32                  # aligned changes closer than this are one cluster
+CLUSTER_MIN = 24                  # a cluster with fewer changed bytes is left as add bytes
+CLUSTER_MARGIN = 2048             # old bytes on each side of a cluster its local scan may match
 
 
 @dataclass(frozen=True)
@@ -313,9 +316,9 @@ def _diff_segment(old: memoryview, new: memoryview, hint: int, keep_raw: bool) -
         # binary with a new version string); then one copy says it all, no suffix sort
         d = (np.frombuffer(new, dtype=np.uint8) - np.frombuffer(old, dtype=np.uint8)).astype(np.uint8)
         if np.count_nonzero(d) * ALIGNED_MAX_CHANGE < len(d):
+            ctrl, d, extra = _realigned(old, new, d)
             starts, lengths = _runs(d)
-            ctrl = np.array([len(new), 0, 0], dtype="<i8").tobytes()
-            return SegmentDiff(ctrl, len(new), b"", starts, lengths, d[np.flatnonzero(d)].tobytes(),
+            return SegmentDiff(ctrl, len(d), extra, starts, lengths, d[np.flatnonzero(d)].tobytes(),
                                d.tobytes() if keep_raw else None)
     kernels = accel.patch
     dtype = np.int32 if len(old) <= INT32_LIMIT else np.int64
@@ -334,6 +337,59 @@ def _diff_segment(old: memoryview, new: memoryview, hint: int, keep_raw: bool) -
     values = d[np.flatnonzero(d)].tobytes()
     return SegmentDiff(ctrl, nd, extra_buf[:ne].tobytes(), starts, lengths, values,
                        d.tobytes() if keep_raw else None)
+
+
+def _local_scan(old: memoryview, new: memoryview) -> tuple[np.ndarray, np.ndarray, bytes]:
+    """The SA scan of a small window: (triples as an (n, 3) array, add bytes, inserts)."""
+    kernels = accel.patch
+    sa = np.empty(len(old) + 1, dtype=np.int32)
+    diff_buf = np.empty(len(new), dtype=np.uint8)
+    extra_buf = np.empty(len(new), dtype=np.uint8)
+    if kernels.suffix_array(old, sa) != 0 or (result := kernels.diff(old, new, sa, diff_buf, extra_buf)) is None:
+        raise MemoryError("local match scan")
+    ctrl, nd, ne = result
+    return np.frombuffer(ctrl, dtype="<i8").reshape(-1, 3).copy(), diff_buf[:nd], extra_buf[:ne].tobytes()
+
+
+def _scan_cost(adds: np.ndarray, inserts: int, triples: int) -> int:
+    """Roughly what a stretch costs in the compressed streams (changed and
+    inserted bytes are near incompressible, a triple a few bytes)."""
+    return int(np.count_nonzero(adds)) + inserts + 4 * triples
+
+
+def _realigned(old: memoryview, new: memoryview, d: np.ndarray) -> tuple[bytes, np.ndarray, bytes]:
+    """Same-size files with few changes as one aligned copy, except where the
+    changes cluster: a function that grew by a few bytes shifts the code after
+    it, and aligned add bytes would spell out every shifted byte.  Each dense
+    cluster gets a local SA scan against the old bytes around it, kept where it
+    is cheaper.  Returns (int64 triples, add bytes, inserts)."""
+    nz = np.flatnonzero(d)
+    triples: list[tuple[int, int, int]] = []
+    adds: list[np.ndarray] = []
+    inserts: list[bytes] = []
+    done = 0  # new (and old: aligned) position up to which everything is described
+    if len(nz):
+        breaks = np.flatnonzero(np.diff(nz) > CLUSTER_GAP) + 1
+        for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(nz)]])):
+            if last - first < CLUSTER_MIN:
+                continue
+            a = max(done, int(nz[first]) - CLUSTER_GAP)
+            b = min(len(new), int(nz[last - 1]) + 1 + CLUSTER_GAP)
+            lo, hi = max(0, a - CLUSTER_MARGIN), min(len(old), b + CLUSTER_MARGIN)
+            local, local_adds, local_inserts = _local_scan(old[lo:hi], new[a:b])
+            if _scan_cost(local_adds, len(local_inserts), len(local)) >= _scan_cost(d[a:b], 0, 1):
+                continue
+            triples.append((a - done, 0, lo - a))  # the aligned copy up to the cluster, then to the window
+            adds.append(d[done:a])
+            end = lo + int(local[:, 0].sum() + local[:, 2].sum())  # where the local scan leaves the old position
+            local[-1, 2] += b - end  # back into alignment after the cluster
+            triples.extend(map(tuple, local.tolist()))
+            adds.append(local_adds)
+            inserts.append(local_inserts)
+            done = b
+    triples.append((len(new) - done, 0, 0))
+    adds.append(d[done:])
+    return (np.array(triples, dtype="<i8").tobytes(), np.concatenate(adds).astype(np.uint8), b"".join(inserts))
 
 
 def _runs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
