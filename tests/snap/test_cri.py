@@ -231,10 +231,10 @@ def platform_manifest_digest(r: Registry, tag: str) -> str:
 
 
 def test_a_trusting_device_takes_only_signed_registry_artifacts(published, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """di3fs --trust: a signed artifact is fetched and mounted; an unsigned one is
-    not even downloaded and containerd pulls the layers instead (logged with the
-    reason); `ctr-cli pull --trust` refuses it with one line until `publish
-    --sign-key` adds the signatures."""
+    """di3fs --trust: a signed artifact is fetched and mounted; an unsigned one, or
+    one signed by another key, is not even downloaded and containerd pulls the
+    layers instead (logged with the reason); `ctr-cli pull --trust` refuses it with
+    one line until `publish --sign-key` adds the trusted signature."""
     from d4c.errors import EXIT_UNTRUSTED
     from helpers import assert_one_line_error
     reg, front = published
@@ -245,26 +245,36 @@ def test_a_trusting_device_takes_only_signed_registry_artifacts(published, tmp_p
         code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:{tag}", "--plain-http",
                                "--blob-cache", "none", *extra)
         assert code == 0, err
-    base = str(tmp_path / "d")
-    os.makedirs(os.path.join(base, "run"))
-    with running(base, binary("snapshotter"), ("--plain-http-registry", front.host, "--trust", pub),
-                 (front.host,)) as (ctrd, snap):
-        served, logs = pull_1_then_2(ctrd, snap, front)
-        assert "is not signed" in logs and "containerd pulls the layers" in logs, logs[-2000:]
-        assert "fetched the delta" not in logs
-        print(f"unsigned update: {served} bytes served (the layers)")
-        out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", "cri-trust-2").stdout
-        assert out.strip() == "v2"
-        dest = str(tmp_path / "2.cdimg")
-        args = ("pull", "--image", f"docker://{front.host}/{REPO}:2", "--plain-http", "--output", dest,
-                "--have", "sha256:" + "0" * 64, "--trust", pub)
-        code, _, err = run_cli(*args)
-        assert_one_line_error(code, err, EXIT_UNTRUSTED)
-        assert not os.path.exists(dest) and not os.path.exists(dest + ".partial")
-        code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:2", "--plain-http",
-                               "--blob-cache", "none", "--from", "1", "--sign-key", key)
-        assert code == 0, err
-        code, out, err = run_cli(*args)
-        assert code == 0, err
-        code, out, err = run_cli("cdimg", "show", "--cdimg", dest, "--trust", pub)
-        assert code == 0 and "verified: signed by" in out, err
+    code, _, err = run_cli("-q", "keygen", "--output", str(tmp_path / "other"))
+    assert code == 0, err
+    # 2's delta unsigned, then signed by a key the device does not trust: refused either way
+    for n, (signer, reason) in enumerate(((None, "is not signed"), (str(tmp_path / "other.key"),
+                                                                     "not by a trusted key"))):
+        if signer:
+            code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:2", "--plain-http",
+                                   "--blob-cache", "none", "--from", "1", "--sign-key", signer)
+            assert code == 0, err
+        base = str(tmp_path / f"d{n}")
+        os.makedirs(os.path.join(base, "run"))
+        with running(base, binary("snapshotter"), ("--plain-http-registry", front.host, "--trust", pub),
+                     (front.host,)) as (ctrd, snap):
+            served, logs = pull_1_then_2(ctrd, snap, front)
+            assert reason in logs and "containerd pulls the layers" in logs, logs[-2000:]
+            assert "fetched the delta" not in logs
+            print(f"update {reason}: {served} bytes served (the layers)")
+            out = ctrd.ctr("run", "--rm", "--snapshotter", "di3fs", f"{front.host}/{REPO}:2", f"cri-trust-{n}").stdout
+            assert out.strip() == "v2"
+    dest = str(tmp_path / "2.cdimg")
+    args = ("pull", "--image", f"docker://{front.host}/{REPO}:2", "--plain-http", "--output", dest,
+            "--have", "sha256:" + "0" * 64, "--trust", pub)
+    code, _, err = run_cli(*args)
+    assert_one_line_error(code, err, EXIT_UNTRUSTED)
+    assert "not by a trusted key" in err, err
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".partial")
+    code, _, err = run_cli("-q", "publish", "--image", f"docker://{reg.host}/{REPO}:2", "--plain-http",
+                           "--blob-cache", "none", "--from", "1", "--sign-key", key)
+    assert code == 0, err
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    code, out, err = run_cli("cdimg", "show", "--cdimg", dest, "--trust", pub)
+    assert code == 0 and "verified: signed by" in out, err
