@@ -24,7 +24,6 @@ from d4c.image.format import read_info
 from d4c.server.store import Store
 from d4c.image.tree import Storage
 
-from conftest import BIG_SIZE  # the `big` fixture: a payload of about this size
 CUT = 500 << 10             # the field's link dropped every 500 KB
 
 
