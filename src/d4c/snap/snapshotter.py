@@ -26,6 +26,7 @@ from ..image.reader import Image, check_bodies, stored_bodies
 from ..image.format import format_id
 from ..image.stack import close_all, open_stack, read_info_at, walk_chain
 from ..errors import AlreadyExists, Conflict, CorruptImage, D4CError, NotFound, Untrusted, UsageError
+from ..fsutil import fsync_dir
 from ..llfs import mounts
 from ..image.signing import SIG_SUFFIX, TrustedKeys, check_file, read_envelope
 from .metadata import KIND_ACTIVE, KIND_COMMITTED, KIND_VIEW, Metadata, Snapshot, StoredImage
@@ -362,6 +363,7 @@ class Snapshotter:
             if os.path.exists(incoming + SIG_SUFFIX):
                 os.rename(incoming + SIG_SUFFIX, final + SIG_SUFFIX)
             os.rename(incoming, final)
+            fsync_dir(os.path.dirname(final))  # before the index names it (ext4 happens to order it; not all do)
             with self.meta.transaction() as db:
                 self.meta.add_image(db, StoredImage(hexid, parent, os.path.getsize(final), signer))
         elif self.meta.image(hexid) is None:
