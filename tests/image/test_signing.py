@@ -123,7 +123,7 @@ def test_refusals(tmp_path) -> None:  # type: ignore[no-untyped-def]
             signing.check_file(GOLDEN_IMAGE, envelope, keys)
     # a statement signed for another file of another image: refused when the file does not give it
     forged = signing.Statement(image="sha256:" + "1" * 64, base=None, artifact="sha256:" + "2" * 64, size=1)
-    envelope = signing.sign(forged, [signing.load_private_key(other_private)])
+    envelope = signing.sign(forged, signing.load_private_keys([other_private]))
     with pytest.raises(Untrusted, match="gives image"):
         signing.check_file(GOLDEN_IMAGE, envelope, signing.TrustedKeys.load([other_public]))
     # a statement of a later version is not read as this one

@@ -158,13 +158,13 @@ def test_pull_with_trust_takes_a_merged_delta_and_refuses_an_unsigned_one(chain,
 
 def test_push_with_a_signature_of_another_file_stores_nothing(chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from d4c.errors import BadInput
-    from d4c.image.signing import load_private_key, sign as sign_statement, statement_of
+    from d4c.image.signing import load_private_keys, sign as sign_statement, statement_of
     from d4c.server.client import Client
     key, _ = keygen(str(tmp_path), "k")
     srv = Server(str(tmp_path), binary("server"))
     srv.start()
     try:
-        envelope = sign_statement(statement_of(chain[1]), [load_private_key(key)])
+        envelope = sign_statement(statement_of(chain[1]), load_private_keys([key]))
         with pytest.raises(BadInput, match="another file"):
             Client(srv.host).push(chain[0], "d4c-bb:1", envelope)
         assert Client(srv.host).get_json("/v1/tags", "tags") == {}

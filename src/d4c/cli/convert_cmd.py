@@ -63,12 +63,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> int:
     want_cdimg = args.cdimg or not args.dimg
+    keys = []
     if args.sign_keys:
-        from ..image.signing import load_private_key
+        from ..image.signing import load_private_keys
         if not want_cdimg:
             raise UsageError("--sign-key signs the cdimg: not with --dimg alone")
-        for key in args.sign_keys:
-            load_private_key(key)  # a bad key is said before minutes of converting
+        keys = load_private_keys(args.sign_keys)  # a bad key is said before minutes of converting
     options = remote_options(args)
     image_id, resolved = convert_image(args.image, plat, options, args.output, level=body_level(args),
                                        grouped=args.image_format == 2, threads=args.threads, cdimg=want_cdimg, dimg=args.dimg,
@@ -77,6 +77,6 @@ def _convert(args: argparse.Namespace, plat: Platform, excludes: list[str]) -> i
         f.write(resolved.config_bytes)
     if args.sign_keys:
         from ..image.signing import sign_file
-        sign_file(os.path.join(args.output, "image.cdimg"), args.sign_keys, resolved.manifest_digest or None)
+        sign_file(os.path.join(args.output, "image.cdimg"), keys, resolved.manifest_digest or None)
     print(format_id(image_id))
     return 0

@@ -86,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--previous takes a count >= 0")
     keys = []
     if args.sign_keys:
-        from ..image.signing import load_private_key
-        keys = [load_private_key(k) for k in args.sign_keys]  # a bad key is said before any network
+        from ..image.signing import load_private_keys
+        keys = load_private_keys(args.sign_keys)  # a bad key is said before any network
     local = ""
     if not args.image.startswith("docker://"):  # a missing or bad local image is said before any network
         with open_source(args.image, platform, options) as source:

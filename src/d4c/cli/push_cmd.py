@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
         check_tag(args.imageTag)  # before a byte is sent
     envelope = None
     if args.sign_keys:
-        from ..image.signing import load_private_key, sign, statement_of
-        envelope = sign(statement_of(args.cdimg), [load_private_key(k) for k in args.sign_keys])
+        from ..image.signing import load_private_keys, sign, statement_of
+        envelope = sign(statement_of(args.cdimg), load_private_keys(args.sign_keys))
     doc = server_client(args, args.serverHost).push(args.cdimg, args.imageTag, envelope)
     if not args.quiet:
         print(f"{args.cdimg}: {doc['image']}" + (f" tagged {doc['tag']}" if doc.get("tag") else ""))

@@ -18,8 +18,8 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..image.signing import SIG_SUFFIX, sign_file, unverified_statement
-    envelope = sign_file(args.cdimg, args.sign_keys, args.manifest)
+    from ..image.signing import SIG_SUFFIX, load_private_keys, sign_file, unverified_statement
+    envelope = sign_file(args.cdimg, load_private_keys(args.sign_keys), args.manifest)
     if not args.quiet:
         stmt = unverified_statement(envelope, args.cdimg + SIG_SUFFIX)
         print(f"{args.cdimg}{SIG_SUFFIX}: {stmt.image}" + (f" from {stmt.base}" if stmt.base else ""))

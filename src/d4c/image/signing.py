@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import os
 import re
@@ -113,10 +114,10 @@ def _read_key_file(path: str) -> bytes:
         raise from_oserror(exc, "cannot read the key") from exc
 
 
-def load_private_key(path: str) -> Any:
+def _private_key(data: bytes, path: str) -> Any:
     ed25519, ser = _crypto()
     try:
-        key = ser.load_pem_private_key(_read_key_file(path), password=None)
+        key = ser.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
@@ -124,16 +125,19 @@ def load_private_key(path: str) -> Any:
     return key
 
 
+def load_private_keys(paths: Iterable[str]) -> list[Any]:
+    """The signing keys of --sign-key, each checked (read them before long work)."""
+    return [_private_key(_read_key_file(path), path) for path in paths]
+
+
 def load_public_key(path: str) -> Any:
+    """A trusted key: a .pub file, or a private key file (its public half)."""
     ed25519, ser = _crypto()
     data = _read_key_file(path)
     try:
         key = ser.load_pem_public_key(data)
     except (ValueError, TypeError):
-        try:  # the private key file works as well: its public half is what is trusted
-            key = ser.load_pem_private_key(data, password=None).public_key()
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{path}: not a PEM public key ({exc})") from None
+        key = _private_key(data, path).public_key()
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise UsageError(f"{path}: not an Ed25519 public key")
     return key
@@ -143,7 +147,6 @@ def key_id(public_key: Any) -> str:
     """A key's name in envelopes: the sha256 of its 32 raw bytes."""
     _, ser = _crypto()
     raw = public_key.public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
-    import hashlib
     return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
@@ -315,9 +318,8 @@ def check_result(path: str, verified: Verified) -> None:
                         f"{verified.statement.image}")
 
 
-def sign_file(path: str, key_paths: list[str], manifest: str | None = None) -> bytes:
-    """Sign the image file at `path` with the keys and write `path.sig`; the envelope."""
-    keys = [load_private_key(k) for k in key_paths]
+def sign_file(path: str, keys: list[Any], manifest: str | None = None) -> bytes:
+    """Sign the image file at `path` with the keys (load_private_keys) and write `path.sig`; the envelope."""
     envelope = sign(statement_of(path, manifest), keys)
     write_envelope(path + SIG_SUFFIX, envelope)
     return envelope
