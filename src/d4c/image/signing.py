@@ -62,7 +62,7 @@ class Statement:
             art = doc["artifact"]
             out = cls(image=doc["image"], base=doc["base"], artifact=art["digest"], size=art["size"],
                       image_format=doc["imageFormat"], manifest=doc.get("manifest"))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nesting bombs
             raise Untrusted(f"the signed statement is malformed ({type(exc).__name__})") from None
         ok = (isinstance(out.image, str) and _DIGEST.match(out.image)
               and (out.base is None or isinstance(out.base, str) and _DIGEST.match(out.base))
@@ -204,7 +204,7 @@ def _decode(envelope: bytes, source: str) -> tuple[bytes, list[tuple[str, bytes]
             raise Untrusted(f"{source}: not a d4c statement ({str(doc['payloadType'])[:80]!r})")
         payload = base64.b64decode(doc["payload"], validate=True)
         sigs = [(str(s["keyid"]), base64.b64decode(s["sig"], validate=True)) for s in doc["signatures"]]
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
         raise Untrusted(f"{source}: not a DSSE signature envelope") from None
     if len(sigs) > MAX_SIGNATURES:
         raise Untrusted(f"{source}: more than {MAX_SIGNATURES} signatures")

@@ -73,7 +73,7 @@ def read_token(path: str) -> str:
         raise UsageError(f"cannot read the token file {path}: {exc}") from None
     if len(words) == 2 and words[0] in ("push", "read"):
         words = words[1:]
-    if len(words) != 1 or not words[0].isprintable():
+    if len(words) != 1 or not (words[0].isascii() and words[0].isprintable()):  # an HTTP header's bytes
         raise UsageError(f"{path}: its first line is not a token")
     return words[0]
 
