@@ -201,3 +201,15 @@ def test_convert_signs_what_it_writes(tmp_path) -> None:  # type: ignore[no-unty
                            "--sign-key", bad)
     assert_one_line_error(code, err)
     assert not os.path.exists(str(tmp_path / "o2"))
+
+
+@pytest.mark.parametrize("envelope", [
+    b"[" * 30_000 + b"]" * 30_000,  # nesting deeper than the parser's recursion, under the size limit
+    json.dumps({"payloadType": signing.PAYLOAD_TYPE, "payload": "", "signatures": []}).encode("utf-16"),
+    b"\xff\xfe not json",
+], ids=["nesting", "utf-16", "binary"])
+def test_a_hostile_envelope_is_refused_as_a_form(envelope: bytes) -> None:
+    """What a store keeps without trusting must still be UTF-8 JSON of the DSSE form
+    (the server writes it into its index as text)."""
+    with pytest.raises(Untrusted, match="not a DSSE signature envelope"):
+        signing.unverified_statement(envelope, "upload")

@@ -345,3 +345,27 @@ def test_publish_through_a_registry_that_wants_tokens(published, tmp_path) -> No
     bases = [a.annotations[artifacts.ANNOTATION_BASE_MANIFEST] for a in
              artifacts.find_artifacts(client(reg, "1"), platform_manifest(reg, "1")) if a.is_delta]
     assert platform_manifest(reg, "3") in bases
+
+
+def test_a_broken_signature_referrer_costs_only_the_signature(published, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A pull that asked for no trust still pulls when a signature referrer cannot be
+    taken (it keeps no signature, with a warning); one with --trust is refused."""
+    reg, _ = published
+    code, _, err = publish(reg, "2", "--from", "1")
+    assert code == 0, err
+    registry = client(reg, "2")
+    from d4c.image.signing import MAX_ENVELOPE
+    for found in artifacts.find_artifacts(registry, platform_manifest(reg, "2")):  # an envelope too large to take
+        artifacts.push_signature(registry, artifacts.artifact_descriptor(registry, found),
+                                 b"{" * (MAX_ENVELOPE + 1), ["nobody"])
+    out = str(tmp_path / "full.cdimg")
+    code, stdout, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", out)
+    assert code == 0, err
+    assert "signatures not kept" in caplog.text and "Traceback" not in err
+    assert os.path.exists(out) and not os.path.exists(out + ".sig")
+    key = str(tmp_path / "k")
+    assert run_cli("-q", "keygen", "--output", key)[0] == 0
+    code, _, err = pull(reg, "2", "--have", "sha256:" + "0" * 64, "--output", str(tmp_path / "t.cdimg"),
+                        "--trust", key + ".pub", "-q")
+    assert_one_line_error(code, err)
+    assert not os.path.exists(tmp_path / "t.cdimg")

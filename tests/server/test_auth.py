@@ -104,6 +104,21 @@ def test_a_bad_tokens_file_is_refused_at_start(tmp_path) -> None:  # type: ignor
         assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
 
 
+def test_a_broken_edit_keeps_the_old_tokens_and_is_told_once(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    from d4c.server.auth import Tokens
+    path = tokens_file(str(tmp_path / "tokens"), f"push {PUSH_TOKEN}")
+    tokens = Tokens(path)
+    tokens_file(path, "push short")
+    os.utime(path, ns=(1, 1))
+    for _ in range(3):
+        assert tokens.check(f"Bearer {PUSH_TOKEN}", "push") == 0
+    assert caplog.text.count("the file is not taken") == 1
+    tokens_file(path, f"push {READ_TOKEN}")  # a good edit is taken again
+    os.utime(path, ns=(2, 2))
+    assert tokens.check(f"Bearer {PUSH_TOKEN}", "push") == 401
+    assert tokens.check(f"Bearer {READ_TOKEN}", "push") == 0
+
+
 def self_signed(tmp_path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """A certificate for 127.0.0.1, its own CA."""
     from cryptography import x509

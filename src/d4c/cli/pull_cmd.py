@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
@@ -107,6 +111,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signatures_if_any(registry: Any, chosen: Any, max_size: int) -> list[bytes]:
+    """Signatures kept beside an untrusted pull for a later `load --trust`: a broken
+    referrer costs only the signature, never the pull that did not ask for one."""
+    from ..errors import D4CError
+    from ..oci import artifacts
+    try:
+        return artifacts.find_signatures(registry, chosen, max_size)
+    except D4CError as exc:
+        log.warning("%s: signatures not kept: %s", registry.ref.host, exc)
+        return []
+
+
 def _keep_signature(path: str, signature: list[bytes]) -> None:
     """The update's signature beside it (FILE.sig), so `load --trust` takes it
     on a device the file is carried to; none when the server had none."""
@@ -143,10 +159,12 @@ def _from_registry(args: argparse.Namespace, files: dict[str, str]) -> int:
     from ..image.signing import MAX_ENVELOPE, SIG_SUFFIX, check_file, trusted_envelope
     from ._common import trusted_keys
     trust = trusted_keys(args)
-    envelopes = artifacts.find_signatures(registry, chosen, MAX_ENVELOPE)
     what = f"{ref}'s artifact {chosen.digest[:19]}"
     if trust is not None:  # refused before a byte of it is downloaded
+        envelopes = artifacts.find_signatures(registry, chosen, MAX_ENVELOPE)
         envelopes = [trusted_envelope(envelopes, trust, chosen.image_id, what)[0]]
+    else:
+        envelopes = _signatures_if_any(registry, chosen, MAX_ENVELOPE)
     if args.output:
         path = args.output
     else:

@@ -199,7 +199,7 @@ def _decode(envelope: bytes, source: str) -> tuple[bytes, list[tuple[str, bytes]
     if len(envelope) > MAX_ENVELOPE:
         raise Untrusted(f"{source}: signature file larger than {MAX_ENVELOPE} bytes")
     try:
-        doc = json.loads(envelope)
+        doc = json.loads(envelope.decode("utf-8"))  # json.loads would also take UTF-16/32 bytes
         if doc["payloadType"] != PAYLOAD_TYPE:
             raise Untrusted(f"{source}: not a d4c statement ({str(doc['payloadType'])[:80]!r})")
         payload = base64.b64decode(doc["payload"], validate=True)

@@ -109,22 +109,19 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
                 log.exception("request failed")
             self._json(status, {"error": str(exc) if isinstance(exc, D4CError) else "internal error"})
 
-        def _denied(self, scope: str) -> str | None:
-            """Why the request's token does not allow `scope` (None: it does)."""
-            if tokens is None:
-                return None
-            status = tokens.check(self.headers.get("Authorization"), scope)
+        def _authorized(self, scope: str, refuse: bool) -> bool:
+            """True when the request's token allows `scope`; else the 401 (with a
+            challenge) or 403 is answered here."""
+            status = tokens.check(self.headers.get("Authorization"), scope) if tokens is not None else 0
             if not status:
-                return None
-            return "a push token is needed" if status == 403 else f"a valid {scope} token is needed"
-
-        def _unauthorized(self, message: str, refuse: bool) -> None:
-            status = 403 if message.startswith("a push") else 401
+                return True
+            message = "a push token is needed" if status == 403 else f"a valid {scope} token is needed"
             self._challenge = status == 401
             if refuse:
                 self._refuse(status, message)
             else:
                 self._json(status, {"error": message})
+            return False
 
         def end_headers(self) -> None:
             if getattr(self, "_challenge", False):
@@ -140,9 +137,7 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             path, query = self._route()
             if self.headers.get("Content-Length", "0") != "0" or self.headers.get("Transfer-Encoding"):
                 self.close_connection = True  # a body we do not read must not be taken for the next request
-            denied = self._denied("read")
-            if denied:
-                self._unauthorized(denied, refuse=False)
+            if not self._authorized("read", refuse=False):
                 return
             try:
                 if path == "/v1/tags":
@@ -167,9 +162,7 @@ def make_handler(store: Store, updates: Updates, max_upload: int = MAX_UPLOAD,  
             if path != "/v1/push":
                 self._refuse(404, f"no such endpoint {path}")
                 return
-            denied = self._denied("push")
-            if denied:  # before a byte of the body is stored
-                self._unauthorized(denied, refuse=True)
+            if not self._authorized("push", refuse=True):  # before a byte of the body is stored
                 return
             lengths = self.headers.get_all("Content-Length") or []
             if len(lengths) > 1:  # which one frames the body is ambiguous: request smuggling

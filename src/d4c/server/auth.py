@@ -24,7 +24,7 @@ class Tokens:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
+        self._seen: object = None  # what the last look found (a stamp, or the error): each is read and told once
         self._tokens: dict[str, list[bytes]] = {}
         self._load(first=True)
 
@@ -32,14 +32,17 @@ class Tokens:
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            if stamp == self._stamp:
+            if stamp == self._seen:
                 return
+            self._seen = stamp
             with open(self.path, encoding="utf-8") as f:
                 lines = f.read(1 << 20).splitlines()
         except (OSError, UnicodeDecodeError) as exc:
             if first:
                 raise UsageError(f"--auth-tokens {self.path}: {exc}") from None
-            log.warning("--auth-tokens %s: not read again (%s): the tokens read before stay", self.path, exc)
+            if str(exc) != self._seen:
+                self._seen = str(exc)
+                log.warning("--auth-tokens %s: not read again (%s): the tokens read before stay", self.path, exc)
             return
         tokens: dict[str, list[bytes]] = {s: [] for s in SCOPES}
         for number, line in enumerate(lines, 1):
@@ -56,7 +59,7 @@ class Tokens:
             tokens[words[0]].append(words[1].encode())
         if not tokens["push"] and first:
             raise UsageError(f"--auth-tokens {self.path}: no `push` token (nobody could upload)")
-        self._tokens, self._stamp = tokens, stamp
+        self._tokens = tokens
 
     def _matches(self, presented: bytes, scope: str) -> bool:
         # every token compared, in constant time each: the answer's timing says nothing about which

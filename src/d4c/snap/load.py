@@ -210,15 +210,14 @@ def _create_snapshot(ctrd: Containerd, path: str, hexid: str, image_id: str, inc
     incoming = os.path.join(incoming_dir, hexid + ".cdimg")
     if not os.path.isdir(incoming_dir):
         raise NotFound(f"snapshotter state {root} not found: is `snapshotter` running with --root {root}?")
-    handed = False
-    if not os.path.exists(stored):
-        if sig_path is not None:
-            with open(sig_path, "rb") as src, atomic_output(incoming + SIG_SUFFIX, 0o600) as dst:
-                dst.write(src.read(MAX_ENVELOPE + 1))
-        _hand_over(path, incoming)
-        handed = True
+    handed = not os.path.exists(stored)
     key = f"d4c-load-{uuid.uuid4().hex[:12]}"
     try:
+        if handed:
+            if sig_path is not None:
+                with open(sig_path, "rb") as src, atomic_output(incoming + SIG_SUFFIX, 0o600) as dst:
+                    dst.write(src.read(MAX_ENVELOPE + 1))
+            _hand_over(path, incoming)
         _prepare_checked(ctrd, path, key, image_id, incoming)
         try:
             ctrd.commit(SNAPSHOTTER, image_id, key, {IMAGE_LABEL: image_id})
