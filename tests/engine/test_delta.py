@@ -395,3 +395,26 @@ def test_control_bomb_is_refused_cheaply() -> None:
 def test_bad_sizes_are_usage_errors(tmp_path, size: str) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli("util", "patch", "--old", "a", "--diff", "b", "--new", "c", "--max-size", size)
     assert_one_line_error(code, err, 2)
+
+
+def test_lzma_of_a_large_sparse_stream_runs_only_where_its_probe_says_it_may_pay(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """lzma -1 is the probe; -6 follows only when the bytes the probe lets expect pay for
+    lzma's slower decoding on the link; for bytes alone (link 0) both run as before."""
+    rnd = random.Random(5)
+    data = bytes(rnd.choice(b"\0\1\2\3\x40\x80\xff") for _ in range(delta.LZMA_PROBE_MIN))
+    presets = []
+    real = delta._lzma
+    monkeypatch.setattr(delta, "_lzma", lambda d, largest, preset=6, bytewise=False:
+                        presets.append(preset) or real(d, largest, preset, bytewise))
+    # a zstd frame as large as the stream: what lzma saves is then the probe's whole size
+    monkeypatch.setattr(delta, "_compress_sparse", lambda d, level: bytes(len(d)))
+    fast_link = delta._sparse_candidates(data, 15, 1, 10_000.0)
+    assert presets == [1] and [c for c, _ in fast_link] == [delta.CODEC_ZSTD, delta.CODEC_LZMA]
+    presets.clear()
+    slow_link = delta._sparse_candidates(data, 15, 2, 0.01)
+    assert presets == [1, 6] and [c for c, _ in slow_link] == [delta.CODEC_ZSTD, delta.CODEC_LZMA, delta.CODEC_LZMA]
+    presets.clear()
+    delta._sparse_candidates(data, 15, 1, 0)
+    assert presets == [6]
+    for codec, frame in slow_link[1:]:
+        assert delta._unpack_stream(codec, frame, len(data), "test", "add") == data

@@ -137,17 +137,26 @@ CODEC_ZSTD, CODEC_BZ2, CODEC_LZMA, CODEC_STORED = 0, 1, 2, 3
 LZMA_MEMLIMIT = 256 << 20
 
 
-def _lzma_filters(size: int, largest: int = 1 << 26) -> list[dict[str, int]]:
+def _lzma_filters(size: int, largest: int = 1 << 26, preset: int = 6,
+                  bytewise: bool = False) -> list[dict[str, int]]:
+    """bytewise: no position bits and one literal context bit, for run-coded add
+    streams, whose fields are not 4-byte aligned (1-4 % smaller on the corpus, same time)."""
     dict_size = max(1 << 12, min(largest, 1 << max(size - 1, 1).bit_length()))
-    return [{"id": lzma.FILTER_LZMA1, "preset": 6, "dict_size": dict_size}]
+    extra = {"lc": 1, "pb": 0} if bytewise else {}
+    return [{"id": lzma.FILTER_LZMA1, "preset": preset, "dict_size": dict_size, **extra}]
+
+
+def _lzma(data: bytes | memoryview, largest: int = 1 << 26, preset: int = 6, bytewise: bool = False) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=_lzma_filters(len(data), largest, preset, bytewise))
 
 
 # run-coded add streams: gaps, lengths and values repeat at short range; measured on the corpus'
 # binaries, a 256 KiB lzma window gives the bytes of a 4 MiB one (libcrypto's delta: 203534 vs
 # 203525) with a tenth of the memory (diff peak 75 MiB, not 81-118), and zstd -19 is within 2-6 % of
-# lzma (zstd -15: 7-17 %) at the same compression time, decoding 10-20x faster
+# lzma (zstd -15: 7-17 %) at the same compression time, decoding 10-20x faster; zstd -18 is within
+# 0.1-0.4 % of -19 in three quarters of its time
 SPARSE_DICT = 1 << 18
-SPARSE_ZSTD_LEVEL = 19
+SPARSE_ZSTD_LEVEL = 18
 SPARSE_ZSTD_TABLES = 18  # window, hash and chain logs: level 19's own are 22-23 (33-49 MiB) for the same bytes
 # what decoding costs the patcher, in ns per byte of the stream it gives (measured on the corpus'
 # add streams, 2-core VM: zstd 0.2-0.3, lzma 1.6-3.9, bzip2 4.3-7.6): with the link rate, the
@@ -180,8 +189,7 @@ def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int 
                  else (lambda: _compress(data, level)))]
         if len(data) >= 64:
             largest = SPARSE_DICT if sparse else 1 << 26
-            jobs.append((CODEC_LZMA, lambda: lzma.compress(data, format=lzma.FORMAT_ALONE,
-                                                           filters=_lzma_filters(len(data), largest))))
+            jobs.append((CODEC_LZMA, lambda: _lzma(data, largest, bytewise=sparse)))
             if kind == "small":
                 jobs.append((CODEC_BZ2, lambda: bz2.compress(data, 9)))
     if len(data) < 64:
@@ -192,6 +200,32 @@ def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int 
     else:
         results = [(codec, fn()) for codec, fn in jobs]  # type: ignore[operator]
     return results
+
+
+# lzma -6 of a run-coded add stream came out 0.894-0.912 x lzma -1's (five corpus binaries) at
+# 4-5 x its time: where lzma's slower decoding is not paid for by the bytes -1 lets expect,
+# -6 is not run (the probe costs a fifth of it; near the break-even, either choice costs alike)
+LZMA_PROBE_MIN = 256 << 10
+LZMA_PROBE_RATIO = 0.905
+
+
+def _sparse_candidates(data: bytes, level: int, threads: int, link_mbit: float) -> list[tuple[int, bytes]]:
+    """(codec, frame) for the run-coded add stream: zstd, and lzma where it may win."""
+    if link_mbit <= 0 or len(data) < LZMA_PROBE_MIN:
+        return _pack_candidates(data, level, "sparse", threads)  # bytes are all that count, or it is cheap
+    jobs = [lambda: _compress_sparse(data, max(level, SPARSE_ZSTD_LEVEL)),
+            lambda: _lzma(data, SPARSE_DICT, preset=1, bytewise=True)]
+    if threads > 1:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            zstd_frame, probe = pool.map(lambda job: job(), jobs)
+    else:
+        zstd_frame, probe = (job() for job in jobs)
+    out = [(CODEC_ZSTD, zstd_frame), (CODEC_LZMA, probe)]
+    bytes_per_second = link_mbit * 1e6 / 8
+    slower = (DECODE_NS[CODEC_LZMA] - DECODE_NS[CODEC_ZSTD]) * len(data) * 1e-9
+    if (len(zstd_frame) - LZMA_PROBE_RATIO * len(probe)) / bytes_per_second > slower:
+        out.append((CODEC_LZMA, _lzma(data, SPARSE_DICT, bytewise=True)))
+    return out
 
 
 def _unpack_stream(codec: int, frame: bytes | memoryview, usize: int, source: str, what: str) -> bytes:
@@ -711,7 +745,7 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
         diff_options.append((DIFF_SPARSE, sparse, quick, 0.0))
     else:
         diff_options += [(DIFF_SPARSE, sparse, c, DECODE_NS[c[0]] * len(sparse))
-                         for c in _pack_candidates(sparse, level, "sparse", threads)]
+                         for c in _sparse_candidates(sparse, level, threads, link_mbit)]
 
     def cost(option: tuple[int, bytes, tuple[int, bytes], float]) -> tuple[float, int, int]:
         """Bytes only (link 0), or the seconds they take on the link plus their decoding."""
