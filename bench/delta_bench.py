@@ -49,6 +49,7 @@ WHEELS = [("setuptools", "75.1.0", "75.2.0")]  # a whole .whl, as pip downloads 
 COMPRESSED_TARGET = 0.35  # d4c / best peer on the compressed rows' total
 # patches take 2-50 ms here, where one run varies by +-40 % (fsync, a shared 2-core VM): fastest of 3
 PATCH_REPEAT = 3
+DIFF_REPEAT = 3  # diffs too: one run each moved the corpus' diff ratio by 8 % between runs here
 PY_TOOLS = ["d4c", "d4c-fast", "bsdiff4", "detools"]
 NATIVE_TOOLS = ["xdelta3", "zstd"]
 PEERS = ["bsdiff4", "detools", "xdelta3", "zstd"]
@@ -219,6 +220,26 @@ def measure(pair: FilePair, tools: list[str], work: str, threads: int = 1, repea
             os.path.getsize(d), ds, drss, ps, prss)
 
 
+def _time_targets(corpus: list[FilePair]) -> list[str]:
+    """The speed and memory targets of the engine (issue [4/6]), against detools, met or not."""
+    def total(tool: str, field: str) -> float:
+        return sum(getattr(p.results[tool], field) for p in corpus)
+
+    def verdict(value: float, bound: float) -> str:
+        return f"**{value:.2f}** ({'met' if value <= bound else 'not met'})"
+    big = [p for p in corpus if p.new_size > 1 << 20]
+    worst = max(big, key=lambda p: p.results["d4c"].patch_s / p.results["detools"].patch_s, default=None)
+    rss = max(p.results["d4c"].diff_rss for p in corpus) / max(p.results["detools"].diff_rss for p in corpus)
+    lines = ["", "Targets against detools: patch time on the corpus total <= 1.0 x: "
+             f"{verdict(total('d4c', 'patch_s') / total('detools', 'patch_s'), 1.0)}"]
+    if worst is not None:
+        ratio = worst.results["d4c"].patch_s / worst.results["detools"].patch_s
+        lines[-1] += f"; on every file over 1 MB, the worst ({worst.name}): {verdict(ratio, 1.0)}"
+    lines[-1] += (f"; diff time <= 1.0 x: {verdict(total('d4c', 'diff_s') / total('detools', 'diff_s'), 1.0)}"
+                  f"; diff peak RSS <= 1.5 x: {verdict(rss, 1.5)}.")
+    return lines
+
+
 def fmt_bytes(n: float) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.2f} MiB"
 
@@ -263,7 +284,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="d4c-dbench-") as work:
         for i, pair in enumerate(corpus + extra):
             print(f"[{i + 1}/{len(corpus) + len(extra)}] {pair.name} ({fmt_bytes(pair.new_size)})", file=sys.stderr)
-            measure(pair, tools, work)
+            measure(pair, tools, work, repeat=DIFF_REPEAT)
         large = [p for p in big if p.new_size > 8 << 20]
         for pair in large:
             print(f"[large] {pair.name} ({fmt_bytes(pair.new_size)})", file=sys.stderr)
@@ -310,6 +331,7 @@ def render(corpus: list[FilePair], large: list[FilePair], notes: list[str], extr
               f"itself, the runner does it for the others; each is the fastest of {PATCH_REPEAT} runs. d4c's "
               "deltas are made for a 5 Mbit/s link (`--link-mbit`, the default): its add-stream codings are the "
               "ones that make bytes on that link plus decoding quickest (docs/DELTA.md)."]
+    lines += _time_targets(corpus)
     lines += render_compressed([p for p in corpus if is_compressed_row(p)] + extra, tools)
     if large:
         lines += ["", "## Large files (> 8 MB): threads", "",
