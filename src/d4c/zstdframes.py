@@ -105,17 +105,23 @@ def _decompressor(max_window_log: int) -> Iterator[zstandard.ZstdDecompressor]:
         idle.append(dctx)
 
 
-def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = MAX_WINDOW_LOG) -> bytes:
+def decode_frame(data: bytes | memoryview, size: int, *, max_window_log: int = MAX_WINDOW_LOG,
+                 dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
     """One whole zstd frame of exactly `size` bytes, decompressed in one call
     (about 1.4x the speed of a stream reader); its checksum, when present, is
-    checked by zstd.  ValueError or zstandard.ZstdError when the data is not that."""
+    checked by zstd.  ValueError or zstandard.ZstdError when the data is not that.
+    A frame coded against a `dictionary` gets a decompressor of its own (20 us)."""
     if frame_length(data) != len(data):
         raise ValueError("data after the end of the frame")
     declared = zstandard.frame_content_size(data)
     if declared not in (-1, size):
         raise ValueError(f"frame declares {declared} bytes, expected {size}")
-    with _decompressor(max_window_log) as dctx:
-        out = dctx.decompress(data, max_output_size=size)
+    if dictionary is not None:
+        out = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << max_window_log).decompress(
+            data, max_output_size=size)
+    else:
+        with _decompressor(max_window_log) as dctx:
+            out = dctx.decompress(data, max_output_size=size)
     if len(out) != size:
         raise ValueError(f"frame has {len(out)} bytes, expected {size}")
     return out

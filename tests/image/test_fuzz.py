@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from helpers import run_cli
 from test_format import GOLDEN
-from test_grouped import GOLDEN_V2
+from test_grouped import GOLDEN_V2, GOLDEN_V2_DICT
 from test_hostile import MINUS_ONE, image_of
 
 from d4c.image.reader import Image
@@ -26,6 +26,8 @@ with open(GOLDEN, "rb") as _f:
     SEED = _f.read()
 with open(GOLDEN_V2, "rb") as _f:
     SEED_V2 = _f.read()  # format 2: bodies in a group frame
+with open(GOLDEN_V2_DICT, "rb") as _f:
+    SEED_V2_DICT = _f.read()  # format 2: group frames coded against a dictionary frame
 
 FUZZ = settings(max_examples=int(os.environ.get("D4C_FUZZ_EXAMPLES", "400")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow], derandomize=False)
@@ -44,7 +46,7 @@ def _read_all(data: bytes) -> None:
             pass
 
 
-@pytest.mark.parametrize("seed", [SEED, SEED_V2], ids=["format 1", "format 2"])
+@pytest.mark.parametrize("seed", [SEED, SEED_V2, SEED_V2_DICT], ids=["format 1", "format 2", "format 2 dictionary"])
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_images(seed: bytes, mutations: list[tuple[int, int]]) -> None:
@@ -64,9 +66,9 @@ def test_spliced_images(cut: int, junk: bytes) -> None:
 @given(st.binary(max_size=512))
 def test_header_decoder_on_random_tables(table: bytes) -> None:
     """The table decoder sees bytes past every digest check: it must hold alone."""
-    for grouped in (False, True):
+    for grouped, dictionary in ((False, False), (True, False), (True, True)):
         try:
-            decode_tables(table, "fuzz", 0, grouped=grouped)
+            decode_tables(table, "fuzz", 0, grouped=grouped, dictionary=dictionary)
         except D4CError:
             pass
 

@@ -4,6 +4,7 @@ format 1's, mixed stacks, hostile group tables, a damaged group)."""
 from __future__ import annotations
 
 import hashlib
+import random
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from helpers import TESTS, as_format, assert_one_line_error, diff_trees, make_tr
 from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
 
 from d4c.errors import EXIT_CORRUPT, CorruptImage
-from d4c.image.bodies import BodySpool
+from d4c.image.bodies import DICT_SLICE, GROUP_TARGET, BodySpool
 from d4c.image.format import Group, dimg_preamble, has_multi_frame_bodies, encode_storage, encode_tree, image_id_of
 from d4c.image.reader import Image
 from d4c.image.tree import Entry, EntryType, Storage, canonicalize
@@ -83,24 +84,32 @@ def test_mixed_stacks_diff_patch_and_merge(images, tmp_path) -> None:  # type: i
     tmp = str(tmp_path)
     v1 = [as_format(image, os.path.join(tmp, f"{n}.cdimg"), tmp, image_format)
           for n, (image, image_format) in enumerate(zip(images, (1, 2, 1)))]
-    deltas = []
-    for i, (old, new) in enumerate(zip(v1, v1[1:])):
+    diff_patch_merge(v1, tmp)
+
+
+def diff_patch_merge(paths: list[str], tmp: str, *patch_flags: str) -> tuple[list[str], str]:
+    """Diff three images in a row, patch each delta onto its base and merge the two:
+    every result has the id of the image it stands for.  Returns (patched, merged)."""
+    deltas, patched = [], []
+    for i, (old, new) in enumerate(zip(paths, paths[1:])):
         deltas.append(os.path.join(tmp, f"d{i}.cdimg"))
         code, _, err = run_cli("cdimg", "diff", "--oldCdimg", old, "--newCdimg", new, "--outCdimg", deltas[-1],
                                "-q")
         assert code == 0, err
     for i, d in enumerate(deltas):
-        out = os.path.join(tmp, f"p{i}.cdimg")
-        code, _, err = run_cli("cdimg", "patch", "--baseCdimg", v1[i], "--diffCdimg", d, "--outCdimg", out, "-q")
+        patched.append(os.path.join(tmp, f"p{i}.cdimg"))
+        code, _, err = run_cli("cdimg", "patch", "--baseCdimg", paths[i], "--diffCdimg", d, "--outCdimg",
+                               patched[-1], *patch_flags, "-q")
         assert code == 0, err
-        with Image(out) as got, Image(v1[i + 1]) as want:
+        with Image(patched[-1]) as got, Image(paths[i + 1]) as want:
             assert got.info.image_id == want.info.image_id
     merged = os.path.join(tmp, "m.cdimg")
-    code, _, err = run_cli("cdimg", "merge", "--baseCdimg", v1[0], "--lowerCdimg", deltas[0], "--upperCdimg",
+    code, _, err = run_cli("cdimg", "merge", "--baseCdimg", paths[0], "--lowerCdimg", deltas[0], "--upperCdimg",
                            deltas[1], "--outCdimg", merged, "-q")
     assert code == 0, err
-    with Image(v1[0]) as base, Image(merged, parent=base) as m, Image(v1[2]) as want:
+    with Image(paths[0]) as base, Image(merged, parent=base) as m, Image(paths[2]) as want:
         assert m.info.image_id == want.info.image_id
+    return patched, merged
 
 
 def test_the_default_is_format_2_and_patch_writes_what_pack_does(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -147,13 +156,13 @@ def grouped(tmp_path) -> tuple[list[Entry], list[Group], bytes]:  # type: ignore
             return image.entries, image.groups, f.read()
 
 
-def rewrap(entries: list[Entry], groups: list[Group], body: bytes) -> bytes:
+def rewrap(entries: list[Entry], groups: list[Group], body: bytes, dictionary: Group | None = None) -> bytes:
     """A grouped dimg of these tables, as d4c encodes them but never checked."""
     tree = encode_tree(entries)
-    table = tree + encode_storage(entries, groups)
+    table = tree + encode_storage(entries, groups, dictionary)
     comp = zstandard.ZstdCompressor(level=3, write_content_size=True).compress(table)
     return dimg_preamble(comp, len(table), len(body), image_id_of(tree), None, has_multi_frame_bodies(entries),
-                         grouped=True) + comp + body
+                         grouped=True, group_dict=dictionary is not None) + comp + body
 
 
 def in_group(entries: list[Entry]) -> list[Entry]:
@@ -185,13 +194,19 @@ def test_hostile_group_tables_are_refused(tmp_path) -> None:  # type: ignore[no-
     content = zstandard.ZstdDecompressor().decompress(body[g.offset:g.offset + g.csize])
     frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(content + b"more")
     bigger = body[:g.offset] + frame + body[g.offset + g.csize:]
+    assert_read_refused(tmp_path, rewrap(entries, [g._replace(csize=len(frame))] + groups[1:], bigger), "group frame")
+
+
+def assert_read_refused(tmp_path, data: bytes, match: str) -> None:  # type: ignore[no-untyped-def]
+    """An image whose tables are sound and whose first grouped read is refused (and unpack with it)."""
     path = tmp_path / "bigger.dimg"
-    path.write_bytes(rewrap(entries, [g._replace(csize=len(frame))] + groups[1:], bigger))
+    path.write_bytes(data)
     with Image(str(path)) as image:
-        with pytest.raises(CorruptImage, match="group frame"):
+        with pytest.raises(CorruptImage, match=match):
             image.read_body(in_group(image.entries)[0])
     code, _, err = run_cli("unpack", "--dimg", str(path), "--out", str(tmp_path / "y"))
     assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert not os.path.exists(tmp_path / "y")
 
 
 def test_a_damaged_group_fails_its_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -216,20 +231,156 @@ def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None
     os.makedirs(src)
     for i in range(60):
         with open(os.path.join(src, f"f{i:02}.txt"), "wb") as f:
-            f.write(os.urandom(100_000))  # 6 MB: two groups
+            f.write(os.urandom(100_000))  # 6 MB: some groups
     pack(src, str(tmp_path / "g.dimg"), "--format", "2")
+    count = -(-60 // -(-GROUP_TARGET // 100_000))
     decoded = []
     real = Image._decode_group
     monkeypatch.setattr(Image, "_decode_group", lambda self, e: decoded.append(e.group) or real(self, e))
     with Image(str(tmp_path / "g.dimg")) as image:
-        assert len(image.groups) == 2
+        assert len(image.groups) == count > 1
         files = sorted((e for e in image.entries if e.type == EntryType.FILE), key=lambda e: e.path)
         for _ in range(2):
             for e in files:
                 image.read_body(e)
-        assert sorted(decoded) == [0, 1]
-        image.group_cache = 1 << 20  # below one group: only the last one is kept
+        assert sorted(decoded) == list(range(count))
+        image.group_cache = 1  # below one group: only the last one is kept
         image._decoded.clear()
         for e in files:
             image.read_body(e)
         assert len(image._decoded) == 1
+
+
+# ---------------------------------------------------------------- the group dictionary
+
+GOLDEN_V2_DICT = os.path.join(TESTS, "data", "golden-v2-dict.cdimg")
+
+
+def notes(seed: int = 7, files: int = 24) -> dict[bytes, bytes]:
+    """More than DICT_MIN_CONTENT of small text files, each a shared text with a few words
+    of its own: a dictionary is made, and the image stays small."""
+    rnd = random.Random(seed)
+    words = [b"delta", b"frame", b"group", b"layer", b"image", b"stack", b"mount", b"patch"]
+    shared = b" ".join(rnd.choice(words) for _ in range(9000))[:50_000]
+    out = {}
+    for i in range(files):
+        at = rnd.randrange(0, 49_000)
+        out[b"note%02d.txt" % i] = shared[:at] + b"note %d" % i + shared[at + 5 + len(str(i)):]
+    return out
+
+
+def write_golden_v2_dict(path: str) -> bytes:
+    t = 1_700_000_000_000_000_000
+    with BodySpool(os.path.dirname(path), level=19, grouped=True) as spool:
+        entries = [Entry(b"", EntryType.DIR, mode=0o755, mtime_ns=t)]
+        for name, content in notes().items():
+            body = spool.add_bytes(content)
+            entries.append(Entry(name, EntryType.FILE, mode=0o644, mtime_ns=t, size=body.size, digest=body.digest))
+        return save_image(canonicalize(entries), spool, cdimg_path=path, config=GOLDEN_CONFIG, threads=2)
+
+
+def test_golden_dictionary_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Groups coded against a dictionary frame (flag bit 3): the bytes are pinned,
+    and the file in tests/data reads back."""
+    out = str(tmp_path / "d.cdimg")
+    write_golden_v2_dict(out)
+    with open(out, "rb") as f:
+        data = f.read()
+    with open(GOLDEN_V2_DICT, "rb") as f:
+        assert f.read() == data, "tests/data/golden-v2-dict.cdimg differs from what this d4c writes"
+    with Image(GOLDEN_V2_DICT) as image:
+        assert image.info.grouped and image.info.group_dict
+        assert image.groups.dictionary is not None and len(image.groups) > 1
+        assert image.groups.dictionary.usize == (24 * 50_000 // 2) // DICT_SLICE * DICT_SLICE
+        want = notes()
+        for e in image.entries:
+            if e.type == EntryType.FILE:
+                assert image.read_body(e) == want[e.path]
+
+
+def notes_image(path: str, files: dict[bytes, bytes], image_format: int = 2, large: bool = False) -> bytes:
+    """A cdimg of `files` (and, with `large`, one file too large for a group)."""
+    t = 1_700_000_000_000_000_000
+    if large:
+        files = {**files, b"large": bytes(range(251)) * 9000}
+    with BodySpool(os.path.dirname(path), level=3, grouped=image_format == 2) as spool:
+        entries = [Entry(b"", EntryType.DIR, mode=0o755, mtime_ns=t)]
+        for name, content in files.items():
+            body = spool.add_bytes(content)
+            entries.append(Entry(name, EntryType.FILE, mode=0o644, mtime_ns=t, size=body.size, digest=body.digest))
+        return save_image(canonicalize(entries), spool, cdimg_path=path, config=GOLDEN_CONFIG)
+
+
+def test_a_damaged_dictionary_fails_the_grouped_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "d.cdimg")
+    notes_image(path, notes(), large=True)
+    with Image(path) as image:
+        d = image.groups.dictionary
+        assert d is not None
+        at = image.info.body_offset + d.offset + d.csize // 2
+    data = bytearray(open(path, "rb").read())
+    data[at] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with Image(path) as image:
+        for e in in_group(image.entries):
+            with pytest.raises(CorruptImage, match="group dictionary"):
+                image.read_body(e)
+        assert image.read_body(image.lookup(b"large")) == bytes(range(251)) * 9000
+    code, _, err = run_cli("unpack", "--dimg", path, "--out", str(tmp_path / "x"))
+    assert_one_line_error(code, err, EXIT_CORRUPT)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_hostile_dictionary_tables_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "d.dimg")
+    with BodySpool(str(tmp_path), level=3, grouped=True) as spool:
+        entries = [Entry(b"", EntryType.DIR, mode=0o755)]
+        for name, content in notes().items():
+            body = spool.add_bytes(content)
+            entries.append(Entry(name, EntryType.FILE, mode=0o644, size=body.size, digest=body.digest))
+        save_image(canonicalize(entries), spool, dimg_path=path)
+    with Image(path) as image:
+        entries, groups = image.entries, image.groups
+        body = open(path, "rb").read()[image.info.body_offset:]
+    d = groups.dictionary
+    assert d is not None
+    cases = {
+        "outside the body": (groups, d._replace(csize=d.csize + 1), body),
+        "a dictionary frame the table does not name": (groups, None, body),
+    }
+    # a dictionary frame that decodes larger than its table says
+    content = zstandard.ZstdDecompressor().decompress(body[d.offset:])
+    frame = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(content + b"more")
+    bigger = body[:d.offset] + frame
+    for what, (gs, dictionary, data) in cases.items():
+        bad = tmp_path / "bad.dimg"
+        bad.write_bytes(rewrap(entries, gs, data, dictionary))
+        with pytest.raises(CorruptImage):
+            Image(str(bad)).close()
+        code, _, err = run_cli("unpack", "--dimg", str(bad), "--out", str(tmp_path / "x"))
+        assert_one_line_error(code, err, EXIT_CORRUPT)
+        assert not os.path.exists(tmp_path / "x"), what
+    assert_read_refused(tmp_path, rewrap(entries, groups, bigger, d._replace(csize=len(frame))), "group dictionary")
+
+
+def test_dictionary_images_in_mixed_stacks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A format-1 base, a dictionary-coded B and a format-1 C: diffs, patches and the
+    merge give the images they stand for; B's delta to C reads B's dictionary."""
+    tmp = str(tmp_path)
+    a = notes()
+    b = {**a, b"note03.txt": a[b"note03.txt"][:20_000] + b"changed" + a[b"note03.txt"][20_007:], b"new.txt": b"n" * 900}
+    c = {k: v for k, v in b.items() if k != b"note05.txt"}
+    c[b"note07.txt"] = b[b"note07.txt"][::-1]
+    paths = [os.path.join(tmp, f"{n}.cdimg") for n in "abc"]
+    for p, files, image_format in zip(paths, (a, b, c), (1, 2, 1)):
+        notes_image(p, files, image_format)
+    with Image(paths[1]) as image:
+        assert image.info.group_dict
+    patched, merged = diff_patch_merge(paths, tmp, "--format", "2")
+    for p in patched:
+        with Image(p) as got:
+            assert got.info.group_dict  # both trees hold more than a dictionary's worth of small files
+    with Image(paths[0]) as base, Image(merged, parent=base) as m:
+        for e in m.entries:
+            if e.type == EntryType.FILE:
+                assert m.read_body(e) == c[e.path]

@@ -414,3 +414,39 @@ def test_format_2_through_a_mount(images, tmp_path) -> None:  # type: ignore[no-
             with open(os.path.join(mnt, os.fsdecode(path)), "rb") as f, \
                     open(os.path.join(str(tmp_path / "want"), os.fsdecode(path)), "rb") as g:
                 assert f.read() == g.read()
+
+
+def test_a_dictionary_image_through_a_mount(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Group frames coded against a dictionary (more than 1 MiB of small files) mount to
+    their tree; a damaged dictionary is EIO for every grouped file and nothing else."""
+    fuse_ok()
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    shared = hashlib.sha256(b"seed").hexdigest().encode() * 800  # 51 KB
+    for i in range(30):
+        with open(os.path.join(src, f"note{i:02}.txt"), "wb") as f:
+            f.write(shared[:i * 997] + b"note %d" % i + shared[i * 997:])
+    with open(os.path.join(src, "large"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+    image = str(tmp_path / "d.dimg")
+    code, _, err = run_cli("pack", "--in", src, "--out", image, "--format", "2", "-q")
+    assert code == 0, err
+    imgs = open_stack([image])
+    try:
+        (img,) = imgs
+        assert img.info.group_dict and img.groups.dictionary is not None
+        where = img.info.body_offset + img.groups.dictionary.offset + img.groups.dictionary.csize // 2
+    finally:
+        for i in imgs:
+            i.close()
+    with Mounted(image, str(tmp_path / "mnt"), "--group-cache", "1M") as mnt:
+        assert diff_trees(snapshot_tree(mnt), snapshot_tree(src)) == []
+    damaged = damaged_copy([image], str(tmp_path / "damaged"), {image: [where]})
+    with Mounted(damaged, str(tmp_path / "mnt2")) as mnt:
+        for i in range(30):
+            with pytest.raises(OSError) as info:
+                with open(os.path.join(mnt, f"note{i:02}.txt"), "rb") as f:
+                    f.read()
+            assert info.value.errno == errno.EIO
+        with open(os.path.join(mnt, "large"), "rb") as f, open(os.path.join(src, "large"), "rb") as g:
+            assert f.read() == g.read()

@@ -40,8 +40,10 @@ FLAG_MULTI_FRAME = 0x2          # bodies of files over FRAME_CHUNK are several z
 FLAG_GROUPED = 0x4              # small bodies are slices of group frames (storage kind 5, a group table)
 DELTA_METHODS = (1, 2, 4)       # d4c.engine.delta METHOD_SA, METHOD_PREFIX, METHOD_RECOMPRESS
 MAX_DELTA_STEPS = 16
-KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME | FLAG_GROUPED
+FLAG_GROUP_DICT = 0x8           # group frames are coded against a dictionary frame at the body section's end
+KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME | FLAG_GROUPED | FLAG_GROUP_DICT
 MAX_GROUP_USIZE = 16 << 20      # a group frame's content: readers hold it whole
+MAX_DICT_USIZE = 32 << 20       # a group dictionary's content: readers keep it while the image is open
 
 # magic, version, flags, reserved, header_csize, header_usize, body_size,
 # image_id, parent_id, header_digest
@@ -109,8 +111,15 @@ class Group(NamedTuple):
     usize: int
 
 
-def encode_storage(entries: list[Entry], groups: list[Group] | None = None) -> bytes:
-    """The storage table; with `groups` (FLAG_GROUPED), the group table after it."""
+class GroupTable(list[Group]):
+    """The group frames, and the dictionary frame they are coded against (FLAG_GROUP_DICT)."""
+    dictionary: Group | None = None
+
+
+def encode_storage(entries: list[Entry], groups: list[Group] | None = None,
+                   dictionary: Group | None = None) -> bytes:
+    """The storage table; with `groups` (FLAG_GROUPED), the group table after it,
+    ending with the `dictionary`'s sizes (FLAG_GROUP_DICT)."""
     enc = Encoder()
     for e in entries:
         if e.type != EntryType.FILE:
@@ -137,6 +146,9 @@ def encode_storage(entries: list[Entry], groups: list[Group] | None = None) -> b
         for g in groups:
             enc.uvarint(g.csize)
             enc.uvarint(g.usize)
+        if dictionary is not None:
+            enc.uvarint(dictionary.csize)
+            enc.uvarint(dictionary.usize)
     return enc.getvalue()
 
 
@@ -147,14 +159,14 @@ def decode_header(data: bytes, source: str, body_size: int,
 
 
 def decode_tables(data: bytes, source: str, body_size: int, parent_entries: list[Entry] | None = None,
-                  grouped: bool = False) -> tuple[list[Entry], int, list[Group]]:
+                  grouped: bool = False, dictionary: bool = False) -> tuple[list[Entry], int, GroupTable]:
     """Decode and fully validate the tree and storage tables.
 
     `parent_entries` (delta images only) is the parent image's tree: storage
     that refers to it is checked against it.  Returns the entries and the
     length of the tree table.  Raises CorruptImage on anything malformed,
     unsafe or inconsistent.  `grouped` (FLAG_GROUPED): the group table follows,
-    returned last (empty otherwise).
+    returned last (empty otherwise); `dictionary` (FLAG_GROUP_DICT): it ends with one.
     """
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
@@ -174,7 +186,7 @@ def decode_tables(data: bytes, source: str, body_size: int, parent_entries: list
     tree_len = cur.pos
     with gc_paused():
         entries = _build_entries(buf, _row_lists(rows), fail)
-        groups = _decode_storage(cur, entries, body_size, parent_entries, fail, grouped)
+        groups = _decode_storage(cur, entries, body_size, parent_entries, fail, grouped, dictionary)
     return entries, tree_len, groups
 
 
@@ -290,12 +302,12 @@ def _read_xattrs(buf: bytes, pos: int, count: int, e: Entry, fail: Any) -> None:
 
 
 def check_storage(table: bytes, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
-                  source: str, grouped: bool = False) -> list[Group]:
+                  source: str, grouped: bool = False, dictionary: bool = False) -> GroupTable:
     """Decode and validate a storage table against a tree already in hand (it sets
     the entries' storage fields)."""
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
-    return _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail, grouped)
+    return _decode_storage(Cursor(table, fail), entries, body_size, parent_entries, fail, grouped, dictionary)
 
 
 _FILES_BY_DIGEST: dict[int, tuple[list[Entry], dict[bytes | None, int]]] = {}
@@ -316,7 +328,7 @@ def _files_by_digest(entries: list[Entry]) -> dict[bytes | None, int]:
 
 
 def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
-                    fail: Any, grouped: bool = False) -> list[Group]:
+                    fail: Any, grouped: bool = False, dictionary: bool = False) -> GroupTable:
     offset = 0
     sliced: list[Entry] = []  # GROUPED holders, checked against the group table at the end
     parent_files = _files_by_digest(parent_entries) if parent_entries is not None else {}
@@ -387,25 +399,35 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
                     step = DeltaStep(method, length, e.size, e.digest or b"", offset)
                 e.delta_steps.append(step)
                 offset += length
-    groups = _decode_groups(cur, sliced, offset, body_size, fail) if grouped else []
+    if dictionary and not grouped:
+        fail("a group dictionary in an image without groups")
+    groups = _decode_groups(cur, sliced, offset, body_size, fail, dictionary) if grouped else GroupTable()
     if cur.remaining():
         fail("trailing bytes after the storage table")
-    if (groups[-1].offset + groups[-1].csize if groups else offset) != body_size:
+    last = groups.dictionary or (groups[-1] if groups else None)
+    if (last.offset + last.csize if last else offset) != body_size:
         fail("body section size does not match the storage table")
     return groups
 
 
-def _decode_groups(cur: Cursor, sliced: list[Entry], start: int, body_size: int, fail: Any) -> list[Group]:
+def _decode_groups(cur: Cursor, sliced: list[Entry], start: int, body_size: int, fail: Any,
+                   dictionary: bool = False) -> GroupTable:
     """The group table; every group's content must be exactly its bodies, back to
-    back from 0 (no gap, no overlap, nothing past its end)."""
+    back from 0 (no gap, no overlap, nothing past its end); the dictionary frame
+    follows the last group frame."""
     count = cur.uvarint(max(len(sliced), 1))
-    groups, offset = [], start
+    groups, offset = GroupTable(), start
     for _ in range(count):
         csize, usize = cur.uvarint(body_size), cur.uvarint(MAX_GROUP_USIZE)
         if csize == 0 or usize == 0 or offset + csize > body_size:
             fail("a group frame lies outside the body section")
         groups.append(Group(offset, csize, usize))
         offset += csize
+    if dictionary:
+        csize, usize = cur.uvarint(body_size), cur.uvarint(MAX_DICT_USIZE)
+        if csize == 0 or usize == 0 or offset + csize > body_size:
+            fail("the group dictionary lies outside the body section")
+        groups.dictionary = Group(offset, csize, usize)
     filled = [0] * count
     for e in sorted(sliced, key=lambda e: (e.group, e.body_offset)):
         if e.group >= count:
@@ -443,6 +465,7 @@ class ImageInfo(NamedTuple):
     config_bytes: bytes | None = None
     config_digest: bytes | None = None
     grouped: bool = False      # FLAG_GROUPED: small bodies are slices of group frames
+    group_dict: bool = False   # FLAG_GROUP_DICT: ... coded against a dictionary frame
 
     @property
     def body_offset(self) -> int:
@@ -542,7 +565,7 @@ def read_info(fd: int, source: str) -> ImageInfo:
                      header_csize=hcsize, header_usize=husize, body_size=body_size,
                      dimg_offset=base, dimg_size=dimg_size, multi_frame=bool(flags & FLAG_MULTI_FRAME),
                      config=config, config_bytes=config_bytes, config_digest=config_digest,
-                     grouped=bool(flags & FLAG_GROUPED))
+                     grouped=bool(flags & FLAG_GROUPED), group_dict=bool(flags & FLAG_GROUP_DICT))
 
 
 def read_tables(fd: int, source: str, info: ImageInfo,
@@ -556,7 +579,8 @@ def read_tables(fd: int, source: str, info: ImageInfo,
     header = _decompress_bounded(hcomp, info.header_usize, source, "header",
                                  header_dictionary(parent.tree_table if parent is not None else None))
     entries, tree_len, groups = decode_tables(header, source, info.body_size,
-                                              parent.entries if parent is not None else None, info.grouped)
+                                              parent.entries if parent is not None else None, info.grouped,
+                                              info.group_dict)
     tree = header[:tree_len]
     if image_id_of(tree) != info.image_id:
         raise CorruptImage(source, "image id does not match its tree")
@@ -567,9 +591,10 @@ def read_tables(fd: int, source: str, info: ImageInfo,
 # ---------------------------------------------------------------- writing
 
 def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
-                  image_id: bytes, parent_id: bytes | None, multi_frame: bool = False, grouped: bool = False) -> bytes:
+                  image_id: bytes, parent_id: bytes | None, multi_frame: bool = False, grouped: bool = False,
+                  group_dict: bool = False) -> bytes:
     flags = (FLAG_HAS_PARENT if parent_id is not None else 0) | (FLAG_MULTI_FRAME if multi_frame else 0) \
-        | (FLAG_GROUPED if grouped else 0)
+        | (FLAG_GROUPED if grouped else 0) | (FLAG_GROUP_DICT if group_dict else 0)
     version = DELTA_FORMAT_VERSION if parent_id is not None else FORMAT_VERSION
     fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
@@ -597,11 +622,11 @@ def with_layer_id(config: dict[str, Any], image_id: bytes) -> dict[str, Any]:
     return out
 
 
-def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int],
-                   plans: Sequence[GroupPlan] = ()) -> tuple[list[Any], list[Group]]:
+def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int], plans: Sequence[GroupPlan] = (),
+                   dictionary: GroupPlan | None = None) -> tuple[list[Any], GroupTable]:
     """Give each file its storage record in canonical order; return the keys of
-    the blobs in body order (frames, then group frames) and the groups.  The first
-    file with a digest holds the frame or the slice."""
+    the blobs in body order (frames, then group frames, then the groups'
+    dictionary) and the groups.  The first file with a digest holds the frame or the slice."""
     sliced = {d: (g, at) for g, plan in enumerate(plans) for d, at in zip(plan.digests, plan.offsets)}
     holder: dict[bytes, int] = {}
     order: list[Any] = []
@@ -632,11 +657,14 @@ def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int],
             e.body_offset = entries[first].body_offset
             e.body_length = entries[first].body_length
             e.group = entries[first].group
-    groups = []
+    groups = GroupTable()
     for plan in plans:
         groups.append(Group(offset, frame_lengths[plan.key], plan.usize))
         offset += frame_lengths[plan.key]
         order.append(plan.key)
+    if dictionary is not None:
+        groups.dictionary = Group(offset, frame_lengths[dictionary.key], dictionary.usize)
+        order.append(dictionary.key)
     return order, groups
 
 
@@ -649,6 +677,7 @@ class EncodedHeader(NamedTuple):
     frame_order: list[Any]     # keys of the body blobs, in body order
     multi_frame: bool = False  # some body is larger than FRAME_CHUNK (FLAG_MULTI_FRAME)
     grouped: bool = False      # FLAG_GROUPED
+    group_dict: bool = False   # FLAG_GROUP_DICT
 
 
 def has_multi_frame_bodies(entries: list[Entry]) -> bool:
@@ -657,19 +686,20 @@ def has_multi_frame_bodies(entries: list[Entry]) -> bool:
     return any(e.storage == Storage.FRAME and e.size > FRAME_CHUNK for e in entries)
 
 
-def encode_header(entries: list[Entry], frame_lengths: dict[Any, int],
-                  plans: Sequence[GroupPlan] = ()) -> EncodedHeader:
-    """A base image's header; with group `plans` (BodySpool.group_bodies) format 2."""
-    order, groups = assign_storage(entries, frame_lengths, plans)
+def encode_header(entries: list[Entry], frame_lengths: dict[Any, int], plans: Sequence[GroupPlan] = (),
+                  dictionary: GroupPlan | None = None) -> EncodedHeader:
+    """A base image's header; with group `plans` (BodySpool.group_bodies) format 2,
+    their frames coded against `dictionary` if given."""
+    order, groups = assign_storage(entries, frame_lengths, plans, dictionary)
     tree = encode_tree(entries)
-    table = tree + encode_storage(entries, groups if plans else None)
+    table = tree + encode_storage(entries, groups if plans else None, groups.dictionary)
     body_size = sum(frame_lengths[d] for d in order)
     # self-check: never write what we would refuse to read
-    decode_tables(table, "<new image>", body_size, grouped=bool(plans))
+    decode_tables(table, "<new image>", body_size, grouped=bool(plans), dictionary=dictionary is not None)
     comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries),
-                         grouped=bool(plans))
+                         grouped=bool(plans), group_dict=dictionary is not None)
 
 
 class DeltaHeaderCoder:
@@ -745,7 +775,8 @@ def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frames: Any,
     """Write a whole dimg at the current position of `out`; returns its size.
     `copy_frames(keys, out)` writes the bodies (BodySpool.copy_frames)."""
     pre = dimg_preamble(header.compressed, header.usize, header.body_size,
-                        image_id or header.image_id, parent_id, header.multi_frame, header.grouped)
+                        image_id or header.image_id, parent_id, header.multi_frame, header.grouped,
+                        header.group_dict)
     out.write(pre)
     out.write(header.compressed)
     copy_frames(header.frame_order, out)

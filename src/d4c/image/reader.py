@@ -16,7 +16,7 @@ from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, WrongBa
 from .tree import DeltaStep, Entry, EntryType, Storage
 from ..zstdframes import MAX_WINDOW_LOG, declared_size, decode_frame, frame_length
 from ..digests import sha256
-from .format import Group, format_id, pread_exact, read_info, read_tables
+from .format import Group, GroupTable, format_id, pread_exact, read_info, read_tables
 
 STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of this size
 ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
@@ -62,7 +62,7 @@ class Image:
             self.info = read_info(self._fd, path)
             self._entries: list[Entry] | None = None
             self.tree_table = b""
-            self.groups: list[Group] = []
+            self.groups: GroupTable = GroupTable()
             if self.info.parent_id is not None and parent is not None \
                     and parent.info.image_id != self.info.parent_id:
                 raise WrongBase(path, format_id(self.info.parent_id), parent.path,
@@ -79,6 +79,8 @@ class Image:
         self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
         self._decoding: dict[int, threading.Lock] = {}
         self._groups_lock = threading.Lock()
+        self._dictionary: zstandard.ZstdCompressionDict | None = None
+        self._dictionary_lock = threading.Lock()
 
     @property
     def is_delta(self) -> bool:
@@ -216,15 +218,30 @@ class Image:
 
     def _decode_group(self, entry: Entry) -> bytes:
         group = self.groups[entry.group]
+        dictionary = self.group_dictionary(entry) if self.groups.dictionary is not None else None
+        return self._decode_whole(group, f"{entry.display()}: its group frame", dictionary)
+
+    def group_dictionary(self, entry: Entry) -> zstandard.ZstdCompressionDict:
+        """The dictionary the group frames are coded against: decoded at the first
+        group read, kept while the image is open (at most MAX_DICT_USIZE bytes)."""
+        with self._dictionary_lock:
+            if self._dictionary is None:
+                assert self.groups.dictionary is not None
+                content = self._decode_whole(self.groups.dictionary, f"{entry.display()}: the group dictionary")
+                self._dictionary = zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            return self._dictionary
+
+    def _decode_whole(self, group: Group, what: str, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
+        """A group or dictionary frame, which must declare and give exactly its usize."""
         frame = pread_exact(self._fd, group.csize, self.info.body_offset + group.offset, self.path)
         try:
             if declared_size(memoryview(frame), 0, group.usize) != group.usize:
                 raise ValueError("the frame declares another size than its group")
-            data = decode_frame(memoryview(frame), group.usize)
+            data = decode_frame(memoryview(frame), group.usize, dictionary=dictionary)
         except (ValueError, zstandard.ZstdError) as exc:
-            raise CorruptImage(self.path, f"{entry.display()}: its group frame does not decompress ({exc})") from None
+            raise CorruptImage(self.path, f"{what} does not decompress ({exc})") from None
         if len(data) != group.usize:
-            raise CorruptImage(self.path, f"{entry.display()}: its group frame has the wrong size")
+            raise CorruptImage(self.path, f"{what} has the wrong size")
         return data
 
     def check_memory(self, entry: Entry, need: int) -> None:
