@@ -84,7 +84,8 @@ def main() -> int:
                          f"{raw / secs / 1e6:.0f} | {secs / peer:.2f} |")
         installs = first_installs(work, [("the image bench's nginx image (B)", _nginx_tree()), (corpus, src)])
         lines += ["", "## A first install: image format 2 against `tar | zstd -19`", "",
-                  "Format 2 (`pack --format 2`: files of at most 1 MiB grouped in 4 MiB frames, level 19) against "
+                  "Format 2 (`pack --format 2`: files of at most 1 MiB grouped in 256 KiB frames coded against "
+                  "a dictionary of up to 16 MiB, level 19) against "
                   "the same tree as one `tar | zstd -19 -T2` stream, and format 1 at its default (one frame per "
                   "file, level 3). One run each, 2 threads. Target: format 2 <= 1.0 x the tar stream; pack time "
                   "<= 3 x its.", "",

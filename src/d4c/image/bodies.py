@@ -189,12 +189,13 @@ class BodySpool:
         dictionary = self._dictionary_content(holders, sum(p.usize for p in plans))
         self.dictionary = GroupPlan(("dictionary",), [], [], len(dictionary)) if dictionary else None
 
+        coder = GroupCoder(self.level, dictionary)
+
         def compress(plan: GroupPlan) -> None:
             if plan is self.dictionary:
-                self.add_raw(plan.key, group_compressor(self.level, b"", plan.usize).compress(dictionary))
+                self.add_raw(plan.key, GroupCoder(self.level).compress(dictionary))
                 return
-            content = b"".join(self._read_raw(d) for d in plan.digests)
-            self.add_raw(plan.key, group_compressor(self.level, dictionary, plan.usize).compress(content))
+            self.add_raw(plan.key, coder.compress(b"".join(self._read_raw(d) for d in plan.digests)))
 
         jobs = ([self.dictionary] if self.dictionary else []) + plans
         with Progress("grouping", total_items=len(jobs)) as progress:
@@ -286,17 +287,28 @@ class BodySpool:
         self.close()
 
 
-def group_compressor(level: int, dictionary: bytes, usize: int) -> zstandard.ZstdCompressor:
-    """For a group frame of `usize` bytes; with a dictionary, a window that reaches all of it
-    (the parameters follow the sizes only: the same bytes whatever the thread count)."""
-    if not dictionary:
-        return zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-    reach = max(10, (len(dictionary) + usize - 1).bit_length())
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, source_size=len(dictionary) + usize, window_log=min(MAX_WINDOW_LOG, reach),
-        write_checksum=True, write_content_size=True, threads=0)
-    return zstandard.ZstdCompressor(compression_params=params, dict_data=zstandard.ZstdCompressionDict(
-        dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+class GroupCoder:
+    """Compresses group frames, against `dictionary` if one is given.  The dictionary is
+    loaded into zstd's match finder once (at level 19 that is most of a group's work) and
+    shared by every thread; the parameters follow the largest group, so the bytes do not
+    depend on the thread count, and the window reaches all of the dictionary."""
+
+    def __init__(self, level: int, dictionary: bytes = b"") -> None:
+        self.level = level
+        self._dictionary: zstandard.ZstdCompressionDict | None = None
+        if dictionary:
+            largest = len(dictionary) + GROUP_TARGET + GROUP_FILE_MAX
+            self._params = zstandard.ZstdCompressionParameters.from_level(
+                level, source_size=largest, window_log=min(MAX_WINDOW_LOG, (largest - 1).bit_length()),
+                write_checksum=True, write_content_size=True, threads=0)
+            self._dictionary = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            self._dictionary.precompute_compress(compression_params=self._params)
+
+    def compress(self, content: bytes) -> bytes:
+        if self._dictionary is None:
+            return zstandard.ZstdCompressor(level=self.level, write_checksum=True,
+                                            write_content_size=True).compress(content)
+        return zstandard.ZstdCompressor(compression_params=self._params, dict_data=self._dictionary).compress(content)
 
 
 def _read_chunks(f: BinaryIO) -> Iterable[bytes]:
