@@ -28,6 +28,7 @@ import zstandard
 
 from .. import accel
 from ..codec import Cursor, Encoder
+from ..zstdframes import read_bounded
 
 PAYLOAD_VERSION = 2           # written when a table names old streams, else 1
 READ_PAYLOAD_VERSIONS = (1, 2)
@@ -968,8 +969,9 @@ def decode_header(payload: memoryview, old: Expanded, file_size: int, fail: Call
     frame = cur.raw(cur.uvarint(len(payload)))
     old_table = encode_table(old.pieces)
     try:
-        table = zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(
-            old_table, dict_type=zstandard.DICT_TYPE_RAWCONTENT)).decompress(frame, max_output_size=table_size)
+        # bounded: a frame header may declare any size, and decompress() would allocate it
+        table = read_bounded(frame, table_size, prefix=zstandard.ZstdCompressionDict(
+            old_table, dict_type=zstandard.DICT_TYPE_RAWCONTENT))
     except zstandard.ZstdError:
         fail("the layout table does not decompress")
         raise AssertionError  # fail raises
