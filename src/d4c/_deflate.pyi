@@ -9,7 +9,7 @@ from typing_extensions import Buffer
 # a Cython typed memoryview takes any uint8 buffer; numpy declares __buffer__ only from Python 3.12 on
 _Bytes: TypeAlias = Buffer | NDArray[np.uint8]
 
-API_VERSION: Final = "2"
+API_VERSION: Final = "3"
 E_TRUNCATED: Final = -1
 E_BAD: Final = -2
 E_TOO_MANY: Final = -3
@@ -24,3 +24,7 @@ def tokens(stream: _Bytes, max_tokens: int,
 def encode(toks: NDArray[np.uint32], blocks: NDArray[np.int64], content: _Bytes,
            capacity: int) -> tuple[int, bytes]:
     """(0 or a negative error, the deflate stream of `toks` cut into `blocks`, at most `capacity` bytes)."""
+
+def common_runs(new: NDArray[np.uint32], old: NDArray[np.uint32], k: int, min_run: int) -> NDArray[np.int64]:
+    """(n, 3) of (new start, old start, count): runs of at least min_run equal tokens in new's order,
+    found through hashed windows of k tokens; after a run its diagonal is tried first."""

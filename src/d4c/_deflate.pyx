@@ -7,14 +7,15 @@ tokens as deflate cut into given blocks, with Huffman codes built as zlib's
 trees.c builds them (GNU gzip's, which it comes from, are the same).  GNU gzip
 and zlib find the same tokens but end blocks in other places, so a gzip file
 zlib cannot re-create whole is re-created from zlib's tokens with gzip's blocks.
-Both loops run without the GIL.  _deflate_py.py is the reference: same results.
+`common_runs` finds the long runs of tokens two streams share (a splice plan's).
+The loops run without the GIL.  _deflate_py.py is the reference: same results.
 """
 
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
-API_VERSION = "2"
+API_VERSION = "3"
 # what the negative results mean (the same in _deflate_py)
 E_TRUNCATED, E_BAD, E_TOO_MANY, E_NOMEM, E_OVERFLOW = (ERR_TRUNCATED, ERR_BAD, ERR_TOO_MANY, ERR_NOMEM,
                                                       ERR_OVERFLOW)
@@ -692,3 +693,103 @@ def encode(const uint32_t[::1] toks, const int64_t[:, ::1] blocks, const uint8_t
     if rc < 0:
         return rc, b""
     return 0, bytes(out[:w.pos])
+
+
+# ---------------------------------------------------------------- common runs of tokens
+
+cdef uint64_t _HASH_MUL = 0x100000001B3
+cdef uint64_t _SLOT_MUL = 0x9E3779B97F4A7C15  # Fibonacci hashing spreads the window hashes over the slots
+
+
+cdef inline uint64_t _window_hash(const uint32_t* t, Py_ssize_t k) noexcept nogil:
+    """The hash of t[:k] (t[0] the highest power): what rolling one token on keeps."""
+    cdef uint64_t h = 0
+    cdef Py_ssize_t m
+    for m in range(k):
+        h = h * _HASH_MUL + t[m]
+    return h
+
+
+cdef inline Py_ssize_t _slot(const uint64_t* keys, const int64_t* slots, uint64_t h, Py_ssize_t mask) noexcept nogil:
+    """The slot holding h, or the empty one where it would go (linear probing)."""
+    cdef Py_ssize_t s = <Py_ssize_t>((h * _SLOT_MUL) >> 32) & mask
+    while slots[s] >= 0 and keys[s] != h:
+        s = (s + 1) & mask
+    return s
+
+
+cdef Py_ssize_t _common_runs(const uint32_t* new, Py_ssize_t nnew, const uint32_t* old, Py_ssize_t nold,
+                             Py_ssize_t k, Py_ssize_t min_run, int64_t* out, int64_t* candidate,
+                             uint64_t* keys, int64_t* slots, Py_ssize_t mask) noexcept nogil:
+    """The runs into out (3 per run); candidate: the first old window with each new window's hash."""
+    cdef Py_ssize_t i, j, m, n, nruns = 0, wn = nnew - k + 1, wo = nold - k + 1, s
+    cdef uint64_t h, top = 1
+    cdef int64_t diagonal = 0
+    cdef bint on_diagonal = False
+    for m in range(k - 1):
+        top *= _HASH_MUL
+    for s in range(mask + 1):
+        slots[s] = -1
+    h = _window_hash(old, k)
+    for j in range(wo):
+        if j:
+            h = (h - old[j - 1] * top) * _HASH_MUL + old[j + k - 1]
+        s = _slot(keys, slots, h, mask)
+        if slots[s] < 0:
+            slots[s], keys[s] = j, h
+    h = _window_hash(new, k)
+    for i in range(wn):
+        if i:
+            h = (h - new[i - 1] * top) * _HASH_MUL + new[i + k - 1]
+        candidate[i] = slots[_slot(keys, slots, h, mask)]
+    i = 0
+    while i < wn:
+        j = -1
+        if on_diagonal and 0 <= i + diagonal <= wo - 1:
+            j = i + diagonal
+            for m in range(k):
+                if new[i + m] != old[j + m]:
+                    j = -1
+                    break
+        if j < 0:
+            while i < wn and candidate[i] < 0:
+                i += 1
+            if i == wn:
+                break
+            j = candidate[i]
+        n = 0
+        while i + n < nnew and j + n < nold and new[i + n] == old[j + n]:
+            n += 1
+        if n >= min_run:
+            out[3 * nruns], out[3 * nruns + 1], out[3 * nruns + 2] = i, j, n
+            nruns += 1
+            diagonal, on_diagonal = j - i, True
+            i += n
+        else:
+            i += 1
+            if n == 0:
+                on_diagonal = False
+    return nruns
+
+
+def common_runs(const uint32_t[::1] new, const uint32_t[::1] old, Py_ssize_t k, Py_ssize_t min_run):
+    """(n, 3) int64 of (new start, old start, count): runs of at least min_run equal tokens
+    in new's order.  A window of k tokens of new is looked up by its hash among old's
+    (the first old window with that hash); after a run its diagonal is tried first."""
+    import numpy as np
+    cdef Py_ssize_t nnew = new.shape[0], nold = old.shape[0], mask = 1, nruns
+    if k < 1 or min_run < 1 or nnew < k or nold < k:
+        return np.zeros((0, 3), dtype=np.int64)
+    while mask < 2 * (nold - k + 1):
+        mask <<= 1
+    runs = np.empty((nnew // min_run + 1, 3), dtype=np.int64)
+    candidate = np.empty(nnew - k + 1, dtype=np.int64)
+    keys = np.empty(mask, dtype=np.uint64)
+    slots = np.empty(mask, dtype=np.int64)
+    cdef int64_t[:, ::1] rv = runs
+    cdef int64_t[::1] cv = candidate, sv = slots
+    cdef uint64_t[::1] kv = keys
+    with nogil:
+        nruns = _common_runs(&new[0], nnew, &old[0], nold, k, min_run, &rv[0, 0], &cv[0], &kv[0], &sv[0],
+                             mask - 1)
+    return runs[:nruns].copy()

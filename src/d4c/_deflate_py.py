@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-API_VERSION = "2"
+API_VERSION = "3"
 
 LBASE = (3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 15, 17, 19, 23, 27, 31, 35, 43, 51, 59, 67, 83, 99, 115, 131, 163,
          195, 227, 258)
@@ -456,3 +456,60 @@ def encode(toks: np.ndarray, blocks: np.ndarray, content: bytes, capacity: int) 
     if len(w.out) > capacity:
         return E_OVERFLOW, b""
     return 0, bytes(w.out)
+
+
+def common_runs(new: np.ndarray, old: np.ndarray, k: int, min_run: int) -> np.ndarray:
+    """(n, 3) int64 of (new start, old start, count): runs of at least min_run equal tokens
+    in new's order.  A window of k tokens of new is looked up by its hash among old's
+    (the first old window with that hash); after a run its diagonal is tried first."""
+    runs: list[tuple[int, int, int]] = []
+    if k < 1 or min_run < 1 or len(new) < k or len(old) < k:
+        return np.zeros((0, 3), dtype=np.int64)
+    hashes_old, hashes_new = _window_hashes(old, k), _window_hashes(new, k)
+    order = np.argsort(hashes_old, kind="stable")
+    sorted_old = hashes_old[order]
+    at = np.minimum(np.searchsorted(sorted_old, hashes_new), len(sorted_old) - 1)
+    candidate = np.where(sorted_old[at] == hashes_new, order[at], -1)
+    hits = np.flatnonzero(candidate >= 0)
+    i, diagonal = 0, None
+    while i < len(new) - k + 1:
+        j = -1
+        if diagonal is not None and 0 <= i + diagonal <= len(old) - k and \
+                np.array_equal(new[i:i + k], old[i + diagonal:i + diagonal + k]):
+            j = i + diagonal
+        else:
+            nxt = np.searchsorted(hits, i)
+            if nxt == len(hits):
+                break
+            i = int(hits[nxt])
+            j = int(candidate[i])
+        n = _equal_prefix(new[i:], old[j:])
+        if n >= min_run:
+            runs.append((i, j, n))
+            diagonal = j - i
+            i += n
+        else:
+            i += 1
+            diagonal = None if n == 0 else diagonal
+    return np.array(runs, dtype=np.int64).reshape(-1, 3)
+
+
+def _window_hashes(t: np.ndarray, k: int) -> np.ndarray:
+    n = len(t) - k + 1
+    h = np.zeros(n, dtype=np.uint64)
+    for i in range(k):
+        h = h * np.uint64(0x100000001B3) + t[i:i + n].astype(np.uint64)
+    return h
+
+
+def _equal_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading entries a and b share, compared in growing chunks."""
+    n, step = min(len(a), len(b)), 256
+    done = 0
+    while done < n:
+        end = min(n, done + step)
+        diff = np.flatnonzero(a[done:end] != b[done:end])
+        if len(diff):
+            return done + int(diff[0])
+        done, step = end, step * 2
+    return n

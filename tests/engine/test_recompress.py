@@ -232,6 +232,34 @@ def test_deflate_kernel_matches_its_reference_and_zlib() -> None:
     assert _deflate.tokens(z, 8000)[0] == _deflate_py.tokens(z, 8000)[0] == _deflate.E_BAD
 
 
+def test_common_runs_kernel_matches_its_reference() -> None:
+    """The splice plan's runs of equal tokens: the compiled kernel gives the reference's runs
+    on real token streams (an edited text's) and on small alphabets full of repeats."""
+    from d4c import _deflate, _deflate_py
+
+    def toks(data: bytes) -> np.ndarray:
+        c = zlib.compressobj(9, zlib.DEFLATED, -15)
+        return _deflate.tokens(c.compress(data) + c.flush(), len(data) + 1)[1]
+
+    content = prose(200_000, 21)
+    cases = [(toks(edited(content, 22)), toks(content), 16, 1024), (toks(content), toks(content), 16, 64)]
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        old = rng.integers(0, 3, int(rng.integers(0, 300))).astype(np.uint32)
+        new = np.concatenate([old[int(rng.integers(0, len(old) + 1)):],
+                              rng.integers(0, 3, int(rng.integers(0, 50))).astype(np.uint32), old])
+        cases.append((new, old, int(rng.integers(1, 5)), int(rng.integers(1, 20))))
+    found = 0
+    for new, old, k, min_run in cases:
+        ours, ref = _deflate.common_runs(new, old, k, min_run), _deflate_py.common_runs(new, old, k, min_run)
+        assert ours.dtype == np.int64 and ours.shape[1:] == (3,)
+        assert np.array_equal(ours, ref)
+        for i, j, n in ours.tolist():
+            assert n >= min_run and np.array_equal(new[i:i + n], old[j:j + n])
+        found += len(ours)
+    assert found > 200
+
+
 def test_a_stream_that_does_not_recreate_stays_raw() -> None:
     """A deflate stream with a sync flush in the middle: no level re-creates it, so
     the new file's stream is a raw piece and the delta still rebuilds it."""

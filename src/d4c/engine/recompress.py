@@ -800,7 +800,7 @@ def _plan_splice(piece: Piece, stream: memoryview, content: memoryview, old_stre
     if rc or again != stream:
         return None  # our encoder does not write this stream: nothing to splice into
     offsets = np.concatenate(([0], np.cumsum(token_lengths(toks))))
-    runs = [Run(s, int(offsets[s]), o, n) for s, o, n in _common_runs(toks, old_toks)]
+    runs = [Run(s, int(offsets[s]), o, n) for s, o, n in kernel.common_runs(toks, old_toks, _HASH_TOKENS, SPLICE_RUN).tolist()]
     if sum(r.count for r in runs) == 0:
         return None
     runs = _clean_ends(runs, toks, offsets)
@@ -826,63 +826,6 @@ def _clean_ends(runs: list[Run], toks: np.ndarray, offsets: np.ndarray) -> list[
         if end - r.start >= SPLICE_RUN:
             out.append(r._replace(count=end - r.start))
     return out
-
-
-def _common_runs(new: np.ndarray, old: np.ndarray) -> list[tuple[int, int, int]]:
-    """(new start, old start, count) of long runs of equal tokens, in new's order,
-    found through hashed windows of tokens; after a run, its diagonal is tried first."""
-    k = _HASH_TOKENS
-    if len(new) < k or len(old) < k:
-        return []
-    hashes_old, hashes_new = _window_hashes(old, k), _window_hashes(new, k)
-    order = np.argsort(hashes_old, kind="stable")
-    sorted_old = hashes_old[order]
-    at = np.minimum(np.searchsorted(sorted_old, hashes_new), len(sorted_old) - 1)
-    candidate = np.where(sorted_old[at] == hashes_new, order[at], -1)
-    hits = np.flatnonzero(candidate >= 0)
-    runs: list[tuple[int, int, int]] = []
-    i, diagonal = 0, None
-    while i < len(new) - k + 1:
-        j = -1
-        if diagonal is not None and 0 <= i + diagonal <= len(old) - k and \
-                np.array_equal(new[i:i + k], old[i + diagonal:i + diagonal + k]):
-            j = i + diagonal
-        else:
-            nxt = np.searchsorted(hits, i)
-            if nxt == len(hits):
-                break
-            i = int(hits[nxt])
-            j = int(candidate[i])
-        n = _equal_prefix(new[i:], old[j:])
-        if n >= SPLICE_RUN:
-            runs.append((i, j, n))
-            diagonal = j - i
-            i += n
-        else:
-            i += 1
-            diagonal = None if n == 0 else diagonal
-    return runs
-
-
-def _window_hashes(t: np.ndarray, k: int) -> np.ndarray:
-    n = len(t) - k + 1
-    h = np.zeros(n, dtype=np.uint64)
-    for i in range(k):
-        h = h * np.uint64(0x100000001B3) + t[i:i + n].astype(np.uint64)
-    return h
-
-
-def _equal_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading entries a and b share, compared in growing chunks."""
-    n, step = min(len(a), len(b)), 256
-    done = 0
-    while done < n:
-        end = min(n, done + step)
-        diff = np.flatnonzero(a[done:end] != b[done:end])
-        if len(diff):
-            return done + int(diff[0])
-        done, step = end, step * 2
-    return n
 
 
 # ---------------------------------------------------------------- zlib fingerprint
