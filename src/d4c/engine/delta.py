@@ -142,7 +142,9 @@ def _lzma_filters(size: int, largest: int = 1 << 26, preset: int = 6,
     """bytewise: no position bits and one literal context bit, for run-coded add
     streams, whose fields are not 4-byte aligned (1-4 % smaller on the corpus, same time)."""
     dict_size = max(1 << 12, min(largest, 1 << max(size - 1, 1).bit_length()))
-    extra = {"lc": 1, "pb": 0} if bytewise else {}
+    # bt3 for them too: 12 % less time than -6's bt4 on the corpus' add streams (24 % on
+    # libcrypto's), 0.06 % more bytes
+    extra = {"lc": 1, "pb": 0, "mf": lzma.MF_BT3} if bytewise else {}
     return [{"id": lzma.FILTER_LZMA1, "preset": preset, "dict_size": dict_size, **extra}]
 
 
