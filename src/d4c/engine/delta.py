@@ -142,9 +142,11 @@ def _lzma_filters(size: int, largest: int = 1 << 26, preset: int = 6,
     """bytewise: no position bits and one literal context bit, for run-coded add
     streams, whose fields are not 4-byte aligned (1-4 % smaller on the corpus, same time)."""
     dict_size = max(1 << 12, min(largest, 1 << max(size - 1, 1).bit_length()))
-    # bt3 for them too: 12 % less time than -6's bt4 on the corpus' add streams (24 % on
-    # libcrypto's), 0.06 % more bytes
-    extra = {"lc": 1, "pb": 0, "mf": lzma.MF_BT3} if bytewise else {}
+    extra = {"lc": 1, "pb": 0} if bytewise else {}
+    if bytewise and preset >= 4:
+        # bt3 instead of bt4 (presets 4-9): 12 % less time on the corpus' add streams (24 % on
+        # libcrypto's), 0.06 % more bytes; the fast presets' hash chains stay
+        extra["mf"] = lzma.MF_BT3
     return [{"id": lzma.FILTER_LZMA1, "preset": preset, "dict_size": dict_size, **extra}]
 
 
@@ -155,10 +157,10 @@ def _lzma(data: bytes | memoryview, largest: int = 1 << 26, preset: int = 6, byt
 # run-coded add streams: gaps, lengths and values repeat at short range; measured on the corpus'
 # binaries, a 256 KiB lzma window gives the bytes of a 4 MiB one (libcrypto's delta: 203534 vs
 # 203525) with a tenth of the memory (diff peak 75 MiB, not 81-118), and zstd -19 is within 2-6 % of
-# lzma (zstd -15: 7-17 %) at the same compression time, decoding 10-20x faster; zstd -18 is within
-# 0.1-0.4 % of -19 in three quarters of its time
+# lzma (zstd -15: 7-17 %) at the same compression time, decoding 10-20x faster; zstd -17 is within
+# 0.05-3 % of -18 (-18: 0.1-0.4 % of -19) in two thirds of its time
 SPARSE_DICT = 1 << 18
-SPARSE_ZSTD_LEVEL = 18
+SPARSE_ZSTD_LEVEL = 17
 SPARSE_ZSTD_TABLES = 18  # window, hash and chain logs: level 19's own are 22-23 (33-49 MiB) for the same bytes
 # what decoding costs the patcher, in ns per byte of the stream it gives (measured on the corpus'
 # add streams, 2-core VM: zstd 0.2-0.3, lzma 1.6-3.9, bzip2 4.3-7.6): with the link rate, the
