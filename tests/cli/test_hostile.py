@@ -207,14 +207,18 @@ def test_merge_checks_what_it_copies(tmp_path) -> None:  # type: ignore[no-untyp
             assert upper.lookup(b"new").storage == Storage.FRAME and upper.lookup(b"f").storage == Storage.DELTA
     shutil.copy(d12, tmp_path / "keep.dimg")
     flip_body_byte([d[0], d01, d12], b"new")  # a frame carried over as stored
-    code, _, err = run_cli(*merge, str(tmp_path / "m1.dimg"))
-    assert_one_line_error(code, err, EXIT_CORRUPT)
-    assert "/new" in err and not (tmp_path / "m1.dimg").exists()
+    # one thread checks before writing; two check while the output is written, renamed only after
+    for threads in ("1", "2"):
+        code, _, err = run_cli(*merge, str(tmp_path / "m1.dimg"), "--threadNum", threads)
+        assert_one_line_error(code, err, EXIT_CORRUPT)
+        assert "/new" in err and not (tmp_path / "m1.dimg").exists()
     shutil.copy(tmp_path / "keep.dimg", d12)
     flip_body_byte([d[0], d01], b"f")  # a delta step carried over into the merged chain
-    code, _, err = run_cli(*merge, str(tmp_path / "m2.dimg"))
-    assert_one_line_error(code, err, EXIT_CORRUPT)
-    assert "/f" in err and not (tmp_path / "m2.dimg").exists()
+    for threads in ("1", "2"):
+        code, _, err = run_cli(*merge, str(tmp_path / "m2.dimg"), "--threadNum", threads)
+        assert_one_line_error(code, err, EXIT_CORRUPT)
+        assert "/f" in err and not (tmp_path / "m2.dimg").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # no temp output left either
 
 
 def test_output_that_is_an_input_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]

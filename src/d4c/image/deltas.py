@@ -27,7 +27,7 @@ from .reader import ONE_SHOT_MAX, Image
 from .stack import close_all
 from ..errors import CorruptImage, UsageError
 from ..fsutil import atomic_output
-from ..parallel import run_parallel
+from ..parallel import in_background, run_parallel
 from ..progress import Progress
 from .tree import DeltaStep, Entry, EntryType, Storage
 from .writer import save_image
@@ -112,14 +112,17 @@ def _copy_entries(entries: Iterable[Entry]) -> list[Entry]:
 
 
 def _write_delta(entries: list[Entry], parent: Image, spool: BodySpool, new: Image, coder: DeltaHeaderCoder,
-                 out_path: str, config_bytes: bytes | None) -> int:
+                 out_path: str, config_bytes: bytes | None, before_commit: Callable[[], None] | None = None) -> int:
     """`entries` are copies of `new`'s with the storage decided: its checked
-    tree table is written as it is (so the delta has `new`'s id)."""
+    tree table is written as it is (so the delta has `new`'s id).  `before_commit`
+    runs once all is written, before the rename: an error there leaves no output."""
     header = encode_delta_header(entries, parent, spool.frame_lengths(), new.tree_table, coder)
     with atomic_output(out_path) as out:
         if config_bytes is not None:
             out.write(cdimg_preamble(config_bytes, dimg_size_of(header)))
         write_dimg_to(out, header, spool.copy_frames, parent.info.image_id, new.info.image_id)
+        if before_commit is not None:
+            before_commit()
         return out.tell()
 
 
@@ -348,6 +351,21 @@ class _Resolver:
             return _Origin("rebuild", image, h)
 
 
+def _check_batches(base: Image, copied: list[tuple[int, _Origin]]) -> list[list[int]]:
+    """The copied bodies to check in batches, one per group of the base that chains start
+    from, largest first: a thread decodes a group once for its batch while the other
+    checks another (in tree order, threads waited on each other's decodes)."""
+    by_group: dict[int, list[int]] = {}
+    alone: list[list[int]] = []
+    for i, o in copied:
+        source = base.holder(base.entries[o.source]) if o.kind == "chain" else None
+        if source is not None and source.storage == Storage.GROUPED:
+            by_group.setdefault(source.group, []).append(i)
+        else:
+            alone.append([i])
+    return sorted(by_group.values(), key=len, reverse=True) + alone
+
+
 def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = DEFAULT_FRAME_LEVEL,
                 threads: int = 1, rediff: bool = False, config_from: Image | None = None,
                 check_copied: bool = True) -> list[Decision]:
@@ -407,18 +425,22 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             image, e = top.resolve(top.entries[i])
             image.check_body(image.holder(e))
 
-        copied: list[int] = []
+        copied: list[tuple[int, _Origin]] = []
         to_rebuild: list[tuple[int, _Origin]] = []
-        for i in todo:
-            o = resolver.origin(len(stack) - 1, top.entries[i])
-            if copy(i, o):
-                copied.append(i)
-            else:
-                to_rebuild.append((i, o))
-        if check_copied:
-            run_parallel(check, copied, threads)
-        run_parallel(rebuild, to_rebuild, threads)
-        _write_delta(entries, base, spool, top, coder, out_path, config_bytes)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d4c-dictionary") as early:
+            if check_copied and threads > 1:
+                early.submit(base.preload_dictionary)  # the checks' first group read waits for it otherwise
+            for i in todo:
+                o = resolver.origin(len(stack) - 1, top.entries[i])
+                if copy(i, o):
+                    copied.append((i, o))
+                else:
+                    to_rebuild.append((i, o))
+        batches = _check_batches(base, copied) if check_copied else []
+        # checked while the delta is written; it is renamed into place only once all passed
+        with in_background(lambda batch: [check(i) for i in batch], batches, threads) as checked:
+            run_parallel(rebuild, to_rebuild, threads)
+            _write_delta(entries, base, spool, top, coder, out_path, config_bytes, before_commit=checked)
     return decisions(entries, base)
 
 

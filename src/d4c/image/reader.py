@@ -4,6 +4,7 @@ parent image)."""
 
 from __future__ import annotations
 
+import contextlib
 import collections
 import os
 import resource
@@ -230,6 +231,17 @@ class Image:
                 content = self._decode_whole(self.groups.dictionary, f"{entry.display()}: the group dictionary")
                 self._dictionary = zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             return self._dictionary
+
+    def preload_dictionary(self) -> None:
+        """Decode the group dictionary ahead of the first grouped read, which pays its
+        15-35 ms otherwise (a merge does it on a thread while it plans).  A failure is
+        left for that read to report, with the file it was for."""
+        if self.groups.dictionary is None:
+            return
+        grouped = next((e for e in self.entries if e.storage == Storage.GROUPED), None)
+        if grouped is not None:
+            with contextlib.suppress(Exception):  # the read that needs it tries again and reports
+                self.group_dictionary(grouped)
 
     def _decode_whole(self, group: Group, what: str, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
         """A group or dictionary frame, which must declare and give exactly its usize."""
