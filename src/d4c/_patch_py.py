@@ -42,6 +42,9 @@ def _search(sa, old: bytes, new: bytes, start: int) -> tuple[int, int]:  # type:
     return (x, int(sa[st])) if x > y else (y, int(sa[en]))
 
 
+_SKIP_AFTER, _SKIP_GROW, _SKIP_CAP = 4, 4, 32
+
+
 def diff(old, new, sa, diff_out, extra_out):  # type: ignore[no-untyped-def]
     old, new = bytes(old), bytes(new)
     oldsize, newsize = len(old), len(new)
@@ -52,6 +55,7 @@ def diff(old, new, sa, diff_out, extra_out):  # type: ignore[no-untyped-def]
         oldscore = 0
         scan += length
         scsc = scan
+        fails = 0
         while scan < newsize:
             length, pos = _search(sa, old, new, scan)
             while scsc < scan + length:
@@ -60,9 +64,14 @@ def diff(old, new, sa, diff_out, extra_out):  # type: ignore[no-untyped-def]
                 scsc += 1
             if (length == oldscore and length != 0) or length > oldscore + 8:
                 break
-            if 0 <= scan + lastoffset < oldsize and old[scan + lastoffset] == new[scan]:
-                oldscore -= 1
-            scan += 1
+            fails += 1  # stepping faster after failed searches, as _patch.pyx (SKIP_*)
+            step = 1 if fails < _SKIP_AFTER else 1 + (fails - _SKIP_AFTER) // _SKIP_GROW
+            for _ in range(min(step, _SKIP_CAP, newsize - scan)):
+                if 0 <= scan + lastoffset < oldsize and old[scan + lastoffset] == new[scan]:
+                    oldscore -= 1
+                scan += 1
+            if scsc < scan:
+                scsc, oldscore = scan, 0
         if length != oldscore or scan == newsize:
             s = sf = lenf = i = 0
             while lastscan + i < scan and lastpos + i < oldsize:

@@ -129,6 +129,32 @@ def test_suffix_array_parity(dtype) -> None:  # type: ignore[no-untyped-def]
         assert np.array_equal(got, want), text[:40]
 
 
+def test_match_scan_parity() -> None:
+    """The bsdiff-class scan against its reference: the same triples and streams, also where
+    runs of failed searches make it step faster (new bytes between moved pieces), and the
+    triples rebuild the new file."""
+    kernels = compiled("_patch")
+    rnd = random.Random(11)
+    old = lcg_bytes(30_000, 5)
+    pieces = [old[i:i + 3000] for i in range(0, 30_000, 3000)]
+    rnd.shuffle(pieces)
+    cases = [(old, b"".join(p + rnd.randbytes(rnd.randrange(0, 600)) for p in pieces)),
+             (old, old[:10_000] + bytes(b ^ 1 for b in old[10_000:10_400]) + old[10_400:]),
+             (old, rnd.randbytes(5000)), (b"", b"abc"), (old, b"")]
+    for a, b in cases:
+        sa = np.empty(len(a) + 1, dtype=np.int32)
+        assert kernels.suffix_array(a, sa) == 0
+        got_d, got_e = np.zeros(len(b), np.uint8), np.zeros(len(b), np.uint8)
+        want_d, want_e = bytearray(len(b)), bytearray(len(b))
+        got = kernels.diff(a, b, sa, got_d, got_e)
+        want = _patch_py.diff(a, b, sa, want_d, want_e)
+        assert got == want
+        ctrl, nd, ne = got
+        out = np.zeros(len(b), np.uint8)
+        assert kernels.apply(a, np.frombuffer(ctrl, "<i8"), got_d[:nd], got_e[:ne], out) == 0
+        assert out.tobytes() == b
+
+
 def _tree_table() -> bytes:
     """Every entry type, xattrs, a pre-1970 mtime, the largest ids and sizes."""
     from d4c.image.format import encode_tree
