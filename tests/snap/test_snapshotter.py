@@ -330,6 +330,28 @@ def test_dead_mount_server_is_noticed_and_remounted(daemons, chain) -> None:  # 
     assert run(ctrd, "d4c-bb:1", f"back-{ctrd.namespace}") == "v1\n"
 
 
+def test_group_cache_reaches_every_mount(chain, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """snapshotter --group-cache: every image's mount server is started with that many bytes
+    of decoded groups to keep (format-2 images), and containers run on those mounts."""
+    need(IS_ROOT, "containerd, runc and FUSE mounts need root")
+    missing = have_containerd()
+    need(missing is None, missing or "")
+    base = str(tmp_path / "d")
+    os.makedirs(os.path.join(base, "run"))
+    with running(base, binary("snapshotter"), extra=("--group-cache", "3M")) as (ctrd, snap):
+        for n, path in enumerate(chain[:2], 1):
+            code, _, err = load(ctrd, snap, f"d4c-bb:{n}", path)
+            assert code == 0, err
+        assert run(ctrd, "d4c-bb:1", f"g1-{ctrd.namespace}") == "v1\n"
+        assert run(ctrd, "d4c-bb:2", f"g2-{ctrd.namespace}") == "v2\n"
+        servers = fuse_server_pids(snap.root)
+        assert len(servers) == 2
+        for pid in servers:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+            assert args[args.index(b"--group-cache") + 1] == str(3 << 20).encode()
+
+
 def test_delta_of_a_file_over_64_mib_loads_and_runs(daemons, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A valid delta whose changed file is 70 MiB (above dimg.ONE_SHOT_MAX, so its
     body is a DELTA streamed in bounded memory): the snapshotter's load check

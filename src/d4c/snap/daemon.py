@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=DEFAULT_ROOT, help=f"state directory (default {DEFAULT_ROOT})")
     p.add_argument("--cache-size", type=parse_size, default=2 << 30, metavar="SIZE",
                    help="per mount: upper bound of the cache of files rebuilt from deltas (default 2G)")
+    p.add_argument("--group-cache", type=parse_size, default=None, metavar="SIZE",
+                   help="per mounted image: decoded group frames of format-2 images kept in memory "
+                   "(default 32M, as `ctr-cli mount`)")
     p.add_argument("--no-remote", action="store_true",
                    help="never fetch d4c artifacts from registries when containerd (CRI) pulls an image")
     p.add_argument("--plain-http-registry", action="append", default=[], metavar="HOST[:PORT]",
@@ -92,7 +95,7 @@ def serve(args: argparse.Namespace) -> int:
     remote = None if args.no_remote else RegistryImages(
         frozenset(args.plain_http_registry), args.remote_timeout, None if args.hosts_dir == "none" else args.hosts_dir,
         args.delta_server, trust, DeltaServerAuth(token, args.delta_server_ca_cert))
-    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size), remote, trust)
+    core = Snapshotter(args.root, LlfsFileSystem(reexec_command(), args.cache_size, args.group_cache), remote, trust)
     core.restore()  # before containerd gets an answer
     stop_watching = threading.Event()
     watcher = threading.Thread(target=core.watch, args=(stop_watching,), name="d4c-watch", daemon=True)

@@ -556,9 +556,10 @@ class _CheckProgress:
 class LlfsFileSystem:
     """FileSystem through llfs server processes (this program, re-executed)."""
 
-    def __init__(self, command: list[str], cache_size: int = 2 << 30) -> None:
+    def __init__(self, command: list[str], cache_size: int = 2 << 30, group_cache: int | None = None) -> None:
         self.command = command
         self.cache_size = cache_size
+        self.group_cache = group_cache  # None: llfs' default
 
     def mount(self, paths: list[str], mountpoint: str, cache_dir: str, log_path: str) -> None:
         from ..llfs.process import spawn_mount
@@ -566,7 +567,7 @@ class LlfsFileSystem:
         # containers need their image's setuid programs and devices, and only root can enter
         # the directories of these mounts (0700)
         spawn_mount(self.command, paths, mountpoint, cache_dir=cache_dir, cache_size=self.cache_size,
-                    log=log_path, verified_bodies=True, suid_dev=True)
+                    log=log_path, verified_bodies=True, suid_dev=True, group_cache=self.group_cache)
 
     def unmount(self, mountpoint: str) -> None:
         p = mounts.detach(mountpoint)
