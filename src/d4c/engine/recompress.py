@@ -800,7 +800,8 @@ def _plan_splice(piece: Piece, stream: memoryview, content: memoryview, old_stre
     if rc or again != stream:
         return None  # our encoder does not write this stream: nothing to splice into
     offsets = np.concatenate(([0], np.cumsum(token_lengths(toks))))
-    runs = [Run(s, int(offsets[s]), o, n) for s, o, n in kernel.common_runs(toks, old_toks, _HASH_TOKENS, SPLICE_RUN).tolist()]
+    common = kernel.common_runs(toks, old_toks, _HASH_TOKENS, SPLICE_RUN).tolist()
+    runs = [Run(s, int(offsets[s]), o, n) for s, o, n in common]
     if sum(r.count for r in runs) == 0:
         return None
     runs = _clean_ends(runs, toks, offsets)

@@ -4,8 +4,8 @@ parent image)."""
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import os
 import resource
 import threading
