@@ -177,7 +177,7 @@ def best_of(runs: int, *cmd: str) -> tuple[float, int]:
 def cdimg(name: str, image_format: int = 2) -> str:
     """convert of image `name` in `image_format` at its default level (cached)."""
     from d4c.image import bodies  # format 2's layout is in the name: a cache from before a change is not reused
-    layout = f"-f{image_format}-g{bodies.GROUP_TARGET >> 10}k-d{bodies.DICT_TARGET >> 20}m"
+    layout = f"-f{image_format}-g{bodies.GROUP_TARGET >> 10}k-d{bodies.DICT_TARGET >> 20}m-c{bodies.GROUP_CODER}"
     out = os.path.join(IMG, f"cdimg-{name}" if image_format == 1 else f"cdimg-{name}{layout}")
     path = os.path.join(out, "image.cdimg")
     if not os.path.exists(path):

@@ -35,11 +35,15 @@ GROUP_FILE_MAX = FRAME_CHUNK  # format 2: bodies up to one frame's content are g
 # `zstd -19` as one stream 28.13 MB), level 19: groups alone, 1 MiB 43.0 MB of image, 4 MiB 39.1;
 # 256 KiB groups with an 8 MiB dictionary 1.081 x the one stream, 16 MiB 1.045, 24 MiB 1.039,
 # 32 MiB 1.031; 64 KiB slices beat 32 and 128 KiB; 512 KiB groups 1.039.  A cold read of a small
-# file decodes its group: 0.3 ms for 256 KiB, where 4 MiB groups took ~10 ms.
+# file decodes its group: 0.3 ms for 256 KiB, where 4 MiB groups took ~10 ms.  With level 19's
+# chain_log (24) its binary tree kept only the newest 8 M positions of the 16 MiB dictionary;
+# reaching all of it (GroupCoder): the nginx image 38.45 -> 38.13 MB, pack 40 -> 52 s here,
+# pack's peak RSS 324 -> 520 MB (each thread's compressor holds a copy of the larger tables).
 GROUP_TARGET = 256 << 10
 DICT_TARGET = 16 << 20
 DICT_SLICE = 64 << 10
 DICT_MIN_CONTENT = 4 * GROUP_TARGET  # less grouped content than this: no dictionary
+GROUP_CODER = 2  # bumped when group frames come out otherwise (the benches key cached images by it)
 
 
 def base_level(image_format: int, level: int | None = None) -> int:
@@ -298,8 +302,14 @@ class GroupCoder:
         self._dictionary: zstandard.ZstdCompressionDict | None = None
         if dictionary:
             largest = len(dictionary) + GROUP_TARGET + GROUP_FILE_MAX
+            params = zstandard.ZstdCompressionParameters.from_level(level, source_size=largest)
+            window_log = min(MAX_WINDOW_LOG, (largest - 1).bit_length())
+            # the binary-tree strategies (levels 13+) keep 2 ** (chain_log - 1) positions: with the
+            # level's own chain_log, the older half of a 16 MiB dictionary was out of their reach
+            reach = (len(dictionary) - 1).bit_length() + 1 if params.strategy >= zstandard.STRATEGY_BTLAZY2 else 0
             self._params = zstandard.ZstdCompressionParameters.from_level(
-                level, source_size=largest, window_log=min(MAX_WINDOW_LOG, (largest - 1).bit_length()),
+                level, source_size=largest, window_log=window_log,
+                chain_log=max(params.chain_log, min(reach, window_log + 1)),
                 write_checksum=True, write_content_size=True, threads=0)
             self._dictionary = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             self._dictionary.precompute_compress(compression_params=self._params)
