@@ -127,7 +127,8 @@ def main() -> int:
                                env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src")))
             mnt = os.path.join(work, "mnt")
             os.makedirs(mnt, exist_ok=True)
-            caches = {1: 0.0, 2: GROUP_CACHE / 2**20 + dictionary_bytes(images[2]) / 2**20}
+            dictionary_mib = dictionary_bytes(images[2]) / 2**20
+            caches = {1: 0.0, 2: GROUP_CACHE / 2**20 + dictionary_mib}
             for row, (_, cmd) in zip(rows, progs):
                 row["mounts"] = {(mode if image_format == 1 else f"{mode}, format 2"):
                                  dict(mount_server_rss(cmd, path, mnt, options), caches_mib=caches[image_format])
@@ -145,7 +146,7 @@ def main() -> int:
                   f"the peak. Targets: idle <= {IDLE_TARGET_MIB} MiB, serving <= {SERVING_TARGET_MIB} MiB plus "
                   "caches (no file here needs the rebuilt-body cache). Rows marked format 2 serve the same tree "
                   "packed in format 2: their caches are the decoded groups (`--group-cache`, "
-                  f"{GROUP_CACHE >> 20} MiB) and the group dictionary ({dictionary_bytes(images[2]) / 2**20:.1f} "
+                  f"{GROUP_CACHE >> 20} MiB) and the group dictionary ({dictionary_mib:.1f} "
                   "MiB here: at most 16 MiB, half the grouped content); their target is serving plus those."
                   if can_mount else "", "",
                   "| program | bodies | idle | vs target | right after the walk | settled | vs target | peak |",
