@@ -6,7 +6,7 @@ import argparse
 import os
 from collections import defaultdict
 
-from ..engine import delta
+from .. import engine
 from ..image.reader import Image
 from ..image.deltas import DEFAULT_FRAME_LEVEL, ENCODINGS, MODES, Decision, DiffOptions, diff_images
 from ..progress import human_bytes
@@ -37,7 +37,7 @@ def register(sub, groups, common) -> None:  # type: ignore[no-untyped-def]
                        help="accepted for compatibility: files are always diffed largest first")
         p.add_argument("--level", type=int, default=DEFAULT_FRAME_LEVEL, metavar="L",
                        help=f"zstd level for files stored whole (default {DEFAULT_FRAME_LEVEL})")
-        p.add_argument("--memory-limit", type=parse_size, default=delta.DEFAULT_MEMORY_LIMIT, metavar="SIZE",
+        p.add_argument("--memory-limit", type=parse_size, default=engine.DEFAULT_MEMORY_LIMIT, metavar="SIZE",
                        help="cap on diff memory over all threads; larger files are diffed in windows, and a file whose "
                        "old and new versions together exceed it is stored whole (default 2G)")
         p.add_argument("--json", action="store_true", help="print the per-file decisions as JSON")

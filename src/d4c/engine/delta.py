@@ -34,7 +34,7 @@ import numpy as np
 import zstandard
 
 from .. import accel
-from . import DEFAULT_LINK_MBIT, recompress
+from . import DEFAULT_LEVEL, DEFAULT_LINK_MBIT, DEFAULT_MEMORY_LIMIT, recompress
 from .chunker import cut_points
 from ..codec import Cursor, Encoder
 from ..errors import CorruptDelta, D4CError, WrongSource

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-from ..engine import delta
+from .. import engine
 from .bodies import DEFAULT_FORMAT, READ_CHUNK, BodySpool, base_level
 from .format import (MAX_DELTA_STEPS, DeltaHeaderCoder, canonical_config, cdimg_preamble, dimg_size_of,
                      encode_delta_header, with_layer_id, write_dimg_to)
@@ -44,10 +44,10 @@ class DiffOptions:
     mode: str = "binary-diff"
     encoding: str = "d4c"
     level: int = DEFAULT_FRAME_LEVEL
-    delta_level: int = delta.DEFAULT_LEVEL
+    delta_level: int = engine.DEFAULT_LEVEL
     threads: int = 1
-    memory_limit: int = delta.DEFAULT_MEMORY_LIMIT
-    link_mbit: float = delta.DEFAULT_LINK_MBIT  # bytes against decode time (delta.CM_DECODE_NS)
+    memory_limit: int = engine.DEFAULT_MEMORY_LIMIT
+    link_mbit: float = engine.DEFAULT_LINK_MBIT  # bytes against decode time (delta.CM_DECODE_NS)
 
 
 @dataclass
@@ -177,6 +177,7 @@ def _storage_plan(entries: list[Entry], in_parent: Callable[[bytes], bool]) -> l
 def diff_images(old: Image, new: Image, out_path: str, *, cdimg: bool,
                 options: DiffOptions | None = None) -> list[Decision]:
     """Write the delta old -> new; returns the per-file decisions."""
+    from ..engine import delta
     options = options or DiffOptions()
     if options.mode not in MODES:
         raise UsageError(f"unknown --mode {options.mode!r} (binary-diff or file-diff)")
@@ -405,6 +406,7 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             return True
 
         def rebuild(item: tuple[int, _Origin]) -> None:
+            from ..engine import delta  # only a chain that must be diffed again needs the engine
             i, o = item
             e = entries[i]
             content = top.read_body(top.entries[i])
