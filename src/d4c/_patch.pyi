@@ -13,7 +13,7 @@ _OutBytes: TypeAlias = bytearray | memoryview | NDArray[np.uint8]  # written in 
 _Index: TypeAlias = Buffer | NDArray[np.int32] | NDArray[np.int64]  # int32 or int64 items
 _Controls: TypeAlias = Buffer | NDArray[np.int64]  # int64 triples
 
-API_VERSION: Final = "4"
+API_VERSION: Final = "5"
 
 def suffix_array(text: _Bytes, sa: _Index) -> int:
     """Fill sa (len(text) + 1 entries); 0, or -1 when memory ran out."""
@@ -27,6 +27,11 @@ def apply(old: _Bytes, ctrl: _Controls, diff: _Bytes, extra: _Bytes, out: _OutBy
 
 def gather_old(old: _Bytes, ctrl: _Controls, out: _OutBytes) -> int:
     """The old bytes under each add byte into out; 0, or apply's negative codes."""
+
+def scatter_runs(stream: _Bytes, count: int, run: int, pos: int, value: int, begin: int,
+                 out: _OutBytes) -> tuple[int, int, int] | int:
+    """The runs of a run-coded add stream inside [begin, begin + len(out)) into out:
+    (run, pos, value) to continue from, or a negative code -1 .. -3."""
 
 @disjoint_base  # a cdef class with C fields
 class AddCoder:

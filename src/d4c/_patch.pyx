@@ -14,9 +14,9 @@ its output as one coding of the add stream (DIFF_CM) and keeps whichever is smal
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free, realloc
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
-API_VERSION = "4"
+API_VERSION = "5"
 
 ctypedef fused idx_t:
     int32_t
@@ -941,3 +941,64 @@ def gather_old(const uint8_t[::1] old, const int64_t[::1] ctrl, uint8_t[::1] out
         if rc == 0 and pos != nout:
             rc = -6
     return rc
+
+
+cdef uint64_t LIMIT62 = (<uint64_t>1) << 62  # gaps and lengths beyond: corrupt (no int64 overflow)
+
+
+cdef inline uint64_t _plane_value(const uint8_t* planes, int64_t count, int64_t k) noexcept nogil:
+    """Value k of a column stored as 8 byte planes (low bytes of all values first)."""
+    cdef uint64_t v = 0
+    cdef int b
+    for b in range(8):
+        v |= (<uint64_t>planes[b * count + k]) << (8 * b)
+    return v
+
+
+def scatter_runs(const uint8_t[::1] stream, int64_t count, int64_t run, int64_t pos, int64_t value,
+                 int64_t begin, uint8_t[::1] out):
+    """Write the runs of a run-coded add stream that fall in [begin, begin + len(out))
+    into out (zeroed by the caller), starting at run `run`, which starts `gap` bytes
+    after `pos` (where the run before it ended) and takes its bytes from value index
+    `value`.  Returns (run, pos, value) to continue from, or a negative code: -1 a run
+    is empty or longer than the stream, -2 a run crosses the end of out, -3 the values
+    are exhausted.  `stream` is count (u64), gaps and lengths as 8 byte planes, values."""
+    cdef int64_t nout = out.shape[0], nvalues, end = begin + nout, length
+    cdef uint64_t gap, ulength
+    cdef const uint8_t* gaps
+    cdef const uint8_t* lengths
+    cdef const uint8_t* values
+    cdef uint8_t* pout
+    cdef uint8_t zero = 0
+    cdef int rc = 0
+    if count < 0 or 8 + 16 * count > stream.shape[0] or run < 0 or run > count:
+        return -1
+    gaps = &stream[8] if stream.shape[0] > 8 else &zero
+    lengths = gaps + 8 * count
+    values = lengths + 8 * count
+    nvalues = stream.shape[0] - 8 - 16 * count
+    pout = &out[0] if nout > 0 else &zero
+    with nogil:
+        while run < count:
+            gap = _plane_value(gaps, count, run)
+            ulength = _plane_value(lengths, count, run)
+            if ulength == 0 or ulength > LIMIT62 or gap > LIMIT62:
+                rc = -1
+                break
+            length = <int64_t>ulength
+            if pos + <int64_t>gap >= end:
+                break  # a later segment's run
+            pos += <int64_t>gap
+            if pos < begin or length > end - pos:
+                rc = -2
+                break
+            if length > nvalues - value:
+                rc = -3
+                break
+            memcpy(pout + (pos - begin), values + value, length)
+            pos += length
+            value += length
+            run += 1
+    if rc:
+        return rc
+    return run, pos, value

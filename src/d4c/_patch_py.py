@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import struct
 
-API_VERSION = "4"
+API_VERSION = "5"
 
 
 def suffix_array(text, sa):  # type: ignore[no-untyped-def]
@@ -355,3 +355,32 @@ def gather_old(old, ctrl, out):  # type: ignore[no-untyped-def]
             return -3
         oldpos += c
     return 0 if pos == nout else -6
+
+
+def scatter_runs(stream, count, run, pos, value, begin, out):  # type: ignore[no-untyped-def]
+    nout = len(out)
+    end = begin + nout
+    if count < 0 or 8 + 16 * count > len(stream) or run < 0 or run > count:
+        return -1
+    nvalues = len(stream) - 8 - 16 * count
+
+    def plane_value(base: int, k: int) -> int:
+        return sum(stream[base + b * count + k] << (8 * b) for b in range(8))
+
+    while run < count:
+        gap, length = plane_value(8, run), plane_value(8 + 8 * count, run)
+        if length == 0 or length > 1 << 62 or gap > 1 << 62:
+            return -1
+        if pos + gap >= end:
+            break
+        pos += gap
+        if pos < begin or length > end - pos:
+            return -2
+        if length > nvalues - value:
+            return -3
+        start = 8 + 16 * count + value
+        out[pos - begin:pos - begin + length] = memoryview(stream)[start:start + length]
+        pos += length
+        value += length
+        run += 1
+    return run, pos, value

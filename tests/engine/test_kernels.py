@@ -106,6 +106,69 @@ def test_gather_old_checks_ranges() -> None:
     assert _patch_py.gather_old(old, [3, 0, 2, 3, 0, 0], bytearray(6)) == 0
 
 
+def _run_stream(runs: list[tuple[int, int]], values: bytes) -> bytes:
+    """A run-coded add stream (docs/DELTA.md) of (start, length) runs."""
+    from d4c.engine.delta import _encode_runs
+    return _encode_runs(np.array([s for s, _ in runs], dtype=np.int64),
+                        np.array([n for _, n in runs], dtype=np.int64), values)
+
+
+def test_scatter_runs_parity_over_segments() -> None:
+    fast = compiled("_patch")
+    rng = random.Random(5)
+    size, runs, at = 5000, [], 0
+    while True:
+        at += rng.randrange(0, 90)
+        length = rng.randrange(1, 40)
+        if at + length > size:
+            break
+        runs.append((at, length))
+        at += length
+    values = bytes(rng.randrange(1, 256) for _ in range(sum(n for _, n in runs)))
+    stream = _run_stream(runs, values)
+    expected = bytearray(size)
+    for (start, length), offset in zip(runs, np.cumsum([0] + [n for _, n in runs])):
+        expected[start:start + length] = values[offset:offset + length]
+    # segments cut where no run is open, as the encoder does
+    cuts = sorted({0, size} | {s for s, _ in rng.sample(runs, 12)})
+    for module in (fast, _patch_py):
+        state, got = (0, 0, 0), bytearray()
+        for begin, end in zip(cuts, cuts[1:]):
+            out = np.zeros(end - begin, dtype=np.uint8)
+            state = module.scatter_runs(stream, len(runs), *state, begin, out)
+            assert isinstance(state, tuple)
+            got += out.tobytes()
+        assert got == expected and state[0] == len(runs) and state[2] == len(values)
+    # a cut inside a run: -2 from both
+    start = next(s for s, n in runs if n > 1)
+    for module in (fast, _patch_py):
+        assert module.scatter_runs(stream, len(runs), 0, 0, 0, 0, np.zeros(start + 1, dtype=np.uint8)) == -2
+
+
+def test_run_reader_refuses_what_does_not_add_up() -> None:
+    from d4c.engine.delta import RunReader
+
+    def fail(reason: str) -> None:
+        raise ValueError(reason)
+
+    stream = _run_stream([(2, 3), (10, 2)], b"abcde")
+    reader = RunReader(stream, fail)
+    assert reader.read(0, 8).tobytes() == b"\0\0abc\0\0\0"
+    with pytest.raises(ValueError, match="outside the stream"):
+        reader.finish()  # the run at 10 was never read
+    assert RunReader(stream, fail).read(0, 12).tobytes()[10:] == b"de"
+    with pytest.raises(ValueError, match="do not match the bytes"):
+        RunReader(stream[:-1], fail).read(0, 12)  # values short by one
+    with pytest.raises(ValueError, match="bad run count"):
+        RunReader(b"\xff" * 8 + stream[8:], fail)
+    with pytest.raises(ValueError, match="run outside the stream"):
+        RunReader(_run_stream([(2, 0), (5, 1)], bytes(17)), fail).read(0, 8)  # an empty run
+    long_reader = RunReader(stream + b"x", fail)
+    long_reader.read(0, 12)
+    with pytest.raises(ValueError, match="do not match the bytes"):
+        long_reader.finish()  # a value byte left over
+
+
 def _sa_inputs() -> list[bytes]:
     """Inputs that reach every SA-IS path: recursion (repeats), one-symbol runs,
     the extreme byte values, and plain noise."""

@@ -52,9 +52,7 @@ METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole",
 RECOMPRESS_GOOD = 4  # a recompress delta under 1/4 of the new file: the byte-level methods are not tried
 PREAMBLE = struct.Struct("<8sHBBIQQ32s32s")  # 96 bytes
 
-DEFAULT_LEVEL = 15
 FAST_LEVEL = 6
-DEFAULT_MEMORY_LIMIT = 2 << 30     # fixed, so output never depends on the machine
 SEGMENT_TARGET = 8 << 20           # files above this are diffed in segments (parallel)
 MIN_SEGMENT = 256 << 10
 MAX_SEGMENT = SEGMENT_TARGET + (1 << 20)  # what plan_segments can produce, with slack
@@ -498,50 +496,36 @@ def _encode_runs(starts: np.ndarray, lengths: np.ndarray, values: bytes) -> byte
     return struct.pack("<Q", len(starts)) + _planes(gaps) + _planes(lengths) + values
 
 
-@dataclass
-class Runs:
-    starts: np.ndarray     # absolute, in the whole add stream
-    lengths: np.ndarray
-    first_value: np.ndarray  # index into values of each run's first byte
-    values: np.ndarray
+class RunReader:
+    """A run-coded add stream read one segment at a time (accel.patch.scatter_runs):
+    every run must lie inside one segment, and the runs and their bytes must be used
+    up exactly by the end."""
 
+    def __init__(self, blob: bytes, fail) -> None:  # type: ignore[no-untyped-def]
+        if len(blob) < 8:
+            fail("sparse diff stream truncated")
+        (self.count,) = struct.unpack_from("<Q", blob)
+        if self.count > (len(blob) - 8) // 17:
+            fail("sparse diff stream: bad run count")
+        self.blob, self.fail = blob, fail
+        self.nvalues = len(blob) - 8 - 16 * self.count
+        self.run = self.pos = self.value = 0
 
-def _decode_runs(blob: bytes, size: int, fail) -> Runs:  # type: ignore[no-untyped-def]
-    if len(blob) < 8:
-        fail("sparse diff stream truncated")
-    (count,) = struct.unpack_from("<Q", blob)
-    if count > (len(blob) - 8) // 17:
-        fail("sparse diff stream: bad run count")
-    view = memoryview(blob)[8:]
-    gaps = _unplanes(view[:8 * count], count)
-    lengths = _unplanes(view[8 * count:16 * count], count)
-    values = np.frombuffer(view[16 * count:], dtype=np.uint8)
-    if count and (int(gaps.max()) > size or int(lengths.max()) > size or int(lengths.min()) == 0):
-        fail("sparse diff stream: run outside the stream")
-    lengths64 = lengths.astype(np.int64)
-    first_value = np.cumsum(lengths64) - lengths64
-    if int(lengths64.sum()) != len(values):
-        fail("sparse diff stream: runs do not match the bytes")
-    starts = np.cumsum(gaps.astype(np.int64)) + first_value
-    if count and int(starts[-1]) + int(lengths64[-1]) > size:
-        fail("sparse diff stream: run outside the stream")
-    return Runs(starts, lengths64, first_value, values)
+    def read(self, begin: int, length: int) -> np.ndarray:
+        """The add stream bytes [begin, begin+length), the next segment's."""
+        out = np.zeros(length, dtype=np.uint8)
+        state = accel.patch.scatter_runs(self.blob, self.count, self.run, self.pos, self.value, begin, out)
+        if isinstance(state, int):
+            self.fail({-1: "sparse diff stream: run outside the stream", -2: "sparse diff stream: a run "
+                       "crosses a segment"}.get(state, "sparse diff stream: runs do not match the bytes"))
+        self.run, self.pos, self.value = state
+        return out
 
-
-def _runs_slice(runs: Runs, begin: int, length: int, fail) -> np.ndarray:  # type: ignore[no-untyped-def]
-    """The add stream bytes [begin, begin+length) rebuilt from the runs."""
-    out = np.zeros(length, dtype=np.uint8)
-    lo = int(np.searchsorted(runs.starts, begin, side="left"))
-    hi = int(np.searchsorted(runs.starts, begin + length, side="left"))
-    if hi > lo:
-        starts, lengths = runs.starts[lo:hi], runs.lengths[lo:hi]
-        if int(starts[-1] + lengths[-1]) > begin + length:
-            fail("sparse diff stream: a run crosses a segment")
-        total = int(lengths.sum())
-        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[np.repeat(starts - begin, lengths) + within] = \
-            runs.values[int(runs.first_value[lo]):int(runs.first_value[lo]) + total]
-    return out
+    def finish(self) -> None:
+        if self.run != self.count:
+            self.fail("sparse diff stream: run outside the stream")
+        if self.value != self.nvalues:
+            self.fail("sparse diff stream: runs do not match the bytes")
 
 
 _mmap_threshold_fixed = False
@@ -1052,8 +1036,7 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     ctrl_reader = _StreamReader(codecs[0], frames[0], sizes[0][0], source, "control stream")
     runs = raw_reader = cm_decoder = None
     if diff_mode == DIFF_SPARSE:
-        runs = _decode_runs(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"),
-                            total_d, fail)
+        runs = RunReader(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"), fail)
     elif diff_mode == DIFF_CM:
         cm_decoder = accel.patch.AddCoder(False, _unpack_stream(codecs[1], frames[1], sizes[1][0], source,
                                                                 "diff stream"))
@@ -1066,7 +1049,7 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     for o_start, o_len, n_len, nctrl, nd, ne in segments:
         seg_ctrl = _decode_controls(ctrl_reader.read(24 * nctrl), nctrl, fail)
         if runs is not None:
-            seg_diff = _runs_slice(runs, dpos, nd, fail)
+            seg_diff = runs.read(dpos, nd)
         elif cm_decoder is not None:
             ctx = np.empty(nd, dtype=np.uint8)
             rc = kernels.gather_old(old[o_start:o_start + o_len], seg_ctrl, ctx)
@@ -1084,7 +1067,7 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         dpos += nd
         epos += ne
         npos += n_len
-    for reader in (ctrl_reader, extra_reader, raw_reader):
+    for reader in (ctrl_reader, extra_reader, raw_reader, runs):
         if reader is not None:
             reader.finish()
     return out
