@@ -408,8 +408,8 @@ def test_lzma_of_a_large_sparse_stream_runs_only_where_its_probe_says_it_may_pay
     data = bytes(rnd.choice(b"\0\1\2\3\x40\x80\xff") for _ in range(delta.LZMA_PROBE_MIN))
     presets = []
     real = delta._lzma
-    monkeypatch.setattr(delta, "_lzma", lambda d, largest, preset=6, bytewise=False:
-                        presets.append(preset) or real(d, largest, preset, bytewise))
+    monkeypatch.setattr(delta, "_lzma", lambda d, largest, preset=6, bytewise=False, nice_len=None:
+                        presets.append(preset) or real(d, largest, preset, bytewise, nice_len))
     # a zstd frame as large as the stream: what lzma saves is then the probe's whole size
     monkeypatch.setattr(delta, "_compress_sparse", lambda d, level: bytes(len(d)))
     fast_link = delta._sparse_candidates(data, 15, 1, 10_000.0)
@@ -422,3 +422,10 @@ def test_lzma_of_a_large_sparse_stream_runs_only_where_its_probe_says_it_may_pay
     assert presets == [6]
     for codec, frame in slow_link[1:]:
         assert delta._unpack_stream(codec, frame, len(data), "test", "add") == data
+    # near the break-even (the expected gain 1.1 x the slower decoding) -6 is not run; at 1.4 x it is
+    expected_gain = len(data) - delta.LZMA_PROBE_RATIO * len(real(data, delta.SPARSE_DICT, 1, True))
+    slower = (delta.DECODE_NS[delta.CODEC_LZMA] - delta.DECODE_NS[delta.CODEC_ZSTD]) * len(data) * 1e-9
+    for factor, runs in ((1.1, [1]), (1.4, [1, 6])):
+        presets.clear()
+        delta._sparse_candidates(data, 15, 1, expected_gain * 8 / (factor * slower * 1e6))
+        assert presets == runs, factor

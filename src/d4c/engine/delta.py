@@ -148,8 +148,12 @@ def _lzma_filters(size: int, largest: int = 1 << 26, preset: int = 6,
     return [{"id": lzma.FILTER_LZMA1, "preset": preset, "dict_size": dict_size, **extra}]
 
 
-def _lzma(data: bytes | memoryview, largest: int = 1 << 26, preset: int = 6, bytewise: bool = False) -> bytes:
-    return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=_lzma_filters(len(data), largest, preset, bytewise))
+def _lzma(data: bytes | memoryview, largest: int = 1 << 26, preset: int = 6, bytewise: bool = False,
+          nice_len: int | None = None) -> bytes:
+    filters = _lzma_filters(len(data), largest, preset, bytewise)
+    if nice_len is not None:
+        filters[0]["nice_len"] = nice_len
+    return lzma.compress(data, format=lzma.FORMAT_ALONE, filters=filters)
 
 
 # run-coded add streams: gaps, lengths and values repeat at short range; measured on the corpus'
@@ -214,9 +218,16 @@ def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int 
 
 # lzma -6 of a run-coded add stream came out 0.894-0.912 x lzma -1's (five corpus binaries) at
 # 4-5 x its time: where lzma's slower decoding is not paid for by the bytes -1 lets expect,
-# -6 is not run (the probe costs a fifth of it; near the break-even, either choice costs alike)
+# -6 is not run (the probe costs a fifth of it).  Near the break-even either choice costs a
+# device alike, so -6 is run only where the expected gain is a quarter above the decoding it
+# costs: git's and libsystemd-core's streams (1.03-1.04 x) take zstd, and their diffs skip
+# 54-80 ms of lzma
 LZMA_PROBE_MIN = 256 << 10
 LZMA_PROBE_RATIO = 0.905
+LZMA_PROBE_MARGIN = 1.25
+# -6's match finder stops at 32-byte matches (its default 64): libcrypto's stream 197 -> 154 ms,
+# +1 % bytes (184061 -> 185846); run-coded streams have few long matches worth extending
+SPARSE_LZMA_NICE_LEN = 32
 
 
 def _sparse_candidates(data: bytes, level: int, threads: int, link_mbit: float) -> list[tuple[int, bytes]]:
@@ -233,8 +244,8 @@ def _sparse_candidates(data: bytes, level: int, threads: int, link_mbit: float) 
     out = [(CODEC_ZSTD, zstd_frame), (CODEC_LZMA, probe)]
     bytes_per_second = link_mbit * 1e6 / 8
     slower = (DECODE_NS[CODEC_LZMA] - DECODE_NS[CODEC_ZSTD]) * len(data) * 1e-9
-    if (len(zstd_frame) - LZMA_PROBE_RATIO * len(probe)) / bytes_per_second > slower:
-        out.append((CODEC_LZMA, _lzma(data, SPARSE_DICT, bytewise=True)))
+    if (len(zstd_frame) - LZMA_PROBE_RATIO * len(probe)) / bytes_per_second > LZMA_PROBE_MARGIN * slower:
+        out.append((CODEC_LZMA, _lzma(data, SPARSE_DICT, bytewise=True, nice_len=SPARSE_LZMA_NICE_LEN)))
     return out
 
 
