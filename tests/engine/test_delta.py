@@ -429,3 +429,10 @@ def test_lzma_of_a_large_sparse_stream_runs_only_where_its_probe_says_it_may_pay
         presets.clear()
         delta._sparse_candidates(data, 15, 1, expected_gain * 8 / (factor * slower * 1e6))
         assert presets == runs, factor
+
+
+def test_controls_and_inserts_that_do_not_compress_are_stored() -> None:
+    """Inserted machine code or a new build id: a frame would be larger than the bytes."""
+    noise = random.Random(7).randbytes(200)
+    assert delta._pack_stream(noise, 19) == (delta.CODEC_STORED, noise)
+    assert delta._pack_stream(bytes(200), 19)[0] != delta.CODEC_STORED

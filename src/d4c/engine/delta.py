@@ -206,8 +206,10 @@ def _pack_candidates(data: bytes, level: int, kind: str = "small", threads: int 
             jobs.append((CODEC_LZMA, lambda: _lzma(data, largest, bytewise=sparse)))
             if kind == "small":
                 jobs.append((CODEC_BZ2, lambda: _bzip2(data)))
-    if len(data) < 64:
-        jobs.append((CODEC_STORED, lambda: bytes(data)))  # tiny: a frame header costs more
+    if len(data) < 64 or kind == "small":
+        # tiny, or incompressible controls and inserts (a changed build id, shifted code): a
+        # frame's header costs more than it saves (git's helpers' 129 inserted bytes: 138 as zstd)
+        jobs.append((CODEC_STORED, lambda: bytes(data)))
     if threads > 1 and len(data) > (256 << 10):
         with ThreadPoolExecutor(max_workers=min(threads, len(jobs))) as pool:
             results = list(pool.map(lambda job: (job[0], job[1]()), jobs))  # type: ignore[operator]
