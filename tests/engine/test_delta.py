@@ -80,7 +80,8 @@ def test_small_edits_give_small_deltas() -> None:
     assert len(d) < 3000, len(d)
     f = roundtrip(old, new, fast=True)
     assert len(f) < 6000, len(f)
-    assert delta.read_delta_info(d).method_name == "sa" and delta.read_delta_info(f).method_name == "prefix"
+    assert delta.read_delta_info(d).method_name in ("sa", "sa-compact")
+    assert delta.read_delta_info(f).method_name == "prefix"
 
 
 def test_a_shift_inside_a_same_size_file_is_matched_not_spelled_out() -> None:
@@ -95,7 +96,7 @@ def test_a_shift_inside_a_same_size_file_is_matched_not_spelled_out() -> None:
     new = bytes(new)
     d = roundtrip(old, new)
     assert len(d) < delta.PREAMBLE.size + 160, len(d)  # aligned add bytes alone: ~600 incompressible ones
-    assert delta.read_delta_info(d).method_name == "sa"
+    assert delta.read_delta_info(d).method_name in ("sa", "sa-compact")
 
 
 def pointer_table(n: int, seed: int, shift: int) -> bytes:
@@ -197,12 +198,23 @@ def _sa_delta() -> tuple[bytes, bytes, bytes]:
     old = lcg_bytes(delta.SMALL_FILE + 20000, 4)  # above SMALL_FILE: no zstd prefix candidate
     new = mutate(old, 9, 10)
     d = delta.diff(old, new)
-    assert delta.read_delta_info(d).method_name == "sa"
+    assert delta.read_delta_info(d).method_name == "sa-compact"  # few changes: the compact coding
     return old, new, d
 
 
-def test_truncated_and_flipped_deltas() -> None:
-    old, new, d = _sa_delta()
+def _plain_sa_delta() -> tuple[bytes, bytes, bytes]:
+    """_sa_delta's pair as method 1 (byte planes), which a compact delta would be without it."""
+    old = lcg_bytes(delta.SMALL_FILE + 20000, 4)
+    new = mutate(old, 9, 10)
+    method, payload = delta.diff_payload(old, new, compact=False)
+    assert method == delta.METHOD_SA
+    return old, new, delta._preamble(method, len(old), len(new), hashlib.sha256(old).digest(),
+                                     hashlib.sha256(new).digest()) + payload
+
+
+@pytest.mark.parametrize("make", [_sa_delta, _plain_sa_delta])
+def test_truncated_and_flipped_deltas(make) -> None:  # type: ignore[no-untyped-def]
+    old, new, d = make()
     for cut in range(0, len(d), max(1, len(d) // 97)):
         with pytest.raises(D4CError):
             delta.apply(old, d[:cut])
@@ -276,9 +288,10 @@ def test_out_of_range_controls() -> None:
 
 
 @SETTINGS
-@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6))
-def test_fuzz_mutated_delta(mutations: list[tuple[int, int]]) -> None:
-    old, new, d = FUZZ_BASE
+@given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
+       st.integers(0, 1))
+def test_fuzz_mutated_delta(mutations: list[tuple[int, int]], base: int) -> None:
+    old, new, d = FUZZ_BASE if base == 0 else COMPACT_BASE
     bad = bytearray(d)
     for pos, value in mutations:
         bad[pos % len(bad)] = value
@@ -291,11 +304,14 @@ def test_fuzz_mutated_delta(mutations: list[tuple[int, int]]) -> None:
 
 FUZZ_BASE = (lcg_bytes(4000, 2), mutate(lcg_bytes(4000, 2), 5, 8), b"")
 FUZZ_BASE = (FUZZ_BASE[0], FUZZ_BASE[1], delta.diff(FUZZ_BASE[0], FUZZ_BASE[1]))
+COMPACT_BASE = _sa_delta()
 
 GOLDEN = os.path.join(TESTS, "data", "golden-v1.delta")
 # what today's encoder makes of the pair: the stored file came from the scan before it
-# stepped faster past failed searches (same format, another match layout)
-GOLDEN_SHA256 = "0845c06c78bf45d6dce409c945ab85b054c30a1a61023f0126088fc419d450b9"
+# stepped faster past failed searches (same format, another match layout), and before the
+# compact coding (method 5, golden-v3-compact.delta: today's bytes)
+GOLDEN_SHA256 = "b06c80196b507aae47fb50b8934f78df502a0283cae5119113def63f7e7fe7da"
+GOLDEN_COMPACT = os.path.join(TESTS, "data", "golden-v3-compact.delta")
 
 
 def golden_pair() -> tuple[bytes, bytes]:
@@ -304,11 +320,12 @@ def golden_pair() -> tuple[bytes, bytes]:
 
 
 GOLDEN_CM = os.path.join(TESTS, "data", "golden-v1-cm.delta")
-GOLDEN_CM_SHA256 = "b5198efc227507a0821aa867b53c1a1a47ae25ace9442f34e3c4d183e360f4f5"
+GOLDEN_CM_SHA256 = "2874660442e2c993fd980ae26ec2f3ffb5db28045393045ba80e5351074f7fd9"  # compact controls now
 
 
 @pytest.mark.parametrize("path,digest,pair", [
     (GOLDEN, GOLDEN_SHA256, golden_pair),
+    (GOLDEN_COMPACT, GOLDEN_SHA256, golden_pair),
     (GOLDEN_CM, GOLDEN_CM_SHA256, lambda: (pointer_table(delta.SMALL_FILE + 60_000, 5, 0), pointer_table(delta.SMALL_FILE + 60_000, 5, 7))),
 ])
 def test_golden_delta(path: str, digest: str, pair) -> None:  # type: ignore[no-untyped-def]
@@ -436,3 +453,30 @@ def test_controls_and_inserts_that_do_not_compress_are_stored() -> None:
     noise = random.Random(7).randbytes(200)
     assert delta._pack_stream(noise, 19) == (delta.CODEC_STORED, noise)
     assert delta._pack_stream(bytes(200), 19)[0] != delta.CODEC_STORED
+
+
+def test_golden_files_carry_their_method_and_version() -> None:
+    """Method 5 is written as version 3, which version-1 and -2 readers refuse by its number."""
+    for path, version, method in ((GOLDEN, 1, delta.METHOD_SA), (GOLDEN_COMPACT, 3, delta.METHOD_SA_COMPACT)):
+        with open(path, "rb") as f:
+            data = f.read()
+        assert (data[8], data[10]) == (version, method)
+        assert delta.read_delta_info(data).method == method
+    bad = bytearray(data)
+    bad[8] = 1  # method 5 under version 1
+    with pytest.raises(CorruptDelta, match="unknown method 5"):
+        delta.read_delta_info(bytes(bad))
+
+
+def test_compact_coding_only_where_it_pays_and_bounded(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    old, new, compact = _sa_delta()
+    _, _, plain = _plain_sa_delta()
+    assert len(compact) < len(plain)
+    # on a slow link the bytes saved pay for the decoding; at a huge rate they do not
+    assert delta.diff_payload(old, new, link_mbit=5)[0] == delta.METHOD_SA_COMPACT
+    assert delta.diff_payload(old, new, link_mbit=1e9)[0] == delta.METHOD_SA
+    # a reader allowing fewer values than the delta holds refuses it
+    monkeypatch.setattr(delta, "COMPACT_MAX_VALUES", 3)
+    with pytest.raises(CorruptDelta, match="too many|bad run count"):
+        delta.apply(old, compact)
+    assert delta.diff_payload(old, new)[0] == delta.METHOD_SA  # and the writer does not make one

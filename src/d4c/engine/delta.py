@@ -46,9 +46,13 @@ from ..digests import sha256
 MAGIC = b"D4C-DLTA"
 VERSION = 1
 VERSION_RECOMPRESS = 2  # a delta file of method 4 is version 2: a version-1 reader refuses it by its version
-READ_VERSIONS = (VERSION, VERSION_RECOMPRESS)
-METHOD_SA, METHOD_PREFIX, METHOD_WHOLE, METHOD_RECOMPRESS = 1, 2, 3, 4
-METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole", METHOD_RECOMPRESS: "recompress"}
+VERSION_COMPACT = 3     # method 5: a version-1 or -2 reader refuses it by its version
+READ_VERSIONS = (VERSION, VERSION_RECOMPRESS, VERSION_COMPACT)
+METHOD_SA, METHOD_PREFIX, METHOD_WHOLE, METHOD_RECOMPRESS, METHOD_SA_COMPACT = 1, 2, 3, 4, 5
+METHOD_NAMES = {METHOD_SA: "sa", METHOD_PREFIX: "prefix", METHOD_WHOLE: "whole", METHOD_RECOMPRESS: "recompress",
+                METHOD_SA_COMPACT: "sa-compact"}
+VERSION_OF_METHOD = {METHOD_SA: VERSION, METHOD_PREFIX: VERSION, METHOD_WHOLE: VERSION,
+                     METHOD_RECOMPRESS: VERSION_RECOMPRESS, METHOD_SA_COMPACT: VERSION_COMPACT}
 RECOMPRESS_GOOD = 4  # a recompress delta under 1/4 of the new file: the byte-level methods are not tried
 PREAMBLE = struct.Struct("<8sHBBIQQ32s32s")  # 96 bytes
 
@@ -72,6 +76,13 @@ CM_MIN_CHANGES = 1024             # fewer changed bytes: the context-mixing code
 # `link_mbit` (0: the smallest delta, whatever its decode time).  Constants, so output never depends
 # on the machine.  The default is the 3G-class link of the thin-link bench.
 CM_DECODE_NS = 30
+# SA_COMPACT (method 5): the controls and the runs' gaps and lengths as uvarints, for deltas of
+# few changes, where byte planes of u64 cost more than they save (git's helper programs: the
+# controls 48 -> 26 bytes, the runs 152 -> 134).  Decoded in Python: at most this many values,
+# at COMPACT_DECODE_NS each (measured 250-480 ns), weighed against the bytes saved on the link
+COMPACT_MAX_VALUES = 4096
+COMPACT_MAX_STREAM = 64 << 10
+COMPACT_DECODE_NS = 400
 CM_GAIN_BOUND = 0.4  # of zstd -3's run-coded stream: the coder saved 20-36 % of it on the corpus' binaries
 SMALL_FILE = 256 << 10            # at most this size the zstd prefix delta is tried too
 SMALL_FILE_LEVEL = 19
@@ -500,6 +511,30 @@ def _decode_controls(data: bytes, ntriples: int, fail) -> np.ndarray:  # type: i
     return out.reshape(-1)
 
 
+def _decode_compact_controls(data: bytes, ntriples: int, fail) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """SA_COMPACT's controls: per triple, copy and insert length (uvarints) and seek (svarint)."""
+    cur = Cursor(data, fail)
+    values = []
+    for _ in range(ntriples):
+        values += (cur.uvarint(), cur.uvarint(), cur.svarint())
+    if cur.remaining():
+        fail("control stream has the wrong size")
+    return np.array(values, dtype=np.int64)
+
+
+def _planar_runs(data: bytes, max_runs: int, fail) -> bytes:  # type: ignore[no-untyped-def]
+    """SA_COMPACT's run-coded add stream (count, then gap and length per run as uvarints,
+    then the bytes) in the layout RunReader reads."""
+    cur = Cursor(data, fail)
+    count = cur.uvarint()
+    if 2 * count > max_runs:
+        fail("sparse diff stream: bad run count")
+    fields = [cur.uvarint() for _ in range(2 * count)]
+    gaps = np.array(fields[0::2], dtype=np.int64)
+    lengths = np.array(fields[1::2], dtype=np.int64)
+    return struct.pack("<Q", count) + _planes(gaps) + _planes(lengths) + bytes(data[cur.pos:])
+
+
 def _encode_runs(starts: np.ndarray, lengths: np.ndarray, values: bytes) -> bytes:
     """The add stream as runs of non-zero bytes: run count, gaps and lengths
     (byte planes), then the bytes.  Most diff bytes are zero, so this is much
@@ -564,12 +599,12 @@ def _fix_mmap_threshold() -> None:
 
 def diff_payload(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAULT_LEVEL,
                  threads: int = 1, memory_limit: int = DEFAULT_MEMORY_LIMIT, fast: bool = False,
-                 expand: bool = True, link_mbit: float = DEFAULT_LINK_MBIT) -> tuple[int, bytes]:
+                 expand: bool = True, link_mbit: float = DEFAULT_LINK_MBIT, compact: bool = True) -> tuple[int, bytes]:
     """(method, payload) of the smallest delta that turns old into new: what an
     image stores (its tree holds the sizes and digests a delta file's preamble
     carries).  `fast` uses zstd's prefix mode only; `expand` tries the contents
     of compressed files (RECOMPRESS); `link_mbit` weighs bytes against decode
-    time (CM_DECODE_NS)."""
+    time (CM_DECODE_NS); `compact` allows SA_COMPACT (not inside RECOMPRESS)."""
     accel.kernel("_patch")
     _fix_mmap_threshold()
     old, new = memoryview(old).cast("B"), memoryview(new).cast("B")
@@ -583,8 +618,8 @@ def diff_payload(old: bytes | memoryview, new: bytes | memoryview, *, level: int
     inside = _recompress_payload(old, new, options) if expand and recompress.looks_compressed(new) else None
     if inside is not None and len(inside) * RECOMPRESS_GOOD < len(new):
         return METHOD_RECOMPRESS, inside
-    sa_payload = _sa_payload(old, new, level, threads, memory_limit, link_mbit)
-    candidates = [(METHOD_SA, sa_payload)] if sa_payload is not None else []
+    sa = _sa_payload(old, new, level, threads, memory_limit, link_mbit, compact=compact)
+    candidates = [sa] if sa is not None else []
     if inside is not None:
         candidates.append((METHOD_RECOMPRESS, inside))
     # the scan found little (e.g. a re-compressed .gz): zstd's own matching with
@@ -621,8 +656,7 @@ def diff(old: bytes | memoryview, new: bytes | memoryview, *, level: int = DEFAU
 
 
 def _preamble(method: int, old_size: int, new_size: int, old_digest: bytes, new_digest: bytes) -> bytes:
-    version = VERSION_RECOMPRESS if method == METHOD_RECOMPRESS else VERSION
-    return PREAMBLE.pack(MAGIC, version, method, 0, 0, old_size, new_size, old_digest, new_digest)
+    return PREAMBLE.pack(MAGIC, VERSION_OF_METHOD[method], method, 0, 0, old_size, new_size, old_digest, new_digest)
 
 
 def _recompress_payload(old: memoryview, new: memoryview, options: dict[str, float]) -> bytes | None:
@@ -635,7 +669,8 @@ def _recompress_payload(old: memoryview, new: memoryview, options: dict[str, flo
         return None  # no stream re-creates: the bytes are all there is
     base = recompress.expand(old)
     expanded = recompress.link_to_old(old, base, new, expanded)
-    method, inner = diff_payload(base.content, expanded.content, expand=False, **options)  # type: ignore[arg-type]
+    method, inner = diff_payload(base.content, expanded.content, expand=False, compact=False,
+                                 **options)  # type: ignore[arg-type]
     return recompress.encode_header(base, expanded, method) + inner
 
 
@@ -710,7 +745,9 @@ def _bz2_may_pay(raw: bytes, best_seconds: float, link_mbit: float) -> bool:
 
 
 def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memory_limit: int,
-                link_mbit: float = DEFAULT_LINK_MBIT) -> bytes | None:
+                link_mbit: float = DEFAULT_LINK_MBIT, compact: bool = True) -> tuple[int, bytes] | None:
+    """(METHOD_SA or, where it is quicker on the link, METHOD_SA_COMPACT, payload); `compact`
+    False for a RECOMPRESS payload's inner delta (method 5 is not one of version 2's)."""
     segments = plan_segments(old, new, memory_limit, threads)
     per_segment = SA_BYTES_PER_OLD * max(s.old_len for s in segments) + NEW_BYTES_PER_NEW * SEGMENT_TARGET
     workers = max(1, min(threads, len(segments), memory_limit // max(per_segment, 1)))
@@ -793,15 +830,65 @@ def _sa_payload(old: memoryview, new: memoryview, level: int, threads: int, memo
     extra = b"".join(p.extra for p in parts)
     # column-coded per segment, so the patcher can stream the controls segment by segment
     ctrl = b"".join(_encode_controls(np.frombuffer(p.ctrl, dtype="<i8")) for p in parts)
-    streams = [ctrl, diff_stream, extra]
-    packed = [_pack_stream(ctrl, level), diff_packed, _pack_stream(extra, level, "small", threads)]
+    packed_extra = _pack_stream(extra, level, "small", threads)
+    head = enc.getvalue()
+    plain = head + _streams_part(diff_mode, [ctrl, diff_stream, extra],
+                                 [_pack_stream(ctrl, level), diff_packed, packed_extra])
+    if not compact:
+        return METHOD_SA, plain
+    runs = (starts, lengths, b"".join(p.values for p in parts)) if diff_mode == DIFF_SPARSE else None
+    small = _compact_streams(parts, diff_mode, diff_stream, diff_packed, runs, level)
+    if small is None:
+        return METHOD_SA, plain
+    (ctrl_c, diff_c), (packed_ctrl, packed_diff), values = small
+    packed_c = head + _streams_part(diff_mode, [ctrl_c, diff_c, extra], [packed_ctrl, packed_diff, packed_extra])
+    saved = len(plain) - len(packed_c)
+    if saved > 0 and (link_mbit <= 0 or saved * 8 / (link_mbit * 1e6) > values * COMPACT_DECODE_NS * 1e-9):
+        return METHOD_SA_COMPACT, packed_c
+    return METHOD_SA, plain
+
+
+def _streams_part(diff_mode: int, streams: list[bytes], packed: list[tuple[int, bytes]]) -> bytes:
+    """diff_mode, the three stream descriptors and their frames (docs/DELTA.md, SA)."""
+    enc = Encoder()
     enc.u8(diff_mode)
     for stream, (codec, frame) in zip(streams, packed):
         enc.u8(codec)
         enc.uvarint(len(stream))
         enc.uvarint(len(frame))
-    frames = [frame for _, frame in packed]
-    return enc.getvalue() + b"".join(frames)
+    return enc.getvalue() + b"".join(frame for _, frame in packed)
+
+
+def _compact_streams(parts: list[SegmentDiff], diff_mode: int, diff_stream: bytes, diff_packed: tuple[int, bytes],
+                     runs: tuple[np.ndarray, np.ndarray, bytes] | None, level: int
+                     ) -> tuple[tuple[bytes, bytes], tuple[tuple[int, bytes], tuple[int, bytes]], int] | None:
+    """((controls, diff stream), their (codec, frame)s, values to decode) coded as
+    SA_COMPACT, or None where that is not allowed (too many values, a large diff stream)."""
+    triples = sum(len(p.ctrl) // 24 for p in parts)
+    nruns = len(runs[0]) if runs is not None else 0
+    values = 3 * triples + 2 * nruns
+    if values > COMPACT_MAX_VALUES or (runs is not None and len(diff_stream) > COMPACT_MAX_STREAM):
+        return None
+    enc = Encoder()
+    for p in parts:
+        for copy, insert, seek in np.frombuffer(p.ctrl, dtype="<i8").reshape(-1, 3).tolist():
+            enc.uvarint(copy)
+            enc.uvarint(insert)
+            enc.svarint(seek)
+    ctrl = enc.getvalue()
+    if runs is None:
+        return (ctrl, diff_stream), (_pack_stream(ctrl, level), diff_packed), values
+    starts, lengths, run_values = runs
+    ends = starts + lengths
+    gaps = starts - np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    enc = Encoder()
+    enc.uvarint(nruns)
+    for gap, length in zip(gaps.tolist(), lengths.tolist()):
+        enc.uvarint(gap)
+        enc.uvarint(length)
+    enc.raw(run_values)
+    stream = enc.getvalue()
+    return (ctrl, stream), (_pack_stream(ctrl, level), _pack_stream(stream, level)), values
 
 
 # ---------------------------------------------------------------- patch
@@ -815,7 +902,7 @@ def read_delta_info(delta: bytes | memoryview, source: str = "delta") -> DeltaIn
     if version not in READ_VERSIONS:
         raise CorruptDelta(source, f"format version {version} is not supported (this d4c reads "
                            f"{', '.join(map(str, READ_VERSIONS))})")
-    if method not in METHOD_NAMES or r1 or r2 or (method == METHOD_RECOMPRESS) != (version == VERSION_RECOMPRESS):
+    if method not in METHOD_NAMES or r1 or r2 or VERSION_OF_METHOD[method] != version:
         raise CorruptDelta(source, f"unknown method {method} (format version {version})")
     return DeltaInfo(method, old_size, new_size, od, nd)
 
@@ -975,7 +1062,7 @@ def _rebuild(old: memoryview, method: int, payload: memoryview, new_size: int, s
     if method == METHOD_PREFIX:
         prefix = zstandard.ZstdCompressionDict(bytes(old), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         return memoryview(_decompress(payload, new_size, source, "body", prefix))
-    if method == METHOD_SA:
+    if method in (METHOD_SA, METHOD_SA_COMPACT):
         return memoryview(_apply_sa(old, payload, DeltaInfo(method, len(old), new_size, b"", b""), source))
     raise CorruptDelta(source, f"unknown method {method}")
 
@@ -1031,11 +1118,18 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     diff_mode = cur.u8()
     if diff_mode not in (DIFF_RAW, DIFF_SPARSE, DIFF_CM):
         fail("unknown diff stream coding")
+    compact = info.method == METHOD_SA_COMPACT
+    if compact and 3 * total_ctrl > COMPACT_MAX_VALUES:
+        fail("compact controls: too many triples")
     diff_limit = {DIFF_RAW: total_d, DIFF_SPARSE: 8 + 17 * total_d, DIFF_CM: 2 * total_d + 1024}[diff_mode]
-    sizes = [(cur.u8(), cur.uvarint(limit), cur.uvarint()) for limit in (24 * total_ctrl, diff_limit, total_e)]
+    if compact and diff_mode == DIFF_SPARSE:
+        diff_limit = min(COMPACT_MAX_STREAM, 10 + 21 * total_d)
+    ctrl_limit = 30 * total_ctrl if compact else 24 * total_ctrl
+    sizes = [(cur.u8(), cur.uvarint(limit), cur.uvarint()) for limit in (ctrl_limit, diff_limit, total_e)]
     codecs = [c for c, _, _ in sizes]
     sizes = [(u, c) for _, u, c in sizes]
-    if sizes[0][0] != 24 * total_ctrl or sizes[2][0] != total_e or (diff_mode == DIFF_RAW and sizes[1][0] != total_d):
+    if (not compact and sizes[0][0] != 24 * total_ctrl) or sizes[2][0] != total_e \
+            or (diff_mode == DIFF_RAW and sizes[1][0] != total_d):
         fail("stream sizes do not match the segments")
     pos = cur.pos
     frames = []
@@ -1046,10 +1140,16 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
         pos += csize
     if pos != len(payload):
         fail("trailing bytes")
-    ctrl_reader = _StreamReader(codecs[0], frames[0], sizes[0][0], source, "control stream")
+    ctrl_reader: _StreamReader | None = None
+    if compact:
+        controls = _decode_compact_controls(_unpack_stream(codecs[0], frames[0], sizes[0][0], source,
+                                                           "control stream"), total_ctrl, fail)
+    else:
+        ctrl_reader = _StreamReader(codecs[0], frames[0], sizes[0][0], source, "control stream")
     runs = raw_reader = cm_decoder = None
     if diff_mode == DIFF_SPARSE:
-        runs = RunReader(_unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream"), fail)
+        blob = _unpack_stream(codecs[1], frames[1], sizes[1][0], source, "diff stream")
+        runs = RunReader(_planar_runs(blob, COMPACT_MAX_VALUES - 3 * total_ctrl, fail) if compact else blob, fail)
     elif diff_mode == DIFF_CM:
         cm_decoder = accel.patch.AddCoder(False, _unpack_stream(codecs[1], frames[1], sizes[1][0], source,
                                                                 "diff stream"))
@@ -1058,9 +1158,13 @@ def _apply_sa(old: memoryview, payload: memoryview, info: DeltaInfo, source: str
     extra_reader = _StreamReader(codecs[2], frames[2], sizes[2][0], source, "insert stream")
     out = np.empty(info.new_size, dtype=np.uint8)
     kernels = accel.patch
-    dpos = epos = npos = 0
+    dpos = epos = npos = tpos = 0
     for o_start, o_len, n_len, nctrl, nd, ne in segments:
-        seg_ctrl = _decode_controls(ctrl_reader.read(24 * nctrl), nctrl, fail)
+        if ctrl_reader is None:
+            seg_ctrl = controls[3 * tpos:3 * (tpos + nctrl)]
+            tpos += nctrl
+        else:
+            seg_ctrl = _decode_controls(ctrl_reader.read(24 * nctrl), nctrl, fail)
         if runs is not None:
             seg_diff = runs.read(dpos, nd)
         elif cm_decoder is not None:
