@@ -539,9 +539,12 @@ def _encode_runs(starts: np.ndarray, lengths: np.ndarray, values: bytes) -> byte
     """The add stream as runs of non-zero bytes: run count, gaps and lengths
     (byte planes), then the bytes.  Most diff bytes are zero, so this is much
     smaller than the stream itself, before and after compression."""
-    ends = starts + lengths
-    gaps = starts - np.concatenate([[0], ends[:-1]]).astype(np.int64)
-    return struct.pack("<Q", len(starts)) + _planes(gaps) + _planes(lengths) + values
+    return struct.pack("<Q", len(starts)) + _planes(_run_gaps(starts, lengths)) + _planes(lengths) + values
+
+
+def _run_gaps(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Zero bytes before each run: from the end of the previous one (from 0 for the first)."""
+    return starts - np.concatenate([[0], (starts + lengths)[:-1]]).astype(np.int64)
 
 
 class RunReader:
@@ -879,8 +882,7 @@ def _compact_streams(parts: list[SegmentDiff], diff_mode: int, diff_stream: byte
     if runs is None:
         return (ctrl, diff_stream), (_pack_stream(ctrl, level), diff_packed), values
     starts, lengths, run_values = runs
-    ends = starts + lengths
-    gaps = starts - np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    gaps = _run_gaps(starts, lengths)
     enc = Encoder()
     enc.uvarint(nruns)
     for gap, length in zip(gaps.tolist(), lengths.tolist()):
