@@ -870,7 +870,7 @@ def _compact_streams(parts: list[SegmentDiff], diff_mode: int, diff_stream: byte
     triples = sum(len(p.ctrl) // 24 for p in parts)
     nruns = len(runs[0]) if runs is not None else 0
     values = 3 * triples + 2 * nruns
-    if values > COMPACT_MAX_VALUES or (runs is not None and len(diff_stream) > COMPACT_MAX_STREAM):
+    if values > COMPACT_MAX_VALUES:
         return None
     enc = Encoder()
     for p in parts:
@@ -890,6 +890,8 @@ def _compact_streams(parts: list[SegmentDiff], diff_mode: int, diff_stream: byte
         enc.uvarint(length)
     enc.raw(run_values)
     stream = enc.getvalue()
+    if len(stream) > COMPACT_MAX_STREAM:  # the bound readers apply to this stream
+        return None
     return (ctrl, stream), (_pack_stream(ctrl, level), _pack_stream(stream, level)), values
 
 
