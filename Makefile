@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)/src
 
 APT_PACKAGES := build-essential pkg-config libfuse-dev fuse3 zstd attr xdelta3 \
                 umoci skopeo busybox-static containerd runc docker-registry debootstrap
-KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx src/d4c/_tables.pyx src/d4c/_deflate.pyx
+KERNELS := src/d4c/_patch.pyx src/d4c/_chunker.pyx src/d4c/_tables.pyx src/d4c/_deflate.pyx src/d4c/_x86.pyx
 BINARIES := ctr-cli snapshotter server
 
 .PHONY: deps apt venv ext proto test all dist bench bench-link bench-faults demo clean

@@ -1,4 +1,4 @@
-"""Builds the Cython kernels d4c._patch, d4c._chunker, d4c._tables and d4c._deflate (metadata is in pyproject.toml)."""
+"""Builds the Cython kernels d4c._patch, d4c._chunker, d4c._tables, d4c._deflate and d4c._x86 (metadata is in pyproject.toml)."""
 
 import sys
 
@@ -11,6 +11,7 @@ ext_modules = [
     Extension("d4c._chunker", ["src/d4c/_chunker.pyx"], extra_compile_args=["-O3", "-Wall"]),
     Extension("d4c._tables", ["src/d4c/_tables.pyx"], extra_compile_args=["-O3", "-Wall"]),
     Extension("d4c._deflate", ["src/d4c/_deflate.pyx"], extra_compile_args=["-O3", "-Wall"]),
+    Extension("d4c._x86", ["src/d4c/_x86.pyx"], extra_compile_args=["-O3", "-Wall"]),
 ]
 
 if not NO_CYTHON_COMMANDS.intersection(sys.argv[1:]):

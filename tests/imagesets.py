@@ -25,6 +25,15 @@ def edit(data: bytes, seed: int, changes: int = 6) -> bytes:
     return bytes(b[:at]) + b"inserted-" + bytes(b[at:])
 
 
+# an ELF header for x86-64: format 2 stores such bodies x86-converted (bodies.is_x86_program)
+ELF_X86_64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x03\x00\x3e\x00" + bytes(44)
+
+
+def program(code: bytes) -> bytes:
+    """An x86-64 program (a header, then `code`): what most of an image's bytes are."""
+    return ELF_X86_64 + code
+
+
 def words(n: int, seed: int) -> bytes:
     """Text that compresses like a changelog or source file."""
     rnd = random.Random(seed)
@@ -53,13 +62,13 @@ def jar(classes: dict[str, bytes]) -> bytes:
 
 CHANGELOG = words(60_000, 40)
 CLASSES = {f"org/app/C{i}.class": words(4000 + 300 * i, 50 + i) for i in range(10)}
-TOOL = noise(96_000, 1)
+TOOL = program(noise(96_000, 1))
 LIBFOO = noise(80_000, 2)
 MOVED = noise(40_000, 3)
 DUP = noise(20_000, 4)
 NEWFILE = noise(12_000, 5)
 # over bodies.FRAME_CHUNK: stored as several zstd frames (in the base, and new in a delta)
-BIG = noise(200_000, 6) * 12
+BIG = program(noise(200_000, 6) * 12)
 BIG_NEW = noise(150_000, 7) * 10
 STATUS = "".join(f"Package: pkg{i}\nStatus: install ok installed\nVersion: 1.{i}\n\n"
                  for i in range(600)).encode()

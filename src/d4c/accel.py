@@ -5,8 +5,8 @@ The compiled kernels are required (like zstandard requires its C extension).
 source tree only: they are orders of magnitude slower and unbounded in memory
 (a 70 MiB diff needed 23 GB), so the frozen programs ignore it and do not ship
 them.  Each kernel loads at its first use (`accel.patch`, `accel.chunker`,
-`accel.tables`, `accel.deflate`): a FUSE mount server needs only the table scanner until it
-rebuilds a file.  Python and Cython sides must agree on API_VERSION, or a stale
+`accel.tables`, `accel.deflate`, `accel.x86`): a FUSE mount server needs only the table
+scanner (and the x86 filter for programs) until it rebuilds a file.  Python and Cython sides must agree on API_VERSION, or a stale
 build would run with new Python code.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ExtensionMismatch
 
 # what the Python side expects of each kernel module
-API_VERSIONS = {"_patch": "5", "_chunker": "1", "_tables": "1", "_deflate": "3"}
+API_VERSIONS = {"_patch": "5", "_chunker": "1", "_tables": "1", "_deflate": "3", "_x86": "1"}
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 
@@ -32,7 +32,7 @@ def pure_python() -> bool:
 
 
 def kernel(name: str) -> ModuleType:
-    """The kernel module `name` (`_patch`, `_chunker`, `_tables`, `_deflate`), loaded once."""
+    """The kernel module `name` (`_patch`, `_chunker`, `_tables`, `_deflate`, `_x86`), loaded once."""
     mod = _loaded.get(name)
     if mod is None:
         if pure_python():
@@ -51,7 +51,7 @@ def kernel(name: str) -> ModuleType:
 
 
 def __getattr__(attr: str) -> Any:
-    if attr in ("patch", "chunker", "tables", "deflate"):
+    if attr in ("patch", "chunker", "tables", "deflate", "x86"):
         return kernel("_" + attr)
     if attr == "backend":
         return _backend()

@@ -16,7 +16,7 @@ import pytest
 import d4c
 from d4c import accel
 
-KERNELS = ("_patch", "_chunker", "_tables", "_deflate")
+KERNELS = ("_patch", "_chunker", "_tables", "_deflate", "_x86")
 
 # What a reference may define beyond the API: _tables_py names the column, error and
 # entry-type codes that _tables.pyx keeps as C enums (not importable from the kernel), and so on.

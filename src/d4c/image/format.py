@@ -14,7 +14,7 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, BinaryIO, Iterable, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import zstandard
 
@@ -23,7 +23,7 @@ from ..codec import Cursor, Encoder
 from ..errors import CorruptImage, UnsupportedVersion
 from .tree import (MAX_NAME, MAX_PATH, MAX_SYMLINK, MAX_XATTR_NAME, MAX_XATTR_VALUE,
                    DeltaStep, Entry, EntryType, Storage, device_problem, path_problem, symlink_problem)
-from .bodies import FRAME_CHUNK, GroupPlan
+from .bodies import FRAME_CHUNK, MAX_X86_BODY, GroupPlan
 from ..zstdframes import read_bounded
 from ..digests import light_sha256, sha256
 
@@ -41,7 +41,9 @@ FLAG_GROUPED = 0x4              # small bodies are slices of group frames (stora
 DELTA_METHODS = (1, 2, 4, 5)    # d4c.engine.delta METHOD_SA, METHOD_PREFIX, METHOD_RECOMPRESS, METHOD_SA_COMPACT
 MAX_DELTA_STEPS = 16
 FLAG_GROUP_DICT = 0x8           # group frames are coded against a dictionary frame at the body section's end
-KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME | FLAG_GROUPED | FLAG_GROUP_DICT
+FLAG_X86_CODE = 0x10           # some bodies are stored x86-branch-converted (storage kinds with KIND_X86)
+KNOWN_DIMG_FLAGS = FLAG_HAS_PARENT | FLAG_MULTI_FRAME | FLAG_GROUPED | FLAG_GROUP_DICT | FLAG_X86_CODE
+KIND_X86 = 0x80                 # on a FRAME or GROUPED storage kind: the content is stored x86-converted
 MAX_GROUP_USIZE = 16 << 20      # a group frame's content: readers hold it whole
 MAX_DICT_USIZE = 32 << 20       # a group dictionary's content: readers keep it while the image is open
 
@@ -124,7 +126,7 @@ def encode_storage(entries: list[Entry], groups: list[Group] | None = None,
     for e in entries:
         if e.type != EntryType.FILE:
             continue
-        enc.u8(int(e.storage))
+        enc.u8(int(e.storage) | (KIND_X86 if e.x86 and e.storage in _CONVERTIBLE else 0))
         if e.storage == Storage.FRAME:
             enc.uvarint(e.body_length)
         elif e.storage == Storage.GROUPED:
@@ -159,14 +161,16 @@ def decode_header(data: bytes, source: str, body_size: int,
 
 
 def decode_tables(data: bytes, source: str, body_size: int, parent_entries: list[Entry] | None = None,
-                  grouped: bool = False, dictionary: bool = False) -> tuple[list[Entry], int, GroupTable]:
+                  grouped: bool = False, dictionary: bool = False,
+                  x86: bool = False) -> tuple[list[Entry], int, GroupTable]:
     """Decode and fully validate the tree and storage tables.
 
     `parent_entries` (delta images only) is the parent image's tree: storage
     that refers to it is checked against it.  Returns the entries and the
     length of the tree table.  Raises CorruptImage on anything malformed,
     unsafe or inconsistent.  `grouped` (FLAG_GROUPED): the group table follows,
-    returned last (empty otherwise); `dictionary` (FLAG_GROUP_DICT): it ends with one.
+    returned last (empty otherwise); `dictionary` (FLAG_GROUP_DICT): it ends with one;
+    `x86` (FLAG_X86_CODE): storage kinds may carry KIND_X86.
     """
     def fail(reason: str) -> None:
         raise CorruptImage(source, reason)
@@ -186,7 +190,7 @@ def decode_tables(data: bytes, source: str, body_size: int, parent_entries: list
     tree_len = cur.pos
     with gc_paused():
         entries = _build_entries(buf, _row_lists(rows), fail)
-        groups = _decode_storage(cur, entries, body_size, parent_entries, fail, grouped, dictionary)
+        groups = _decode_storage(cur, entries, body_size, parent_entries, fail, grouped, dictionary, x86)
     return entries, tree_len, groups
 
 
@@ -328,7 +332,7 @@ def _files_by_digest(entries: list[Entry]) -> dict[bytes | None, int]:
 
 
 def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_entries: list[Entry] | None,
-                    fail: Any, grouped: bool = False, dictionary: bool = False) -> GroupTable:
+                    fail: Any, grouped: bool = False, dictionary: bool = False, x86: bool = False) -> GroupTable:
     offset = 0
     sliced: list[Entry] = []  # GROUPED holders, checked against the group table at the end
     parent_files = _files_by_digest(parent_entries) if parent_entries is not None else {}
@@ -342,10 +346,17 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
             continue
         if sizes.setdefault(e.digest, e.size) != e.size:
             fail(f"entry {e.path!r}: {e.size} bytes, but an earlier file with its digest has {sizes[e.digest]}")
-        kind = kinds.get(u8())
+        raw = u8()
+        kind = kinds.get(raw & ~KIND_X86)
         if kind is None:
             fail(f"entry {e.path!r}: unknown storage kind")
         e.storage = kind
+        if raw & KIND_X86:
+            if not x86 or kind not in _CONVERTIBLE:
+                fail(f"entry {e.path!r}: x86-converted storage where there can be none")
+            if e.size > MAX_X86_BODY:
+                fail(f"entry {e.path!r}: x86-converted body over {MAX_X86_BODY} bytes")
+            e.x86 = True
         if parent_entries is None and (kind is parent or kind is delta):
             fail(f"entry {e.path!r}: refers to a parent image, but this is a base image")
         if kind is in_group and not grouped:
@@ -373,7 +384,7 @@ def _decode_storage(cur: Cursor, entries: list[Entry], body_size: int, parent_en
             if (holder.type is not file_type or holder.storage not in (frame, delta, in_group)
                     or holder.digest != e.digest or holder.size != e.size or e.shared_with >= index):
                 fail(f"entry {e.path!r}: shared body does not match")
-            e.body_offset, e.body_length, e.group = holder.body_offset, holder.body_length, holder.group
+            e.body_offset, e.body_length, e.group, e.x86 = holder.body_offset, holder.body_length, holder.group, holder.x86
         elif kind is parent:
             if parent_files.get(e.digest) != e.size:
                 fail(f"entry {e.path!r}: its content is not in the parent image")
@@ -445,6 +456,7 @@ def _decode_groups(cur: Cursor, sliced: list[Entry], start: int, body_size: int,
 EMPTY_DIGEST = light_sha256(b"").digest()
 _ENTRY_TYPES = {int(t): t for t in EntryType}
 _STORAGE_KINDS = {int(k): k for k in Storage}
+_CONVERTIBLE = (Storage.FRAME, Storage.GROUPED)
 
 
 # ---------------------------------------------------------------- reading
@@ -466,6 +478,7 @@ class ImageInfo(NamedTuple):
     config_digest: bytes | None = None
     grouped: bool = False      # FLAG_GROUPED: small bodies are slices of group frames
     group_dict: bool = False   # FLAG_GROUP_DICT: ... coded against a dictionary frame
+    x86_code: bool = False     # FLAG_X86_CODE: some bodies are stored x86-converted
 
     @property
     def body_offset(self) -> int:
@@ -565,7 +578,8 @@ def read_info(fd: int, source: str) -> ImageInfo:
                      header_csize=hcsize, header_usize=husize, body_size=body_size,
                      dimg_offset=base, dimg_size=dimg_size, multi_frame=bool(flags & FLAG_MULTI_FRAME),
                      config=config, config_bytes=config_bytes, config_digest=config_digest,
-                     grouped=bool(flags & FLAG_GROUPED), group_dict=bool(flags & FLAG_GROUP_DICT))
+                     grouped=bool(flags & FLAG_GROUPED), group_dict=bool(flags & FLAG_GROUP_DICT),
+                     x86_code=bool(flags & FLAG_X86_CODE))
 
 
 def read_tables(fd: int, source: str, info: ImageInfo,
@@ -580,7 +594,7 @@ def read_tables(fd: int, source: str, info: ImageInfo,
                                  header_dictionary(parent.tree_table if parent is not None else None))
     entries, tree_len, groups = decode_tables(header, source, info.body_size,
                                               parent.entries if parent is not None else None, info.grouped,
-                                              info.group_dict)
+                                              info.group_dict, info.x86_code)
     tree = header[:tree_len]
     if image_id_of(tree) != info.image_id:
         raise CorruptImage(source, "image id does not match its tree")
@@ -592,9 +606,10 @@ def read_tables(fd: int, source: str, info: ImageInfo,
 
 def dimg_preamble(header_comp: bytes, header_usize: int, body_size: int,
                   image_id: bytes, parent_id: bytes | None, multi_frame: bool = False, grouped: bool = False,
-                  group_dict: bool = False) -> bytes:
+                  group_dict: bool = False, x86_code: bool = False) -> bytes:
     flags = (FLAG_HAS_PARENT if parent_id is not None else 0) | (FLAG_MULTI_FRAME if multi_frame else 0) \
-        | (FLAG_GROUPED if grouped else 0) | (FLAG_GROUP_DICT if group_dict else 0)
+        | (FLAG_GROUPED if grouped else 0) | (FLAG_GROUP_DICT if group_dict else 0) \
+        | (FLAG_X86_CODE if x86_code else 0)
     version = DELTA_FORMAT_VERSION if parent_id is not None else FORMAT_VERSION
     fields = DIMG_PREAMBLE.pack(DIMG_MAGIC, version, flags, 0, len(header_comp),
                                 header_usize, body_size, image_id, parent_id or ZERO_ID, ZERO_ID)
@@ -623,10 +638,12 @@ def with_layer_id(config: dict[str, Any], image_id: bytes) -> dict[str, Any]:
 
 
 def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int], plans: Sequence[GroupPlan] = (),
-                   dictionary: GroupPlan | None = None) -> tuple[list[Any], GroupTable]:
+                   dictionary: GroupPlan | None = None,
+                   x86: Collection[bytes] = ()) -> tuple[list[Any], GroupTable]:
     """Give each file its storage record in canonical order; return the keys of
     the blobs in body order (frames, then group frames, then the groups'
-    dictionary) and the groups.  The first file with a digest holds the frame or the slice."""
+    dictionary) and the groups.  The first file with a digest holds the frame or the
+    slice; contents whose digest is in `x86` were stored x86-converted."""
     sliced = {d: (g, at) for g, plan in enumerate(plans) for d, at in zip(plan.digests, plan.offsets)}
     holder: dict[bytes, int] = {}
     order: list[Any] = []
@@ -639,6 +656,7 @@ def assign_storage(entries: list[Entry], frame_lengths: dict[Any, int], plans: S
             continue
         assert e.digest is not None
         first = holder.get(e.digest)
+        e.x86 = e.digest in x86
         if first is None:
             holder[e.digest] = i
             if e.digest in sliced:
@@ -678,6 +696,7 @@ class EncodedHeader(NamedTuple):
     multi_frame: bool = False  # some body is larger than FRAME_CHUNK (FLAG_MULTI_FRAME)
     grouped: bool = False      # FLAG_GROUPED
     group_dict: bool = False   # FLAG_GROUP_DICT
+    x86_code: bool = False     # FLAG_X86_CODE
 
 
 def has_multi_frame_bodies(entries: list[Entry]) -> bool:
@@ -687,19 +706,21 @@ def has_multi_frame_bodies(entries: list[Entry]) -> bool:
 
 
 def encode_header(entries: list[Entry], frame_lengths: dict[Any, int], plans: Sequence[GroupPlan] = (),
-                  dictionary: GroupPlan | None = None) -> EncodedHeader:
+                  dictionary: GroupPlan | None = None, x86: Collection[bytes] = ()) -> EncodedHeader:
     """A base image's header; with group `plans` (BodySpool.group_bodies) format 2,
-    their frames coded against `dictionary` if given."""
-    order, groups = assign_storage(entries, frame_lengths, plans, dictionary)
+    their frames coded against `dictionary` if given; the contents in `x86` stored converted."""
+    order, groups = assign_storage(entries, frame_lengths, plans, dictionary, x86)
+    x86_code = any(e.x86 for e in entries)
     tree = encode_tree(entries)
     table = tree + encode_storage(entries, groups if plans else None, groups.dictionary)
     body_size = sum(frame_lengths[d] for d in order)
     # self-check: never write what we would refuse to read
-    decode_tables(table, "<new image>", body_size, grouped=bool(plans), dictionary=dictionary is not None)
+    decode_tables(table, "<new image>", body_size, grouped=bool(plans), dictionary=dictionary is not None,
+                  x86=x86_code)
     comp = zstandard.ZstdCompressor(level=HEADER_LEVEL, write_content_size=True).compress(table)
     return EncodedHeader(tree=tree, compressed=comp, usize=len(table), body_size=body_size,
                          image_id=image_id_of(tree), frame_order=order, multi_frame=has_multi_frame_bodies(entries),
-                         grouped=bool(plans), group_dict=dictionary is not None)
+                         grouped=bool(plans), group_dict=dictionary is not None, x86_code=x86_code)
 
 
 class DeltaHeaderCoder:
@@ -776,7 +797,7 @@ def write_dimg_to(out: BinaryIO, header: EncodedHeader, copy_frames: Any,
     `copy_frames(keys, out)` writes the bodies (BodySpool.copy_frames)."""
     pre = dimg_preamble(header.compressed, header.usize, header.body_size,
                         image_id or header.image_id, parent_id, header.multi_frame, header.grouped,
-                        header.group_dict)
+                        header.group_dict, header.x86_code)
     out.write(pre)
     out.write(header.compressed)
     copy_frames(header.frame_order, out)

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 import zstandard
 
+from .. import accel
 from ..errors import CorruptImage, MissingBase, NotFound, SystemFailure, WrongBase, from_oserror
 from .tree import DeltaStep, Entry, EntryType, Storage
 from ..zstdframes import MAX_WINDOW_LOG, declared_size, decode_frame, frame_length
@@ -78,6 +79,7 @@ class Image:
         self._by_path: dict[bytes, int] | None = None
         self._by_digest: dict[bytes, int] | None = None
         self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
+        self._x86_slices: dict[int, list[tuple[int, int]]] | None = None
         self._decoding: dict[int, threading.Lock] = {}
         self._groups_lock = threading.Lock()
         self._dictionary: zstandard.ZstdCompressionDict | None = None
@@ -150,6 +152,7 @@ class Image:
         return image, e
 
     def open_body(self, entry: Entry) -> "BodyReader":
+        assert not entry.x86, "x86-converted bodies decode a frame at a time (read_body)"
         return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
                           entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
 
@@ -162,8 +165,10 @@ class Image:
 
     def stored_chunks(self, entry: Entry) -> Iterator[bytes]:
         """The content of a file this (base) image stores, checked: a stored body
-        streams, a grouped one comes whole from its group (at most a frame's size)."""
-        if self.holder(entry).storage == Storage.GROUPED:
+        streams, a grouped one comes whole from its group (at most a frame's size), an
+        x86-converted one whole (at most MAX_X86_BODY)."""
+        holder = self.holder(entry)
+        if holder.storage == Storage.GROUPED or holder.x86:
             yield self.read_body(entry)
             return
         with self.open_body(entry) as body:
@@ -220,7 +225,24 @@ class Image:
     def _decode_group(self, entry: Entry) -> bytes:
         group = self.groups[entry.group]
         dictionary = self.group_dictionary(entry) if self.groups.dictionary is not None else None
-        return self._decode_whole(group, f"{entry.display()}: its group frame", dictionary)
+        data = self._decode_whole(group, f"{entry.display()}: its group frame", dictionary)
+        converted = self._x86_in_groups().get(entry.group)
+        if not converted:
+            return data
+        buf = bytearray(data)
+        for offset, size in converted:
+            accel.x86.decode(buf, offset, offset + size)
+        return bytes(buf)
+
+    def _x86_in_groups(self) -> dict[int, list[tuple[int, int]]]:
+        """group -> (offset, size) of its x86-converted bodies, found once per image."""
+        if self._x86_slices is None:
+            slices: dict[int, list[tuple[int, int]]] = {}
+            for e in self.entries:
+                if e.x86 and e.storage == Storage.GROUPED:
+                    slices.setdefault(e.group, []).append((e.body_offset, e.size))
+            self._x86_slices = slices
+        return self._x86_slices
 
     def group_dictionary(self, entry: Entry) -> zstandard.ZstdCompressionDict:
         """The dictionary the group frames are coded against: decoded at the first
@@ -322,9 +344,14 @@ class Image:
         frame's checksum; the sha256 digest is check_digest's job, so a reader can
         overlap it with serving the data."""
         try:
-            return decode_frame(frame, size)
+            data = decode_frame(frame, size)
         except (ValueError, zstandard.ZstdError) as exc:
             raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
+        if not entry.x86:
+            return data
+        buf = bytearray(data)  # each frame was converted on its own
+        accel.x86.decode(buf, 0, len(buf))
+        return bytes(buf)
 
     def check_digest(self, entry: Entry, data: bytes | memoryview) -> None:
         if sha256(data).digest() != entry.digest:

@@ -74,14 +74,14 @@ class DeltaStep(Record):
 class Entry(Record):
     __slots__ = ("path", "type", "mode", "uid", "gid", "mtime_ns", "xattrs", "size", "digest", "target", "link",
                  "rdev", "storage", "body_offset", "body_length", "shared_with", "delta_source", "delta_steps",
-                 "group", "inode")
+                 "group", "x86", "inode")
 
     def __init__(self, path: bytes, type: EntryType, mode: int = 0o755, uid: int = 0, gid: int = 0,
                  mtime_ns: int = 0, xattrs: dict[bytes, bytes] | None = None, size: int = 0,
                  digest: bytes | None = None, target: bytes = b"", link: int = -1, rdev: tuple[int, int] = (0, 0),
                  storage: Storage = Storage.EMPTY, body_offset: int = 0, body_length: int = 0,
                  shared_with: int = -1, delta_source: int = -1, delta_steps: list[DeltaStep] | None = None,
-                 group: int = -1, inode: object = None) -> None:
+                 group: int = -1, x86: bool = False, inode: object = None) -> None:
         self.path = path
         self.type = type
         self.mode = mode            # permission bits incl. setuid/setgid/sticky (0o7777)
@@ -102,6 +102,7 @@ class Entry(Record):
         self.delta_source = delta_source  # DELTA: index of the source file in the parent image
         self.delta_steps: list[DeltaStep] = [] if delta_steps is None else delta_steps  # DELTA: applied in order
         self.group = group          # GROUPED: index of the group frame
+        self.x86 = x86              # FRAME/GROUPED: the content is stored x86-converted (FLAG_X86_CODE)
         # producers only: entries with the same inode key become one hard-link group
         self.inode = inode
 

@@ -20,7 +20,7 @@ def save_image(entries: list[Entry], spool: BodySpool, *, dimg_path: str | None 
     A grouped spool (format 2) compresses its group frames here, on `threads`.
     """
     plans = spool.group_bodies(entries, threads) if spool.grouped else []
-    header = encode_header(entries, spool.frame_lengths(), plans, spool.dictionary)
+    header = encode_header(entries, spool.frame_lengths(), plans, spool.dictionary, spool.x86)
     final_id = image_id or header.image_id
     if dimg_path:
         with atomic_output(dimg_path) as out:
