@@ -11,3 +11,6 @@ def encode(buf: Buffer, start: int, end: int) -> None:
 
 def decode(buf: Buffer, start: int, end: int) -> None:
     """The inverse of encode, in place."""
+
+def decoded(data: Buffer) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes."""

@@ -7,17 +7,40 @@ the byte the decoder judges it by.  In place, on buf[start:end], positions count
 `start`; decode is the exact inverse of encode.  docs/FORMAT.md ("x86 programs")
 defines it; _x86_py.py is the reference and must give the same bytes."""
 
-from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
 API_VERSION = "1"
 
 
-cdef void _convert(uint8_t[::1] buf, Py_ssize_t start, Py_ssize_t end, bint forward) noexcept nogil:
+cdef extern from *:
+    int __builtin_ctzll(unsigned long long) nogil
+
+
+cdef inline Py_ssize_t _skip(const uint8_t* p) noexcept nogil:
+    """How many of the 8 bytes at p come before the first E8 or E9 (8: none is).  A
+    zero-byte test on (bytes ^ E8) & FE: its lowest flag is exact (a borrow only
+    flags bytes above a real zero)."""
+    cdef uint64_t word
+    memcpy(&word, p, 8)
+    word = (word ^ 0xE8E8E8E8E8E8E8E8ULL) & 0xFEFEFEFEFEFEFEFEULL
+    word = (word - 0x0101010101010101ULL) & ~word & 0x8080808080808080ULL
+    return 8 if word == 0 else __builtin_ctzll(word) >> 3
+
+
+cdef void _convert(uint8_t* buf, Py_ssize_t start, Py_ssize_t end, bint forward) noexcept nogil:
     cdef Py_ssize_t i = start, kept = start - 4  # the last opcode left unconverted
     cdef uint32_t value, at
     cdef uint8_t top
     while i + 5 <= end:
-        if buf[i] != 0xE8 and buf[i] != 0xE9:
+        if i + 8 <= end:
+            i += _skip(buf + i)
+            if i + 5 > end:
+                break
+            if buf[i] != 0xE8 and buf[i] != 0xE9:
+                continue
+        elif buf[i] != 0xE8 and buf[i] != 0xE9:
             i += 1
             continue
         top = buf[i + 4]
@@ -50,11 +73,24 @@ def encode(uint8_t[::1] buf, Py_ssize_t start, Py_ssize_t end) -> None:
     """Branch targets of buf[start:end] made absolute, in place."""
     _check(buf, start, end)
     with nogil:
-        _convert(buf, start, end, True)
+        _convert(&buf[0] if buf.shape[0] else NULL, start, end, True)
 
 
 def decode(uint8_t[::1] buf, Py_ssize_t start, Py_ssize_t end) -> None:
     """The inverse of encode, in place."""
     _check(buf, start, end)
     with nogil:
-        _convert(buf, start, end, False)
+        _convert(&buf[0] if buf.shape[0] else NULL, start, end, False)
+
+
+def decoded(const uint8_t[::1] data) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes: one pass of copying
+    fused with the conversion, where bytearray + decode + bytes made two copies."""
+    cdef Py_ssize_t n = data.shape[0]
+    out = PyBytes_FromStringAndSize(NULL, n)
+    cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
+    if n:
+        with nogil:
+            memcpy(p, &data[0], n)
+            _convert(p, 0, n, False)
+    return out

@@ -36,3 +36,10 @@ def encode(buf: bytearray, start: int, end: int) -> None:
 def decode(buf: bytearray, start: int, end: int) -> None:
     """The inverse of encode, in place."""
     _convert(buf, start, end, False)
+
+
+def decoded(data: bytes) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes."""
+    buf = bytearray(data)
+    _convert(buf, 0, len(buf), False)
+    return bytes(buf)

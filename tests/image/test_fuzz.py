@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from helpers import run_cli
 from test_format import GOLDEN
 from test_grouped import GOLDEN_V2, GOLDEN_V2_DICT
+from test_x86 import GOLDEN_V2_X86
 from test_hostile import MINUS_ONE, image_of
 
 from d4c.image.reader import Image
@@ -28,6 +29,8 @@ with open(GOLDEN_V2, "rb") as _f:
     SEED_V2 = _f.read()  # format 2: bodies in a group frame
 with open(GOLDEN_V2_DICT, "rb") as _f:
     SEED_V2_DICT = _f.read()  # format 2: group frames coded against a dictionary frame
+with open(GOLDEN_V2_X86, "rb") as _f:
+    SEED_V2_X86 = _f.read()  # format 2: x86 programs stored converted, grouped and in frames
 
 FUZZ = settings(max_examples=int(os.environ.get("D4C_FUZZ_EXAMPLES", "400")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow], derandomize=False)
@@ -46,7 +49,8 @@ def _read_all(data: bytes) -> None:
             pass
 
 
-@pytest.mark.parametrize("seed", [SEED, SEED_V2, SEED_V2_DICT], ids=["format 1", "format 2", "format 2 dictionary"])
+@pytest.mark.parametrize("seed", [SEED, SEED_V2, SEED_V2_DICT, SEED_V2_X86],
+                         ids=["format 1", "format 2", "format 2 dictionary", "format 2 x86"])
 @FUZZ
 @given(st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=8))
 def test_mutated_images(seed: bytes, mutations: list[tuple[int, int]]) -> None:
@@ -66,9 +70,10 @@ def test_spliced_images(cut: int, junk: bytes) -> None:
 @given(st.binary(max_size=512))
 def test_header_decoder_on_random_tables(table: bytes) -> None:
     """The table decoder sees bytes past every digest check: it must hold alone."""
-    for grouped, dictionary in ((False, False), (True, False), (True, True)):
+    for grouped, dictionary, x86 in ((False, False, False), (True, False, False), (True, True, False),
+                                     (True, True, True)):
         try:
-            decode_tables(table, "fuzz", 0, grouped=grouped, dictionary=dictionary)
+            decode_tables(table, "fuzz", 0, grouped=grouped, dictionary=dictionary, x86=x86)
         except D4CError:
             pass
 

@@ -64,9 +64,12 @@ def test_kernel_matches_its_reference_and_inverts() -> None:
             piece = bytearray(data[start:end])
             compiled.encode(piece, 0, len(piece))
             assert piece == a[start:end]  # positions count from `start`
+            whole = bytes(a)
             compiled.decode(a, start, end)
             _x86_py.decode(b, start, end)
             assert a == b == bytearray(data)
+            if start == 0 and end == len(data):
+                assert compiled.decoded(whole) == _x86_py.decoded(whole) == data
     code = x86_code(50_000, 1)
     converted = bytearray(code)
     compiled.encode(converted, 0, len(converted))
@@ -245,3 +248,15 @@ def test_hostile_x86_storage_is_refused(tmp_path, monkeypatch) -> None:  # type:
 
 def copies(entries: list[Entry]) -> list[Entry]:
     return [Entry(**{k: getattr(e, k) for k in Entry.__slots__}) for e in entries]  # type: ignore[arg-type]
+
+
+def test_a_converted_body_streams_frame_by_frame_and_is_checked() -> None:
+    with Image(GOLDEN_V2_X86) as image:
+        large = image.lookup(b"bin/large")
+        want = ELF_X86_64 + bytes(FRAME_CHUNK) + x86_code(3000, 12)
+        with image.open_body(large) as body:
+            assert b"".join(body.chunks()) == want
+        assert b"".join(image.stored_chunks(large)) == want
+        large.digest = hashlib.sha256(b"other").digest()
+        with pytest.raises(CorruptImage, match="digest"), image.open_body(large) as body:
+            body.read()

@@ -151,8 +151,9 @@ class Image:
             image, e = image.parent, image.parent.entries[image.parent.index_of_digest(e.digest or b"")]
         return image, e
 
-    def open_body(self, entry: Entry) -> "BodyReader":
-        assert not entry.x86, "x86-converted bodies decode a frame at a time (read_body)"
+    def open_body(self, entry: Entry) -> "BodyReader | ConvertedBodyReader":
+        if entry.x86:
+            return ConvertedBodyReader(self, entry)
         return BodyReader(self._fd, self.info.body_offset + entry.body_offset, entry.body_length, entry.size,
                           entry.digest or b"", self.path, entry, across_frames=self.info.multi_frame)
 
@@ -165,10 +166,8 @@ class Image:
 
     def stored_chunks(self, entry: Entry) -> Iterator[bytes]:
         """The content of a file this (base) image stores, checked: a stored body
-        streams, a grouped one comes whole from its group (at most a frame's size), an
-        x86-converted one whole (at most MAX_X86_BODY)."""
-        holder = self.holder(entry)
-        if holder.storage == Storage.GROUPED or holder.x86:
+        streams, a grouped one comes whole from its group (at most a frame's size)."""
+        if self.holder(entry).storage == Storage.GROUPED:
             yield self.read_body(entry)
             return
         with self.open_body(entry) as body:
@@ -347,11 +346,7 @@ class Image:
             data = decode_frame(frame, size)
         except (ValueError, zstandard.ZstdError) as exc:
             raise CorruptImage(self.path, f"{entry.display()}: body does not decompress ({exc})") from None
-        if not entry.x86:
-            return data
-        buf = bytearray(data)  # each frame was converted on its own
-        accel.x86.decode(buf, 0, len(buf))
-        return bytes(buf)
+        return accel.x86.decoded(data) if entry.x86 else data  # each frame was converted on its own
 
     def check_digest(self, entry: Entry, data: bytes | memoryview) -> None:
         if sha256(data).digest() != entry.digest:
@@ -471,6 +466,58 @@ class BodyReader:
         self._reader.close()
 
     def __enter__(self) -> "BodyReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ConvertedBodyReader:
+    """BodyReader's read/chunks/close for an x86-converted body (at most MAX_X86_BODY):
+    a frame at a time, each decoded on its own; size and digest are checked before
+    the last bytes are given."""
+
+    CHUNK = BodyReader.CHUNK
+
+    def __init__(self, image: Image, entry: Entry) -> None:
+        self._image, self._entry = image, entry
+        self._frames = image.body_frames(entry)
+        self._hash = sha256()
+        self._pending = memoryview(b"")
+        self._decoded = 0
+
+    def _next_frame(self) -> bool:
+        item = next(self._frames, None)
+        if item is None:
+            return False
+        data = self._image.decode_frame(self._entry, *item)
+        self._hash.update(data)
+        self._decoded += len(data)
+        if self._decoded == self._entry.size:
+            next(self._frames, None)  # body_frames' end-of-body checks
+            if self._hash.digest() != self._entry.digest:
+                raise CorruptImage(self._image.path, f"{self._entry.display()}: content digest mismatch")
+        self._pending = memoryview(data)
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        want = self._entry.size if n is None or n < 0 else n
+        parts = []
+        while want > 0 and (len(self._pending) or self._next_frame()):
+            take = self._pending[:want]
+            parts.append(bytes(take))
+            self._pending = self._pending[len(take):]
+            want -= len(take)
+        return b"".join(parts)
+
+    def chunks(self) -> Iterable[bytes]:
+        while chunk := self.read(self.CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        self._frames.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> "ConvertedBodyReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
