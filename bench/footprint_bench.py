@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import time
 
+from d4c.image.bodies import DICT_TARGET
 from d4c.image.reader import GROUP_CACHE, Image
 from d4c.progress import human_bytes
 
@@ -147,7 +148,8 @@ def main() -> int:
                   "caches (no file here needs the rebuilt-body cache). Rows marked format 2 serve the same tree "
                   "packed in format 2: their caches are the decoded groups (`--group-cache`, "
                   f"{GROUP_CACHE >> 20} MiB) and the group dictionary ({dictionary_mib:.1f} "
-                  "MiB here: at most 16 MiB, half the grouped content); their target is serving plus those."
+                  f"MiB here: at most {DICT_TARGET >> 20} MiB, half the grouped content); their target is serving "
+                  "plus those."
                   if can_mount else "", "",
                   "| program | bodies | idle | vs target | right after the walk | settled | vs target | peak |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -186,6 +186,14 @@ def cdimg(name: str, image_format: int = 2) -> str:
     return path
 
 
+def format2_layout() -> str:
+    """Format 2's layout as the benches describe it, from the writer's constants."""
+    from d4c.image import bodies
+    return (f"files of at most {bodies.GROUP_FILE_MAX >> 20} MiB grouped in {bodies.GROUP_TARGET >> 10} KiB "
+            f"frames coded against a dictionary of up to {bodies.DICT_TARGET >> 20} MiB, level "
+            f"{bodies.GROUPED_LEVEL}, x86 programs branch-converted")
+
+
 def files_of(root: str) -> dict[str, str]:
     """Regular files (not symlinks) by relative path."""
     out = {}

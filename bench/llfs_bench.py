@@ -564,8 +564,7 @@ def render_formats(results: dict[str, dict[str, Any]], nsmall: int, delta_bytes:
     walk1, walk2 = statistics.median(one["walk_ratios"]), statistics.median(two["walk_ratios"])
     big1, big2 = statistics.median(one["big_ratios"]), statistics.median(two["big_ratios"])
     lines = ["", "## Image format 2 (small files grouped) against format 1", "",
-             "A and B converted with `--format 2` (files of at most 1 MiB in 256 KiB zstd frames coded "
-             "against a dictionary of up to 16 MiB, level 19), "
+             f"A and B converted with `--format 2` ({image_bench.format2_layout()}), "
              "mounted as A + the delta A -> B as di3fs mounts, against the format-1 row above. Cold read of one "
              f"small file: median over {nsmall} unchanged files of at most {SMALL_MAX >> 10} KiB, each in a "
              "different group, the page cache dropped before each (the group cache starts without their groups).",

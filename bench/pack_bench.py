@@ -19,6 +19,7 @@ from d4c.cli import main as ctr_cli
 from d4c.progress import human_bytes
 
 from . import report
+from .image_bench import format2_layout
 from .plotting import bars, pyplot, save_figure
 
 CORPUS_CANDIDATES = ["/usr/lib/python3.11", "/usr/share/doc", "/usr/lib/x86_64-linux-gnu"]
@@ -84,8 +85,7 @@ def main() -> int:
                          f"{raw / secs / 1e6:.0f} | {secs / peer:.2f} |")
         installs = first_installs(work, [("the image bench's nginx image (B)", _nginx_tree()), (corpus, src)])
         lines += ["", "## A first install: image format 2 against `tar | zstd -19`", "",
-                  "Format 2 (`pack --format 2`: files of at most 1 MiB grouped in 256 KiB frames coded against "
-                  "a dictionary of up to 16 MiB, level 19) against "
+                  f"Format 2 (`pack --format 2`: {format2_layout()}) against "
                   "the same tree as one `tar | zstd -19 -T2` stream, and format 1 at its default (one frame per "
                   "file, level 3). One run each, 2 threads. Target: format 2 <= 1.0 x the tar stream; pack time "
                   "<= 3 x its.", "",

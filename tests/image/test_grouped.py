@@ -311,9 +311,8 @@ def notes_image(path: str, files: dict[bytes, bytes], image_format: int = 2, lar
         return save_image(canonicalize(entries), spool, cdimg_path=path, config=GOLDEN_CONFIG)
 
 
-def test_a_damaged_dictionary_fails_the_grouped_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = str(tmp_path / "d.cdimg")
-    notes_image(path, notes(), large=True)
+def damage_dictionary(path: str) -> None:
+    """Flip a byte in the middle of the image's dictionary frame."""
     with Image(path) as image:
         d = image.groups.dictionary
         assert d is not None
@@ -321,6 +320,12 @@ def test_a_damaged_dictionary_fails_the_grouped_files_only(tmp_path) -> None:  #
     data = bytearray(open(path, "rb").read())
     data[at] ^= 0xFF
     open(path, "wb").write(bytes(data))
+
+
+def test_a_damaged_dictionary_fails_the_grouped_files_only(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "d.cdimg")
+    notes_image(path, notes(), large=True)
+    damage_dictionary(path)
     with Image(path) as image:
         for e in in_group(image.entries):
             with pytest.raises(CorruptImage, match="group dictionary"):
@@ -329,6 +334,34 @@ def test_a_damaged_dictionary_fails_the_grouped_files_only(tmp_path) -> None:  #
     code, _, err = run_cli("unpack", "--dimg", path, "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, EXIT_CORRUPT)
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_the_dictionary_preloads_on_a_thread(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """start_preload (a merge's base) decodes the dictionary on a thread, once; reads
+    use it; a damaged one is still reported by the read that needs it; close() waits."""
+    path = str(tmp_path / "d.cdimg")
+    notes_image(path, notes(), large=True)
+    want = notes()
+    with Image(path) as image:
+        image.start_preload()
+        thread = image._preloader
+        assert thread is not None
+        image.start_preload()
+        assert image._preloader is thread
+        thread.join()
+        assert image._dictionary is not None
+        for e in in_group(image.entries):
+            assert image.read_body(e) == want[e.path]
+    assert not thread.is_alive() and image._preloader is None
+    damage_dictionary(path)
+    with Image(path) as image:
+        image.start_preload()
+        image.close()  # while the thread may still run: it is waited for, its failure kept for the read
+        assert image._dictionary is None
+    with Image(path) as image:
+        image.start_preload()
+        with pytest.raises(CorruptImage, match="group dictionary"):
+            image.read_body(next(iter(in_group(image.entries))))
 
 
 def test_hostile_dictionary_tables_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]

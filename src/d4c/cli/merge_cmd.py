@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     paths = inputs(args)
     bases = args.bases or []
     refuse_output_over_input(f"--out{args.kind.capitalize()}", args.out, bases + paths)
-    stack = open_stack(bases[1:] + paths, bases[0] if bases else None)
+    stack = open_stack(bases[1:] + paths, bases[0] if bases else None, preload=True)
     cdimg = args.kind == "cdimg"
     try:
         for image in stack:

@@ -378,32 +378,47 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
     a patch or a mount; False only for inputs whose bodies were checked when they
     were stored."""
     base, top = stack[0], stack[-1]
+    if check_copied:
+        lowest = base
+        while lowest.parent is not None:
+            lowest = lowest.parent
+        lowest.start_preload()  # the checks' group reads wait for the dictionary otherwise
     config_bytes = _config_bytes(config_from or top, cdimg)
-    coder = DeltaHeaderCoder(base.tree_table, len(top.tree_table))
     entries = _copy_entries(top.entries)
     todo = _storage_plan(entries, lambda d: base.index_of_digest(d) >= 0)
     resolver = _Resolver(stack)
+    origins = [(i, resolver.origin(len(stack) - 1, top.entries[i])) for i in todo]
+    # frames and chains are copied as stored; the rest (and with `rediff` longer chains) is rebuilt
+    copied = [(i, o) for i, o in origins
+              if o.kind == "frame" or (o.kind == "chain" and not (rediff and len(o.steps) > 1))]
     progress = Progress("merging", total_items=len(todo))
-    with BodySpool(level=level) as spool, progress:
-        def copy(i: int, o: _Origin) -> bool:
+
+    def check(i: int) -> None:
+        image, e = top.resolve(top.entries[i])
+        image.check_body(image.holder(e))
+
+    batches = _check_batches(base, copied) if check_copied else []
+    # the checks start first and run while the delta is written; it is renamed into place only once all passed
+    with in_background(lambda batch: [check(i) for i in batch], batches, threads) as checked, \
+            BodySpool(level=level) as spool, progress:
+        coder = DeltaHeaderCoder(base.tree_table, len(top.tree_table))
+
+        def copy(i: int, o: _Origin) -> None:
             """Frames and chains are copied as stored, straight from the images
-            when the delta is written; False for what must be rebuilt."""
+            when the delta is written."""
             e = entries[i]
             if o.kind == "frame":
                 assert o.image is not None and o.entry is not None
                 spool.add_ref(e.digest, o.image.fd, o.image.info.body_offset + o.entry.body_offset,
                               o.entry.body_length)
                 e.storage = Storage.FRAME
-            elif o.kind == "chain" and not (rediff and len(o.steps) > 1):
+            else:
                 e.storage, e.delta_source = Storage.DELTA, o.source
                 for k, (image, step) in enumerate(o.steps):
                     key = (e.digest, k)
                     spool.add_ref(key, image.fd, image.info.body_offset + step.offset, step.length)
                     e.delta_steps.append(DeltaStep(step.method, step.length, step.size, step.digest, key=key))
-            else:
-                return False
             progress.advance(0, 1)
-            return True
 
         def rebuild(item: tuple[int, _Origin]) -> None:
             from ..engine import delta  # only a chain that must be diffed again needs the engine
@@ -423,26 +438,11 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             e.storage = Storage.FRAME
             progress.advance(0, 1)
 
-        def check(i: int) -> None:
-            image, e = top.resolve(top.entries[i])
-            image.check_body(image.holder(e))
-
-        copied: list[tuple[int, _Origin]] = []
-        to_rebuild: list[tuple[int, _Origin]] = []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d4c-dictionary") as early:
-            if check_copied and threads > 1:
-                early.submit(base.preload_dictionary)  # the checks' first group read waits for it otherwise
-            for i in todo:
-                o = resolver.origin(len(stack) - 1, top.entries[i])
-                if copy(i, o):
-                    copied.append((i, o))
-                else:
-                    to_rebuild.append((i, o))
-        batches = _check_batches(base, copied) if check_copied else []
-        # checked while the delta is written; it is renamed into place only once all passed
-        with in_background(lambda batch: [check(i) for i in batch], batches, threads) as checked:
-            run_parallel(rebuild, to_rebuild, threads)
-            _write_delta(entries, base, spool, top, coder, out_path, config_bytes, before_commit=checked)
+        for i, o in copied:
+            copy(i, o)
+        kept = {i for i, _ in copied}
+        run_parallel(rebuild, [(i, o) for i, o in origins if i not in kept], threads)
+        _write_delta(entries, base, spool, top, coder, out_path, config_bytes, before_commit=checked)
     return decisions(entries, base)
 
 

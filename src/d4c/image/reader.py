@@ -84,6 +84,7 @@ class Image:
         self._groups_lock = threading.Lock()
         self._dictionary: zstandard.ZstdCompressionDict | None = None
         self._dictionary_lock = threading.Lock()
+        self._preloader: threading.Thread | None = None
 
     @property
     def is_delta(self) -> bool:
@@ -98,6 +99,9 @@ class Image:
 
     # context manager / lifetime
     def close(self) -> None:
+        if self._preloader is not None:
+            self._preloader.join()  # it reads through the fd closed below
+            self._preloader = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -253,10 +257,17 @@ class Image:
                 self._dictionary = zstandard.ZstdCompressionDict(content, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             return self._dictionary
 
+    def start_preload(self) -> None:
+        """Decode the group dictionary on a thread, ahead of the first grouped read,
+        which pays its 50-90 ms otherwise (a merge starts it as soon as its base is
+        open, while it opens the deltas and plans).  Once per image; close() waits for it."""
+        if self.groups.dictionary is not None and self._preloader is None and self._fd >= 0:
+            self._preloader = threading.Thread(target=self.preload_dictionary, name="d4c-dictionary", daemon=True)
+            self._preloader.start()
+
     def preload_dictionary(self) -> None:
-        """Decode the group dictionary ahead of the first grouped read, which pays its
-        15-35 ms otherwise (a merge does it on a thread while it plans).  A failure is
-        left for that read to report, with the file it was for."""
+        """Decode the group dictionary now, if the image has one.  A failure is
+        left for the first grouped read to report, with the file it was for."""
         if self.groups.dictionary is None:
             return
         grouped = next((e for e in self.entries if e.storage == Storage.GROUPED), None)

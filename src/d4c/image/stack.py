@@ -90,13 +90,17 @@ def walk_chain(top: str, parent_of: Callable[[str], str | None], what: str) -> l
     return chain
 
 
-def open_stack(paths: list[str], base: str | None = None) -> list[Image]:
+def open_stack(paths: list[str], base: str | None = None, *, preload: bool = False) -> list[Image]:
     """Open images lower -> upper, each on the one before (ids checked).  With
-    `base`, it is opened first as the parent of paths[0]."""
+    `base`, it is opened first as the parent of paths[0].  `preload`: the lowest
+    image starts decoding its group dictionary while the others open (a merge
+    reads its groups to check what it copies)."""
     images: list[Image] = []
     try:
         for path in ([base] if base else []) + paths:
             images.append(Image(path, parent=images[-1] if images else None))
+            if preload and len(images) == 1:
+                images[0].start_preload()
         return images
     except BaseException:
         close_all(images)
