@@ -230,20 +230,15 @@ class Image:
         dictionary = self.group_dictionary(entry) if self.groups.dictionary is not None else None
         data = self._decode_whole(group, f"{entry.display()}: its group frame", dictionary)
         converted = self._x86_in_groups().get(entry.group)
-        if not converted:
-            return data
-        buf = bytearray(data)
-        for offset, size in converted:
-            accel.x86.decode(buf, offset, offset + size)
-        return bytes(buf)
+        return accel.x86.decoded(data, converted) if converted else data
 
     def _x86_in_groups(self) -> dict[int, list[tuple[int, int]]]:
-        """group -> (offset, size) of its x86-converted bodies, found once per image."""
+        """group -> (start, end) of its x86-converted bodies, found once per image."""
         if self._x86_slices is None:
             slices: dict[int, list[tuple[int, int]]] = {}
             for e in self.entries:
                 if e.x86 and e.storage == Storage.GROUPED:
-                    slices.setdefault(e.group, []).append((e.body_offset, e.size))
+                    slices.setdefault(e.group, []).append((e.body_offset, e.body_offset + e.size))
             self._x86_slices = slices
         return self._x86_slices
 
