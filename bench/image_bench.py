@@ -161,6 +161,9 @@ def timed(*cmd: str) -> tuple[float, int]:
     """(seconds, peak RSS KiB) of one ctr-cli command in a fresh process, timed
     around the command (interpreter start-up excluded, for every step alike)."""
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "src") + os.pathsep + ROOT)
+    # run from compiled modules, as an installed d4c does (pip and PyInstaller ship bytecode): with
+    # PYTHONDONTWRITEBYTECODE set, every run compiled each module changed since its .pyc anew
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     p = subprocess.run([PY, "-m", "bench.cli_runner", "-q", *cmd], capture_output=True, text=True, env=env)
     if p.returncode:
         raise SystemExit(f"ctr-cli {' '.join(cmd)} failed: {p.stderr.strip()}")

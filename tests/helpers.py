@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -72,6 +73,17 @@ def assert_one_line_error(code: int, err: str, expected_code: int | None = None)
 
 
 FIXED_NS = 1_600_000_000_123_456_789
+
+
+def assert_pinned(written: str, golden: str, sha256: str | None = None) -> None:
+    """A golden test's check: what this d4c wrote is byte for byte the file kept in
+    tests/data (and, where the test pins it too, has that sha256)."""
+    with open(written, "rb") as f:
+        data = f.read()
+    if sha256 is not None:
+        assert hashlib.sha256(data).hexdigest() == sha256
+    with open(golden, "rb") as f:
+        assert f.read() == data, f"tests/data/{os.path.basename(golden)} differs from what this d4c writes"
 
 
 def make_tree(root: str, *, devices: bool = True) -> None:

@@ -9,7 +9,7 @@ import random
 import pytest
 import zstandard
 
-from helpers import ROOT, TESTS, make_tree, run_cli
+from helpers import ROOT, TESTS, assert_pinned, make_tree, run_cli
 
 from d4c.image.bodies import BodySpool
 from d4c.image.format import DIMG_MAGIC, DIMG_PREAMBLE, encode_storage, encode_tree, format_id, image_id_of
@@ -82,11 +82,7 @@ def test_golden_file_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = str(tmp_path / "g.cdimg")
     image_id = write_golden(out)
     assert format_id(image_id) == GOLDEN_ID
-    with open(out, "rb") as f:
-        data = f.read()
-    assert hashlib.sha256(data).hexdigest() == GOLDEN_FILE_SHA256
-    with open(GOLDEN, "rb") as f:
-        assert f.read() == data, "tests/data/golden-v1.cdimg differs from what this d4c writes"
+    assert_pinned(out, GOLDEN, GOLDEN_FILE_SHA256)
 
 
 def test_golden_file_reads_back() -> None:

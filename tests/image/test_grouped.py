@@ -3,14 +3,14 @@ format 1's, mixed stacks, hostile group tables, a damaged group)."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import os
 
 import pytest
 import zstandard
 
-from helpers import TESTS, as_format, assert_one_line_error, diff_trees, make_tree, run_cli, snapshot_tree
+from helpers import (TESTS, as_format, assert_one_line_error, assert_pinned, diff_trees, make_tree, run_cli,
+                     snapshot_tree)
 from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
 
 from d4c.errors import EXIT_CORRUPT, CorruptImage
@@ -33,11 +33,7 @@ def test_golden_grouped_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The bytes are pinned; the id is format 1's (it names the tree, not the storage)."""
     out = str(tmp_path / "g.cdimg")
     assert write_golden_v2(out) == bytes.fromhex(GOLDEN_ID.split(":")[1])
-    with open(out, "rb") as f:
-        data = f.read()
-    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_SHA256
-    with open(GOLDEN_V2, "rb") as f:
-        assert f.read() == data, "tests/data/golden-v2-grouped.cdimg differs from what this d4c writes"
+    assert_pinned(out, GOLDEN_V2, GOLDEN_V2_SHA256)
     with Image(GOLDEN_V2) as image:
         assert image.info.grouped and len(image.groups) == 1
         kinds = {e.path: e.storage for e in image.entries if e.type == EntryType.FILE}
@@ -284,10 +280,7 @@ def test_golden_dictionary_file(tmp_path) -> None:  # type: ignore[no-untyped-de
     and the file in tests/data reads back."""
     out = str(tmp_path / "d.cdimg")
     write_golden_v2_dict(out)
-    with open(out, "rb") as f:
-        data = f.read()
-    with open(GOLDEN_V2_DICT, "rb") as f:
-        assert f.read() == data, "tests/data/golden-v2-dict.cdimg differs from what this d4c writes"
+    assert_pinned(out, GOLDEN_V2_DICT)
     with Image(GOLDEN_V2_DICT) as image:
         assert image.info.grouped and image.info.group_dict
         assert image.groups.dictionary is not None and len(image.groups) > 1

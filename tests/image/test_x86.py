@@ -10,7 +10,7 @@ import random
 import pytest
 import zstandard
 
-from helpers import TESTS, assert_one_line_error, diff_trees, run_cli, snapshot_tree
+from helpers import TESTS, assert_one_line_error, assert_pinned, diff_trees, run_cli, snapshot_tree
 from test_format import GOLDEN_CONFIG, golden_entries
 
 from d4c import _x86_py, accel
@@ -206,11 +206,7 @@ def write_golden_v2_x86(path: str) -> bytes:
 def test_golden_x86_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     out = str(tmp_path / "x.cdimg")
     write_golden_v2_x86(out)
-    with open(out, "rb") as f:
-        data = f.read()
-    assert hashlib.sha256(data).hexdigest() == GOLDEN_V2_X86_SHA256
-    with open(GOLDEN_V2_X86, "rb") as f:
-        assert f.read() == data, "tests/data/golden-v2-x86.cdimg differs from what this d4c writes"
+    assert_pinned(out, GOLDEN_V2_X86, GOLDEN_V2_X86_SHA256)
     with Image(GOLDEN_V2_X86) as image:
         assert image.info.x86_code and image.info.multi_frame
         prog, large = image.lookup(b"bin/prog"), image.lookup(b"bin/large")

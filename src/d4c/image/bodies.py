@@ -14,7 +14,7 @@ import contextlib
 import itertools
 import os
 import threading
-from typing import BinaryIO, Iterable, NamedTuple
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import zstandard
 
@@ -145,10 +145,7 @@ class BodySpool:
         seen = 0
         cobj = cctx.compressobj(size=min(size, FRAME_CHUNK))
         frame_end = min(size, FRAME_CHUNK)
-        for chunk in chunks:
-            if seen + len(chunk) > size:
-                raise BadInput(f"{what}: changed while reading (grew)")
-            h.update(chunk)
+        for chunk in _checked_chunks(chunks, size, what, h):
             view = memoryview(chunk)
             while len(view):
                 take = view[:frame_end - seen]
@@ -161,8 +158,6 @@ class BodySpool:
                     f.write(cobj.flush())
                     cobj = cctx.compressobj(size=min(size - seen, FRAME_CHUNK))
                     frame_end = min(size, seen + FRAME_CHUNK)
-        if seen != size:
-            raise BadInput(f"{what}: changed while reading ({seen} of {size} bytes)")
         f.write(cobj.flush())
         end = f.tell()
         digest = h.digest()
@@ -178,23 +173,21 @@ class BodySpool:
         start = f.seek(0, os.SEEK_END)
         h = sha256()
         frame = bytearray()
-        seen = 0
-        for chunk in chunks:
-            if seen + len(chunk) > size:
-                raise BadInput(f"{what}: changed while reading (grew)")
-            h.update(chunk)
-            seen += len(chunk)
+
+        def write_frame() -> None:
+            accel.x86.encode(frame, 0, len(frame))
+            f.write(cctx.compress(frame))
+            frame.clear()
+        for chunk in _checked_chunks(chunks, size, what, h):
             view = memoryview(chunk)
             while len(view):
                 take = view[:FRAME_CHUNK - len(frame)]
                 frame += take
                 view = view[len(take):]
-                if len(frame) == FRAME_CHUNK or (seen == size and not len(view)):
-                    accel.x86.encode(frame, 0, len(frame))
-                    f.write(cctx.compress(frame))
-                    frame.clear()
-        if seen != size:
-            raise BadInput(f"{what}: changed while reading ({seen} of {size} bytes)")
+                if len(frame) == FRAME_CHUNK:
+                    write_frame()
+        if frame:
+            write_frame()
         digest = h.digest()
         with self._lock:
             self._frames.setdefault(digest, Frame(index, start, f.tell() - start))
@@ -377,6 +370,20 @@ class GroupCoder:
             return zstandard.ZstdCompressor(level=self.level, write_checksum=True,
                                             write_content_size=True).compress(content)
         return zstandard.ZstdCompressor(compression_params=self._params, dict_data=self._dictionary).compress(content)
+
+
+def _checked_chunks(chunks: Iterable[bytes], size: int, what: str, h: Any) -> Iterator[bytes]:
+    """`chunks`, hashed into `h` as they pass; BadInput once they total more than
+    `size`, or at the end less (the file changed while it was read)."""
+    seen = 0
+    for chunk in chunks:
+        seen += len(chunk)
+        if seen > size:
+            raise BadInput(f"{what}: changed while reading (grew)")
+        h.update(chunk)
+        yield chunk
+    if seen != size:
+        raise BadInput(f"{what}: changed while reading ({seen} of {size} bytes)")
 
 
 def _peek(chunks: Iterable[bytes], n: int) -> tuple[bytes, Iterable[bytes]]:

@@ -727,8 +727,10 @@ class DeltaHeaderCoder:
     """Compresses a delta's tables against its parent's tree table.
 
     Loading that dictionary into zstd's match finder is a third of the work
-    and needs only the parent, so it starts in a thread (zstd releases the
-    GIL) when the coder is made, while the caller is still deciding storage.
+    and needs only the parent, so it starts in a thread when the coder is made,
+    while the caller is still deciding storage: the thread's compressor codes a
+    byte, which loads the dictionary with the GIL released (precompute_compress
+    held it for its ~20 ms), and keeps it loaded for the table.
     The parameters follow the new tree's size only, so the output depends on
     the inputs alone, never on timing.
     """
@@ -743,18 +745,18 @@ class DeltaHeaderCoder:
             HEADER_LEVEL, source_size=tree_size, search_log=1, chain_log=16, strategy=zstandard.STRATEGY_BTOPT,
             write_content_size=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="d4c-header")
-        self._dictionary = self._pool.submit(self._load, parent_tree)
+        self._compressor = self._pool.submit(self._load, parent_tree)
         self._pool.shutdown(wait=False)
 
-    def _load(self, parent_tree: bytes) -> zstandard.ZstdCompressionDict:
+    def _load(self, parent_tree: bytes) -> zstandard.ZstdCompressor:
         dictionary = header_dictionary(parent_tree)
         assert dictionary is not None
-        dictionary.precompute_compress(compression_params=self._params)
-        return dictionary
+        compressor = zstandard.ZstdCompressor(compression_params=self._params, dict_data=dictionary)
+        compressor.compress(b"\0")
+        return compressor
 
     def compress(self, table: bytes) -> bytes:
-        return zstandard.ZstdCompressor(compression_params=self._params,
-                                        dict_data=self._dictionary.result()).compress(table)
+        return self._compressor.result().compress(table)
 
 
 def encode_delta_header(entries: list[Entry], parent: "Image", blob_lengths: dict[Any, int],
