@@ -150,31 +150,41 @@ def tree_bytes(path: str) -> int:
     return sum(os.lstat(os.path.join(d, n)).st_size for d, _, names in os.walk(path) for n in names)
 
 
-def edge_rows(work: str, disk: str, folder: str, top: str, big: list[str]) -> dict[int, dict[str, Any]]:
-    """The large-file read of the disk tree and of the llfs mount (as di3fs mounts),
-    both on a throttled edge disk, for each rate of EDGE_MIB_S: the median of
-    ROUNDS cold runs each.  Before every timed read, a ballast file is read so
-    the throttle starts the timed read mid-window: a fresh window lets its first
-    rate x 0.1 s through at once, which favours the side reading fewer bytes."""
+EDGE_SIDES = {1: "llfs", 2: "llfs_f2"}  # image format -> its key in edge_rows' results
+
+
+def edge_rows(work: str, disk: str, tops: dict[int, str], big: list[str]) -> dict[int, dict[str, Any]]:
+    """The large-file read of the disk tree and of the llfs mounts of each image
+    format's stack (tops: format -> its top image, as di3fs mounts), all on a
+    throttled edge disk, for each rate of EDGE_MIB_S: the median of ROUNDS cold
+    runs each.  Before every timed read, a ballast file is read so the throttle
+    starts the timed read mid-window: a fresh window lets its first rate x 0.1 s
+    through at once, which favours the side reading fewer bytes."""
     out: dict[int, dict[str, Any]] = {}
-    size = (tree_bytes(disk) + tree_bytes(folder)) * 13 // 10 + (128 << 20)
+    folders = {f: os.path.dirname(top) for f, top in tops.items()}
+    size = (tree_bytes(disk) + sum(tree_bytes(d) for d in folders.values())) * 13 // 10 + (128 << 20)
     with edge_disk(work, size) as (root, rate):
         subprocess.run(["cp", "-a", disk, os.path.join(root, "disk")], check=True)
-        subprocess.run(["cp", "-a", folder, os.path.join(root, "images")], check=True)
-        edge_tree = os.path.join(root, "disk")
-        ballast = os.path.join(root, "ballast")
-        mnt = os.path.join(work, "edge-mnt")
-        os.makedirs(mnt)
-        ctr_cli("mount", "--background", "--cdimg", os.path.join(root, "images", os.path.basename(top)),
-                "--cache-dir", os.path.join(work, "edge-cache"), "--verified-bodies", mnt)
+        sides = {"disk": os.path.join(root, "disk")}
+        mounted: list[str] = []
         try:
+            for image_format, top in tops.items():
+                images = os.path.join(root, f"images-f{image_format}")
+                subprocess.run(["cp", "-a", folders[image_format], images], check=True)
+                mnt = os.path.join(work, f"edge-mnt-f{image_format}")
+                os.makedirs(mnt)
+                ctr_cli("mount", "--background", "--cdimg", os.path.join(images, os.path.basename(top)),
+                        "--cache-dir", os.path.join(work, f"edge-cache-f{image_format}"), "--verified-bodies", mnt)
+                mounted.append(mnt)
+                sides[EDGE_SIDES[image_format]] = mnt
+            ballast = os.path.join(root, "ballast")
             for mib_s in EDGE_MIB_S:
                 rate(mib_s << 20)
                 with open(ballast, "wb") as f:
                     f.write(os.urandom(mib_s << 18))  # a quarter second's worth
-                times: dict[str, list[float]] = {"disk": [], "llfs": []}
+                times: dict[str, list[float]] = {side: [] for side in sides}
                 for _ in range(ROUNDS):
-                    for side, where in (("disk", edge_tree), ("llfs", mnt)):
+                    for side, where in sides.items():
                         drop_caches()
                         read_files([ballast])
                         start = time.perf_counter()
@@ -182,7 +192,8 @@ def edge_rows(work: str, disk: str, folder: str, top: str, big: list[str]) -> di
                         times[side].append(time.perf_counter() - start)
                 out[mib_s] = {side: statistics.median(ts) for side, ts in times.items()}
         finally:
-            ctr_cli("umount", mnt)
+            for mnt in mounted:
+                ctr_cli("umount", mnt)
     return out
 
 
@@ -305,7 +316,6 @@ def main() -> int:
             shutil.copyfile(old, os.path.join(folder, "a.cdimg"))
             tops[image_format] = os.path.join(folder, "ab.cdimg")
             ctr_cli("cdimg", "diff", "--oldCdimg", old, "--newCdimg", new, "--outCdimg", tops[image_format])
-        top, folder = tops[1], os.path.dirname(tops[1])
         small = small_files(a2, b2)
         disk = os.path.join(work, "disk")
         ctr_cli("unpack", "--cdimg", b, "--out", disk)
@@ -398,11 +408,11 @@ def main() -> int:
         edge: dict[int, dict[str, Any]] = {}
         if can_throttle():
             try:
-                edge = edge_rows(work, disk, folder, top, big)
+                edge = edge_rows(work, disk, tops, big)
             except (OSError, subprocess.CalledProcessError) as exc:  # the rows above still get written
                 print(f"llfs bench: no edge-disk rows: {exc}", file=sys.stderr)
         delta_bytes = {f: os.path.getsize(t) for f, t in tops.items()}
-    report = render(results, len(big), big_bytes, patch_s, edge) + render_formats(results, len(small), delta_bytes)
+    report = render(results, len(big), big_bytes, patch_s, edge) + render_formats(results, len(small), delta_bytes, edge)
     with open(os.path.join(RESULTS, "llfs.md"), "w") as f:
         f.write(report)
     data = {"results": results, "big_files": len(big), "big_bytes": big_bytes, "util_patch_s": patch_s, "edge": edge,
@@ -464,10 +474,13 @@ def plot(data: dict[str, Any], path: str) -> None:
         ax.legend(fontsize=8, loc="lower right")
     if data["edge"]:
         speeds = list(data["edge"])
-        edge.bar(range(len(speeds)), [data["edge"][s]["disk"] / data["edge"][s]["llfs"] for s in speeds],
-                 color="#2a7")
+        for k, (side, label, color) in enumerate((("llfs", "format 1", "#2a7"), ("llfs_f2", "format 2", "#27a"))):
+            if side in data["edge"][speeds[0]]:
+                edge.bar([i + 0.4 * k for i in range(len(speeds))],
+                         [data["edge"][s]["disk"] / data["edge"][s][side] for s in speeds], width=0.4,
+                         color=color, label=label)
         target_line(edge, 1.0, "as fast as the unpacked tree")
-        edge.set_xticks(range(len(speeds)))
+        edge.set_xticks([i + 0.2 for i in range(len(speeds))])
         edge.set_xticklabels([f"{s} MiB/s disk" for s in speeds])
         edge.set_ylabel("llfs speed / unpacked tree speed")
         edge.set_title("the same large files on an edge-speed disk (as di3fs mounts)", fontsize=9)
@@ -542,9 +555,11 @@ def render(results: dict[str, dict[str, Any]], nbig: int, big_bytes: int, patch_
                   "(cgroup blkio) to an SD card's or eMMC's speed; llfs mounted as di3fs mounts. Median of "
                   f"{ROUNDS} cold runs each, a ballast read before each so no run starts on the throttle's "
                   "fresh-window allowance.", "",
-                  "| disk speed | disk tree s | llfs s | llfs vs disk |", "|---|---:|---:|---:|"]
+                  "| disk speed | disk tree s | llfs s | llfs vs disk | llfs, format 2 s | format 2 vs disk |",
+                  "|---|---:|---:|---:|---:|---:|"]
         for mib_s, r in edge.items():
-            lines.append(f"| {mib_s} MiB/s | {r['disk']:.3f} | {r['llfs']:.3f} | {r['disk'] / r['llfs']:.2f} |")
+            lines.append(f"| {mib_s} MiB/s | {r['disk']:.3f} | {r['llfs']:.3f} | {r['disk'] / r['llfs']:.2f} | "
+                         f"{r['llfs_f2']:.3f} | {r['disk'] / r['llfs_f2']:.2f} |")
         lines += [""]
     lines += [
               "## A file rebuilt from its delta (/usr/sbin/nginx, 1.2 MiB)", "",
@@ -558,8 +573,10 @@ def render(results: dict[str, dict[str, Any]], nbig: int, big_bytes: int, patch_
     return "\n".join(lines) + "\n"
 
 
-def render_formats(results: dict[str, dict[str, Any]], nsmall: int, delta_bytes: dict[int, int]) -> str:
-    """Format 2 against format 1, both as di3fs mounts, on the issue's three targets."""
+def render_formats(results: dict[str, dict[str, Any]], nsmall: int, delta_bytes: dict[int, int],
+                   edge: dict[int, dict[str, Any]]) -> str:
+    """Format 2 against format 1, both as di3fs mounts, on the issue's three targets
+    (the large files also on the edge-speed disks, where a device keeps its images)."""
     one, two, disk = results[DI3FS], results[DI3FS_F2], results["disk"]
     walk1, walk2 = statistics.median(one["walk_ratios"]), statistics.median(two["walk_ratios"])
     big1, big2 = statistics.median(one["big_ratios"]), statistics.median(two["big_ratios"])
@@ -575,6 +592,9 @@ def render_formats(results: dict[str, dict[str, Any]], nsmall: int, delta_bytes:
              "format 2 <= 2.5 x disk |",
              f"| unchanged files >= 1 MiB, fraction of disk throughput | 1.00 | {big1:.2f} | {big2:.2f} | "
              f"{big2 / big1:.2f} | no slower than format 1 |",
+             *[f"| the same on a {mib_s} MiB/s edge disk, fraction of its throughput | 1.00 | "
+               f"{r['disk'] / r['llfs']:.2f} | {r['disk'] / r['llfs_f2']:.2f} | {r['llfs'] / r['llfs_f2']:.2f} | "
+               "no slower than format 1 |" for mib_s, r in edge.items()],
              f"| delta A -> B, bytes | | {delta_bytes[1]:,} | {delta_bytes[2]:,} | "
              f"{delta_bytes[2] / delta_bytes[1]:.3f} | no larger than format 1 |"]
     return "\n".join(lines) + "\n"

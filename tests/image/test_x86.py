@@ -25,7 +25,7 @@ from d4c.image.writer import save_image
 ELF_X86_64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x03\x00\x3e\x00" + bytes(44)
 ELF_ARM64 = b"\x7fELF\x02\x01\x01" + bytes(9) + b"\x03\x00\xb7\x00" + bytes(44)
 GOLDEN_V2_X86 = os.path.join(TESTS, "data", "golden-v2-x86.cdimg")
-GOLDEN_V2_X86_SHA256 = "ff933034ca0f4768b6d70036d5577a5a3c5df9a97f274f42311fbcdbc156dea0"
+GOLDEN_V2_X86_SHA256 = "ad05be3b777aad443a91a49be109b348443d68fbb1ba4d9a7b9ffea036cffc60"
 
 
 def x86_code(n: int, seed: int, functions: int = 24) -> bytes:

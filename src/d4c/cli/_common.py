@@ -57,10 +57,9 @@ def add_level(p: argparse.ArgumentParser) -> None:
     p.add_argument("--level", type=int, default=None, metavar="L",
                    help="zstd level for file bodies, 1..22 (default 19 for format 2, 3 for format 1)")
     p.add_argument("--format", type=int, choices=IMAGE_FORMATS, default=DEFAULT_IMAGE_FORMAT, dest="image_format",
-                   help="image format: 2 (small files grouped in 256 KiB frames against a shared dictionary, "
-                        "x86 programs branch-converted: the smallest first install) or 1 (one zstd frame per file: for readers that predate "
-                        "format 2); "
-                        f"default {DEFAULT_IMAGE_FORMAT}")
+                   help="image format: 2 (small files grouped in 128 KiB frames against a shared dictionary, "
+                        "x86 programs branch-converted: the smallest first install) or 1 (one zstd frame per file: "
+                        f"for readers that predate format 2); default {DEFAULT_IMAGE_FORMAT}")
 
 
 def body_level(args: argparse.Namespace) -> int:
