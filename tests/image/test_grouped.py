@@ -3,6 +3,7 @@ format 1's, mixed stacks, hostile group tables, a damaged group)."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 import os
 
@@ -16,7 +17,7 @@ from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
 from d4c.errors import EXIT_CORRUPT, CorruptImage
 from d4c.image.bodies import DICT_SLICE, GROUP_TARGET, BodySpool
 from d4c.image.format import Group, dimg_preamble, has_multi_frame_bodies, encode_storage, encode_tree, image_id_of
-from d4c.image.reader import Image
+from d4c.image.reader import Image, _GroupStream
 from d4c.image.tree import Entry, EntryType, Storage, canonicalize
 from d4c.image.writer import save_image
 
@@ -213,11 +214,41 @@ def test_a_damaged_group_fails_its_files_only(tmp_path) -> None:  # type: ignore
     path = tmp_path / "d.dimg"
     path.write_bytes(rewrap(entries, groups, bytes(damaged)))
     with Image(str(path)) as image:
+        # a group decodes only as far as a read needs: a body before the damage may still be
+        # served, checked against its digest; the rest of the group is refused
+        failed = 0
         for e in in_group(image.entries):
-            with pytest.raises(CorruptImage):
-                image.read_body(e)
+            try:
+                assert hashlib.sha256(image.read_body(e, check=False)).digest() == e.digest
+            except CorruptImage:
+                failed += 1
+        assert failed >= 1
+        with pytest.raises(CorruptImage):
+            image.group_content(in_group(image.entries)[0])
         (large,) = [e for e in image.entries if e.storage == Storage.FRAME]
         assert image.read_body(large) == bytes(range(251)) * 9000  # outside the group: unharmed
+
+
+def test_a_cold_read_decodes_its_group_only_up_to_its_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The first file of a group is served from a prefix of the frame; a read further
+    on decodes the rest, and the whole group is then cached."""
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    rnd = random.Random(5)
+    want = {}
+    for i in range(40):
+        want[f"f{i:02}.txt"] = bytes(rnd.getrandbits(8) for _ in range(9000)) * 3
+        with open(os.path.join(src, f"f{i:02}.txt"), "wb") as f:
+            f.write(want[f"f{i:02}.txt"])
+    pack(src, str(tmp_path / "g.dimg"), "--format", "2")
+    with Image(str(tmp_path / "g.dimg")) as image:
+        first, *_, last = [e for e in in_group(image.entries) if e.group == 0]
+        group = image.groups[0]
+        assert image.read_body(first, check=False) == want[first.path.decode()]
+        (stream,) = image._streams.values()
+        assert first.body_offset + first.size <= len(stream._buf) < group.usize and 0 not in image._decoded
+        assert image.read_body(last, check=False) == want[last.path.decode()]
+        assert not image._streams and len(image._decoded[0]) == group.usize
 
 
 def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -231,8 +262,12 @@ def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None
     pack(src, str(tmp_path / "g.dimg"), "--format", "2")
     count = -(-60 // -(-GROUP_TARGET // 100_000))
     decoded = []
-    real = Image._decode_group
-    monkeypatch.setattr(Image, "_decode_group", lambda self, e: decoded.append(e.group) or real(self, e))
+    real = _GroupStream.__init__
+
+    def counted(self, image, e):  # type: ignore[no-untyped-def]
+        decoded.append(e.group)
+        real(self, image, e)
+    monkeypatch.setattr(_GroupStream, "__init__", counted)
     with Image(str(tmp_path / "g.dimg")) as image:
         assert len(image.groups) == count > 1
         files = sorted((e for e in image.entries if e.type == EntryType.FILE), key=lambda e: e.path)
@@ -240,6 +275,7 @@ def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None
             for e in files:
                 image.read_body(e)
         assert sorted(decoded) == list(range(count))
+        assert not image._streams  # every group was read to its end
         image.group_cache = 1  # below one group: only the last one is kept
         image._decoded.clear()
         for e in files:

@@ -442,8 +442,13 @@ def merge_stack(stack: list[Image], out_path: str, *, cdimg: bool, level: int = 
             copy(i, o)
         kept = {i for i, _ in copied}
         run_parallel(rebuild, [(i, o) for i, o in origins if i not in kept], threads)
-        _write_delta(entries, base, spool, top, coder, out_path, config_bytes, before_commit=checked)
-    return decisions(entries, base)
+        made: list[Decision] = []
+
+        def finish() -> None:
+            made.extend(decisions(entries, base))  # while the last checks run
+            checked()
+        _write_delta(entries, base, spool, top, coder, out_path, config_bytes, before_commit=finish)
+    return made
 
 
 def merge_bisect(stack: list[Image], out_path: str, *, cdimg: bool, threads: int = 1,

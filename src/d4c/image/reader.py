@@ -9,7 +9,7 @@ import contextlib
 import os
 import resource
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import zstandard
 
@@ -24,6 +24,7 @@ STREAM_PIECE = 256 << 10  # body_frames reads a multi-frame body in pieces of th
 ASKED_AHEAD = 3 * STREAM_PIECE  # ... and asks the kernel for this much beyond what it has read
 ONE_SHOT_MAX = 64 << 20        # bodies up to this decompress in one call; larger ones stream in bounded memory
 GROUP_CACHE = 32 << 20         # decoded group frames an open image keeps (a tree walk decodes each about once)
+OPEN_GROUP_STREAMS = 8         # groups decoded in part an image keeps going (each holds <= 1.2 MiB and a zstd context)
 
 
 def _memory_available() -> int:
@@ -80,7 +81,7 @@ class Image:
         self._by_digest: dict[bytes, int] | None = None
         self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
         self._x86_slices: dict[int, list[tuple[int, int]]] | None = None
-        self._decoding: dict[int, threading.Lock] = {}
+        self._streams: collections.OrderedDict[int, _GroupStream] = collections.OrderedDict()  # decoded in part
         self._groups_lock = threading.Lock()
         self._dictionary: zstandard.ZstdCompressionDict | None = None
         self._dictionary_lock = threading.Lock()
@@ -196,49 +197,58 @@ class Image:
                 image.check_digest(e, data)
             return data
         if e.storage == Storage.GROUPED:
-            data = image.group_content(e)[e.body_offset:e.body_offset + e.size]
-            if check:
+            data, whole = image.group_piece(e)
+            if check or not whole:  # a frame decoded only in part has not had its checksum checked
                 image.check_digest(e, data)
             return data
         return image._rebuild(e)
 
     def group_content(self, entry: Entry) -> bytes:
-        """The decoded content of `entry`'s group frame: decoded once by one thread
-        while others wait for it, kept among the most recent `group_cache` bytes."""
-        index = entry.group
+        """The whole decoded content of `entry`'s group frame (see group_piece)."""
+        group = self.groups[entry.group]
+        probe = Entry(entry.path, EntryType.FILE, size=group.usize, storage=Storage.GROUPED, group=entry.group)
+        return self.group_piece(probe)[0]
+
+    def group_piece(self, entry: Entry) -> tuple[bytes, bool]:
+        """`entry`'s body from its group frame, and whether that frame has been decoded
+        to its end (so zstd has checked its checksum).  A group is decoded only as far
+        as reads need it (_GroupStream), by one thread at a time; once whole, it is kept
+        among the most recent `group_cache` bytes of decoded groups."""
+        index, start, end = entry.group, entry.body_offset, entry.body_offset + entry.size
         with self._groups_lock:
             data = self._decoded.get(index)
             if data is not None:
                 self._decoded.move_to_end(index)
-                return data
-            lock = self._decoding.setdefault(index, threading.Lock())
-        with lock:
-            with self._groups_lock:
-                data = self._decoded.get(index)
-            if data is None:
-                data = self._decode_group(entry)
-                with self._groups_lock:
-                    self._decoded[index] = data
-                    total = sum(len(d) for d in self._decoded.values())
-                    while total > self.group_cache and len(self._decoded) > 1:
-                        total -= len(self._decoded.popitem(last=False)[1])
-                    self._decoding.pop(index, None)
-        return data
-
-    def _decode_group(self, entry: Entry) -> bytes:
-        group = self.groups[entry.group]
-        dictionary = self.group_dictionary(entry) if self.groups.dictionary is not None else None
-        data = self._decode_whole(group, f"{entry.display()}: its group frame", dictionary)
-        converted = self._x86_in_groups().get(entry.group)
-        return accel.x86.decoded(data, converted) if converted else data
+                return data[start:end], True
+            stream = self._streams.get(index)
+            if stream is None:
+                stream = self._streams[index] = _GroupStream(self, entry)
+                while len(self._streams) > OPEN_GROUP_STREAMS:  # a dropped one is decoded again if read again
+                    self._streams.popitem(last=False)
+            else:
+                self._streams.move_to_end(index)
+        piece, whole = stream.upto(start, end)
+        if whole is None:
+            return piece, False
+        with self._groups_lock:
+            if self._streams.get(index) is stream:
+                del self._streams[index]
+            self._decoded[index] = whole
+            self._decoded.move_to_end(index)
+            total = sum(len(d) for d in self._decoded.values())
+            while total > self.group_cache and len(self._decoded) > 1:
+                total -= len(self._decoded.popitem(last=False)[1])
+        return piece, True
 
     def _x86_in_groups(self) -> dict[int, list[tuple[int, int]]]:
-        """group -> (start, end) of its x86-converted bodies, found once per image."""
+        """group -> (start, end) of its x86-converted bodies in order, found once per image."""
         if self._x86_slices is None:
             slices: dict[int, list[tuple[int, int]]] = {}
             for e in self.entries:
                 if e.x86 and e.storage == Storage.GROUPED:
                     slices.setdefault(e.group, []).append((e.body_offset, e.body_offset + e.size))
+            for spans in slices.values():
+                spans.sort()
             self._x86_slices = slices
         return self._x86_slices
 
@@ -396,6 +406,66 @@ def check_bodies(image: Image, threads: int = 1, checked: Callable[[int], None] 
         if checked is not None:
             checked(e.size)
     run_parallel(check, stored_bodies(image), threads)
+
+
+class _GroupStream:
+    """A group frame decoded as far as reads have needed.  The first read decodes up
+    to the end of its body (half the group on average: a cold read of one small file),
+    the next one decodes the rest, so a walk still decodes each byte once.  zstd checks
+    the frame's checksum at its end: until then read_body checks each body's digest.
+    x86-converted bodies are decoded in place once all their bytes are there."""
+
+    FIRST_STEP = 16 << 10  # the first read decodes at least this much past its body's end
+
+    def __init__(self, image: Image, entry: Entry) -> None:
+        self._image, self._entry = image, entry
+        self._group = image.groups[entry.group]
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._reader: Any = None
+        self._reads = 0
+        self._slices = image._x86_in_groups().get(entry.group, [])
+        self._converted = 0  # slices decoded so far
+
+    def upto(self, start: int, end: int) -> tuple[bytes, bytes | None]:
+        """content[start:end], and the whole content once the frame has been decoded to its end."""
+        with self._lock:
+            if len(self._buf) < self._group.usize:
+                try:
+                    self._decode_to(end)
+                except (ValueError, zstandard.ZstdError) as exc:
+                    what = f"{self._entry.display()}: its group frame"
+                    raise CorruptImage(self._image.path, f"{what} does not decompress ({exc})") from None
+            with memoryview(self._buf) as view:
+                piece = bytes(view[start:end])
+            whole = bytes(self._buf) if self._reader is None and len(self._buf) == self._group.usize else None
+            return piece, whole
+
+    def _decode_to(self, end: int) -> None:
+        group, buf = self._group, self._buf
+        if self._reader is None:
+            image = self._image
+            frame = pread_exact(image._fd, group.csize, image.info.body_offset + group.offset, image.path)
+            if declared_size(memoryview(frame), 0, group.usize) != group.usize:
+                raise ValueError("the frame declares another size than its group")
+            dictionary = image.group_dictionary(self._entry) if image.groups.dictionary is not None else None
+            self._reader = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << MAX_WINDOW_LOG) \
+                .stream_reader(frame)
+        self._reads += 1
+        want = min(end + self.FIRST_STEP, group.usize) if self._reads == 1 else group.usize
+        while len(buf) < want:
+            chunk = self._reader.read(want - len(buf))
+            if not chunk:
+                raise ValueError("the frame ends before its group does")
+            buf += chunk
+        if len(buf) == group.usize:
+            if self._reader.read(1):  # the end of the frame, where zstd checks its checksum
+                raise ValueError("the frame decodes larger than its group")
+            self._reader.close()
+            self._reader = None
+        while self._converted < len(self._slices) and self._slices[self._converted][1] <= len(buf):
+            accel.x86.decode(buf, *self._slices[self._converted])
+            self._converted += 1
 
 
 class BodyReader:
