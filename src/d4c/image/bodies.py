@@ -366,12 +366,19 @@ class GroupCoder:
                 write_checksum=True, write_content_size=True, threads=0)
             self._dictionary = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             self._dictionary.precompute_compress(compression_params=self._params)
+        self._mine = threading.local()
 
     def compress(self, content: bytes) -> bytes:
-        if self._dictionary is None:
-            return zstandard.ZstdCompressor(level=self.level, write_checksum=True,
-                                            write_content_size=True).compress(content)
-        return zstandard.ZstdCompressor(compression_params=self._params, dict_data=self._dictionary).compress(content)
+        """One group frame.  Each thread keeps its compressor: zstd copies the dictionary's
+        tables into it for every frame, and a fresh one's tables (hundreds of MB at level 19
+        with a 32 MiB dictionary) were new memory each time (a 128 KiB group 0.25 -> 0.17 s)."""
+        compressor = getattr(self._mine, "compressor", None)
+        if compressor is None:
+            compressor = self._mine.compressor = (
+                zstandard.ZstdCompressor(level=self.level, write_checksum=True, write_content_size=True)
+                if self._dictionary is None else
+                zstandard.ZstdCompressor(compression_params=self._params, dict_data=self._dictionary))
+        return compressor.compress(content)
 
 
 def _checked_chunks(chunks: Iterable[bytes], size: int, what: str, h: Any) -> Iterator[bytes]:
