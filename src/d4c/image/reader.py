@@ -205,16 +205,17 @@ class Image:
 
     def group_content(self, entry: Entry) -> bytes:
         """The whole decoded content of `entry`'s group frame (see group_piece)."""
-        group = self.groups[entry.group]
-        probe = Entry(entry.path, EntryType.FILE, size=group.usize, storage=Storage.GROUPED, group=entry.group)
-        return self.group_piece(probe)[0]
+        return self._group_range(entry, 0, self.groups[entry.group].usize)[0]
 
     def group_piece(self, entry: Entry) -> tuple[bytes, bool]:
         """`entry`'s body from its group frame, and whether that frame has been decoded
         to its end (so zstd has checked its checksum).  A group is decoded only as far
         as reads need it (_GroupStream), by one thread at a time; once whole, it is kept
         among the most recent `group_cache` bytes of decoded groups."""
-        index, start, end = entry.group, entry.body_offset, entry.body_offset + entry.size
+        return self._group_range(entry, entry.body_offset, entry.body_offset + entry.size)
+
+    def _group_range(self, entry: Entry, start: int, end: int) -> tuple[bytes, bool]:
+        index = entry.group
         with self._groups_lock:
             data = self._decoded.get(index)
             if data is not None:
