@@ -1,10 +1,10 @@
 """Type stub of the compiled kernel d4c._x86 (_x86.pyx); _x86_py.py is its pure-Python reference."""
 
-from typing import Final, Iterable
+from typing import Final
 
 from typing_extensions import Buffer
 
-API_VERSION: Final = "2"
+API_VERSION: Final = "1"
 
 def encode(buf: Buffer, start: int, end: int) -> None:
     """Branch targets of buf[start:end] made absolute, in place."""
@@ -12,5 +12,5 @@ def encode(buf: Buffer, start: int, end: int) -> None:
 def decode(buf: Buffer, start: int, end: int) -> None:
     """The inverse of encode, in place."""
 
-def decoded(data: Buffer, ranges: Iterable[tuple[int, int]] | None = None) -> bytes:
-    """decode of a copy of `data`, as bytes: of all of it, or of each (start, end) of `ranges`."""
+def decoded(data: Buffer) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes."""

@@ -11,7 +11,7 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 
-API_VERSION = "2"
+API_VERSION = "1"
 
 
 cdef extern from *:
@@ -83,21 +83,14 @@ def decode(uint8_t[::1] buf, Py_ssize_t start, Py_ssize_t end) -> None:
         _convert(&buf[0] if buf.shape[0] else NULL, start, end, False)
 
 
-def decoded(const uint8_t[::1] data, ranges=None) -> bytes:
-    """decode of a copy of `data`, as bytes: of all of it, or of each (start, end)
-    of `ranges` (a group's converted slices).  One pass of copying fused with the
-    conversion, where bytearray + decode + bytes made two copies."""
-    cdef Py_ssize_t n = data.shape[0], start, end
-    spans = [(0, n)] if ranges is None else [(int(a), int(b)) for a, b in ranges]
-    for start, end in spans:
-        if not 0 <= start <= end <= n:
-            raise ValueError(f"range {start}..{end} outside a buffer of {n} bytes")
+def decoded(const uint8_t[::1] data) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes: one pass of copying
+    fused with the conversion, where bytearray + decode + bytes made two copies."""
+    cdef Py_ssize_t n = data.shape[0]
     out = PyBytes_FromStringAndSize(NULL, n)
     cdef uint8_t* p = <uint8_t*>PyBytes_AS_STRING(out)
     if n:
         with nogil:
             memcpy(p, &data[0], n)
-    for start, end in spans:
-        with nogil:
-            _convert(p, start, end, False)
+            _convert(p, 0, n, False)
     return out

@@ -3,18 +3,12 @@ left unconverted keeps the next three from converting (see _x86.pyx)."""
 
 from __future__ import annotations
 
-from typing import Iterable
-
-API_VERSION = "2"
-
-
-def _check(buf: bytearray, start: int, end: int) -> None:
-    if not 0 <= start <= end <= len(buf):
-        raise ValueError(f"range {start}..{end} outside a buffer of {len(buf)} bytes")
+API_VERSION = "1"
 
 
 def _convert(buf: bytearray, start: int, end: int, forward: bool) -> None:
-    _check(buf, start, end)
+    if not 0 <= start <= end <= len(buf):
+        raise ValueError(f"range {start}..{end} outside a buffer of {len(buf)} bytes")
     i, kept = start, start - 4  # the last opcode left unconverted
     while i + 5 <= end:
         call, jump = buf.find(b"\xe8", i, end - 4), buf.find(b"\xe9", i, end - 4)
@@ -44,11 +38,8 @@ def decode(buf: bytearray, start: int, end: int) -> None:
     _convert(buf, start, end, False)
 
 
-def decoded(data: bytes, ranges: Iterable[tuple[int, int]] | None = None) -> bytes:
-    """decode of a copy of `data`, as bytes: of all of it, or of each (start, end) of `ranges`."""
+def decoded(data: bytes) -> bytes:
+    """decode of a copy of `data` (the whole of it), as bytes."""
     buf = bytearray(data)
-    for start, end in [(0, len(buf))] if ranges is None else ranges:
-        _check(buf, start, end)
-    for start, end in [(0, len(buf))] if ranges is None else ranges:
-        _convert(buf, start, end, False)
+    _convert(buf, 0, len(buf), False)
     return bytes(buf)

@@ -21,7 +21,7 @@ from typing import Any
 from .errors import ExtensionMismatch
 
 # what the Python side expects of each kernel module
-API_VERSIONS = {"_patch": "5", "_chunker": "1", "_tables": "1", "_deflate": "3", "_x86": "2"}
+API_VERSIONS = {"_patch": "5", "_chunker": "1", "_tables": "1", "_deflate": "3", "_x86": "1"}
 _loaded: dict[str, ModuleType] = {}
 _errors: dict[str, str] = {}
 

@@ -283,16 +283,22 @@ class Image:
 
     def _decode_whole(self, group: Group, what: str, dictionary: zstandard.ZstdCompressionDict | None = None) -> bytes:
         """A group or dictionary frame, which must declare and give exactly its usize."""
-        frame = pread_exact(self._fd, group.csize, self.info.body_offset + group.offset, self.path)
         try:
-            if declared_size(memoryview(frame), 0, group.usize) != group.usize:
-                raise ValueError("the frame declares another size than its group")
+            frame = self.group_frame(group)
             data = decode_frame(memoryview(frame), group.usize, dictionary=dictionary)
         except (ValueError, zstandard.ZstdError) as exc:
             raise CorruptImage(self.path, f"{what} does not decompress ({exc})") from None
         if len(data) != group.usize:
             raise CorruptImage(self.path, f"{what} has the wrong size")
         return data
+
+    def group_frame(self, group: Group) -> bytes:
+        """The compressed frame of a group (or of the dictionary); ValueError unless it
+        declares exactly the group's usize."""
+        frame = pread_exact(self._fd, group.csize, self.info.body_offset + group.offset, self.path)
+        if declared_size(memoryview(frame), 0, group.usize) != group.usize:
+            raise ValueError("the frame declares another size than its group")
+        return frame
 
     def check_memory(self, entry: Entry, need: int) -> None:
         if need > self.memory_limit:
@@ -446,9 +452,7 @@ class _GroupStream:
         group, buf = self._group, self._buf
         if self._reader is None:
             image = self._image
-            frame = pread_exact(image._fd, group.csize, image.info.body_offset + group.offset, image.path)
-            if declared_size(memoryview(frame), 0, group.usize) != group.usize:
-                raise ValueError("the frame declares another size than its group")
+            frame = image.group_frame(group)
             dictionary = image.group_dictionary(self._entry) if image.groups.dictionary is not None else None
             self._reader = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << MAX_WINDOW_LOG) \
                 .stream_reader(frame)
