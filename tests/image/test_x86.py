@@ -85,6 +85,23 @@ def test_kernel_refuses_a_range_outside_its_buffer(kernel) -> None:  # type: ign
             kernel.encode(bytearray(10), start, end)
 
 
+def test_kernel_matches_its_reference_across_its_scan_blocks() -> None:
+    """The kernel finds opcodes 64 bytes at a time: branches that straddle a block's
+    end, opcodes inside a converted rel32 and chains of unconverted ones at every
+    place around the edges of its blocks and of the byte-by-byte tail."""
+    rnd = random.Random(11)
+    for n in list(range(60, 140)) + [255, 256, 257, 1000]:
+        for _ in range(6):
+            data = bytes(rnd.choice(b"\xe8\xe9\x00\xff\x01") for _ in range(n))
+            start = rnd.randrange(0, 70)
+            start, end = min(start, n), max(min(start, n), n - rnd.randrange(0, 8))
+            for name in ("encode", "decode"):
+                a, b = bytearray(data), bytearray(data)
+                getattr(accel.x86, name)(a, start, end)
+                getattr(_x86_py, name)(b, start, end)
+                assert a == b, (name, n, start, end)
+
+
 def test_which_bodies_are_programs() -> None:
     assert is_x86_program(ELF_X86_64) and is_x86_program(ELF_X86_64[:16] + b"\x02\x00\x03\x00")  # i386
     assert not is_x86_program(ELF_ARM64) and not is_x86_program(ELF_X86_64[:19])
