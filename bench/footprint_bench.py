@@ -43,17 +43,34 @@ def programs(work: str) -> list[tuple[str, list[str]]]:
     """(row name, ctr-cli command) for every form that is built."""
     found = []
     bundles = sorted(glob.glob(os.path.join(ROOT, "d4c-*-linux-*.tar.gz")))
-    if bundles:
+    newer = newer_source(bundles[-1]) if bundles else None
+    if bundles and newer is None:
         with tarfile.open(bundles[-1]) as tf:
             tf.extractall(os.path.join(work, "bundle"), filter="data")
         [top] = os.listdir(os.path.join(work, "bundle"))
         found.append(("installed bundle (one-dir)", [os.path.join(work, "bundle", top, "ctr-cli")]))
     else:
-        print("footprint bench: no d4c-*.tar.gz (run `make dist`): no bundle row", file=sys.stderr)
-    if os.access(os.path.join(ROOT, "ctr-cli"), os.X_OK):
-        found.append(("one-file binary", [os.path.join(ROOT, "ctr-cli")]))
+        why = f"{os.path.basename(bundles[-1])} is older than {newer}" if bundles else "no d4c-*.tar.gz"
+        print(f"footprint bench: {why} (run `make dist`): no bundle row", file=sys.stderr)
+    binary = os.path.join(ROOT, "ctr-cli")
+    if os.access(binary, os.X_OK) and newer_source(binary) is None:
+        found.append(("one-file binary", [binary]))
+    elif os.access(binary, os.X_OK):
+        print(f"footprint bench: ./ctr-cli is older than {newer_source(binary)} (run `make all`): no row for it",
+              file=sys.stderr)
     found.append(("source (python -m d4c)", [sys.executable, "-m", "d4c"]))
     return found
+
+
+def newer_source(built: str) -> str | None:
+    """A source file changed after `built` was made (its rows would measure old code), if any."""
+    made = os.path.getmtime(built)
+    for folder, _, names in os.walk(os.path.join(ROOT, "src")):
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith((".py", ".pyx")) and os.path.getmtime(path) > made:
+                return os.path.relpath(path, ROOT)
+    return None
 
 
 def start_seconds(cmd: list[str]) -> float:
