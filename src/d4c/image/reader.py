@@ -80,6 +80,7 @@ class Image:
         self._by_path: dict[bytes, int] | None = None
         self._by_digest: dict[bytes, int] | None = None
         self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
+        self._decoded_bytes = 0  # their total
         self._x86_slices: dict[int, list[tuple[int, int]]] | None = None
         self._streams: collections.OrderedDict[int, _GroupStream] = collections.OrderedDict()  # decoded in part
         self._groups_lock = threading.Lock()
@@ -234,11 +235,12 @@ class Image:
         with self._groups_lock:
             if self._streams.get(index) is stream:
                 del self._streams[index]
-            self._decoded[index] = whole
+            if index not in self._decoded:  # another thread may have finished it first
+                self._decoded[index] = whole
+                self._decoded_bytes += len(whole)
             self._decoded.move_to_end(index)
-            total = sum(len(d) for d in self._decoded.values())
-            while total > self.group_cache and len(self._decoded) > 1:
-                total -= len(self._decoded.popitem(last=False)[1])
+            while self._decoded_bytes > self.group_cache and len(self._decoded) > 1:
+                self._decoded_bytes -= len(self._decoded.popitem(last=False)[1])
         return piece, True
 
     def _x86_in_groups(self) -> dict[int, list[tuple[int, int]]]:
