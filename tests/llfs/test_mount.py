@@ -71,6 +71,24 @@ def test_mounted_tree_equals_unpack(stack, images, tmp_path, extra) -> None:  # 
         assert info.value.errno in (errno.EROFS, errno.EACCES)
 
 
+def test_a_mount_servers_fuse_workers_share_one_cpu(stack, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The FUSE workers of a real mount server keep to one CPU (threads.pin_fuse_workers),
+    the one its process id picks, while reads are served."""
+    fuse_ok()
+    cpus = sorted(os.sched_getaffinity(0))
+    need(len(cpus) >= 2, "needs 2 CPUs: pinning to one of them is what is tested")
+    with Mounted(stack[-1], str(tmp_path / "mnt")) as mnt:
+        assert snapshot_tree(mnt)  # every file read: the workers have served
+        [server] = fuse_server_pids(mnt)
+        allowed = []
+        for tid in os.listdir(f"/proc/{server}/task"):
+            with open(f"/proc/{server}/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+            allowed.append(line.split(":", 1)[1].strip())
+        pinned = allowed.count(str(cpus[server % len(cpus)]))
+        assert pinned >= 30, allowed  # llfuse's 30 workers (and the main thread that started them)
+
+
 def stored_body(stack: list[str], path: bytes) -> tuple[str, int, int, Entry]:
     """Where the stack stores the body of `path`: (image, file offset, length, stored entry)."""
     imgs = open_stack(stack)

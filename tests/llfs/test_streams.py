@@ -278,3 +278,35 @@ def test_helper_wakes_on_another_cpu() -> None:
     assert pool.submit_elsewhere(lambda x: x * 2, 21).result(timeout=5) == 42
     with pytest.raises(ZeroDivisionError):
         pool.submit_elsewhere(lambda: 1 // 0).result(timeout=5)
+
+
+def test_fuse_workers_share_one_cpu_and_their_helpers_run_anywhere() -> None:
+    """What a mount server's main thread pins before llfuse starts its workers is
+    inherited by them: one CPU, chosen by the process id; the threads they start
+    for decoding (the decode pool, a streaming body's producer) run anywhere."""
+    need(len(os.sched_getaffinity(0)) >= 2, "needs 2 CPUs: pinning to one of them is what is tested")
+    from d4c.llfs.threads import ALL_CPUS, WakePool, pin_fuse_workers
+    seen: dict[str, set[int]] = {}
+
+    def main_thread() -> None:  # stands in for serve(): pins, then llfuse starts a worker
+        assert pin_fuse_workers() == sorted(ALL_CPUS)[os.getpid() % len(ALL_CPUS)]
+        worker = threading.Thread(target=fuse_worker)
+        worker.start()
+        worker.join()
+
+    def fuse_worker() -> None:
+        seen["worker"] = os.sched_getaffinity(0)
+        seen["pool"] = WakePool("test-pin", 1).submit(os.sched_getaffinity, 0).result(timeout=5)
+
+        def chunks():  # type: ignore[no-untyped-def]
+            seen["producer"] = os.sched_getaffinity(0)
+            yield b"body"
+        producer = streams.Prefetcher(chunks(), lambda: None)
+        assert bytes(producer.read(10)) == b"body"
+        producer.close()
+
+    thread = threading.Thread(target=main_thread)
+    thread.start()
+    thread.join()
+    assert seen["worker"] == {sorted(ALL_CPUS)[os.getpid() % len(ALL_CPUS)]}
+    assert seen["pool"] == seen["producer"] == set(ALL_CPUS) == os.sched_getaffinity(0)

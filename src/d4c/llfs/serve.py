@@ -11,7 +11,7 @@ from ._impl import IMPORT_ERROR, llfuse
 from .model import ImageFS, Options
 from ..image.stack import open_stack
 from .mounts import clear_stale
-from .threads import keep_frame_memory
+from .threads import keep_frame_memory, pin_fuse_workers
 
 log = logging.getLogger("d4c.llfs")
 
@@ -58,6 +58,7 @@ def serve(paths: list[str], mountpoint: str, options: Options, *,
         fs.close()
         raise
     ready()
+    pin_fuse_workers()  # the main thread only waits while they serve
     try:
         llfuse.main(workers=workers)
     except BaseException:

@@ -16,7 +16,7 @@ from ..digests import sha256
 from ..errors import CorruptImage
 from ..image.reader import ONE_SHOT_MAX, Image
 from ..image.tree import Entry, Storage
-from .threads import WakePool
+from .threads import WakePool, run_anywhere
 
 WHOLE_MAX = 1 << 20  # smaller bodies are read and decoded whole at the first read
 
@@ -294,6 +294,7 @@ class Prefetcher(_Forward):
         return cls(iter(lambda: body.read(cls.CHUNK), b""), body.close)
 
     def _run(self) -> None:
+        run_anywhere()  # started by a FUSE worker, which keeps to one CPU
         try:
             for chunk in self._chunks:
                 if self._stop.is_set():
