@@ -251,6 +251,18 @@ def test_a_cold_read_decodes_its_group_only_up_to_its_file(tmp_path) -> None:  #
         assert not image._streams and len(image._decoded[0]) == group.usize
 
 
+def groups_decoded(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """The groups whose decoding starts from here on, in order (each _GroupStream made)."""
+    decoded: list[int] = []
+    real = _GroupStream.__init__
+
+    def counted(self, image, e):  # type: ignore[no-untyped-def]
+        decoded.append(e.group)
+        real(self, image, e)
+    monkeypatch.setattr(_GroupStream, "__init__", counted)
+    return decoded
+
+
 def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A walk over every file decodes each group once; the cache keeps at most its
     bound (and always the group in use)."""
@@ -261,13 +273,7 @@ def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None
             f.write(os.urandom(100_000))  # 6 MB: some groups
     pack(src, str(tmp_path / "g.dimg"), "--format", "2")
     count = -(-60 // -(-GROUP_TARGET // 100_000))
-    decoded = []
-    real = _GroupStream.__init__
-
-    def counted(self, image, e):  # type: ignore[no-untyped-def]
-        decoded.append(e.group)
-        real(self, image, e)
-    monkeypatch.setattr(_GroupStream, "__init__", counted)
+    decoded = groups_decoded(monkeypatch)
     with Image(str(tmp_path / "g.dimg")) as image:
         assert len(image.groups) == count > 1
         files = sorted((e for e in image.entries if e.type == EntryType.FILE), key=lambda e: e.path)
@@ -276,11 +282,36 @@ def test_decoded_groups_are_cached_within_a_bound(tmp_path, monkeypatch) -> None
                 image.read_body(e)
         assert sorted(decoded) == list(range(count))
         assert not image._streams  # every group was read to its end
+    with Image(str(tmp_path / "g.dimg")) as image:
         image.group_cache = 1  # below one group: only the last one is kept
-        image._decoded.clear()
         for e in files:
             image.read_body(e)
         assert len(image._decoded) == 1
+
+
+
+def test_a_group_whose_files_were_all_read_goes_first(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """When the cache needs room it drops a group whose bodies have all been read
+    before the least recent one, whose other files a walk in path order reads later."""
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    rnd = random.Random(3)
+    for i in range(40):
+        with open(os.path.join(src, f"f{i:02}.bin"), "wb") as f:
+            f.write(rnd.randbytes(30_000))
+    pack(src, str(tmp_path / "g.dimg"), "--format", "2")
+    decoded = groups_decoded(monkeypatch)
+    with Image(str(tmp_path / "g.dimg")) as image:
+        members: dict[int, list[Entry]] = {}
+        for e in image.entries:
+            if e.type == EntryType.FILE and e.storage == Storage.GROUPED:
+                members.setdefault(e.group, []).append(e)
+        x, y, z = [g for g, es in sorted(members.items()) if len(es) >= 3][:3]
+        image.group_cache = sum(image.groups[g].usize for g in (x, y, z)) - 1  # room for two of them
+        for e in members[x][:2] + members[y] + members[z][:2] + members[x][2:]:
+            assert image.read_body(e) is not None
+        assert decoded == [x, y, z]  # y went (all of it read), not x (least recent, not all read)
+        assert x in image._decoded and y not in image._decoded
 
 
 # ---------------------------------------------------------------- the group dictionary

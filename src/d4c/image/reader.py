@@ -81,6 +81,9 @@ class Image:
         self._by_digest: dict[bytes, int] | None = None
         self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
         self._decoded_bytes = 0  # their total
+        self._served: dict[int, set[int]] = {}  # cached or streaming group -> its bodies read (this round)
+        self._all_served: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, all read
+        self._group_bodies: list[int] | None = None  # group -> how many bodies it holds
         self._x86_slices: dict[int, list[tuple[int, int]]] | None = None
         self._streams: collections.OrderedDict[int, _GroupStream] = collections.OrderedDict()  # decoded in part
         self._groups_lock = threading.Lock()
@@ -206,42 +209,75 @@ class Image:
 
     def group_content(self, entry: Entry) -> bytes:
         """The whole decoded content of `entry`'s group frame (see group_piece)."""
-        return self._group_range(entry, 0, self.groups[entry.group].usize)[0]
+        return self._group_range(entry, 0, self.groups[entry.group].usize, None)[0]
 
     def group_piece(self, entry: Entry) -> tuple[bytes, bool]:
         """`entry`'s body from its group frame, and whether that frame has been decoded
         to its end (so zstd has checked its checksum).  A group is decoded only as far
         as reads need it (_GroupStream), by one thread at a time; once whole, it is kept
-        among the most recent `group_cache` bytes of decoded groups."""
-        return self._group_range(entry, entry.body_offset, entry.body_offset + entry.size)
+        within `group_cache` bytes of decoded groups (_note_read says which go first)."""
+        return self._group_range(entry, entry.body_offset, entry.body_offset + entry.size, entry.body_offset)
 
-    def _group_range(self, entry: Entry, start: int, end: int) -> tuple[bytes, bool]:
+    def _group_range(self, entry: Entry, start: int, end: int, body: int | None) -> tuple[bytes, bool]:
+        """content[start:end] of `entry`'s group, for the body at offset `body` (None: the whole group)."""
         index = entry.group
         with self._groups_lock:
             data = self._decoded.get(index)
             if data is not None:
                 self._decoded.move_to_end(index)
+                self._note_read(index, body)
                 return data[start:end], True
             stream = self._streams.get(index)
             if stream is None:
                 stream = self._streams[index] = _GroupStream(self, entry)
                 while len(self._streams) > OPEN_GROUP_STREAMS:  # a dropped one is decoded again if read again
-                    self._streams.popitem(last=False)
+                    dropped = self._streams.popitem(last=False)[0]
+                    if dropped not in self._decoded:
+                        self._served.pop(dropped, None)
             else:
                 self._streams.move_to_end(index)
         piece, whole = stream.upto(start, end)
-        if whole is None:
-            return piece, False
         with self._groups_lock:
-            if self._streams.get(index) is stream:
-                del self._streams[index]
-            if index not in self._decoded:  # another thread may have finished it first
-                self._decoded[index] = whole
-                self._decoded_bytes += len(whole)
-            self._decoded.move_to_end(index)
+            if whole is not None:
+                if self._streams.get(index) is stream:
+                    del self._streams[index]
+                if index not in self._decoded:  # another thread may have finished it first
+                    self._decoded[index] = whole
+                    self._decoded_bytes += len(whole)
+                self._decoded.move_to_end(index)
+            self._note_read(index, body)
             while self._decoded_bytes > self.group_cache and len(self._decoded) > 1:
-                self._decoded_bytes -= len(self._decoded.popitem(last=False)[1])
-        return piece, True
+                victim = next((g for g in self._all_served if g != index), next(iter(self._decoded)))
+                self._decoded_bytes -= len(self._decoded.pop(victim))
+                self._all_served.pop(victim, None)
+                self._served.pop(victim, None)
+        return piece, whole is not None
+
+    def _note_read(self, index: int, body: int | None) -> None:
+        """Under _groups_lock: the body at offset `body` of group `index` was read (None:
+        the whole group).  A cached group whose bodies have all been read goes first
+        when room is needed (a tree walk reads the rest of a group's files later, in
+        path order, not group order: with least-recent-first alone the nginx walk
+        decoded 1.24 x the grouped content, 1.04 x with this); reading a body again
+        starts a new round."""
+        served = self._served.setdefault(index, set())
+        if body is not None:
+            if body in served:
+                served.clear()
+                self._all_served.pop(index, None)
+            served.add(body)
+        if index in self._decoded and len(served) >= self._bodies_per_group()[index]:
+            self._all_served[index] = None
+
+    def _bodies_per_group(self) -> list[int]:
+        """group -> how many distinct bodies it holds, counted once per image."""
+        if self._group_bodies is None:
+            offsets: list[set[int]] = [set() for _ in range(len(self.groups))]
+            for e in self._entries:
+                if e.storage == Storage.GROUPED:
+                    offsets[e.group].add(e.body_offset)
+            self._group_bodies = [len(o) for o in offsets]
+        return self._group_bodies
 
     def _x86_in_groups(self) -> dict[int, list[tuple[int, int]]]:
         """group -> (start, end) of its x86-converted bodies in order, found once per image."""
