@@ -79,7 +79,7 @@ class Image:
             raise
         self._by_path: dict[bytes, int] | None = None
         self._by_digest: dict[bytes, int] | None = None
-        self._decoded: collections.OrderedDict[int, bytes] = collections.OrderedDict()  # least recent first
+        self._decoded: collections.OrderedDict[int, bytearray] = collections.OrderedDict()  # least recent first
         self._decoded_bytes = 0  # their total
         self._served: dict[int, set[int]] = {}  # cached or streaming group -> its bodies read (this round)
         self._all_served: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, all read
@@ -226,7 +226,8 @@ class Image:
             if data is not None:
                 self._decoded.move_to_end(index)
                 self._note_read(index, body)
-                return data[start:end], True
+                with memoryview(data) as view:
+                    return bytes(view[start:end]), True
             stream = self._streams.get(index)
             if stream is None:
                 stream = self._streams[index] = _GroupStream(self, entry)
@@ -466,16 +467,17 @@ class _GroupStream:
         self._image, self._entry = image, entry
         self._group = image.groups[entry.group]
         self._lock = threading.Lock()
-        self._buf = bytearray()
+        self._buf = bytearray()  # the group's content, decoded into place (made at the first read)
+        self._filled = 0  # bytes of it decoded so far
         self._reader: Any = None
         self._reads = 0
         self._slices = image._x86_in_groups().get(entry.group, [])
         self._converted = 0  # slices decoded so far
 
-    def upto(self, start: int, end: int) -> tuple[bytes, bytes | None]:
+    def upto(self, start: int, end: int) -> tuple[bytes, bytearray | None]:
         """content[start:end], and the whole content once the frame has been decoded to its end."""
         with self._lock:
-            if len(self._buf) < self._group.usize:
+            if self._filled < self._group.usize:
                 try:
                     self._decode_to(end)
                 except (ValueError, zstandard.ZstdError) as exc:
@@ -483,31 +485,33 @@ class _GroupStream:
                     raise CorruptImage(self._image.path, f"{what} does not decompress ({exc})") from None
             with memoryview(self._buf) as view:
                 piece = bytes(view[start:end])
-            whole = bytes(self._buf) if self._reader is None and len(self._buf) == self._group.usize else None
-            return piece, whole
+            done = self._reader is None and self._filled == self._group.usize
+            return piece, (self._buf if done else None)  # not written again once whole: kept as it is
 
     def _decode_to(self, end: int) -> None:
-        group, buf = self._group, self._buf
+        group = self._group
         if self._reader is None:
             image = self._image
             frame = image.group_frame(group)
             dictionary = image.group_dictionary(self._entry) if image.groups.dictionary is not None else None
             self._reader = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << MAX_WINDOW_LOG) \
                 .stream_reader(frame)
+            self._buf = bytearray(group.usize)
         self._reads += 1
         want = min(end + self.FIRST_STEP, group.usize) if self._reads == 1 else group.usize
-        while len(buf) < want:
-            chunk = self._reader.read(want - len(buf))
-            if not chunk:
-                raise ValueError("the frame ends before its group does")
-            buf += chunk
-        if len(buf) == group.usize:
+        with memoryview(self._buf) as view:
+            while self._filled < want:
+                got = self._reader.readinto(view[self._filled:want])
+                if not got:
+                    raise ValueError("the frame ends before its group does")
+                self._filled += got
+        if self._filled == group.usize:
             if self._reader.read(1):  # the end of the frame, where zstd checks its checksum
                 raise ValueError("the frame decodes larger than its group")
             self._reader.close()
             self._reader = None
-        while self._converted < len(self._slices) and self._slices[self._converted][1] <= len(buf):
-            accel.x86.decode(buf, *self._slices[self._converted])
+        while self._converted < len(self._slices) and self._slices[self._converted][1] <= self._filled:
+            accel.x86.decode(self._buf, *self._slices[self._converted])
             self._converted += 1
 
 
