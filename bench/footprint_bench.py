@@ -53,11 +53,12 @@ def programs(work: str) -> list[tuple[str, list[str]]]:
         why = f"{os.path.basename(bundles[-1])} is older than {newer}" if bundles else "no d4c-*.tar.gz"
         print(f"footprint bench: {why} (run `make dist`): no bundle row", file=sys.stderr)
     binary = os.path.join(ROOT, "ctr-cli")
-    if os.access(binary, os.X_OK) and newer_source(binary) is None:
-        found.append(("one-file binary", [binary]))
-    elif os.access(binary, os.X_OK):
-        print(f"footprint bench: ./ctr-cli is older than {newer_source(binary)} (run `make all`): no row for it",
-              file=sys.stderr)
+    if os.access(binary, os.X_OK):
+        newer = newer_source(binary)
+        if newer is None:
+            found.append(("one-file binary", [binary]))
+        else:
+            print(f"footprint bench: ./ctr-cli is older than {newer} (run `make all`): no row for it", file=sys.stderr)
     found.append(("source (python -m d4c)", [sys.executable, "-m", "d4c"]))
     return found
 

@@ -467,7 +467,7 @@ class _GroupStream:
         self._image, self._entry = image, entry
         self._group = image.groups[entry.group]
         self._lock = threading.Lock()
-        self._buf = bytearray()  # the group's content, decoded into place (made at the first read)
+        self._buf = bytearray(self._group.usize)  # the group's content, decoded into place
         self._filled = 0  # bytes of it decoded so far
         self._reader: Any = None
         self._reads = 0
@@ -496,7 +496,6 @@ class _GroupStream:
             dictionary = image.group_dictionary(self._entry) if image.groups.dictionary is not None else None
             self._reader = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << MAX_WINDOW_LOG) \
                 .stream_reader(frame)
-            self._buf = bytearray(group.usize)
         self._reads += 1
         want = min(end + self.FIRST_STEP, group.usize) if self._reads == 1 else group.usize
         with memoryview(self._buf) as view:
