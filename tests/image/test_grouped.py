@@ -15,7 +15,7 @@ from helpers import (TESTS, as_format, assert_one_line_error, assert_pinned, dif
 from test_format import GOLDEN_CONFIG, GOLDEN_ID, golden_entries
 
 from d4c.errors import EXIT_CORRUPT, CorruptImage
-from d4c.image.bodies import DICT_SLICE, GROUP_TARGET, BodySpool
+from d4c.image.bodies import BLOCK_MIN, DICT_SLICE, GROUP_TARGET, BodySpool
 from d4c.image.format import Group, dimg_preamble, has_multi_frame_bodies, encode_storage, encode_tree, image_id_of
 from d4c.image.reader import Image, _GroupStream
 from d4c.image.tree import Entry, EntryType, Storage, canonicalize
@@ -246,9 +246,40 @@ def test_a_cold_read_decodes_its_group_only_up_to_its_file(tmp_path) -> None:  #
         group = image.groups[0]
         assert image.read_body(first, check=False) == want[first.path.decode()]
         (stream,) = image._streams.values()
-        assert first.body_offset + first.size <= stream._filled < group.usize and 0 not in image._decoded
+        assert stream._filled == first.body_offset + first.size < group.usize and 0 not in image._decoded
         assert image.read_body(last, check=False) == want[last.path.decode()]
         assert not image._streams and len(image._decoded[0]) == group.usize
+
+
+def zstd_blocks(frame: bytes) -> int:
+    """How many blocks a zstd frame holds (RFC 8878: 3-byte block headers after the frame header)."""
+    pos, count = zstandard.frame_header_size(frame), 0
+    while True:
+        header = int.from_bytes(frame[pos:pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        pos += 3 + (1 if kind == 1 else size)
+        count += 1
+        if header & 1:
+            return count
+
+
+def test_group_frames_end_blocks_at_body_starts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """zstd decodes whole blocks: a group's blocks end where a body starts (every
+    BLOCK_MIN bytes or more), so a cold read of its first file decodes that file's
+    blocks, not the 128 KiB that zstd's own blocks hold."""
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    rnd = random.Random(6)
+    for i in range(12):
+        with open(os.path.join(src, f"f{i:02}.txt"), "wb") as f:
+            f.write(bytes(rnd.getrandbits(8) for _ in range(5000)) * 4)
+    pack(src, str(tmp_path / "g.dimg"), "--format", "2")
+    with Image(str(tmp_path / "g.dimg")) as image:
+        group = image.groups[0]
+        starts = sorted({e.body_offset for e in in_group(image.entries) if e.group == 0})
+        assert group.usize > 100_000 and len(starts) >= 5
+        assert all(b - a >= BLOCK_MIN for a, b in zip(starts, starts[1:]))
+        assert zstd_blocks(image.group_frame(group)) >= len(starts)  # one per body at least
 
 
 def groups_decoded(monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]

@@ -461,8 +461,6 @@ class _GroupStream:
     the frame's checksum at its end: until then read_body checks each body's digest.
     x86-converted bodies are decoded in place once all their bytes are there."""
 
-    FIRST_STEP = 16 << 10  # the first read decodes at least this much past its body's end
-
     def __init__(self, image: Image, entry: Entry) -> None:
         self._image, self._entry = image, entry
         self._group = image.groups[entry.group]
@@ -497,7 +495,7 @@ class _GroupStream:
             self._reader = zstandard.ZstdDecompressor(dict_data=dictionary, max_window_size=1 << MAX_WINDOW_LOG) \
                 .stream_reader(frame)
         self._reads += 1
-        want = min(end + self.FIRST_STEP, group.usize) if self._reads == 1 else group.usize
+        want = end if self._reads == 1 else group.usize  # zstd decodes a block at a time (bodies.BLOCK_MIN)
         with memoryview(self._buf) as view:
             while self._filled < want:
                 got = self._reader.readinto(view[self._filled:want])
